@@ -1,0 +1,106 @@
+"""Fashion-MNIST readers: the IDX files (Debian's ``dataset-fashion-mnist``, the original release)
+and the subset that ships inside this package.
+
+Fashion-MNIST is (c) Zalando SE, released under the MIT licence
+(https://github.com/zalandoresearch/fashion-mnist). The embedded subset in ``data/`` is a copy of its
+10,000-image test split and a seeded calibration sample of its training split, under that licence.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Per-pixel statistics of the Fashion-MNIST training split (pixels scaled to [0, 1]).
+MEAN = 0.2860
+STD = 0.3530
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+#: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+EMBEDDED_FILE = "fashion_mnist_subset.npz"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as uint8 ``[N, 28, 28]`` and labels as int64 ``[N]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def has_idx_files(directory: Path) -> bool:
+    """True when ``directory`` holds the four Fashion-MNIST IDX files (gzipped or not)."""
+    return all(_find(directory, stem) for pair in _FILES.values() for stem in pair)
+
+
+def read_idx_split(directory: Path, split: str) -> Split:
+    """Read ``split`` ("train" or "test") from the IDX files in ``directory``."""
+    img_stem, lbl_stem = _FILES[split]
+    img_path, lbl_path = _find(directory, img_stem), _find(directory, lbl_stem)
+    if img_path is None or lbl_path is None:
+        raise FileNotFoundError(f"no Fashion-MNIST {split} IDX files in {directory}")
+    images, labels = _read_idx(img_path), _read_idx(lbl_path)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return Split(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))
+
+
+def read_embedded() -> dict[str, Split]:
+    """The shipped subset: ``{"test": 10,000 test images, "calib": seeded train sample}``."""
+    ref = resources.files("qcore_classification") / "data" / EMBEDDED_FILE
+    with resources.as_file(ref) as path, np.load(path) as npz:
+        return {
+            "test": Split(npz["test_images"], npz["test_labels"].astype(np.int64)),
+            "calib": Split(npz["calib_images"], npz["calib_labels"].astype(np.int64)),
+        }
+
+
+def make_embedded_subset(source: Path, out: Path, calib_size: int = 2048, seed: int = 0) -> None:
+    """Write the embedded subset from the full IDX files (how ``data/`` was made)."""
+    train, test = read_idx_split(source, "train"), read_idx_split(source, "test")
+    idx = np.sort(np.random.default_rng(seed).choice(len(train), size=calib_size, replace=False))
+    np.savez_compressed(
+        out,
+        test_images=test.images, test_labels=test.labels.astype(np.uint8),
+        calib_images=train.images[idx], calib_labels=train.labels[idx].astype(np.uint8),
+        calib_indices=idx.astype(np.int32),
+    )
+    log.info("wrote %s (%d test, %d calibration images)", out, len(test), calib_size)

@@ -1,0 +1,78 @@
+"""The ``classification`` task: a model from a loader, calibration and evaluation data, top-1/top-5."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qcore import QcoreError, RunConfig, Task, TaskInstance
+from qcore.progress import track
+from qcore_classification.data import ClassificationData, load_data
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "zoo:fmnist_resnet"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def forward(model: nn.Module, batch: Tensor) -> Tensor:
+    """Logits of ``model`` on one batch of adapted inputs (the distortion target for allocators)."""
+    return model(batch.to(_device_of(model)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ClassificationData) -> dict[str, float]:
+    """Top-1 (and top-5 when there are at least 5 classes) accuracy in percent."""
+    model.eval()
+    dev = _device_of(model)
+    n = c1 = c5 = 0
+    for x, y in track(data.evaluation(), desc="evaluate", unit="batch"):
+        logits = model(x.to(dev))
+        y = y.to(dev)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        c1 += int((top[:, 0] == y).sum())
+        c5 += int((top == y[:, None]).any(dim=1).sum())
+        n += y.numel()
+    if n == 0:
+        raise QcoreError("the evaluation set is empty; check --data and --eval-size")
+    out = {"top1": 100.0 * c1 / n}
+    if data.num_classes >= 5:
+        out["top5"] = 100.0 * c5 / n
+    return out
+
+
+class ClassificationTask(Task):
+    """Image classification: ``--model PREFIX:NAME`` (zoo, tv, timm), ``--data``, metric top-1."""
+
+    name = "classification"
+    description = "image classification (torchvision, timm, qcore zoo); metric top-1; default: embedded Fashion-MNIST"
+
+    def build(self, config: RunConfig, host: Any) -> TaskInstance:
+        spec = config.model or DEFAULT_MODEL
+        prefix, sep, name = spec.partition(":")
+        if not sep or not name:
+            raise QcoreError(f"--model {spec!r} needs the form PREFIX:NAME, e.g. zoo:fmnist_resnet or tv:resnet18")
+        loader = host.get("model_loader", prefix)
+        if loader.task != self.name:
+            raise QcoreError(f"model prefix {prefix!r} belongs to task {loader.task!r}; use --task {loader.task}")
+        loaded = loader.load(name, config.weights, config)
+        if config.eval_size is not None and config.eval_size < 1:
+            raise QcoreError("--eval-size must be at least 1")
+        data = load_data(config.data, loaded.input, config.calib_size, config.eval_size, config.batch_size,
+                         config.seed)
+        if data.num_classes > loaded.num_classes:
+            raise QcoreError(f"the data has {data.num_classes} classes but the model predicts {loaded.num_classes}; "
+                             "pass --weights trained for this data")
+        data.description["weights"] = loaded.weights
+        data.description["input"] = (f"{loaded.input.channels}x{loaded.input.size}x{loaded.input.size}, "
+                                     f"normalised with mean {loaded.input.mean} std {loaded.input.std}")
+        return TaskInstance(model=loaded.model, model_name=spec, metric="top1", forward=forward,
+                            evaluate=lambda m: evaluate(m, data), calibration=data.calibration,
+                            example=data.calibration[0][:2], data=data.description)

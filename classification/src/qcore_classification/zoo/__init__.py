@@ -1,0 +1,1 @@
+"""qcore's own model zoo: architectures, training script, shipped weights."""

@@ -1,0 +1,5 @@
+"""``python -m qcore`` is the ``qcore`` command."""
+
+from qcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Core's built-in plugins: layer handling (``core``) and the ``uniform`` baseline."""

@@ -1,0 +1,60 @@
+"""Core's own hook implementations: it knows Conv1d/Conv2d/Linear and wraps them with QuantLayer.
+
+Both are ``trylast``, so a plugin that knows better (or knows other layer types) answers first. Core also
+registers the ``plan`` allocator, which re-applies a saved plan.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from qcore import hookimpl
+from qcore.components import Allocator
+from qcore.errors import QcoreError
+from qcore.spec import Plan
+from qcore.layers import LayerInfo, torch_layer_info
+from qcore.wrap import QuantLayer
+
+if TYPE_CHECKING:
+    from qcore.components import RunContext
+    from qcore.spec import LayerSpec
+
+
+@hookimpl(trylast=True)
+def qcore_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
+    return torch_layer_info(module, name)
+
+
+@hookimpl(trylast=True)
+def qcore_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: RunContext) -> nn.Module:
+    wq = ctx.quantizer.make(spec.weight, "weight", info) if spec.weight is not None else None
+    aq = ctx.quantizer.make(spec.act, "act", info) if spec.act is not None else None
+    return QuantLayer(module, info, spec, wq, aq)
+
+
+@dataclass(frozen=True)
+class PlanFileOptions:
+    plan: str = field(default="", metadata={"help": "path of a plan.json to apply (what `qcore run --plan` sets)"})
+
+
+class PlanFileAllocator(Allocator):
+    """Re-applies a plan written earlier by any method: core alone can apply every plan."""
+
+    name = "plan"
+    description = "apply a plan.json written by an earlier run (qcore run --plan FILE)"
+    Options = PlanFileOptions
+
+    def allocate(self, ctx: RunContext) -> Plan:
+        path = Path(self.options.plan)
+        if not self.options.plan or not path.is_file():
+            raise QcoreError(f"plan file {self.options.plan!r} does not exist; pass --plan PATH to a plan.json")
+        return Plan.from_json(path.read_text())
+
+
+@hookimpl
+def qcore_register_allocators(register: Any) -> None:
+    register(PlanFileAllocator)

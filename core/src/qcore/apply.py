@@ -1,0 +1,49 @@
+"""Apply a :class:`~qcore.spec.Plan` to a model: every planned layer is replaced through ``qcore_wrap_module``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from qcore.components import RunContext
+from qcore.errors import QcoreError
+from qcore.spec import Plan
+from qcore.wrap import QuantLayer, quant_layers, replace_module
+
+
+def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = False) -> nn.Module:
+    """Return ``model`` (a copy unless ``inplace``) with the plan's layers wrapped by fake quantizers.
+
+    Quantizers come uncalibrated: run a calibrator before evaluating.
+    """
+    unknown = sorted(set(plan.layers) - set(ctx.layers))
+    if unknown:
+        raise QcoreError(f"the plan names layer(s) this model does not have as quantizable: {', '.join(unknown[:5])}; "
+                         "was it written for another model?")
+    qmodel = model if inplace else copy.deepcopy(model)
+    for name, spec in plan.layers.items():
+        module = qmodel.get_submodule(name)
+        wrapped = ctx.hooks.qcore_wrap_module(module=module, info=ctx.layers[name], spec=spec, ctx=ctx)
+        if wrapped is None:
+            raise QcoreError(f"no plugin can wrap layer {name!r} of type {type(module).__name__}")
+        replace_module(qmodel, name, wrapped)
+    return qmodel
+
+
+def freeze(model: nn.Module) -> None:
+    """Cache every quantized weight (call after calibration, before evaluation)."""
+    for layer in quant_layers(model).values():
+        layer.freeze()
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model whose parameters hold NaN or infinity."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise QcoreError(f"model parameter {name!r} contains NaN or infinity; the weights file is corrupt or "
+                             "the model diverged: re-export or retrain it")
+
+
+__all__ = ["QuantLayer", "apply_plan", "check_finite", "freeze"]

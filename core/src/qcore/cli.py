@@ -1,0 +1,243 @@
+"""The ``qcore`` command line: ``qcore run``, ``qcore plugins``, ``qcore list``, ``qcore --version``.
+
+A thin layer over :mod:`qcore.pipeline`. User mistakes end with one line ``qcore: error: ...`` on stderr and
+exit status 2; nothing is written for a run that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from qcore import __version__
+from qcore.components import RunConfig
+from qcore.errors import QcoreError
+from qcore.options import describe_options, parse_assignments
+from qcore.plugins import KINDS, Host, load_host
+
+log = logging.getLogger("qcore")
+
+EPILOG = """examples:
+  qcore run --plugin uniform                       # embedded Fashion-MNIST ResNet, W4A8 baseline
+  qcore run --plugin uniform --w-bits 8 --a-bits 8 --model zoo:fmnist_vit
+  qcore run --plugin uniform --calibrator mse -o first_last=same
+  qcore run --model tv:resnet18 --weights r18.pth --data /data/imagenet --w-bits 4 --a-bits 8
+  qcore plugins                                    # installed plugins and what they provide, as JSON
+  qcore list methods --options                     # every method and the -o options it takes
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"qcore: error: {message}\n")
+    raise SystemExit(2)
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="quantize a model and evaluate it", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Quantize a model with a method and compare it with the FP model on the same data. "
+                       "Writes result.json and plan.json into --out and prints a summary table. With no options it "
+                       "runs the uniform baseline (W4A8, first/last layer 8-bit) on the embedded Fashion-MNIST ResNet.",
+                       epilog=EPILOG)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--plugin", help="run this plugin's default method (see `qcore plugins`); default: uniform")
+    g.add_argument("--method", help="run a method by name instead (see `qcore list methods`)")
+    g.add_argument("--quantizer", help="override the method's quantizer")
+    g.add_argument("--calibrator", help="override the method's calibrator (e.g. mse, percentile)")
+    g.add_argument("--allocator", help="override the method's allocator")
+    g.add_argument("--plan", type=Path, help="apply this plan.json instead of allocating (core applies any plan)")
+    g.add_argument("--config", type=Path, help="YAML recipe with any of these options, plus `options:` and "
+                   "`layers:` (per-layer overrides: {glob: {w_bits: 8, a_bits: 8}} or {glob: fp}); flags win")
+    g.add_argument("-o", dest="options", action="append", default=None, metavar="KEY=VALUE",
+                   help="method option (repeatable); `qcore list methods --options` shows the valid keys")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--task", help="task plugin (default: classification)")
+    g.add_argument("--model", help="PREFIX:NAME, e.g. zoo:fmnist_resnet (default), zoo:fmnist_vit, tv:resnet18, "
+                   "timm:deit_tiny_patch16_224")
+    g.add_argument("--weights", type=Path, help="weights file (safetensors or a torch state dict)")
+    g.add_argument("--data", help="data: an ImageNet-style folder with train/ and val/, a folder with the "
+                   "Fashion-MNIST IDX files, or 'embedded' (default for zoo models)")
+    g.add_argument("--calib-size", type=int, help="calibration samples from the training split (default 512)")
+    g.add_argument("--eval-size", type=int, help="evaluate on the first N evaluation samples (default: all)")
+    g.add_argument("--batch-size", type=int, help="batch size (default 256)")
+    g = p.add_argument_group("budget")
+    g.add_argument("--w-bits", type=int, help="weight bits for fixed allocators (0..16)")
+    g.add_argument("--a-bits", type=int, help="activation bits for fixed allocators (0..16)")
+    g.add_argument("--target-bits", type=float, help="average bit budget for mixed-precision allocators")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    g.add_argument("--seed", type=int, help="seed for calibration sampling and methods (default 0)")
+    g.add_argument("--out", type=Path, help="output folder (default qcore-runs/<method>-<model>-<time>)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log progress of each stage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcore", description="qcore: post-training quantization toolkit (RDOQ, ACIQ, OMPQ, PTMQ, "
+                "LatticeQ and a uniform baseline) with pluggable quantizers, calibrators and allocators.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"qcore {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run(sub)
+    pl = sub.add_parser("plugins", help="list installed plugins and their components as JSON")
+    pl.add_argument("--broken", action="store_true", help="list only plugins that failed to load")
+    ls = sub.add_parser("list", help="list registered components of one kind")
+    ls.add_argument("kind", choices=[k + "s" for k in KINDS], help="what to list")
+    ls.add_argument("--options", action="store_true", help="show each component's options")
+    return p
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        raise QcoreError("--config needs PyYAML: pip install pyyaml") from None
+    if not path.is_file():
+        raise QcoreError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise QcoreError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise QcoreError(f"config file {path} must hold a mapping of options")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge the YAML recipe (if any) and the flags (flags win) into a :class:`RunConfig`."""
+    values: dict[str, Any] = _load_yaml(args.config) if args.config else {}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - fields - {"plan"})
+    if unknown:
+        raise QcoreError(f"unknown key(s) in {args.config}: {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    options = dict(values.pop("options", None) or {})
+    layers = dict(values.pop("layers", None) or {})
+    for name in fields | {"plan"}:
+        v = getattr(args, name, None)
+        if v is not None and name not in ("options", "layers"):
+            values[name] = v
+    if args.options:
+        options.update(parse_assignments(args.options))
+    plan = values.pop("plan", None)
+    if plan is not None:
+        values["allocator"] = "plan"
+        options["plan"] = str(plan)
+    for key in ("weights", "out"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    if values.get("out") is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        label = values.get("method") or values.get("plugin") or "uniform"
+        model = str(values.get("model") or "default").replace(":", "-").replace("/", "-")
+        values["out"] = Path("qcore-runs") / f"{label}-{model}-{stamp}"
+    try:
+        return RunConfig(**values, options=options, layers=layers)
+    except TypeError as exc:
+        raise QcoreError(f"bad configuration: {exc}") from None
+
+
+def _fmt_bops(v: float) -> str:
+    return f"{v / 1e9:.3f} G" if v >= 1e8 else f"{v / 1e6:.2f} M"
+
+
+def summary_table(result: dict[str, Any], out: Path | None) -> str:
+    """The human-readable summary of a result (what ``qcore run`` prints)."""
+    r = result
+    lines = [f"qcore {r['qcore_version']}: method {r['method']} (plugin {r['plugin']}; "
+             + ", ".join(f"{k} {v}" for k, v in r["components"].items()) + ")",
+             f"task {r['task']}, model {r['model']}"]
+    for k, v in r["data"].items():
+        lines.append(f"  {k}: {v}")
+    lines.append("")
+    lines.append(f"  {'metric':<10}{'FP':>10}{'quant':>10}{'delta':>10}")
+    for k in r["fp_metrics"]:
+        fp, q = r["fp_metrics"][k], r["quant_metrics"].get(k)
+        star = " *" if k == r["metric"] else ""
+        lines.append(f"  {k + star:<10}{fp:>10.2f}{q:>10.2f}{q - fp:>+10.2f}")
+    wb = "-" if r["w_bits_avg"] is None else f"{r['w_bits_avg']:.2f}"
+    ab = "-" if r["a_bits_avg"] is None else f"{r['a_bits_avg']:.2f}"
+    lines += ["",
+              f"  avg bits   weights {wb}, activations {ab}",
+              f"  size       {r['size_mb']:.3f} MiB (FP {r['fp_size_mb']:.3f} MiB, "
+              f"{r['fp_size_mb'] / max(r['size_mb'], 1e-12):.1f}x smaller)",
+              f"  BOPs       {_fmt_bops(r['bops'])} per sample (FP {_fmt_bops(r['fp_bops'])})",
+              f"  quantized  {r['quantized']['summary']}",
+              f"  deployable {'yes' if r['quantized']['deployable'] else 'no (simulation only)'}",
+              f"  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())]
+    if out is not None:
+        lines.append(f"  wrote      {out / 'result.json'}, {out / 'plan.json'}")
+    return "\n".join(lines)
+
+
+def _cmd_plugins(host: Host, broken_only: bool) -> None:
+    rows = [p.to_json() for p in host.plugins.values() if p.error or not broken_only]
+    print(json.dumps(rows, indent=1))
+
+
+def _cmd_list(host: Host, kind: str, with_options: bool) -> None:
+    kind = kind[:-1]
+    rows = []
+    for name, entry in sorted(host.tables[kind].items()):
+        row: dict[str, Any] = {"name": name, "owner": entry.owner}
+        obj = entry.obj
+        if kind == "method":
+            row.update(quantizer=obj.quantizer, calibrator=obj.calibrator, allocator=obj.allocator,
+                       default=obj.default, defaults=dict(obj.defaults), description=obj.description)
+            if with_options:
+                from qcore.allocation import PipelineOptions
+
+                opts: dict[str, Any] = {}
+                for k in ("quantizer", "calibrator", "allocator"):
+                    cls = host.tables[k].get(getattr(obj, k))
+                    if cls is not None:
+                        opts.update(describe_options(cls.obj.Options))
+                opts.update(describe_options(PipelineOptions))
+                row["options"] = opts
+        elif kind == "model_loader":
+            row.update(task=obj.task, description=obj.description)
+        else:
+            row["description"] = getattr(obj, "description", "")
+            if with_options and hasattr(obj, "Options"):
+                row["options"] = describe_options(obj.Options)
+        rows.append(row)
+    print(json.dumps(rows, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        host = load_host()
+        if args.command == "plugins":
+            _cmd_plugins(host, args.broken)
+        elif args.command == "list":
+            _cmd_list(host, args.kind, args.options)
+        else:
+            from qcore.pipeline import run
+
+            outcome = run(config_from_args(args), host)
+            print(summary_table(outcome.result, outcome.out))
+    except QcoreError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write("qcore: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The component roles plugins implement, and the values the pipeline hands them.
+
+* :class:`Quantizer`: the numeric format: builds the fake-quant module for a tensor.
+* :class:`Calibrator`: sets ranges / rounding / steps of a wrapped model from calibration data.
+* :class:`Allocator`: chooses bits per layer (and per channel group) under a budget: returns a
+  :class:`~qcore.spec.Plan`.
+* :class:`Method`: a named recipe: one of each, plus default options. ``--plugin X`` runs X's default.
+* :class:`Task`: brings a model, calibration batches, a forward function and an evaluation.
+* :class:`ModelLoader`: resolves ``--model PREFIX:NAME`` for a task.
+
+Each component class declares ``name``, a one-line ``description`` and an ``Options`` dataclass; it is
+constructed with an instance of its ``Options``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from qcore.options import NoOptions
+
+if TYPE_CHECKING:
+    from qcore.layers import LayerInfo
+    from qcore.spec import LayerSpec, Plan, QuantSpec
+
+
+class Component:
+    """Base of every registered component."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+
+class Quantizer(Component):
+    """A numeric format. ``make`` returns a module ``x -> fake_quant(x)`` that a calibrator can set up."""
+
+    def make(self, spec: QuantSpec, role: str, info: LayerInfo) -> nn.Module:
+        """Build the fake-quantizer of one tensor.
+
+        :param role: "weight" or "act".
+        :param info: the layer the tensor belongs to (channel counts and axes).
+        """
+        raise NotImplementedError
+
+
+class Calibrator(Component):
+    """Chooses quantization parameters of an already wrapped model from calibration data."""
+
+    def calibrate(self, model: nn.Module, ctx: RunContext) -> None:
+        """Set the parameters of every quantizer in ``model`` (see :func:`qcore.wrap.iter_quantizers`)."""
+        raise NotImplementedError
+
+
+class Allocator(Component):
+    """Chooses a :class:`~qcore.spec.LayerSpec` for every layer in ``ctx.layers`` under ``ctx.budget``."""
+
+    def allocate(self, ctx: RunContext) -> Plan:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A recipe: the names of one quantizer, calibrator and allocator, plus default option values.
+
+    :param default: this is the method ``--plugin <owner>`` runs.
+    """
+
+    name: str
+    quantizer: str
+    calibrator: str
+    allocator: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    default: bool = False
+
+
+@dataclass
+class TaskInstance:
+    """A ready task: an FP model in eval mode, calibration data and evaluation.
+
+    :param forward: runs a model on one batch and returns the *distortion target* (the tensor allocators
+        compare against FP: logits for classification).
+    :param evaluate: computes the metrics of a model on the evaluation set (``{"top1": 94.6, ...}``).
+    :param calibration: batches accepted by ``forward`` (drawn from the training split, never evaluation).
+    :param example: one batch for shape inference and MAC counting.
+    :param data: what the calibration and evaluation data are, in words (written into result.json).
+    """
+
+    model: nn.Module
+    model_name: str
+    metric: str
+    forward: Callable[[nn.Module, Any], Tensor]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    calibration: Sequence[Any]
+    example: Any
+    data: dict[str, str] = field(default_factory=dict)
+
+
+class Task(Component):
+    """A task plugin: turns the run configuration into a :class:`TaskInstance`."""
+
+    def build(self, config: RunConfig, host: Any) -> TaskInstance:
+        """Load model and data as ``config`` says; ``host`` resolves model loaders
+        (``host.get("model_loader", prefix)``)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """Resolves ``--model PREFIX:NAME`` for ``task``: ``load(name, weights, config)`` returns what that task
+    expects (classification: a ``LoadedModel`` with the model and its input spec)."""
+
+    prefix: str
+    task: str
+    load: Callable[[str, Path | None, RunConfig], Any]
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}:"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The user's bit budget: fixed bits (``w_bits``/``a_bits``) and/or an average target."""
+
+    w_bits: int | None = None
+    a_bits: int | None = None
+    target_bits: float | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything ``qcore run`` was asked for, after YAML and CLI were merged."""
+
+    plugin: str | None = None
+    method: str | None = None
+    task: str = "classification"
+    model: str | None = None
+    weights: Path | None = None
+    data: str | None = None
+    w_bits: int | None = None
+    a_bits: int | None = None
+    target_bits: float | None = None
+    calib_size: int = 512
+    batch_size: int = 256
+    eval_size: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    out: Path | None = None
+    quantizer: str | None = None
+    calibrator: str | None = None
+    allocator: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What components see during a run.
+
+    :param model: the FP model (BN folded when the pipeline folds), never modified by allocators.
+    :param layers: the quantizable layers, by name, with shapes measured.
+    :param pinned: layers whose spec the user fixed (first/last, per-layer overrides): allocators keep
+        them out of the optimisation; core applies them over any plan.
+    :param options: all option values of this run (validated), by key.
+    :param pipeline: the pipeline options (granularity, first/last, ...) as a
+        :class:`qcore.allocation.PipelineOptions`.
+    """
+
+    config: RunConfig
+    task: TaskInstance
+    model: nn.Module
+    layers: dict[str, LayerInfo]
+    budget: Budget
+    pinned: dict[str, LayerSpec]
+    options: dict[str, Any]
+    quantizer: Quantizer
+    pipeline: Any = None
+    hooks: Any = None
+    cache_dir: Path | None = None
+
+    def calibration_batches(self) -> Iterable[Any]:
+        return self.task.calibration

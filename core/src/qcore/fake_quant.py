@@ -1,0 +1,165 @@
+"""The uniform fake-quantizer module and the statistics observer calibrators attach to it.
+
+A :class:`UniformFakeQuant` quantizes one tensor as its :class:`~qcore.spec.QuantSpec` says. Its clip range
+is held per *row*: one row per tensor, channel or channel group (whatever shares a scale). Calibrators set
+the range with :meth:`UniformFakeQuant.set_range`; until then the module refuses to run, so an
+uncalibrated model can never produce numbers that look like results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qcore.errors import QcoreError
+from qcore.ops import fake_quantize, qparams_from_range
+from qcore.spec import QuantSpec
+
+
+class Observer:
+    """Collects, per row, the exact min/max and a bounded random sample of values.
+
+    ``sample()`` returns ``[rows, n]`` values that include each row's exact min and max, so estimators that
+    look at the extremes see the true ones while percentile/MSE search stay cheap.
+    """
+
+    def __init__(self, max_per_row: int, seed: int = 0) -> None:
+        self.max_per_row = max_per_row
+        self.gen = torch.Generator().manual_seed(seed)
+        self.lo: Tensor | None = None
+        self.hi: Tensor | None = None
+        self.buf: Tensor | None = None
+        self.count = 0
+
+    def update(self, rows: Tensor) -> None:
+        rows = rows.detach().float().cpu()
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        m = rows.shape[1]
+        if m > self.max_per_row:
+            rows = rows[:, torch.randperm(m, generator=self.gen)[: self.max_per_row]]
+        self.buf = rows if self.buf is None else torch.cat([self.buf, rows], dim=1)
+        if self.buf.shape[1] > 2 * self.max_per_row:
+            keep = torch.randperm(self.buf.shape[1], generator=self.gen)[: self.max_per_row]
+            self.buf = self.buf[:, keep]
+        self.count += 1
+
+    def sample(self) -> Tensor:
+        if self.buf is None or self.lo is None or self.hi is None:
+            raise QcoreError("no calibration data reached this activation; check the calibration set and "
+                             "that the layer is used in the forward pass")
+        return torch.cat([self.buf, self.lo[:, None], self.hi[:, None]], dim=1)
+
+
+class UniformFakeQuant(nn.Module):
+    """Fake-quantizes a tensor on a uniform grid (symmetric or affine), per tensor / channel / group.
+
+    :param spec: what to do; ``spec.group_bits`` gives each group of ``spec.group_size`` channels its own
+        bit-width.
+    :param channels: size of the channel axis (needed for any granularity but ``tensor``).
+    :param axis: the channel axis of the tensors this module will see.
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.axis = axis
+        self.channels = channels or 1
+        per_channel = spec.granularity != "tensor"
+        if per_channel and channels is None:
+            raise ValueError("per-channel quantization needs the channel count")
+        n = self.channels if per_channel else 1
+        bits = torch.full((n,), float(spec.bits))
+        if spec.group_bits is not None:
+            assert spec.group_size
+            groups = math.ceil(n / spec.group_size)
+            if len(spec.group_bits) != groups:
+                raise QcoreError(f"group_bits has {len(spec.group_bits)} entries but {n} channels in groups of "
+                                 f"{spec.group_size} make {groups}")
+            bits = torch.tensor(spec.group_bits, dtype=torch.float32).repeat_interleave(spec.group_size)[:n]
+        self.register_buffer("bits", bits)  # per channel (or one value)
+        rows = {"tensor": 1, "channel": n, "group": math.ceil(n / (spec.group_size or 1))}[spec.granularity]
+        self.register_buffer("lo", torch.zeros(rows))
+        self.register_buffer("hi", torch.zeros(rows))
+        self.register_buffer("prune_value", torch.zeros(n))
+        self.calibrated = False
+        self.observer: Observer | None = None
+
+    # -- rows: the view calibrators work on ----------------------------------------------------------------
+    def _row_index(self) -> Tensor:
+        """Channel indices of each row, ``[rows, width]``; a short last group repeats its own last channel."""
+        g = self.spec.group_size or 1
+        rows = self.lo.numel()
+        idx = torch.arange(rows)[:, None] * g + torch.arange(g)[None, :]
+        return torch.clamp(idx, max=self.channels - 1)
+
+    def rows_of(self, x: Tensor) -> Tensor:
+        """``x`` rearranged to ``[rows, values]``: each row holds every value that shares one scale."""
+        if self.spec.granularity == "tensor":
+            return x.reshape(1, -1)
+        per_channel = x.movedim(self.axis, 0).reshape(self.channels, -1)
+        if self.spec.granularity == "channel":
+            return per_channel
+        return per_channel[self._row_index()].reshape(self.lo.numel(), -1)
+
+    def row_bits(self) -> Tensor:
+        """The bit-width of each row."""
+        if self.spec.granularity == "tensor":
+            return self.bits[:1]
+        if self.spec.granularity == "channel":
+            return self.bits
+        return self.bits[self._row_index()[:, 0]]
+
+    def _per_channel(self, row_values: Tensor) -> Tensor:
+        if self.spec.granularity == "group":
+            g = self.spec.group_size or 1
+            return row_values.repeat_interleave(g)[: self.channels]
+        return row_values
+
+    def _shape(self, v: Tensor, ndim: int) -> Tensor:
+        if v.numel() == 1:
+            return v.reshape([])
+        shape = [1] * ndim
+        shape[self.axis] = v.numel()
+        return v.reshape(shape)
+
+    # -- calibration -----------------------------------------------------------------------------------------
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Set the clip range of every row (shape ``[rows]`` or a scalar) and mark the module calibrated."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1).expand(self.lo.numel())
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).expand(self.hi.numel())
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise QcoreError("a calibrated range is not finite (NaN or inf in the weights or activations); "
+                             "check the model and the calibration data")
+        self.lo.copy_(lo.to(self.lo.device))
+        self.hi.copy_(hi.to(self.hi.device))
+        self.calibrated = True
+
+    def set_prune_value(self, per_channel: Tensor) -> None:
+        """The constant that 0-bit channels take (default 0)."""
+        self.prune_value.copy_(torch.as_tensor(per_channel, dtype=torch.float32).reshape(-1)
+                               .expand(self.prune_value.numel()))
+
+    def qparams(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-channel ``(scale, zero_point, qmin, qmax, bits)`` as 1-D tensors."""
+        lo, hi = self._per_channel(self.lo), self._per_channel(self.hi)
+        scale, zero, qmin, qmax = qparams_from_range(lo, hi, self.bits, self.spec.symmetric)
+        return scale, zero, qmin, qmax, self.bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.update(self.rows_of(x))
+            return x
+        if not self.calibrated:
+            raise RuntimeError("UniformFakeQuant used before calibration: run a calibrator first")
+        scale, zero, qmin, qmax, bits = (self._shape(t, x.dim()) for t in self.qparams())
+        pv = self._shape(self.prune_value, x.dim())
+        return fake_quantize(x, scale, zero, qmin, qmax, bits=bits, prune_value=pv).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        bits = f"bits={s.bits}" if not s.mixed else f"group_bits(avg={self.bits.mean():.2f})"
+        return f"{bits}, {'symmetric' if s.symmetric else 'affine'}, {s.granularity}, axis={self.axis}"

@@ -1,0 +1,126 @@
+"""Quantizable layers: what core knows about a layer (:class:`LayerInfo`), and how layers are found.
+
+Core describes ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Linear``. Other layer types (spconv's sparse
+convolutions) are described by plugins through the ``qcore_layer_info`` hook.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerInfo:
+    """What allocators and the cost model need to know about one quantizable layer.
+
+    :param name: dotted module path in the model.
+    :param kind: short type name ("conv2d", "linear", "subm3d", ...).
+    :param out_channels: size of the weight's output-channel axis (``weight_axis``).
+    :param in_channels: channels of the layer input (the activation quantizer's channel count).
+    :param weight_axis: output-channel axis of the weight (0 for torch layers; spconv 2.x too).
+    :param act_axis: channel axis of the input activation as the quantizer sees it.
+    :param macs_per_out: multiply-accumulates per output element (``in/groups * kernel volume``).
+    :param macs: MACs for one sample, filled by :func:`measure_layers`.
+    :param act_numel: input elements for one sample, filled by :func:`measure_layers`.
+    :param weight_numel: weight elements, filled by :func:`discover`.
+    :param quantize_input: how to apply an activation quantizer to this layer's first argument
+        (default: call it on the tensor; spconv layers quantize the features of a sparse tensor).
+    """
+
+    name: str
+    kind: str
+    out_channels: int
+    in_channels: int
+    weight_axis: int = 0
+    act_axis: int = 1
+    macs_per_out: int = 0
+    macs: int = 0
+    act_numel: int = 0
+    weight_numel: int = 0
+    quantize_input: Callable[[Any, nn.Module], Any] | None = field(default=None, repr=False)
+
+
+def weight_numel_of(module: nn.Module) -> int:
+    """Number of weight elements of a layer."""
+    w = getattr(module, "weight", None)
+    return int(w.numel()) if isinstance(w, torch.Tensor) else 0
+
+
+def torch_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
+    """Describe core's layer types (Conv1d, Conv2d, Linear); None for anything else."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and type(module).__name__ in ("Conv1d", "Conv2d"):
+        kvol = int(torch.tensor(module.kernel_size).prod())
+        return LayerInfo(name=name, kind=type(module).__name__.lower(), out_channels=module.out_channels,
+                         in_channels=module.in_channels, act_axis=1,
+                         macs_per_out=module.in_channels // module.groups * kvol)
+    if isinstance(module, nn.Linear):
+        return LayerInfo(name=name, kind="linear", out_channels=module.out_features,
+                         in_channels=module.in_features, act_axis=-1, macs_per_out=module.in_features)
+    return None
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def discover(model: nn.Module, describe: Callable[[nn.Module, str], LayerInfo | None],
+             include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> dict[str, LayerInfo]:
+    """Find the quantizable layers of ``model`` in forward-definition order.
+
+    :param describe: returns a :class:`LayerInfo` for a module it knows, else None (the hook relay).
+    :param include: name globs a layer must match (``fnmatch`` syntax, e.g. ``layers.*.conv1``).
+    :param exclude: name globs that remove a layer.
+    """
+    found: dict[str, LayerInfo] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        info = describe(module, name)
+        if info is None or not _matches(name, include) or _matches(name, exclude):
+            continue
+        info.weight_numel = weight_numel_of(module)
+        found[name] = info
+    return found
+
+
+@torch.no_grad()
+def measure_layers(model: nn.Module, layers: dict[str, LayerInfo], run_forward: Callable[[nn.Module], Any]
+                   ) -> None:
+    """Fill ``macs`` and ``act_numel`` (per sample) of each layer by one forward pass with hooks.
+
+    ``run_forward`` runs the model on an example batch; the batch size is read from each input's first
+    dimension (or ``batch_size`` for inputs that carry one, such as spconv tensors).
+    """
+    modules = dict(model.named_modules())
+    handles = []
+
+    def hook(info: LayerInfo) -> Callable[..., None]:
+        def fn(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            x = args[0]
+            feats = getattr(x, "features", x)
+            out_feats = getattr(out, "features", out)
+            batch = int(getattr(x, "batch_size", 0) or (x.shape[0] if x.dim() > 1 else 1))
+            out_numel = out_feats.numel() // max(batch, 1)
+            info.macs = int(out_numel * info.macs_per_out)
+            info.act_numel = int(feats.numel() // max(batch, 1))
+        return fn
+
+    for name, info in layers.items():
+        handles.append(modules[name].register_forward_hook(hook(info)))
+    try:
+        run_forward(model)
+    finally:
+        for h in handles:
+            h.remove()
+    unused = [n for n, i in layers.items() if i.act_numel == 0]
+    if unused:
+        log.warning("%d quantizable layer(s) not used by the forward pass: %s", len(unused), ", ".join(unused))

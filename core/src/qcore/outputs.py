@@ -1,0 +1,53 @@
+"""Writing run outputs atomically: every file goes to a temporary name in the target folder and is renamed
+into place only after all of them were written, so a failed run leaves no half-written result."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qcore.errors import QcoreError
+
+
+def _serialise(value: Any) -> str:
+    if hasattr(value, "to_json"):
+        return str(value.to_json()) + "\n"
+    return json.dumps(value, indent=1, default=str) + "\n"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out: Path, files: Mapping[str, Any]) -> None:
+    """Write JSON documents (dicts or objects with ``to_json``) into ``out``, all or none."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QcoreError(f"cannot create output folder {out}: {exc.strerror}; choose another --out") from None
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, value in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(_serialise(value))
+            staged.append((tmp, out / name))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise

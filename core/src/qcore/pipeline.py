@@ -1,0 +1,210 @@
+"""The ``qcore run`` pipeline: task -> FP evaluation -> layers -> allocate -> apply -> calibrate -> evaluate.
+
+Everything the user can get wrong is checked before the expensive stages, and nothing is written until the
+run has succeeded: ``result.json`` and ``plan.json`` appear together, atomically, or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcore import __version__
+from qcore.allocation import PipelineOptions, apply_pins, pinned_layers
+from qcore.apply import apply_plan, check_finite, freeze
+from qcore.components import Budget, Method, RunConfig, RunContext
+from qcore.cost import Cost, plan_cost
+from qcore.errors import QcoreError
+from qcore.fold import fold_batchnorm
+from qcore.layers import LayerInfo, discover, measure_layers
+from qcore.options import build_options, check_known
+from qcore.outputs import write_outputs
+from qcore.plugins import Host, load_host
+from qcore.spec import MAX_BITS, Plan
+
+log = logging.getLogger(__name__)
+BUDGET_KEYS = ("w_bits", "a_bits", "target_bits")
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: the result written to result.json, the plan, and the quantized model."""
+
+    result: dict[str, Any]
+    plan: Plan
+    model: torch.nn.Module
+    out: Path | None
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class _Stages:
+    def __init__(self, hooks: Any) -> None:
+        self.seconds: dict[str, float] = {}
+        self.hooks = hooks
+        self.ctx: RunContext | None = None
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        log.info("stage %s ...", name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        if self.ctx is not None:
+            self.hooks.qcore_stage_done(ctx=self.ctx, stage=name, seconds=self.seconds[name])
+
+
+def _check_bits(name: str, value: float | None, lo: float, hi: float) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise QcoreError(f"{name} {value} is out of range; use {lo:g}..{hi:g}")
+
+
+def resolve_method(host: Host, config: RunConfig) -> tuple[Method, str]:
+    """The method to run and the plugin that owns it."""
+    if config.method:
+        method = host.get("method", config.method)
+        return method, host.owner_of("method", config.method)
+    plugin = config.plugin or "uniform"
+    return host.default_method(plugin), plugin
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QcoreError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QcoreError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
+    """Run one quantization job as ``config`` says and return its outcome (writing ``config.out`` if set)."""
+    host = host or load_host()
+    method, plugin = resolve_method(host, config)
+    classes = {kind: host.get(kind, getattr(config, kind) or getattr(method, kind))
+               for kind in ("quantizer", "calibrator", "allocator")}
+    values = {k: v for k, v in method.defaults.items() if k not in BUDGET_KEYS} | dict(config.options)
+    check_known(values, [PipelineOptions] + [c.Options for c in classes.values()])
+    pipeline = build_options(PipelineOptions, values, "pipeline")
+    comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
+    defaults = method.defaults
+    budget = Budget(
+        w_bits=config.w_bits if config.w_bits is not None else defaults.get("w_bits"),
+        a_bits=config.a_bits if config.a_bits is not None else defaults.get("a_bits"),
+        target_bits=config.target_bits if config.target_bits is not None else defaults.get("target_bits"))
+    _check_bits("--w-bits", budget.w_bits, 0, MAX_BITS)
+    _check_bits("--a-bits", budget.a_bits, 0, MAX_BITS)
+    _check_bits("--target-bits", budget.target_bits, 0, MAX_BITS)
+    if config.calib_size < 1 or config.batch_size < 1:
+        raise QcoreError("--calib-size and --batch-size must be at least 1")
+    if config.out is not None and config.out.exists() and not config.out.is_dir():
+        raise QcoreError(f"--out {config.out} exists and is not a directory; choose another path")
+    device = _check_device(config.device)
+    torch.manual_seed(config.seed)
+
+    stages = _Stages(host.hook)
+    with stages("load"):
+        task = host.get("task", config.task)()
+        inst = task.build(config, host)
+        fp_model = inst.model.eval().to(device)
+        check_finite(fp_model)
+    with stages("fp_eval"):
+        fp_metrics = inst.evaluate(fp_model)
+
+    work = copy.deepcopy(fp_model)
+    folded = fold_batchnorm(work) if pipeline.fold_bn else []
+    layers = discover(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n),
+                      pipeline.include, pipeline.exclude)
+    if not layers:
+        raise QcoreError(f"model {inst.model_name!r} has no quantizable layer (Conv1d, Conv2d, Linear, or a type a "
+                         "plugin knows) matching include/exclude; check --model and -o include/exclude")
+    measure_layers(work, layers, lambda m: inst.forward(m, inst.example))
+    pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits)
+    ctx = RunContext(config=config, task=inst, model=work, layers=layers, budget=budget, pinned=dict(pins),
+                     options=values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
+                     cache_dir=(config.out / "cache") if config.out else None)
+    stages.ctx = ctx
+    host.hook.qcore_run_start(ctx=ctx)
+
+    with stages("allocate"):
+        plan = comps["allocator"].allocate(ctx)
+        plan = apply_pins(plan, pins, pipeline, layers)
+    with stages("apply"):
+        qmodel = apply_plan(work, plan, ctx)
+    with stages("calibrate"):
+        comps["calibrator"].calibrate(qmodel, ctx)
+        freeze(qmodel)
+    with stages("quant_eval"):
+        quant_metrics = inst.evaluate(qmodel)
+
+    cost = plan_cost(work, layers, plan)
+    result = build_result(config, plugin, method, comps, inst.model_name, inst.metric, fp_metrics, quant_metrics,
+                          cost, plan, layers, pipeline, folded, stages.seconds, values, inst.data, budget)
+    plan = dataclasses.replace(plan, meta={**plan.meta, "method": method.name, "model": inst.model_name,
+                                           "task": config.task, "qcore_version": __version__})
+    host.hook.qcore_run_finish(ctx=ctx, result=result)
+    if config.out is not None:
+        write_outputs(config.out, {"result.json": result, "plan.json": plan})
+    return RunOutcome(result=result, plan=plan, model=qmodel, out=config.out, stages=stages.seconds)
+
+
+def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
+                       folded: list[tuple[str, str]], integer_grid: bool) -> dict[str, Any]:
+    """What was quantized, in words and lists (the ``quantized`` entry of result.json)."""
+    names = list(layers)
+    wl = [n for n in names if n in plan.layers and plan.layers[n].weight is not None]
+    al = [n for n in names if n in plan.layers and plan.layers[n].act is not None]
+    fp = [n for n in names if n not in wl]
+    kinds = sorted({layers[n].kind for n in names})
+    act_gran = {plan.layers[n].act.granularity for n in al}  # type: ignore[union-attr]
+    deployable = integer_grid and act_gran <= {"tensor"}
+    first_last = {"same": "quantized like the other layers", "fp": "kept in floating point"}.get(
+        pipeline.first_last, f"weights and inputs at {pipeline.first_last} bits")
+    summary = (f"weights of {len(wl)} of {len(names)} quantizable layers ({', '.join(kinds)}; "
+               f"{pipeline.weight_granularity} scales, {'symmetric' if pipeline.weight_symmetric else 'affine'}); "
+               + (f"input activations of {len(al)} layers ({', '.join(sorted(act_gran))} scales, "
+                  f"{'symmetric' if pipeline.act_symmetric else 'affine'})" if al else "no activations")
+               + f"; first ({names[0]}) and last ({names[-1]}) layer: {first_last}"
+               + f"; {len(folded)} BatchNorm layers folded"
+               + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
+    return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
+            "activations": "inputs of quantized layers" if al else "none",
+            "first_last": pipeline.first_last, "weight_granularity": pipeline.weight_granularity,
+            "act_granularity": sorted(act_gran), "bn_folded": [list(p) for p in folded],
+            "deployable": deployable,
+            "deployable_means": "per-tensor activation scales and an integer grid (no simulated-only features)"}
+
+
+def build_result(config: RunConfig, plugin: str, method: Method, comps: dict[str, Any], model_name: str,
+                 metric: str, fp_metrics: dict[str, float], quant_metrics: dict[str, float], cost: Cost,
+                 plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
+                 folded: list[tuple[str, str]], seconds: dict[str, float], options: dict[str, Any],
+                 data: dict[str, str], budget: Budget) -> dict[str, Any]:
+    """The result.json document."""
+    integer_grid = bool(getattr(comps["quantizer"], "integer_grid", True))
+    return {
+        "plugin": plugin, "method": method.name, "task": config.task, "model": model_name,
+        "components": {k: v.name for k, v in comps.items()},
+        "metric": metric, "fp": fp_metrics.get(metric), "quant": quant_metrics.get(metric),
+        "fp_metrics": fp_metrics, "quant_metrics": quant_metrics,
+        "w_bits_avg": cost.w_bits_avg, "a_bits_avg": cost.a_bits_avg,
+        "size_mb": cost.size_mb, "fp_size_mb": cost.fp_size_mb, "bops": cost.bops, "fp_bops": cost.fp_bops,
+        "budget": dataclasses.asdict(budget),
+        "quantized": describe_quantized(plan, layers, pipeline, folded, integer_grid),
+        "data": data, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "conventions": {"size_mb": "MiB; quantized weights at their bits, scales/zero points and all other "
+                                   "parameters at 32 bits; after BN folding",
+                        "bops": "per sample; conv/linear MACs x weight bits x activation bits (32 when FP)",
+                        "bits_avg": "element-weighted over quantized tensors"},
+        "seconds": seconds, "qcore_version": __version__, "seed": config.seed, "device": config.device,
+        "calib_size": config.calib_size,
+    }

@@ -1,0 +1,223 @@
+"""Plugin loading and the component registries.
+
+Plugins come from the entry-point group ``qcore`` plus core's built-ins. Environment switches:
+
+* ``QCORE_LOAD_PLUGINS=a,b``: load only these entry points (empty: none); built-ins always load.
+* ``QCORE_DISABLE_PLUGINS=a,b``: block these plugins (entry points or built-ins such as ``uniform``).
+
+A plugin that fails to import, implements an unknown hook or raises while registering is *broken*: it is
+listed with its error by ``qcore plugins`` and is fatal only when a run selects it. A component name
+registered by two plugins is an error naming both, raised when that name is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from qcore import hookspecs
+from qcore.components import Allocator, Calibrator, Method, ModelLoader, Quantizer, Task
+from qcore.errors import QcoreError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "qcore"
+BUILTINS: dict[str, str] = {"core": "qcore._builtin.core", "uniform": "qcore._builtin.uniform"}
+#: kind -> (registry hook, required base class or value type)
+KINDS: dict[str, tuple[str, type]] = {
+    "quantizer": ("qcore_register_quantizers", Quantizer),
+    "calibrator": ("qcore_register_calibrators", Calibrator),
+    "allocator": ("qcore_register_allocators", Allocator),
+    "method": ("qcore_register_methods", Method),
+    "task": ("qcore_register_tasks", Task),
+    "model_loader": ("qcore_register_model_loaders", ModelLoader),
+}
+
+
+@dataclass
+class PluginRecord:
+    """One plugin as ``qcore plugins`` lists it."""
+
+    name: str
+    version: str
+    source: str  # "builtin" or "entry point <dist>"
+    module: ModuleType | None = None
+    error: str | None = None
+    provides: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "version": self.version, "source": self.source,
+                             "provides": {k + "s": v for k, v in self.provides.items()}}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class Entry:
+    name: str
+    obj: Any
+    owner: str
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _did_you_mean(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Host:
+    """The loaded plugins, their hook relay and the registries of their components."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("qcore")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginRecord] = {}
+        self.tables: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self.conflicts: dict[tuple[str, str], list[str]] = {}
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def add_plugin(self, name: str, module: Any, version: str, source: str) -> None:
+        """Register one plugin object; a failure marks it broken instead of raising."""
+        record = PluginRecord(name=name, version=version, source=source, module=module)
+        self.plugins[name] = record
+        unknown = [a for a in dir(module) if a.startswith("qcore_") and callable(getattr(module, a))
+                   and not hasattr(hookspecs, a)]
+        if unknown:
+            record.error = f"implements unknown hook(s) {', '.join(unknown)} (misspelt, or needs a newer qcore)"
+            return
+        try:
+            self.pm.register(module, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            record.error = f"invalid hook implementation: {exc}"
+
+    def load_entry_points(self) -> None:
+        only = _csv(os.environ.get("QCORE_LOAD_PLUGINS"))
+        blocked = set(_csv(os.environ.get("QCORE_DISABLE_PLUGINS")) or [])
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in self.plugins or ep.name in blocked or (only is not None and ep.name not in only):
+                continue
+            dist = getattr(ep, "dist", None)
+            version = dist.version if dist is not None else "?"
+            source = f"entry point of {dist.metadata['Name'] if dist is not None else '?'}"
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not take qcore down
+                log.warning("plugin %r failed to load: %s", ep.name, exc)
+                self.plugins[ep.name] = PluginRecord(ep.name, version, source,
+                                                     error=f"{type(exc).__name__}: {exc}")
+                continue
+            self.add_plugin(ep.name, module, version, source)
+
+    def load_builtins(self) -> None:
+        from qcore import __version__
+
+        blocked = set(_csv(os.environ.get("QCORE_DISABLE_PLUGINS")) or []) - {"core"}
+        for name, modname in BUILTINS.items():
+            if name not in blocked:
+                self.add_plugin(name, importlib.import_module(modname), __version__, "builtin")
+
+    # -- registries ------------------------------------------------------------------------------------------
+    def build_registries(self) -> None:
+        for kind, (hookname, base) in KINDS.items():
+            for impl in getattr(self.pm.hook, hookname).get_hookimpls():
+                owner = impl.plugin_name
+                record = self.plugins[owner]
+                if record.error:
+                    continue
+                try:
+                    impl.function(register=self._register_fn(kind, base, owner))
+                except Exception as exc:
+                    record.error = f"{hookname} raised {type(exc).__name__}: {exc}"
+                    log.warning("plugin %r is broken: %s", owner, record.error)
+        for table in self.tables.values():  # drop what broken plugins registered before breaking
+            for name in [n for n, e in table.items() if self.plugins[e.owner].error]:
+                del table[name]
+
+    def _register_fn(self, kind: str, base: type, owner: str) -> Any:
+        def register(obj: Any, **_: Any) -> None:
+            ok = isinstance(obj, base) if base in (Method, ModelLoader) else (
+                isinstance(obj, type) and issubclass(obj, base))
+            if not ok:
+                raise TypeError(f"{kind} registrations must be {'a' if base in (Method, ModelLoader) else 'a subclass of'}"
+                                f" {base.__name__}, got {obj!r}")
+            name = obj.name if not isinstance(obj, ModelLoader) else obj.prefix
+            if not name:
+                raise TypeError(f"{kind} {obj!r} has no name")
+            table = self.tables[kind]
+            if name in table and table[name].owner != owner:
+                self.conflicts.setdefault((kind, name), [table[name].owner]).append(owner)
+                return
+            table[name] = Entry(name, obj, owner)
+            self.plugins[owner].provides[kind].append(name)
+        return register
+
+    # -- lookup ----------------------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Any:
+        """The component ``name`` of ``kind``, or a :class:`QcoreError` that says what exists."""
+        owners = self.conflicts.get((kind, name))
+        if owners:
+            raise QcoreError(f"{kind} {name!r} is registered by both {owners[0]!r} and {owners[1]!r}; uninstall "
+                             f"one or disable it with QCORE_DISABLE_PLUGINS={owners[1]}")
+        table = self.tables[kind]
+        if name not in table:
+            broken = [p.name for p in self.plugins.values() if p.error]
+            hint = f"; broken plugins that may provide it: {', '.join(broken)} (see `qcore plugins`)" if broken else ""
+            raise QcoreError(f"unknown {kind.replace('_', ' ')} {name!r}{_did_you_mean(name, table)}; available: "
+                             f"{', '.join(sorted(table)) or '(none)'}{hint}")
+        return table[name].obj
+
+    def owner_of(self, kind: str, name: str) -> str:
+        return self.tables[kind][name].owner
+
+    def plugin(self, name: str) -> PluginRecord:
+        """A loaded, working plugin by name, or a :class:`QcoreError` saying why it cannot be used."""
+        record = self.plugins.get(name)
+        if record is None:
+            raise QcoreError(f"unknown plugin {name!r}{_did_you_mean(name, self.plugins)}; installed: "
+                             f"{', '.join(sorted(self.plugins))} (install qcore-{name}, or check "
+                             "QCORE_LOAD_PLUGINS / QCORE_DISABLE_PLUGINS)")
+        if record.error:
+            raise QcoreError(f"plugin {name!r} is broken: {record.error}; reinstall or fix it, or run another "
+                             "plugin")
+        return record
+
+    def default_method(self, plugin: str) -> Method:
+        record = self.plugin(plugin)
+        methods = [self.tables["method"][m].obj for m in record.provides["method"]]
+        defaults = [m for m in methods if m.default] or (methods if len(methods) == 1 else [])
+        if not defaults:
+            raise QcoreError(f"plugin {plugin!r} has no default method; choose one with --method "
+                             f"({', '.join(m.name for m in methods) or 'it registers none'})")
+        return defaults[0]
+
+
+def load_host(entrypoints: bool = True, extra: Iterable[tuple[str, Any]] = ()) -> Host:
+    """Build a :class:`Host`: built-ins, installed entry points (unless ``entrypoints=False``) and ``extra``
+    ``(name, plugin_object)`` pairs (tests use this), then the registries."""
+    host = Host()
+    host.load_builtins()
+    if entrypoints:
+        host.load_entry_points()
+    for name, obj in extra:
+        host.add_plugin(name, obj, "local", "local")
+    host.build_registries()
+    return host

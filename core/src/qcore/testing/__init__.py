@@ -1,0 +1,18 @@
+"""What a plugin author imports to test a plugin: tiny models, a tiny task that needs no data, a host
+builder, and contract checks for each component role.
+
+    from qcore.testing import check_allocator, make_host, run_tiny
+
+    def test_my_allocator():
+        host = make_host(("mine", my_plugin_module))
+        check_allocator(host, "my-allocator", target_bits=4.0)
+
+The ``pytest11`` entry point also provides fixtures (``qcore_host``, ``tiny_convnet``); see
+:mod:`qcore.testing.fixtures`.
+"""
+
+from qcore.testing.contracts import check_allocator, check_calibrator, check_quantizer, run_tiny
+from qcore.testing.tiny import TINY_TASK_PLUGIN, TinyTask, make_host, tiny_convnet, tiny_mlp
+
+__all__ = ["TINY_TASK_PLUGIN", "TinyTask", "check_allocator", "check_calibrator", "check_quantizer", "make_host",
+           "run_tiny", "tiny_convnet", "tiny_mlp"]

@@ -1,0 +1,31 @@
+import torch
+
+from qcore.fold import fold_batchnorm
+from qcore.testing import tiny_convnet
+
+
+def test_folding_preserves_outputs():
+    model = tiny_convnet()
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        pairs = fold_batchnorm(model)
+        out = model(x)
+    assert pairs == [("0", "1"), ("3", "4")]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_bn_with_two_consumers_is_not_folded():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 1)
+            self.bn = torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # conv output used twice: folding would change the sum
+
+    net = Net().eval()
+    assert fold_batchnorm(net) == []

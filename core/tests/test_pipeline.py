@@ -1,0 +1,100 @@
+"""The pipeline end to end on the tiny task: options, pins, plans, outputs."""
+
+import json
+
+import pytest
+import torch
+
+from qcore.errors import QcoreError
+from qcore.spec import Plan
+from qcore.testing import make_host, run_tiny
+from qcore.wrap import quant_layers
+
+
+@pytest.fixture(scope="module")
+def host():
+    return make_host()
+
+
+def test_w8a8_matches_fp_and_reports_what_was_quantized(host):
+    out = run_tiny(host, w_bits=8, a_bits=8)
+    r = out.result
+    assert r["fp"] == 100.0 and r["quant"] >= 95.0
+    q = r["quantized"]
+    assert q["weight_layers"] == ["0", "3", "7"] and q["act_layers"] == ["0", "3", "7"]
+    assert q["deployable"] is True and q["bn_folded"] == [["0", "1"], ["3", "4"]]
+    for key in ("plugin", "method", "task", "model", "metric", "fp", "quant", "w_bits_avg", "a_bits_avg",
+                "size_mb", "fp_size_mb", "bops", "quantized", "seconds", "qcore_version", "seed"):
+        assert key in r
+
+
+def test_first_last_pins_and_override(host):
+    out = run_tiny(host, w_bits=3, a_bits=4)
+    layers = out.plan.layers
+    assert layers["0"].weight.bits == 8 and layers["7"].act.bits == 8 and layers["3"].weight.bits == 3
+    out = run_tiny(host, w_bits=3, a_bits=4, options={"first_last": "fp"})
+    assert set(out.plan.layers) == {"3"}
+    out = run_tiny(host, w_bits=3, a_bits=4, options={"first_last": "same"}, layers={"3": {"w_bits": 6}})
+    assert out.plan.layers["3"].weight.bits == 6 and out.plan.layers["3"].act.bits == 4
+
+
+def test_weight_only_and_per_channel_activations(host):
+    out = run_tiny(host, w_bits=4, a_bits=8, options={"act_targets": "none"})
+    assert out.result["a_bits_avg"] is None and all(s.act is None for s in out.plan.layers.values())
+    out = run_tiny(host, w_bits=4, a_bits=8, options={"act_granularity": "channel"})
+    assert out.result["quantized"]["deployable"] is False
+
+
+def test_unknown_option_lists_valid_ones(host):
+    with pytest.raises(QcoreError, match="unknown option colour; valid options for this method: .*act_range"):
+        run_tiny(host, options={"colour": "red"})
+    with pytest.raises(QcoreError, match="not one of minmax, percentile, mse"):
+        run_tiny(host, options={"act_range": "max"})
+
+
+def test_bad_budget(host):
+    with pytest.raises(QcoreError, match="--w-bits 33 is out of range"):
+        run_tiny(host, w_bits=33)
+
+
+def test_plan_reapplied_by_core_alone_gives_identical_model(host, tmp_path):
+    first = run_tiny(host, w_bits=3, a_bits=5, calibrator="mse", out=tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert saved["quant"] == first.result["quant"]
+    second = run_tiny(host, allocator="plan", calibrator="mse", options={"plan": str(tmp_path / "a" / "plan.json")})
+    assert Plan.from_json((tmp_path / "a" / "plan.json").read_text()).layers == second.plan.layers
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(first.model(x), second.model(x))
+
+
+def test_failed_run_writes_nothing(host, tmp_path):
+    with pytest.raises(QcoreError):
+        run_tiny(host, allocator="plan", options={"plan": str(tmp_path / "missing.json")}, out=tmp_path / "o")
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_nan_weights_are_refused(host, monkeypatch):
+    import qcore.testing.tiny as tiny
+
+    def nan_model(seed=0, classes=4):
+        m = tiny.tiny_convnet(seed, classes)
+        with torch.no_grad():
+            m[0].weight[0, 0, 0, 0] = float("nan")
+        return m
+
+    monkeypatch.setitem(tiny._MODELS, "convnet", nan_model)
+    with pytest.raises(QcoreError, match="NaN or infinity"):
+        run_tiny(host)
+
+
+def test_lower_bits_hurt_more(host):
+    hi = run_tiny(host, w_bits=8, a_bits=8, options={"first_last": "same"}).result["quant"]
+    lo = run_tiny(host, w_bits=2, a_bits=2, options={"first_last": "same"}).result["quant"]
+    assert lo < hi
+
+
+def test_quant_layers_replace_original_modules(host):
+    out = run_tiny(host, model="tiny:mlp", w_bits=4, a_bits=8)
+    assert set(quant_layers(out.model)) == {"1", "3", "5"}
+    assert out.result["quantized"]["summary"].startswith("weights of 3 of 3 quantizable layers (linear")
