@@ -94,6 +94,8 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
                for kind in ("quantizer", "calibrator", "allocator")}
     values = {k: v for k, v in method.defaults.items() if k not in BUDGET_KEYS} | dict(config.options)
     check_known(values, [PipelineOptions] + [c.Options for c in classes.values()])
+    if getattr(classes["allocator"], "saved_plan", False) and "first_last" not in values:
+        values["first_last"] = "same"  # a saved plan already holds its first/last bits: do not pin over it
     pipeline = build_options(PipelineOptions, values, "pipeline")
     comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
     defaults = method.defaults

@@ -47,6 +47,8 @@ class PlanFileAllocator(Allocator):
     name = "plan"
     description = "apply a plan.json written by an earlier run (qcore run --plan FILE)"
     Options = PlanFileOptions
+    #: the pipeline does not pin first/last layers over a saved plan unless -o first_last is given
+    saved_plan = True
 
     def allocate(self, ctx: RunContext) -> Plan:
         path = Path(self.options.plan)

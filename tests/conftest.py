@@ -1,0 +1,52 @@
+"""Cross-package fixtures: run the real ``qcore`` command, and install plugins through real entry points."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _install(site: Path, dist: str, entry: str, module_src: str | None = None, module_name: str = "") -> None:
+    """Write what an installer writes: a .dist-info with METADATA and entry_points.txt, plus the module."""
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[qcore]\n{entry}\n")
+    if module_src is not None:
+        (site / f"{module_name}.py").write_text(module_src)
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A site folder with two installed plugins: ``example`` (works) and ``broken`` (fails to import)."""
+    site = tmp_path_factory.mktemp("site")
+    shutil.copy(HERE / "example_plugin" / "qcore_example.py", site / "qcore_example.py")
+    _install(site, "qcore-example", "example = qcore_example")
+    _install(site, "qcore-broken", "broken = qcore_broken",
+             "raise ImportError('qcore_broken needs libfoo, which is not installed')\n", "qcore_broken")
+    return site
+
+
+def run_qcore(*args: str, cwd: Path, site: Path | None = None, env: dict[str, str] | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m qcore ARGS`` as a user would, returning the finished process."""
+    e = dict(os.environ, QCORE_PROGRESS="0")
+    if site is not None:
+        e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), e.get("PYTHONPATH", "")]))
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "qcore", *args], cwd=cwd, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def qcore_cli(tmp_path):
+    def call(*args: str, **kw):
+        return run_qcore(*args, cwd=tmp_path, **kw)
+    return call
