@@ -159,29 +159,40 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     return RunOutcome(result=result, plan=plan, model=qmodel, out=config.out, stages=stages.seconds)
 
 
+def _describe_specs(specs: list[Any]) -> str:
+    gran = sorted({s.granularity + (f" of {s.group_size}" if s.granularity == "group" else "") for s in specs})
+    grids = sorted({"symmetric" if s.symmetric else "affine" for s in specs})
+    mixed = [s for s in specs if s.mixed]
+    bits = (f"mixed precision per channel group ({min(min(s.group_bits) for s in mixed)}-"
+            f"{max(max(s.group_bits) for s in mixed)} bits) in {len(mixed)} layers; " if mixed else "")
+    return f"{bits}{', '.join(gran)} scales, {'/'.join(grids)}"
+
+
 def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
                        folded: list[tuple[str, str]], integer_grid: bool) -> dict[str, Any]:
-    """What was quantized, in words and lists (the ``quantized`` entry of result.json)."""
+    """What was quantized, in words and lists (the ``quantized`` entry of result.json), read off the plan."""
     names = list(layers)
     wl = [n for n in names if n in plan.layers and plan.layers[n].weight is not None]
     al = [n for n in names if n in plan.layers and plan.layers[n].act is not None]
     fp = [n for n in names if n not in wl]
     kinds = sorted({layers[n].kind for n in names})
-    act_gran = {plan.layers[n].act.granularity for n in al}  # type: ignore[union-attr]
-    deployable = integer_grid and act_gran <= {"tensor"}
+    wspecs = [plan.layers[n].weight for n in wl]
+    aspecs = [plan.layers[n].act for n in al]
+    act_gran = sorted({s.granularity for s in aspecs})  # type: ignore[union-attr]
+    deployable = integer_grid and set(act_gran) <= {"tensor"}
     first_last = {"same": "quantized like the other layers", "fp": "kept in floating point"}.get(
         pipeline.first_last, f"weights and inputs at {pipeline.first_last} bits")
     summary = (f"weights of {len(wl)} of {len(names)} quantizable layers ({', '.join(kinds)}; "
-               f"{pipeline.weight_granularity} scales, {'symmetric' if pipeline.weight_symmetric else 'affine'}); "
-               + (f"input activations of {len(al)} layers ({', '.join(sorted(act_gran))} scales, "
-                  f"{'symmetric' if pipeline.act_symmetric else 'affine'})" if al else "no activations")
+               f"{_describe_specs(wspecs) if wspecs else 'none'}); "
+               + (f"input activations of {len(al)} layers ({_describe_specs(aspecs)})" if al else "no activations")
                + f"; first ({names[0]}) and last ({names[-1]}) layer: {first_last}"
                + f"; {len(folded)} BatchNorm layers folded"
                + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",
-            "first_last": pipeline.first_last, "weight_granularity": pipeline.weight_granularity,
-            "act_granularity": sorted(act_gran), "bn_folded": [list(p) for p in folded],
+            "first_last": pipeline.first_last,
+            "weight_granularity": sorted({s.granularity for s in wspecs}),  # type: ignore[union-attr]
+            "act_granularity": act_gran, "bn_folded": [list(p) for p in folded],
             "deployable": deployable,
             "deployable_means": "per-tensor activation scales and an integer grid (no simulated-only features)"}
 

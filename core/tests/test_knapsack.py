@@ -1,0 +1,76 @@
+"""The allocation solvers against brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qcore.errors import QcoreError
+from qcore.knapsack import lagrangian_for_budget, solve_dp, solve_lagrangian
+
+
+def brute(sizes, dists, rates, budget):
+    best = (np.inf, None)
+    for combo in itertools.product(range(len(rates)), repeat=len(sizes)):
+        bits = sum(s * rates[k] for s, k in zip(sizes, combo))
+        if bits <= budget:
+            d = sum(dists[i, k] for i, k in enumerate(combo))
+            if d < best[0]:
+                best = (d, combo)
+    return best
+
+
+def problem(seed, n=5, rates=(0, 1, 2, 3, 4, 6)):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, n)
+    rates = np.array(rates, dtype=float)
+    # decreasing, roughly exponential curves with noise, as RD curves are
+    scale = rng.uniform(0.5, 5.0, n)[:, None]
+    dists = scale * 2.0 ** (-rates[None, :]) + rng.uniform(0, 0.05, (n, len(rates)))
+    return sizes, dists, rates
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_equals_brute_force(seed):
+    sizes, dists, rates = problem(seed)
+    for target in (0.5, 1.7, 3.0):
+        budget = target * sizes.sum()
+        want, _ = brute(sizes, dists, rates, budget)
+        got = solve_dp(sizes, dists, rates, budget, unit=1)
+        assert got.total_bits <= budget
+        assert got.distortion == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coarse_grid_never_exceeds_budget(seed):
+    sizes, dists, rates = problem(seed, n=30)
+    sizes = sizes * 37
+    for target in (1.0, 2.5, 4.0):
+        got = solve_dp(sizes, dists, rates, target * sizes.sum())  # default grid: 1e-3 bit average
+        assert got.total_bits <= target * sizes.sum()
+        exact = solve_dp(sizes, dists, rates, target * sizes.sum(), unit=1)
+        assert got.distortion <= exact.distortion * 1.02 + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lagrangian_points_lie_on_the_dp_frontier(seed):
+    sizes, dists, rates = problem(seed)
+    for lam in (1e-3, 1e-2, 0.05, 0.2, 1.0):
+        lg = solve_lagrangian(sizes, dists, rates, lam)
+        dp = solve_dp(sizes, dists, rates, lg.total_bits, unit=1)
+        assert lg.distortion == pytest.approx(dp.distortion, rel=1e-12)
+
+
+def test_lagrangian_for_budget_respects_budget():
+    sizes, dists, rates = problem(3, n=40)
+    for target in (0.8, 2.0, 3.5):
+        a, lam = lagrangian_for_budget(sizes, dists, rates, target * sizes.sum())
+        assert a.total_bits <= target * sizes.sum() and lam > 0
+        assert a.distortion >= solve_dp(sizes, dists, rates, target * sizes.sum(), unit=1).distortion - 1e-12
+
+
+def test_impossible_budget():
+    sizes, dists, rates = problem(0)
+    dists[:, 0] = np.inf  # 0 bits not allowed
+    with pytest.raises(QcoreError, match="impossible bit budget"):
+        solve_dp(sizes, dists, rates, 0.5 * sizes.sum(), unit=1)

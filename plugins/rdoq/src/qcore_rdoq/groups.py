@@ -1,0 +1,65 @@
+"""Channel groups (the units RDOQ allocates bits to) and their candidate quantized weights.
+
+A weight group is ``group_size`` consecutive output channels of one layer (the last may be smaller). Its
+candidate at ``b`` bits is exactly what deployment produces for a layer whose groups all carry ``b`` bits:
+core's :class:`~qcore.fake_quant.UniformFakeQuant` with one symmetric scale per group, the clip chosen by
+core's MSE range estimator. Curves and the deployed model therefore use the same quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qcore.fake_quant import UniformFakeQuant
+from qcore.layers import LayerInfo
+from qcore.ranges import get_range_estimator
+from qcore.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """Output channels ``[start, stop)`` of layer ``layer``; ``size`` weight elements."""
+
+    layer: str
+    index: int
+    start: int
+    stop: int
+    size: int
+
+
+def weight_groups(info: LayerInfo, group_size: int) -> list[WeightGroup]:
+    """Split a layer's output channels into groups of ``group_size``."""
+    per_channel = info.weight_numel // info.out_channels
+    n = math.ceil(info.out_channels / group_size)
+    return [WeightGroup(info.name, g, g * group_size, min((g + 1) * group_size, info.out_channels),
+                        (min((g + 1) * group_size, info.out_channels) - g * group_size) * per_channel)
+            for g in range(n)]
+
+
+def weight_spec(group_size: int, bits: list[int] | tuple[int, ...], out_channels: int) -> QuantSpec:
+    """The plan spec of a layer whose groups carry ``bits`` (one symmetric scale per group)."""
+    bits = tuple(int(b) for b in bits)
+    assert len(bits) == math.ceil(out_channels / group_size)
+    mean = round(sum(bits) / len(bits))
+    return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits)
+
+
+@torch.no_grad()
+def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse") -> Tensor:
+    """``weight`` with every group quantized at ``bits`` exactly as deployment would (see module docstring)."""
+    n = math.ceil(info.out_channels / group_size)
+    spec = weight_spec(group_size, [bits] * n, info.out_channels)
+    fq = UniformFakeQuant(spec, info.out_channels, info.weight_axis).to(weight.device)
+    lo, hi = get_range_estimator(weight_range)(fq.rows_of(weight), fq.row_bits(), True)
+    fq.set_range(lo, hi)
+    return fq(weight)
+
+
+def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
+                    weight_range: str = "mse") -> dict[int, Tensor]:
+    """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later)."""
+    return {b: quantize_at(weight, info, group_size, b, weight_range) for b in bits}

@@ -1,0 +1,40 @@
+"""rdoq through the real pipeline on the tiny task."""
+
+import pytest
+
+from qcore.errors import QcoreError
+from qcore.testing import check_allocator, make_host, run_tiny
+from qcore_rdoq import plugin
+
+
+@pytest.fixture(scope="module")
+def host():
+    return make_host(("rdoq", plugin))
+
+
+@pytest.mark.parametrize("target", [2.0, 3.3, 5.0])
+@pytest.mark.parametrize("solver", ["dp", "lagrangian"])
+def test_plan_never_exceeds_budget(host, target, solver):
+    out = run_tiny(host, method="rdoq", target_bits=target, options={"group": 4, "solver": solver,
+                                                                      "curve_samples": 32, "first_last": "same"})
+    assert out.result["w_bits_avg"] <= target + 1e-9
+    assert out.plan.meta["solver"] == solver
+    assert any(s.weight.mixed for s in out.plan.layers.values())
+
+
+def test_dp_beats_or_matches_lagrangian_prediction(host):
+    opts = {"group": 2, "curve_samples": 32, "first_last": "same"}
+    dp = run_tiny(host, method="rdoq", target_bits=3.0, options={**opts, "solver": "dp"})
+    lg = run_tiny(host, method="rdoq", target_bits=3.0, options={**opts, "solver": "lagrangian"})
+    assert dp.plan.meta["predicted_distortion"] <= lg.plan.meta["predicted_distortion"] + 1e-12
+
+
+def test_contract(host):
+    check_allocator(host, "rdoq", target_bits=4.0, group=4, curve_samples=16)
+
+
+def test_impossible_budget_and_missing_target(host):
+    with pytest.raises(QcoreError, match="impossible bit budget"):
+        run_tiny(host, method="rdoq", target_bits=0.5, options={"min_bits": 2, "group": 4})
+    with pytest.raises(QcoreError, match="not implemented yet"):
+        run_tiny(host, method="rdoq", options={"engine": "second-order"})

@@ -1,0 +1,65 @@
+"""The fast RD engine gives the reference engine's curves; the candidates are the deployed quantizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from qcore.layers import discover, measure_layers, torch_layer_info
+from qcore.testing import tiny_convnet, tiny_mlp
+from qcore_rdoq.curves import first_order_curves
+from qcore_rdoq.groups import quantize_at, weight_groups
+
+
+def setup(model):
+    torch.manual_seed(1)
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    layers = discover(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]))
+    return batches, layers
+
+
+@pytest.mark.parametrize("build", [tiny_convnet, tiny_mlp])
+def test_fast_equals_reference(build):
+    model = build()
+    batches, layers = setup(model)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    bits = [0, 1, 2, 4, 8]
+    ref = first_order_curves(model, fwd, batches, layers, 4, bits, engine="reference")
+    fast = first_order_curves(model, fwd, batches, layers, 4, bits, engine="fast", chunk=7)
+    assert fast.engine == "fast" and set(fast.layer_engines.values()) == {"fast"}
+    assert ref.dist.shape == (sum(len(weight_groups(i, 4)) for i in layers.values()), len(bits))
+    assert np.allclose(fast.dist, ref.dist, rtol=1e-4, atol=1e-12)
+    assert (ref.dist[:, 0] > ref.dist[:, -1]).all()  # pruning a group hurts more than 8 bits
+
+
+def test_untraceable_model_falls_back_to_reference():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                x = x * 2
+            return self.fc(x.flatten(1))
+
+    model = Branchy().eval()
+    batches, layers = setup(model)
+    curves = first_order_curves(model, lambda m, b: m(b), batches, layers, 2, [2, 4], engine="fast")
+    assert curves.engine == "reference"
+
+
+def test_candidate_is_what_deployment_quantizes():
+    from qcore.calibration import RangeCalibrator, RangeOptions
+    from qcore.fake_quant import UniformFakeQuant
+    from qcore_rdoq.groups import weight_spec
+
+    model = tiny_convnet()
+    _, layers = setup(model)
+    info = layers["3"]
+    w = model[3].weight.detach()
+    spec = weight_spec(4, [3, 3, 3, 3], info.out_channels)
+    fq = UniformFakeQuant(spec, info.out_channels, 0)
+    est = RangeCalibrator(RangeOptions(weight_range="mse"))._estimator("mse")
+    fq.set_range(*est(fq.rows_of(w), fq.row_bits(), True))
+    assert torch.equal(fq(w), quantize_at(w, info, 4, 3))
