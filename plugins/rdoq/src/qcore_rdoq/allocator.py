@@ -34,14 +34,15 @@ class RDOQOptions:
     min_bits: int = field(default=0, metadata={"help": "lowest bit-width a group may get (0 = pruned)"})
     max_bits: int = field(default=10, metadata={"help": "highest candidate bit-width"})
     curve_samples: int = field(default=64, metadata={"help": "calibration samples used for the RD curves"})
-    chunk: int = field(default=32, metadata={"help": "candidates per batched evaluation (fast engine)"})
+    chunk: int = field(default=0, metadata={
+        "help": "candidates per batched pass (fast engine); 0 = auto (about 256 samples a pass on CPU, 16k on GPU)"})
     resolution: float = field(default=1e-3, metadata={"help": "DP budget grid, in bits of average bit-width"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_bits <= self.max_bits <= 16:
             raise QcoreError(f"need 0 <= min_bits <= max_bits <= 16, got {self.min_bits}, {self.max_bits}")
-        if self.group < 0 or self.curve_samples < 1 or self.chunk < 1 or self.resolution <= 0:
-            raise QcoreError("group must be >= 0, curve_samples and chunk >= 1, resolution > 0")
+        if self.group < 0 or self.curve_samples < 1 or self.chunk < 0 or self.resolution <= 0:
+            raise QcoreError("group and chunk must be >= 0, curve_samples >= 1, resolution > 0")
 
 
 def auto_group_size(out_channels: list[int]) -> int:

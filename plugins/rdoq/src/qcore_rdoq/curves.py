@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from qcore.errors import QcoreError
 from qcore.layers import LayerInfo
 from qcore.progress import track
+from qcore_rdoq.downstream import Split
 from qcore_rdoq.groups import WeightGroup, candidate_table, weight_groups
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,17 @@ class Candidates:
         return out
 
 
+@contextmanager
+def exact_math() -> Iterator[None]:
+    """Full fp32 convolutions and matmuls (no TF32), so both engines compute the same numbers on a GPU."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _sse(out: Tensor, ref: Tensor) -> Tensor:
     """Sum of squared errors per candidate: ``out`` is ``[K, ...]``, ``ref`` broadcasts against ``out[k]``."""
     return (out.float() - ref.float()).pow(2).flatten(1).sum(1)
@@ -77,12 +91,16 @@ class ReferenceEngine:
 
     def __init__(self, model: nn.Module, forward: Forward, batches: Sequence[Any]) -> None:
         self.model, self.forward, self.batches = model, forward, batches
-        with torch.no_grad():
+        with torch.no_grad(), exact_math():
             self.ref = [forward(model, b) for b in batches]
         self.count = sum(r.numel() for r in self.ref)
 
     @torch.no_grad()
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
+        with exact_math():
+            return self._layer(name, candidates)
+
+    def _layer(self, name: str, candidates: Candidates) -> np.ndarray:
         module = self.model.get_submodule(name)
         w0 = module.weight.detach().clone()
         out = np.zeros(len(candidates))
@@ -96,106 +114,145 @@ class ReferenceEngine:
         return out
 
 
-class _Downstream:
-    """The part of an fx graph that depends on one layer's output, runnable from cached upstream values."""
+class _RowOutputs:
+    """Candidate outputs of a Conv1d/Conv2d (groups=1) or Linear layer, computing only the perturbed channels.
 
-    def __init__(self, gm: fx.GraphModule, layer: str) -> None:
-        nodes = list(gm.graph.nodes)
-        hits = [n for n in nodes if n.op == "call_module" and n.target == layer]
-        if len(hits) != 1:
-            raise ValueError(f"layer {layer} is called {len(hits)} times in the traced graph")
-        self.node = hits[0]
-        if len(self.node.args) != 1 or self.node.kwargs or not isinstance(self.node.args[0], fx.Node):
-            raise ValueError(f"layer {layer} is not called with a single tensor argument")
-        desc: set[fx.Node] = set()
-        frontier = [self.node]
-        while frontier:
-            for user in frontier.pop().users:
-                if user not in desc:
-                    desc.add(user)
-                    frontier.append(user)
-        self.order = [n for n in nodes if n in desc]
-        self.needed = [n for n in nodes if n not in desc and n is not self.node and any(u in desc for u in n.users)]
-        self.input = self.node.args[0]
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-        self.output = next(n for n in self.order if n.op == "output")
+    For a chunk of k candidates, the quantized rows of every candidate's group are gathered into one weight,
+    one conv/linear call computes them, and they are scattered into k copies of the FP output. Each output
+    channel is computed from its own weight row exactly as the full layer computes it.
+    """
 
-    @torch.no_grad()
-    def capture(self, x: Any) -> tuple[Tensor, dict[fx.Node, Any]]:
-        """Run the whole graph once; return the layer's input and the upstream values downstream reads."""
-        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
-        interp.run(x)
-        return interp.env[self.input], {n: interp.env[n] for n in self.needed}
+    def __init__(self, module: nn.Module, cands: Candidates) -> None:
+        self.module = module
+        w = cands.weight
+        bits = sorted({b for _, b in cands.pairs})
+        pos = {b: i for i, b in enumerate(bits)}
+        cout = w.shape[0]
+        table = torch.stack([cands.table[b] for b in bits]).reshape(len(bits) * cout, *w.shape[1:])
+        self.rows = torch.cat([table, torch.zeros_like(w[:1])])  # last row: padding
+        gs = max(g.stop - g.start for g, _ in cands.pairs)
+        ridx, cidx = [], []
+        for g, b in cands.pairs:
+            n = g.stop - g.start
+            ridx.append([pos[b] * cout + g.start + j if j < n else len(self.rows) - 1 for j in range(gs)])
+            cidx.append([g.start + j if j < n else cout for j in range(gs)])  # channel cout: scratch
+        self.ridx = torch.tensor(ridx, device=w.device)
+        self.cidx = torch.tensor(cidx, device=w.device)
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(cout, device=w.device)
+        self.bias = torch.cat([bias, bias.new_zeros(1)])
+        self.gs, self.cout = gs, cout
+        self.linear = isinstance(module, nn.Linear)
 
-    def run(self, y: Tensor, env: dict[fx.Node, Any]) -> Tensor:
-        """The model output when the layer outputs ``y`` (upstream values from ``env``)."""
-        vals = dict(env)
-        vals[self.node] = y
-        for n in self.order:
-            args = fx.node.map_arg(n.args, lambda a: vals[a])
-            kwargs = fx.node.map_arg(n.kwargs, lambda a: vals[a])
-            if n.op == "call_module":
-                vals[n] = self.modules[str(n.target)](*args, **kwargs)
-            elif n.op == "call_function":
-                vals[n] = n.target(*args, **kwargs)  # type: ignore[operator]
-            elif n.op == "call_method":
-                vals[n] = getattr(args[0], str(n.target))(*args[1:], **kwargs)
-            elif n.op == "output":
-                return args[0]  # type: ignore[return-value]
-            else:  # pragma: no cover - placeholders and attributes are never downstream of a layer
-                raise ValueError(f"unexpected node {n.op} downstream")
-        raise ValueError("graph has no output")
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d))
+                                                 and module.groups == 1 and module.padding_mode == "zeros")
+
+    def __call__(self, x: Tensor, y: Tensor, lo: int, hi: int) -> Tensor:
+        k = hi - lo
+        ridx, cidx = self.ridx[lo:hi], self.cidx[lo:hi]
+        w = self.rows[ridx.reshape(-1)]
+        b = self.bias[cidx.reshape(-1)]
+        m = self.module
+        if self.linear:
+            part = F.linear(x, w, b)  # [..., k*gs]
+        else:
+            conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+            part = conv(x, w, b, m.stride, m.padding, m.dilation, 1).movedim(1, -1)  # [N, ..., k*gs]
+        part = part.reshape(*part.shape[:-1], k, self.gs).movedim(-2, 0)  # [k, N, ..., gs]
+        base = y if self.linear else y.movedim(1, -1)  # channels last
+        full = torch.cat([base, base.new_zeros(*base.shape[:-1], 1)], dim=-1)
+        full = full.unsqueeze(0).repeat(k, *([1] * full.dim()))
+        idx = cidx.reshape(k, *([1] * (full.dim() - 2)), self.gs).expand_as(part)
+        full.scatter_(-1, idx, part)
+        full = full[..., : self.cout]
+        if not self.linear:
+            full = full.movedim(-1, 2)
+        return full.reshape(k * y.shape[0], *y.shape[1:]).contiguous()
 
 
 class FastEngine:
-    """Cached upstream, downstream-only evaluation, candidates batched with vmap (see module docstring)."""
+    """Cached upstream, downstream-only evaluation, candidates batched (see module docstring)."""
 
     name = "fast"
 
     def __init__(self, model: nn.Module, forward: Forward, batches: Sequence[Any], chunk: int = 32) -> None:
-        self.model, self.batches, self.chunk = model, batches, chunk
+        self.model, self.batches = model, batches
+        if not all(isinstance(b, Tensor) for b in batches):
+            raise ValueError("fast engine needs tensor batches")
+        n = max(1, int(batches[0].shape[0]))
+        # candidates per pass: on a CPU keep a pass near 256 samples (cache-sized), on a GPU fill the device
+        self.chunk = chunk or max(1, (256 if batches[0].device.type == "cpu" else 16384) // n)
         self.gm = fx.symbolic_trace(model)
-        with torch.no_grad():
+        with torch.no_grad(), exact_math():
             self.ref = [forward(model, b) for b in batches]
-            if not all(isinstance(b, Tensor) for b in batches):
-                raise ValueError("fast engine needs tensor batches")
             traced = self.gm(batches[0])
         if not torch.allclose(traced, self.ref[0], rtol=1e-5, atol=1e-6):
             raise ValueError("the traced graph does not reproduce the task's forward output")
         self.count = sum(r.numel() for r in self.ref)
-        self.vmap_ok = True
+        self.modes: dict[str, str] = {}
+        self._splits: dict[str, Split] = {}
 
-    def _layer_out(self, module: nn.Module, x: Tensor, ws: Tensor) -> Tensor:
-        call = lambda w: torch.func.functional_call(module, {"weight": w}, (x,))  # noqa: E731
-        if self.vmap_ok:
-            return torch.func.vmap(call)(ws)
-        return torch.stack([call(w) for w in ws])
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            self._splits[name] = Split(self.gm, name, self.batches[0])
+        return self._splits[name]
 
-    def _downstream(self, ds: _Downstream, ys: Tensor, env: dict[fx.Node, Any]) -> Tensor:
-        if self.vmap_ok:
-            try:
-                return torch.func.vmap(lambda y: ds.run(y, env))(ys)
-            except Exception as exc:  # an op without a batching rule: go one candidate at a time
-                log.info("vmap over candidates failed (%s); evaluating candidates one by one", exc)
-                self.vmap_ok = False
-        return torch.stack([ds.run(y, env) for y in ys])
+    def _mode(self, split: Split, y: Tensor, needed: list[Any], ref: Tensor) -> str:
+        """Pick the fastest way to run candidates through ``split`` that reproduces FP: batch, vmap or loop."""
+        try:
+            out = split.run_batched(torch.cat([y, y]), needed, 2)
+            if torch.allclose(out, torch.cat([ref, ref]), rtol=1e-4, atol=1e-6):
+                return "batch"
+        except Exception as exc:  # shape logic that assumes the batch size: try the next mode
+            log.debug("batched downstream failed: %s", exc)
+        try:
+            out = torch.func.vmap(lambda t: split.run(t, needed))(torch.stack([y, y]))
+            if torch.allclose(out, torch.stack([ref, ref]), rtol=1e-4, atol=1e-6):
+                return "vmap"
+        except Exception as exc:
+            log.debug("vmap downstream failed: %s", exc)
+        return "loop"
+
+    def _outputs(self, mode: str, split: Split, ys: Tensor, needed: list[Any], k: int) -> Tensor:
+        if mode == "batch":
+            out = split.run_batched(ys, needed, k)
+            return out.reshape(k, -1, *out.shape[1:])
+        per = ys.reshape(k, -1, *ys.shape[1:])
+        if mode == "vmap":
+            return torch.func.vmap(lambda t: split.run(t, needed))(per)
+        return torch.stack([split.run(t, needed) for t in per])
 
     @torch.no_grad()
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
-        ds = _Downstream(self.gm, name)
+        with exact_math():
+            return self._layer(name, candidates)
+
+    def _layer(self, name: str, candidates: Candidates) -> np.ndarray:
+        split = self.split(name)
         module = self.model.get_submodule(name)
-        sse = torch.zeros(len(candidates), dtype=torch.float64)
+        rows = _RowOutputs(module, candidates) if _RowOutputs.supports(module) else None
+        sse = torch.zeros(len(candidates), dtype=torch.float64, device=self.ref[0].device)
         for batch, ref in zip(self.batches, self.ref):
-            x, env = ds.capture(batch)
+            x, needed = split.capture(batch)
+            y = module(x)
+            if name not in self.modes:
+                self.modes[name] = self._mode(split, y, needed, ref)
+            mode = self.modes[name]
             for lo in range(0, len(candidates), self.chunk):
-                ws = candidates.stack(lo, min(lo + self.chunk, len(candidates)))
-                out = self._downstream(ds, self._layer_out(module, x, ws), env)
-                sse[lo:lo + len(ws)] += _sse(out, ref).double()
-        return (sse / self.count).numpy()
+                hi = min(lo + self.chunk, len(candidates))
+                if rows is not None:
+                    ys = rows(x, y, lo, hi)
+                else:
+                    ws = candidates.stack(lo, hi)
+                    call = lambda w: torch.func.functional_call(module, {"weight": w}, (x,))  # noqa: E731
+                    ys = torch.func.vmap(call)(ws).reshape(-1, *y.shape[1:])
+                out = self._outputs(mode, split, ys, needed, hi - lo)
+                sse[lo:hi] += _sse(out, ref).double()
+        return (sse / self.count).cpu().numpy()
 
 
-def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence[Any], chunk: int
+def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence[Any], chunk: int = 0
                 ) -> ReferenceEngine | FastEngine:
     """Build the engine ``kind``; ``fast`` falls back to ``reference`` (logged) when the model cannot be traced."""
     if kind == "reference":
@@ -210,7 +267,7 @@ def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence
 
 
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
-                       group_size: int, bits: Sequence[int], engine: str = "fast", chunk: int = 32,
+                       group_size: int, bits: Sequence[int], engine: str = "fast", chunk: int = 0,
                        weight_range: str = "mse") -> Curves:
     """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring)."""
     t0 = time.perf_counter()
@@ -228,7 +285,7 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
         layer_eng: ReferenceEngine | FastEngine = eng
         if isinstance(eng, FastEngine):
             try:
-                _Downstream(eng.gm, name)
+                eng.split(name)
             except ValueError as exc:
                 log.info("layer %s: %s; using the reference engine for it", name, exc)
                 fallback = fallback or ReferenceEngine(model, forward, batches)

@@ -48,18 +48,34 @@ def weight_spec(group_size: int, bits: list[int] | tuple[int, ...], out_channels
     return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits)
 
 
+def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.device) -> UniformFakeQuant:
+    n = math.ceil(info.out_channels / group_size)
+    spec = weight_spec(group_size, [bits] * n, info.out_channels)
+    return UniformFakeQuant(spec, info.out_channels, info.weight_axis).to(device)
+
+
 @torch.no_grad()
 def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse") -> Tensor:
     """``weight`` with every group quantized at ``bits`` exactly as deployment would (see module docstring)."""
-    n = math.ceil(info.out_channels / group_size)
-    spec = weight_spec(group_size, [bits] * n, info.out_channels)
-    fq = UniformFakeQuant(spec, info.out_channels, info.weight_axis).to(weight.device)
-    lo, hi = get_range_estimator(weight_range)(fq.rows_of(weight), fq.row_bits(), True)
-    fq.set_range(lo, hi)
-    return fq(weight)
+    return candidate_table(weight, info, group_size, [bits], weight_range)[bits]
 
 
+@torch.no_grad()
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
                     weight_range: str = "mse") -> dict[int, Tensor]:
-    """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later)."""
-    return {b: quantize_at(weight, info, group_size, b, weight_range) for b in bits}
+    """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later).
+
+    The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
+    so each result equals what the deployed per-group quantizer computes for that row.
+    """
+    fqs = {b: _fake_quant(info, group_size, b, weight.device) for b in bits}
+    rows = {b: fq.rows_of(weight) for b, fq in fqs.items()}
+    lo, hi = get_range_estimator(weight_range)(torch.cat(list(rows.values())),
+                                               torch.cat([fqs[b].row_bits() for b in bits]), True)
+    out, k = {}, 0
+    for b in bits:
+        r = rows[b].shape[0]
+        fqs[b].set_range(lo[k:k + r], hi[k:k + r])
+        out[b] = fqs[b](weight)
+        k += r
+    return out

@@ -1,0 +1,90 @@
+"""Time RD-curve generation with each engine on a zoo model and compare the curves, in one run.
+
+    python bench/rd_curves.py --model fmnist_resnet --device cpu --samples 64 --group 8
+
+Prints one line per engine (seconds, candidates, candidates/s) and the largest relative difference between
+the reference and fast curves (over entries where the reference distortion is above 1e-12). The model is the
+zoo model with BatchNorm folded, as ``qcore run`` sees it; all Conv/Linear layers are measured (no pins).
+Runs from a source checkout (no install needed): the packages' src folders are put on sys.path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for src in ("core/src", "classification/src", "plugins/rdoq/src"):
+    sys.path.insert(0, str(ROOT / src))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from qcore.fold import fold_batchnorm  # noqa: E402
+from qcore.layers import discover, measure_layers, torch_layer_info  # noqa: E402
+from qcore_classification.data import load_data  # noqa: E402
+from qcore_classification.loaders import load_zoo  # noqa: E402
+from qcore_rdoq.curves import first_order_curves  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="fmnist_resnet")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--samples", type=int, default=64, help="curve calibration samples")
+    p.add_argument("--batch", type=int, default=64, help="calibration batch size")
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=0, help="candidates per pass; 0 = auto")
+    p.add_argument("--engines", nargs="+", default=["reference", "fast"])
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    loaded = load_zoo(args.model, None)
+    model = loaded.model.eval()
+    fold_batchnorm(model)
+    model.to(dev)
+    data = load_data(None, loaded.input, args.samples, 1, args.batch, seed=0)
+    batches = [b.to(dev) for b in data.calibration]
+    layers = discover(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]))
+    fwd = lambda m, b: m(b)  # noqa: E731
+    bits = list(range(0, 11))
+    results, curves = {}, {}
+    for eng in args.engines:
+        first_order_curves(model, fwd, batches[:1], dict(list(layers.items())[:1]), args.group, [4], eng,
+                           args.chunk)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        c = first_order_curves(model, fwd, batches, layers, args.group, bits, eng, args.chunk)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        curves[eng] = c
+        n = c.dist.size
+        results[eng] = {"seconds": dt, "candidates": n, "per_second": n / dt, "engine_used": c.engine}
+        print(f"{eng:>10}: {dt:8.2f} s for {n} candidates ({n / dt:8.1f}/s), engine used: {c.engine}")
+    if "reference" in curves and "fast" in curves:
+        ref, fast = curves["reference"].dist, curves["fast"].dist
+        mask = ref > 1e-12
+        rel = float(np.max(np.abs(fast[mask] - ref[mask]) / ref[mask]))
+        speed = results["reference"]["seconds"] / results["fast"]["seconds"]
+        results["max_rel_diff_fast_vs_reference"] = rel
+        results["speedup_fast_vs_reference"] = speed
+        print(f"max relative difference fast vs reference: {rel:.2e}; speed-up {speed:.1f}x")
+    machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"model {args.model} (BN folded, {len(layers)} layers, group {args.group}, bits 0..10), "
+          f"{sum(b.shape[0] for b in batches)} samples, {machine}, torch {torch.__version__}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "machine": machine,
+                                         "torch": torch.__version__, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
