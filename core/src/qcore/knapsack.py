@@ -3,9 +3,9 @@ list, paying ``size x rate`` bits and incurring a distortion; minimise total dis
 
 Two solvers, usable by any allocator:
 
-* :func:`solve_dp`: exact dynamic programming over a budget grid (``unit`` bits per step; costs are rounded
-  *up* to the grid, so the solution never exceeds the budget in true bits, and with ``unit=1`` and integer
-  sizes x rates it is the exact optimum). fp64 throughout.
+* :func:`solve_dp`: dynamic programming over a budget grid; exact when the grid is the greatest common
+  divisor of the item costs (the default when that grid is small enough), otherwise on a 1e-3-average-bit
+  grid with costs rounded up plus a greedy top-up. Never exceeds the budget. fp64 throughout.
 * :func:`solve_lagrangian`: for a multiplier ``lam`` every item independently minimises
   ``D_i(b) + lam * size_i * b`` (the textbook Lagrangian of the total-bit constraint); :func:`lagrangian_for_budget`
   bisects ``lam`` for the largest rate within the budget. Its solutions lie on the lower convex hull of the
@@ -45,52 +45,92 @@ def _result(choice: np.ndarray, sizes: np.ndarray, dists: np.ndarray, rates: np.
                       distortion=float(dists[np.arange(len(choice)), choice].sum()))
 
 
+def _dp(cost: np.ndarray, dists: np.ndarray, cap: int) -> np.ndarray | None:
+    """Exact DP over integer costs: the choice per item minimising distortion with total cost <= cap."""
+    n, b = dists.shape
+    best = np.full(cap + 1, np.inf)  # best[s]: min distortion of the items so far at total cost exactly s
+    best[0] = 0.0
+    back = np.zeros((n, cap + 1), dtype=np.uint8)
+    idx = np.arange(cap + 1)
+    for i in range(n):
+        cand = np.full((b, cap + 1), np.inf)
+        for k in range(b):
+            c = cost[i, k]
+            if 0 <= c <= cap and np.isfinite(dists[i, k]):
+                cand[k, c:] = best[: cap + 1 - c] + dists[i, k]
+        back[i] = np.argmin(cand, axis=0)
+        best = cand[back[i], idx]
+    s = int(np.argmin(best))
+    if not np.isfinite(best[s]):
+        return None
+    choice = np.zeros(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        choice[i] = int(back[i, s])
+        s -= int(cost[i, choice[i]])
+    return choice
+
+
+def _top_up(choice: np.ndarray, true_cost: np.ndarray, dists: np.ndarray, budget_bits: float) -> np.ndarray:
+    """Spend budget left by grid rounding: repeatedly take the single-item change with the best distortion
+    decrease per extra bit that still fits."""
+    choice = choice.copy()
+    rows = np.arange(len(choice))
+    while True:
+        used = true_cost[rows, choice].sum()
+        extra = true_cost - true_cost[rows, choice][:, None]
+        gain = dists[rows, choice][:, None] - dists
+        ok = (extra > 0) & (extra <= budget_bits - used) & (gain > 0) & np.isfinite(dists)
+        if not ok.any():
+            return choice
+        ratio = np.where(ok, gain / np.where(extra > 0, extra, 1.0), -np.inf)
+        i, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        choice[i] = k
+
+
 def solve_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bits: float,
-             unit: float | None = None, resolution: float = 1e-3) -> Allocation:
+             unit: float | None = None, resolution: float = 1e-3, max_work: float = 2e7) -> Allocation:
     """Minimise ``sum_i dists[i, k_i]`` subject to ``sum_i sizes[i] * rates[k_i] <= budget_bits``.
+
+    The budget is measured on a grid of ``unit`` bits. By default the grid is exact: the greatest common
+    divisor of the item costs, when items x grid points stays under ``max_work`` (channel groups of real
+    networks share large factors); the DP is then the exact optimum. Otherwise the grid is ``resolution`` bits
+    of average bit-width and costs are rounded *up* (so the result never exceeds the budget); the budget that
+    rounding left unused is spent by a greedy top-up, and if the Lagrangian hull point for this budget is
+    better, that is returned instead (both are feasible; the result is never worse than the Lagrangian).
 
     :param sizes: elements per item, ``[N]``.
     :param dists: distortion per item and rate, ``[N, B]`` (``inf`` forbids a rate).
     :param rates: bits per element of each choice, ``[B]``.
-    :param unit: budget grid step in bits; default ``resolution x sum(sizes)`` (i.e. ``resolution`` bits of
-        average bit-width), at least 1.
+    :param unit: force a grid step in bits (``unit=1`` with integer costs is exact).
     """
     sizes = np.asarray(sizes, dtype=np.float64)
     dists = np.asarray(dists, dtype=np.float64)
     rates = np.asarray(rates, dtype=np.float64)
     _check(sizes, dists, rates)
+    true_cost = sizes[:, None] * rates[None, :]
+    allowed = np.where(np.isfinite(dists), true_cost, np.inf)
+    if not np.isfinite(dists.min(axis=1)).all() or allowed.min(axis=1).sum() > budget_bits:
+        raise QcoreError(f"impossible bit budget: the smallest allowed rates need {allowed.min(axis=1).sum():.0f} "
+                         f"bits but the budget is {budget_bits:.0f}; raise the target or lower the minimum bits")
+    exact = unit is not None and np.allclose(true_cost / unit, np.rint(true_cost / unit))
     if unit is None:
-        unit = max(1.0, math.floor(resolution * sizes.sum()))
-    cost = np.ceil(sizes[:, None] * rates[None, :] / unit - 1e-9).astype(np.int64)  # [N, B] grid units
+        ints = np.rint(true_cost).astype(np.int64)
+        if np.allclose(true_cost, ints):
+            g = int(np.gcd.reduce(ints[ints > 0])) if (ints > 0).any() else 1
+            if len(sizes) * budget_bits / g <= max_work:
+                unit, exact = float(g), True
+        if unit is None:
+            unit = max(1.0, math.floor(resolution * sizes.sum()))
+    cost = np.rint(true_cost / unit).astype(np.int64) if exact else np.ceil(true_cost / unit - 1e-9).astype(np.int64)
     cap = int(math.floor(budget_bits / unit + 1e-9))
-    if cap < 0 or cost.min(axis=1).sum() > cap or not np.isfinite(dists.min(axis=1)).all():
-        raise QcoreError(f"impossible bit budget: the smallest allowed rates need "
-                         f"{float((sizes * rates[np.argmin(cost, axis=1)]).sum()):.0f} bits but the budget is "
-                         f"{budget_bits:.0f}; raise the target or lower the minimum bits")
-    n, b = dists.shape
-    inf = np.inf
-    best = np.full(cap + 1, inf)  # best[s]: min distortion of items so far with cost exactly <= s
-    best[0] = 0.0
-    back = np.zeros((n, cap + 1), dtype=np.uint8)
-    idx = np.arange(cap + 1)
-    for i in range(n):
-        cand = np.full((b, cap + 1), inf)
-        for k in range(b):
-            c = cost[i, k]
-            if c <= cap and np.isfinite(dists[i, k]):
-                cand[k, c:] = best[: cap + 1 - c] + dists[i, k]
-        back[i] = np.argmin(cand, axis=0)
-        best = cand[back[i], idx]
-    # best is non-decreasing budget-wise only after a running min: take the best budget <= cap
-    s = int(np.argmin(best))
-    if not np.isfinite(best[s]):
-        raise QcoreError("impossible bit budget: no allocation fits; raise the target bits")
-    choice = np.zeros(n, dtype=np.int64)
-    for i in range(n - 1, -1, -1):
-        k = int(back[i, s])
-        choice[i] = k
-        s -= int(cost[i, k])
-    return _result(choice, sizes, dists, rates)
+    choice = _dp(cost, dists, cap)
+    if choice is None:
+        raise QcoreError("impossible bit budget: no allocation fits on the budget grid; raise the target bits")
+    if exact:
+        return _result(choice, sizes, dists, rates)
+    best = _result(_top_up(choice, true_cost, dists, budget_bits), sizes, dists, rates)
+    hull, _ = lagrangian_for_budget(sizes, dists, rates, budget_bits)
+    return hull if hull.distortion < best.distortion else best
 
 
 def solve_lagrangian(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, lam: float) -> Allocation:

@@ -10,32 +10,31 @@ really is batch-safe is checked by the caller against the FP output.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, fx
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _closure(start: list[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reachable from ``start`` by repeatedly following ``step`` (users or inputs)."""
     out: set[fx.Node] = set()
-    frontier = [node]
+    frontier = list(start)
     while frontier:
-        for user in frontier.pop().users:
-            if user not in out:
-                out.add(user)
-                frontier.append(user)
+        for nxt in step(frontier.pop()):
+            if nxt not in out:
+                out.add(nxt)
+                frontier.append(nxt)
     return out
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _closure([node], lambda n: n.users)
 
 
 def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
-    out: set[fx.Node] = set(targets)
-    frontier = list(targets)
-    while frontier:
-        for arg in frontier.pop().all_input_nodes:
-            if arg not in out:
-                out.add(arg)
-                frontier.append(arg)
-    return out
+    return _closure(targets, lambda n: n.all_input_nodes) | set(targets)
 
 
 class Split:
