@@ -30,6 +30,7 @@ from qcore.layers import discover, measure_layers, torch_layer_info  # noqa: E40
 from qcore_classification.data import load_data  # noqa: E402
 from qcore_classification.loaders import load_zoo  # noqa: E402
 from qcore_rdoq.curves import first_order_curves  # noqa: E402
+from qcore_rdoq.second_order import second_order_curves  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +41,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64, help="calibration batch size")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--chunk", type=int, default=0, help="candidates per pass; 0 = auto")
-    p.add_argument("--engines", nargs="+", default=["reference", "fast"])
+    p.add_argument("--engines", nargs="+", default=["reference", "fast", "second-order"],
+                   choices=["reference", "fast", "second-order"])
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -54,23 +56,27 @@ def main() -> int:
     measure_layers(model, layers, lambda m: m(batches[0]))
     fwd = lambda m, b: m(b)  # noqa: E731
     bits = list(range(0, 11))
-    results, curves = {}, {}
+    results, curves_by = {}, {}
+    def curves(eng: str, bs: list, ls: dict, bits: list[int]):
+        if eng == "second-order":
+            return second_order_curves(model, bs, ls, args.group, bits)
+        return first_order_curves(model, fwd, bs, ls, args.group, bits, eng, args.chunk)
+
     for eng in args.engines:
-        first_order_curves(model, fwd, batches[:1], dict(list(layers.items())[:1]), args.group, [4], eng,
-                           args.chunk)  # warm-up
+        curves(eng, batches[:1], dict(list(layers.items())[:1]), [4])  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        c = first_order_curves(model, fwd, batches, layers, args.group, bits, eng, args.chunk)
+        c = curves(eng, batches, layers, bits)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        curves[eng] = c
+        curves_by[eng] = c
         n = c.dist.size
         results[eng] = {"seconds": dt, "candidates": n, "per_second": n / dt, "engine_used": c.engine}
         print(f"{eng:>10}: {dt:8.2f} s for {n} candidates ({n / dt:8.1f}/s), engine used: {c.engine}")
-    if "reference" in curves and "fast" in curves:
-        ref, fast = curves["reference"].dist, curves["fast"].dist
+    if "reference" in curves_by and "fast" in curves_by:
+        ref, fast = curves_by["reference"].dist, curves_by["fast"].dist
         mask = ref > 1e-12
         rel = float(np.max(np.abs(fast[mask] - ref[mask]) / ref[mask]))
         speed = results["reference"]["seconds"] / results["fast"]["seconds"]
@@ -80,6 +86,14 @@ def main() -> int:
         results["speedup_fast_vs_reference"] = speed
         print(f"max relative difference fast vs reference: {rel:.2e} per entry, {curve_rel:.2e} relative to each "
               f"curve's largest value; speed-up {speed:.1f}x")
+    if "reference" in curves_by and "second-order" in curves_by:
+        speed = results["reference"]["seconds"] / results["second-order"]["seconds"]
+        ref, so = curves_by["reference"].dist, curves_by["second-order"].dist
+        ratio = np.median(so[ref > 1e-12] / ref[ref > 1e-12])
+        results["speedup_second_order_vs_reference"] = speed
+        results["median_ratio_second_order_to_reference"] = float(ratio)
+        print(f"second-order: speed-up {speed:.1f}x over reference; median ratio of its estimates to the measured "
+              f"curves {ratio:.3f} (an approximation, compared by accuracy in bench/rdoq_table.py)")
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"model {args.model} (BN folded, {len(layers)} layers, group {args.group}, bits 0..10), "

@@ -36,5 +36,4 @@ def test_contract(host):
 def test_impossible_budget_and_missing_target(host):
     with pytest.raises(QcoreError, match="impossible bit budget"):
         run_tiny(host, method="rdoq", target_bits=0.5, options={"min_bits": 2, "group": 4})
-    with pytest.raises(QcoreError, match="not implemented yet"):
-        run_tiny(host, method="rdoq", options={"engine": "second-order"})
+

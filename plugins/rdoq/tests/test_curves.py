@@ -63,3 +63,23 @@ def test_candidate_is_what_deployment_quantizes():
     est = RangeCalibrator(RangeOptions(weight_range="mse"))._estimator("mse")
     fq.set_range(*est(fq.rows_of(w), fq.row_bits(), True))
     assert torch.equal(fq(w), quantize_at(w, info, 4, 3))
+
+
+def test_second_order_matches_first_order_in_the_linear_regime():
+    """At high bits the perturbation is small and the Gauss-Newton estimate equals the measured MSE."""
+    from qcore_rdoq.second_order import second_order_curves
+
+    model = tiny_mlp()
+    batches, layers = setup(model)
+    bits = [1, 2, 8, 10]
+    first = first_order_curves(model, lambda m, b: m(b), batches, layers, 4, bits, engine="reference")
+    second = second_order_curves(model, batches, layers, 4, bits, sub_batch=5)
+    assert second.dist.shape == first.dist.shape
+    assert np.allclose(second.dist[:, 2:], first.dist[:, 2:], rtol=0.05)  # 8 and 10 bits
+    assert (second.dist[:, 0] > second.dist[:, -1]).all()
+    # a linear model has an exact second-order expansion of its output MSE
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)).eval()
+    batches, layers = setup(lin)
+    f = first_order_curves(lin, lambda m, b: m(b), batches, layers, 2, bits, engine="reference")
+    s = second_order_curves(lin, batches, layers, 2, bits)
+    assert np.allclose(s.dist, f.dist, rtol=1e-5)

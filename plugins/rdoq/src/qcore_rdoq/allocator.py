@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from qcore import Allocator, LayerSpec, Plan, RunContext, layer_spec
 from qcore.errors import NotImplementedMethodError, QcoreError
@@ -28,7 +29,8 @@ class RDOQOptions:
     group: int = field(default=0, metadata={
         "help": "output channels per weight group; 0 = auto (8, or 128 when a layer has >= 512 channels)"})
     engine: Literal["fast", "reference", "second-order"] = field(default="fast", metadata={
-        "help": "RD curves: fast (cached, downstream only, batched), reference (rerun the whole model)"})
+        "help": "RD curves: fast (cached, downstream only, batched), reference (rerun the whole model), "
+                "second-order (Gauss-Newton estimate from per-sample Jacobians, no pass per candidate)"})
     solver: Literal["dp", "lagrangian"] = field(default="dp", metadata={
         "help": "dp: exact dynamic programming; lagrangian: bisection on lambda over the curves"})
     min_bits: int = field(default=0, metadata={"help": "lowest bit-width a group may get (0 = pruned)"})
@@ -73,10 +75,15 @@ class RDOQAllocator(Allocator):
 
     def curves(self, ctx: RunContext, free: list[str], group: int) -> Curves:
         o = self.options
-        if o.engine == "second-order":
-            raise NotImplementedMethodError("rdoq engine 'second-order' is not implemented yet; use engine=fast or "
-                                            "engine=reference")
         batches = _curve_batches(list(ctx.calibration_batches()), o.curve_samples)
+        if o.engine == "second-order":
+            from qcore_rdoq.second_order import second_order_curves
+
+            if not all(isinstance(b, torch.Tensor) for b in batches):
+                raise NotImplementedMethodError("rdoq engine 'second-order' needs tensor batches (classification-"
+                                                "style tasks); use engine=fast or engine=reference")
+            return second_order_curves(ctx.model, batches, {n: ctx.layers[n] for n in free}, group,
+                                       list(range(o.min_bits, o.max_bits + 1)))
         return first_order_curves(ctx.model, ctx.task.forward, batches, {n: ctx.layers[n] for n in free}, group,
                                   list(range(o.min_bits, o.max_bits + 1)), o.engine, o.chunk)
 
