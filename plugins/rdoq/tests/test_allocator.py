@@ -37,3 +37,28 @@ def test_impossible_budget_and_missing_target(host):
     with pytest.raises(QcoreError, match="impossible bit budget"):
         run_tiny(host, method="rdoq", target_bits=0.5, options={"min_bits": 2, "group": 4})
 
+
+
+def test_interrupted_run_resumes_from_cache_with_the_same_plan(host, monkeypatch, tmp_path):
+    from qcore_rdoq import curves
+
+    opts = {"group": 4, "curve_samples": 32, "first_last": "same", "cache": str(tmp_path / "c")}
+    fresh = run_tiny(host, method="rdoq", target_bits=3.0, options={**opts, "cache": "off"})
+    real = curves.FastEngine.layer
+    calls = {"n": 0}
+
+    def dying(self, name, cands):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the run is killed while measuring the third layer
+        return real(self, name, cands)
+
+    monkeypatch.setattr(curves.FastEngine, "layer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(host, method="rdoq", target_bits=3.0, options=opts)
+    monkeypatch.setattr(curves.FastEngine, "layer", real)
+    resumed = run_tiny(host, method="rdoq", target_bits=3.0, options=opts)
+    assert resumed.plan.meta["cached_layers"] == ["0", "3"]
+    assert resumed.plan.layers == fresh.plan.layers
+    again = run_tiny(host, method="rdoq", target_bits=3.0, options=opts)
+    assert again.plan.meta["cached_layers"] == ["0", "3", "7"] and again.plan.layers == fresh.plan.layers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import torch
 from qcore import Allocator, LayerSpec, Plan, RunContext, layer_spec
 from qcore.errors import NotImplementedMethodError, QcoreError
 from qcore.knapsack import lagrangian_for_budget, solve_dp
+from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprint
 from qcore_rdoq.curves import Curves, first_order_curves
 from qcore_rdoq.groups import weight_spec
 
@@ -39,6 +41,8 @@ class RDOQOptions:
     chunk: int = field(default=0, metadata={
         "help": "candidates per batched pass (fast engine); 0 = auto (about 256 samples a pass on CPU, 16k on GPU)"})
     resolution: float = field(default=1e-3, metadata={"help": "DP budget grid, in bits of average bit-width"})
+    cache: str = field(default="auto", metadata={
+        "help": "RD curve cache: 'auto' ($QCORE_CACHE_DIR or ~/.cache/qcore/rdoq), 'off', or a folder"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_bits <= self.max_bits <= 16:
@@ -76,16 +80,23 @@ class RDOQAllocator(Allocator):
     def curves(self, ctx: RunContext, free: list[str], group: int) -> Curves:
         o = self.options
         batches = _curve_batches(list(ctx.calibration_batches()), o.curve_samples)
+        bits = list(range(o.min_bits, o.max_bits + 1))
+        cache = None
+        if o.cache != "off":
+            root = default_cache_root() if o.cache == "auto" else Path(o.cache)
+            key = fingerprint(ctx.model, batches, {"engine": o.engine, "group": group, "bits": bits,
+                                                   "weight_range": "mse", "version": 1})
+            cache = CurveCache(root, key)
         if o.engine == "second-order":
             from qcore_rdoq.second_order import second_order_curves
 
             if not all(isinstance(b, torch.Tensor) for b in batches):
                 raise NotImplementedMethodError("rdoq engine 'second-order' needs tensor batches (classification-"
                                                 "style tasks); use engine=fast or engine=reference")
-            return second_order_curves(ctx.model, batches, {n: ctx.layers[n] for n in free}, group,
-                                       list(range(o.min_bits, o.max_bits + 1)))
+            return second_order_curves(ctx.model, batches, {n: ctx.layers[n] for n in free}, group, bits,
+                                       cache=cache)
         return first_order_curves(ctx.model, ctx.task.forward, batches, {n: ctx.layers[n] for n in free}, group,
-                                  list(range(o.min_bits, o.max_bits + 1)), o.engine, o.chunk)
+                                  bits, o.engine, o.chunk, cache=cache)
 
     def allocate(self, ctx: RunContext) -> Plan:
         o = self.options
@@ -130,7 +141,8 @@ class RDOQAllocator(Allocator):
                 "groups": len(sizes), "target_bits": target, "w_bits_avg": used / total,
                 "predicted_distortion": sol.distortion, "curve_seconds": round(curves.seconds, 3),
                 "curve_samples": o.curve_samples, "candidate_bits": curves.bits,
-                "fallback_layers": sorted(n for n, e in curves.layer_engines.items() if e != curves.engine)}
+                "fallback_layers": sorted(n for n, e in curves.layer_engines.items() if e not in (curves.engine, "cache")),
+                "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
         if lam is not None:
             meta["lambda"] = lam
         return Plan(layers=layers, meta=meta)

@@ -27,6 +27,7 @@ from torch import Tensor, fx, nn
 from qcore.errors import QcoreError
 from qcore.layers import LayerInfo
 from qcore.progress import track
+from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.downstream import Split
 from qcore_rdoq.groups import WeightGroup, candidate_table, weight_groups
 
@@ -268,8 +269,12 @@ def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence
 
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
                        group_size: int, bits: Sequence[int], engine: str = "fast", chunk: int = 0,
-                       weight_range: str = "mse") -> Curves:
-    """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring)."""
+                       weight_range: str = "mse", cache: CurveCache | None = None) -> Curves:
+    """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
+
+    With ``cache``, layers already measured are read back and every new layer is written as soon as it is done,
+    so an interrupted run resumes where it stopped.
+    """
     t0 = time.perf_counter()
     eng = make_engine(engine, model, forward, batches, chunk)
     groups: list[WeightGroup] = []
@@ -280,6 +285,12 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
         info = layers[name]
         weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
         gs = weight_groups(info, group_size)
+        cached = cache.load(name, (len(gs), len(bits))) if cache is not None else None
+        if cached is not None:
+            used[name] = "cache"
+            groups.extend(gs)
+            rows.append(cached)
+            continue
         table = candidate_table(weight, info, group_size, list(bits), weight_range)
         cands = Candidates(weight, table, gs, bits)
         layer_eng: ReferenceEngine | FastEngine = eng
@@ -291,6 +302,8 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
                 fallback = fallback or ReferenceEngine(model, forward, batches)
                 layer_eng = fallback
         d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))
+        if cache is not None:
+            cache.save(name, d)
         used[name] = layer_eng.name
         groups.extend(gs)
         rows.append(d)

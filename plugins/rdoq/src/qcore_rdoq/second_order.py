@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from qcore.layers import LayerInfo
 from qcore.progress import track
+from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Curves, exact_math
 from qcore_rdoq.groups import candidate_table, weight_groups
 
@@ -43,11 +44,21 @@ def _jacobians(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, T
 
 @torch.no_grad()
 def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
-                        bits: Sequence[int], sub_batch: int = 8, weight_range: str = "mse") -> Curves:
-    """Gauss-Newton estimates of ``D_g(b)`` for every weight group of ``layers`` (see module docstring)."""
+                        bits: Sequence[int], sub_batch: int = 8, weight_range: str = "mse",
+                        cache: CurveCache | None = None) -> Curves:
+    """Gauss-Newton estimates of ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
+
+    All layers come from one set of Jacobians, so ``cache`` is used all or nothing.
+    """
     t0 = time.perf_counter()
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
+    if cache is not None:
+        hit = [cache.load(n, (len(groups[n]), len(bits))) for n in names]
+        if all(h is not None for h in hit):
+            return Curves(groups=[g for n in names for g in groups[n]], bits=list(bits),
+                          dist=np.concatenate(hit, axis=0), engine="second-order",  # type: ignore[arg-type]
+                          seconds=time.perf_counter() - t0, layer_engines={n: "cache" for n in names})
     deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
@@ -70,6 +81,10 @@ def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[s
                         proj = deltas[n][gi] @ jg.T  # [B, s*C]
                         sums[n][gi] += proj.double().pow(2).sum(dim=1).cpu()
                 count += xb.shape[0] * jac[names[0]].shape[1]
-    dist = np.concatenate([(sums[n] / count).numpy() for n in names], axis=0)
+    per_layer = {n: (sums[n] / count).numpy() for n in names}
+    if cache is not None:
+        for n, d in per_layer.items():
+            cache.save(n, d)
+    dist = np.concatenate([per_layer[n] for n in names], axis=0)
     return Curves(groups=[g for n in names for g in groups[n]], bits=list(bits), dist=dist, engine="second-order",
                   seconds=time.perf_counter() - t0, layer_engines={n: "second-order" for n in names})
