@@ -229,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from qcore.pipeline import run
 
+            from qcore.distributed import is_main
+
             outcome = run(config_from_args(args), host)
-            print(summary_table(outcome.result, outcome.out))
+            if is_main():
+                print(summary_table(outcome.result, outcome.out))
     except QcoreError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

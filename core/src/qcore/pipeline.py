@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from qcore import __version__
+from qcore import distributed as qdist
 from qcore.allocation import PipelineOptions, apply_pins, pinned_layers
 from qcore.apply import apply_plan, check_finite, freeze
 from qcore.components import Budget, Method, RunConfig, RunContext
@@ -112,6 +113,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
         raise QcoreError(f"--out {config.out} exists and is not a directory; choose another path")
     device = _check_device(config.device)
     torch.manual_seed(config.seed)
+    qdist.init_from_env(config.device)
 
     stages = _Stages(host.hook)
     with stages("load"):
@@ -120,7 +122,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
         fp_model = inst.model.eval().to(device)
         check_finite(fp_model)
     with stages("fp_eval"):
-        fp_metrics = inst.evaluate(fp_model)
+        fp_metrics = inst.evaluate(fp_model) if qdist.is_main() else {}  # other ranks only help allocate
 
     work = copy.deepcopy(fp_model)
     folded = fold_batchnorm(work) if pipeline.fold_bn else []
@@ -146,7 +148,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
         comps["calibrator"].calibrate(qmodel, ctx)
         freeze(qmodel)
     with stages("quant_eval"):
-        quant_metrics = inst.evaluate(qmodel)
+        quant_metrics = inst.evaluate(qmodel) if qdist.is_main() else {}
 
     cost = plan_cost(work, layers, plan)
     result = build_result(config, plugin, method, comps, inst.model_name, inst.metric, fp_metrics, quant_metrics,
@@ -154,9 +156,10 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     plan = dataclasses.replace(plan, meta={**plan.meta, "method": method.name, "model": inst.model_name,
                                            "task": config.task, "qcore_version": __version__})
     host.hook.qcore_run_finish(ctx=ctx, result=result)
-    if config.out is not None:
-        write_outputs(config.out, {"result.json": result, "plan.json": plan})
-    return RunOutcome(result=result, plan=plan, model=qmodel, out=config.out, stages=stages.seconds)
+    out = config.out if qdist.is_main() else None
+    if out is not None:
+        write_outputs(out, {"result.json": result, "plan.json": plan})
+    return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds)
 
 
 def _describe_specs(specs: list[Any]) -> str:
@@ -219,5 +222,5 @@ def build_result(config: RunConfig, plugin: str, method: Method, comps: dict[str
                         "bops": "per sample; conv/linear MACs x weight bits x activation bits (32 when FP)",
                         "bits_avg": "element-weighted over quantized tensors"},
         "seconds": seconds, "qcore_version": __version__, "seed": config.seed, "device": config.device,
-        "calib_size": config.calib_size,
+        "calib_size": config.calib_size, "processes": qdist.world(),
     }

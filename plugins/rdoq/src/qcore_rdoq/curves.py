@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from qcore import distributed as qdist
 from qcore.errors import QcoreError
 from qcore.layers import LayerInfo
 from qcore.progress import track
@@ -273,25 +274,23 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
     """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
     With ``cache``, layers already measured are read back and every new layer is written as soon as it is done,
-    so an interrupted run resumes where it stopped.
+    so an interrupted run resumes where it stopped. Under torchrun, layers are sharded over the processes and
+    gathered, so every process returns the same curves.
     """
     t0 = time.perf_counter()
     eng = make_engine(engine, model, forward, batches, chunk)
-    groups: list[WeightGroup] = []
-    rows: list[np.ndarray] = []
-    used: dict[str, str] = {}
+    names = list(layers)
+    groups = {n: weight_groups(layers[n], group_size) for n in names}
+    done: dict[str, tuple[np.ndarray, str]] = {}
     fallback: ReferenceEngine | None = None
-    for name in track(list(layers), desc=f"RD curves ({eng.name})", unit="layer"):
-        info = layers[name]
-        weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
-        gs = weight_groups(info, group_size)
+    for name in track(qdist.shard(names), desc=f"RD curves ({eng.name})", unit="layer"):
+        gs = groups[name]
         cached = cache.load(name, (len(gs), len(bits))) if cache is not None else None
         if cached is not None:
-            used[name] = "cache"
-            groups.extend(gs)
-            rows.append(cached)
+            done[name] = (cached, "cache")
             continue
-        table = candidate_table(weight, info, group_size, list(bits), weight_range)
+        weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
+        table = candidate_table(weight, layers[name], group_size, list(bits), weight_range)
         cands = Candidates(weight, table, gs, bits)
         layer_eng: ReferenceEngine | FastEngine = eng
         if isinstance(eng, FastEngine):
@@ -304,8 +303,11 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
         d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))
         if cache is not None:
             cache.save(name, d)
-        used[name] = layer_eng.name
-        groups.extend(gs)
-        rows.append(d)
-    return Curves(groups=groups, bits=list(bits), dist=np.concatenate(rows, axis=0), engine=eng.name,
+        done[name] = (d, layer_eng.name)
+    for part in qdist.all_gather_object(done):  # other processes' layers (a no-op in one process)
+        done.update(part)
+    rows = [done[n][0] for n in names]
+    used = {n: done[n][1] for n in names}
+    groups_flat = [g for n in names for g in groups[n]]
+    return Curves(groups=groups_flat, bits=list(bits), dist=np.concatenate(rows, axis=0), engine=eng.name,
                   seconds=time.perf_counter() - t0, layer_engines=used)

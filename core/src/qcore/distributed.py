@@ -1,0 +1,53 @@
+"""Running one job on several processes: ``torchrun --nproc_per_node=N -m qcore run ...``.
+
+torch.distributed is initialised from torchrun's environment (gloo on CPU, nccl on CUDA). Work items (RD
+curve layers, for instance) are sharded by rank and gathered, so every process ends with the same data and
+computes the same plan; only rank 0 evaluates, prints and writes outputs. Without torchrun every helper
+here behaves as a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def init_from_env(device: str) -> None:
+    """Join the process group torchrun set up, if any (idempotent)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(items: list[T]) -> list[T]:
+    """This process's share of ``items`` (round robin by rank)."""
+    return items[rank()::world()]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (just ``[obj]`` in a single process)."""
+    if world() == 1:
+        return [obj]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
