@@ -60,3 +60,11 @@ def test_observer_keeps_exact_extremes_and_bounded_sample():
     s = obs.sample()
     assert s.shape[1] <= 2 * 100 + 2
     assert s.min().item() == 0 and s.max().item() == 1008
+
+
+def test_observer_sample_is_uniform_over_batches():
+    obs = Observer(max_per_row=600, seed=0)
+    for i in range(12):
+        obs.update(torch.full((1, 5000), float(i)) + torch.rand(1, 5000) * 0.1)
+    counts = torch.bincount(obs.buf[0].floor().long(), minlength=12)
+    assert counts.min() >= 25 and counts.max() <= 80  # expected 50 from each batch

@@ -29,3 +29,30 @@ def test_bn_with_two_consumers_is_not_folded():
 
     net = Net().eval()
     assert fold_batchnorm(net) == []
+
+
+def test_shared_or_reused_modules_are_not_folded():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 1)
+            self.bn = torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x * 2)  # conv called twice, only once into the BN
+
+    class Twice(Shared):
+        def forward(self, x):
+            return self.bn(self.conv(self.bn(self.conv(x))))  # the same pair applied twice
+
+    for cls in (Shared, Twice):
+        net = cls().eval()
+        with torch.no_grad():
+            net.bn.running_mean.fill_(0.3)
+            net.bn.running_var.fill_(2.0)
+        x = torch.randn(2, 2, 3, 3)
+        ref = net(x)
+        assert fold_batchnorm(net) == []
+        assert torch.allclose(net(x), ref)
+    stats_free = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2, track_running_stats=False))
+    assert fold_batchnorm(stats_free.eval()) == []

@@ -78,3 +78,17 @@ def test_third_party_method_with_default():
                                      qcore_register_methods=methods)))
     assert host.default_method("mine").allocator == "halve"
     assert host.owner_of("allocator", "halve") == "mine"
+
+
+def test_broken_plugin_does_not_block_a_healthy_one_with_the_same_name():
+    class Dup(Quantizer):
+        name = "dupq"
+
+    def breaks_after_registering(register):
+        register(Dup)
+        raise RuntimeError("half-way")
+
+    host = make_host(("bad", plugin(qcore_register_quantizers=breaks_after_registering)),
+                     ("good", plugin(qcore_register_quantizers=lambda register: register(Dup))))
+    assert host.get("quantizer", "dupq") is Dup and host.owner_of("quantizer", "dupq") == "good"
+    assert host.plugins["bad"].provides["quantizer"] == []

@@ -36,3 +36,22 @@ def test_plan_version_and_garbage():
         Plan.from_json("{nope")
     with pytest.raises(QcoreError, match="unknown QuantSpec field"):
         Plan.from_json('{"version": 1, "layers": {"a": {"weight": {"bits": 4, "colour": 1}, "act": null}}}')
+
+
+@pytest.mark.parametrize("text", [
+    '{"version": 1, "layers": []}',
+    '{"version": 1, "layers": {"fc": null}}',
+    '{"version": 1, "layers": {"fc": {"weight": 8, "act": null}}}',
+    '{"version": 1, "layers": {"fc": {"weight": {"bits": 4, "group_size": "4"}, "act": null}}}',
+    '{"version": 1, "layers": {}, "meta": [1]}',
+])
+def test_malformed_plans_are_clear_errors(text):
+    with pytest.raises(QcoreError):
+        Plan.from_json(text)
+
+
+def test_numpy_metadata_serialises():
+    import numpy as np
+
+    plan = Plan(layers={}, meta={"n": np.int64(3), "a": np.arange(2)})
+    assert '"n": 3' in plan.to_json()

@@ -10,7 +10,7 @@ normalised with the model's mean and std.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +47,28 @@ class ClassificationData:
     """Calibration inputs (already adapted, in batches) and an evaluation stream of ``(inputs, labels)``."""
 
     calibration: list[Tensor]
-    eval_batches: list[tuple[Tensor, Tensor]] | None
-    eval_stream: object | None
+    eval_stream: Iterable[tuple[Tensor, Tensor]]
     num_classes: int
     description: dict[str, str]
 
     def evaluation(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.eval_batches is not None:
-            yield from self.eval_batches
-        else:
-            yield from self.eval_stream  # type: ignore[misc]
+        yield from self.eval_stream
+
+
+@dataclass
+class _AdaptedBatches:
+    """uint8 images adapted to the model one batch at a time (a 224x224 RGB copy of 10k images would need
+    gigabytes)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    spec: InputSpec
+    batch: int
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, len(self.labels), self.batch):
+            yield (adapt(_uint8_to_unit(self.images[i:i + self.batch]), self.spec),
+                   torch.from_numpy(self.labels[i:i + self.batch]))
 
 
 def _uint8_to_unit(images: np.ndarray) -> Tensor:
@@ -80,13 +92,11 @@ def _from_splits(calib: fm.Split, test: fm.Split, spec: InputSpec, calib_size: i
         log.warning("calibration pool has %d images; using all of them (asked for %d)", len(calib), calib_size)
     calib_x = adapt(_uint8_to_unit(calib.images[idx]), spec)
     n_eval = len(test) if eval_size is None else min(eval_size, len(test))
-    eval_x = adapt(_uint8_to_unit(test.images[:n_eval]), spec)
-    eval_y = torch.from_numpy(test.labels[:n_eval])
     desc = dict(desc)
     desc["calibration"] += f": {len(idx)} images (seed {seed})"
     desc["evaluation"] += f": {n_eval} images" + ("" if n_eval == len(test) else f" (first {n_eval} of {len(test)})")
-    return ClassificationData(_batches(calib_x, batch), list(zip(_batches(eval_x, batch), _batches(eval_y, batch))),
-                              None, 10, desc)
+    return ClassificationData(_batches(calib_x, batch), _AdaptedBatches(test.images[:n_eval], test.labels[:n_eval],
+                                                                       spec, batch), 10, desc)
 
 
 def fashion_mnist_embedded(spec: InputSpec, calib_size: int, eval_size: int | None, batch: int,
@@ -147,7 +157,7 @@ def image_folder(directory: Path, spec: InputSpec, calib_size: int, eval_size: i
     stream = DataLoader(Subset(val, list(range(n_eval))), batch_size=batch, num_workers=workers)
     desc = {"calibration": f"{directory}/train: {len(idx)} images (seed {seed})",
             "evaluation": f"{directory}/val: {n_eval} images"}
-    return ClassificationData(calib, None, stream, len(train.classes), desc)
+    return ClassificationData(calib, stream, len(train.classes), desc)
 
 
 def load_data(data: str | None, spec: InputSpec, calib_size: int, eval_size: int | None, batch: int,

@@ -13,12 +13,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_type_hints
 
 from qcore import __version__
 from qcore.components import RunConfig
 from qcore.errors import QcoreError
-from qcore.options import describe_options, parse_assignments
+from qcore.options import convert_value, describe_options, parse_assignments
 from qcore.plugins import KINDS, Host, load_host
 
 log = logging.getLogger("qcore")
@@ -119,8 +119,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     unknown = sorted(set(values) - fields - {"plan"})
     if unknown:
         raise QcoreError(f"unknown key(s) in {args.config}: {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
-    options = dict(values.pop("options", None) or {})
-    layers = dict(values.pop("layers", None) or {})
+    options, layers = values.pop("options", None) or {}, values.pop("layers", None) or {}
+    if not isinstance(options, dict) or not isinstance(layers, dict):
+        raise QcoreError(f"in {args.config}: 'options' and 'layers' must be mappings (key: value)")
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    layers = {str(k): v for k, v in layers.items()}
+    hints = get_type_hints(RunConfig)
+    for key in list(values):
+        if key in hints and key != "plan":
+            try:
+                values[key] = convert_value(key, values[key], hints[key])
+            except QcoreError as exc:
+                raise QcoreError(f"in {args.config}: {exc}") from None
     for name in fields | {"plan"}:
         v = getattr(args, name, None)
         if v is not None and name not in ("options", "layers"):

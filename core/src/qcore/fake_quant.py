@@ -19,10 +19,12 @@ from qcore.spec import QuantSpec
 
 
 class Observer:
-    """Collects, per row, the exact min/max and a bounded random sample of values.
+    """Collects, per row, the exact min/max and a uniform random sample of at most ``max_per_row`` values.
 
-    ``sample()`` returns ``[rows, n]`` values that include each row's exact min and max, so estimators that
-    look at the extremes see the true ones while percentile/MSE search stay cheap.
+    Sampling is a reservoir over everything observed: every value gets a random key and the ``max_per_row``
+    largest keys are kept, so each value seen (in any batch) is equally likely to be in the sample.
+    ``sample()`` returns ``[rows, n]`` values that include each row's exact min and max, so estimators that look
+    at the extremes see the true ones while percentile/MSE search stay cheap.
     """
 
     def __init__(self, max_per_row: int, seed: int = 0) -> None:
@@ -31,6 +33,7 @@ class Observer:
         self.lo: Tensor | None = None
         self.hi: Tensor | None = None
         self.buf: Tensor | None = None
+        self.keys: Tensor | None = None
         self.count = 0
 
     def update(self, rows: Tensor) -> None:
@@ -38,13 +41,13 @@ class Observer:
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        m = rows.shape[1]
-        if m > self.max_per_row:
-            rows = rows[:, torch.randperm(m, generator=self.gen)[: self.max_per_row]]
-        self.buf = rows if self.buf is None else torch.cat([self.buf, rows], dim=1)
-        if self.buf.shape[1] > 2 * self.max_per_row:
-            keep = torch.randperm(self.buf.shape[1], generator=self.gen)[: self.max_per_row]
-            self.buf = self.buf[:, keep]
+        keys = torch.rand(rows.shape, generator=self.gen)
+        if self.buf is not None and self.keys is not None:
+            rows, keys = torch.cat([self.buf, rows], dim=1), torch.cat([self.keys, keys], dim=1)
+        if rows.shape[1] > self.max_per_row:
+            keys, idx = keys.topk(self.max_per_row, dim=1)
+            rows = rows.gather(1, idx)
+        self.buf, self.keys = rows, keys
         self.count += 1
 
     def sample(self) -> Tensor:

@@ -1,13 +1,15 @@
 """BatchNorm folding: ``bn(conv(x)) == conv'(x)`` with ``W' = W * g / s`` and ``b' = (b - mu) * g / s + beta``
 (``s = sqrt(var + eps)``), so weight quantization sees the weights that really run at inference.
 
-Pairs are found on the torch.fx graph: a BatchNorm whose only input is a Conv/Linear output that nothing else
-uses. Models fx cannot trace are left unfolded (logged).
+Pairs are found on the torch.fx graph: a BatchNorm (with running statistics) whose only input is a Conv/Linear
+output that nothing else uses, each module called exactly once (a shared module cannot absorb one caller's
+BatchNorm). Models fx cannot trace are left unfolded (logged).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from torch import nn
@@ -50,12 +52,14 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         log.warning("BatchNorm folding skipped: model is not traceable by torch.fx (%s)", exc)
         return []
     modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, _BN) or bn.running_var is None or calls[str(node.target)] != 1:
             continue
         src = node.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and calls[str(src.target)] == 1
                 and isinstance(modules.get(src.target), _LAYERS) and len(src.users) == 1):
             pairs.append((str(src.target), str(node.target)))
     for layer_name, bn_name in pairs:

@@ -57,12 +57,12 @@ def weight_numel_of(module: nn.Module) -> int:
 
 def torch_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
     """Describe core's layer types (Conv1d, Conv2d, Linear); None for anything else."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and type(module).__name__ in ("Conv1d", "Conv2d"):
+    if type(module) in (nn.Conv1d, nn.Conv2d):
         kvol = int(torch.tensor(module.kernel_size).prod())
         return LayerInfo(name=name, kind=type(module).__name__.lower(), out_channels=module.out_channels,
                          in_channels=module.in_channels, act_axis=1,
                          macs_per_out=module.in_channels // module.groups * kvol)
-    if isinstance(module, nn.Linear):
+    if type(module) is nn.Linear:  # subclasses (MultiheadAttention's out_proj) are not called as modules
         return LayerInfo(name=name, kind="linear", out_channels=module.out_features,
                          in_channels=module.in_features, act_axis=-1, macs_per_out=module.in_features)
     return None
@@ -95,7 +95,8 @@ def discover(model: nn.Module, describe: Callable[[nn.Module, str], LayerInfo | 
 @torch.no_grad()
 def measure_layers(model: nn.Module, layers: dict[str, LayerInfo], run_forward: Callable[[nn.Module], Any]
                    ) -> None:
-    """Fill ``macs`` and ``act_numel`` (per sample) of each layer by one forward pass with hooks.
+    """Fill ``macs`` and ``act_numel`` (per sample) of each layer by one forward pass with hooks; layers the
+    forward pass never calls (their weights may be read directly, as in MultiheadAttention) are removed.
 
     ``run_forward`` runs the model on an example batch; the batch size is read from each input's first
     dimension (or ``batch_size`` for inputs that carry one, such as spconv tensors).
@@ -123,4 +124,7 @@ def measure_layers(model: nn.Module, layers: dict[str, LayerInfo], run_forward: 
             h.remove()
     unused = [n for n, i in layers.items() if i.act_numel == 0]
     if unused:
-        log.warning("%d quantizable layer(s) not used by the forward pass: %s", len(unused), ", ".join(unused))
+        log.warning("%d quantizable layer(s) not called by the forward pass are left in floating point: %s",
+                    len(unused), ", ".join(unused))
+        for n in unused:
+            del layers[n]

@@ -7,6 +7,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from qcore.errors import QcoreError
@@ -46,7 +47,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     if origin in (tuple, list):
         (inner, *_) = get_args(typ) or (str,)
         items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(_convert(key, v.strip() if isinstance(v, str) else v, inner) for v in items if v != "")
+        items = [v.strip() if isinstance(v, str) else v for v in items]
+        return tuple(_convert(key, v, inner) for v in items if v != "")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -63,8 +65,23 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
         except (TypeError, ValueError):
             raise QcoreError(f"option {key}={value!r} is not a{'n integer' if typ is int else ' number'}") from None
     if typ is str:
+        if isinstance(value, (dict, list, tuple)):
+            raise QcoreError(f"option {key}={value!r} must be a single value")
         return str(value)
     return value
+
+
+def convert_value(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` (a string from ``-o`` or a YAML value) to ``typ``, or raise a :class:`QcoreError`."""
+    if typ is Path or typ == Path | None:
+        if value is None:
+            return None
+        if not isinstance(value, (str, Path)):
+            raise QcoreError(f"{key}={value!r} is not a path")
+        return Path(value)
+    if typ is Any or typ == dict[str, Any] or typ == dict[str, dict[str, Any]]:
+        return value
+    return _convert(key, value, typ)
 
 
 def build_options(cls: type, values: Mapping[str, Any], owner: str = "") -> Any:

@@ -16,7 +16,7 @@ from qcore.errors import QcoreError
 def _serialise(value: Any) -> str:
     if hasattr(value, "to_json"):
         return str(value.to_json()) + "\n"
-    return json.dumps(value, indent=1, default=str) + "\n"
+    return json.dumps(value, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)) + "\n"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -38,15 +38,20 @@ def write_outputs(out: Path, files: Mapping[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise QcoreError(f"cannot create output folder {out}: {exc.strerror}; choose another --out") from None
+    texts = {name: _serialise(value) for name, value in files.items()}  # fail before touching the disk
     staged: list[tuple[str, Path]] = []
     try:
-        for name, value in files.items():
+        for name, text in texts.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(_serialise(value))
             staged.append((tmp, out / name))
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
         for tmp, final in staged:
             os.replace(tmp, final)
+    except OSError as exc:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise QcoreError(f"cannot write results into {out}: {exc.strerror or exc}; choose another --out") from None
     except BaseException:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)

@@ -109,6 +109,8 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     _check_bits("--target-bits", budget.target_bits, 0, MAX_BITS)
     if config.calib_size < 1 or config.batch_size < 1:
         raise QcoreError("--calib-size and --batch-size must be at least 1")
+    if config.seed < 0:
+        raise QcoreError(f"--seed {config.seed} must be 0 or more")
     if config.out is not None and config.out.exists() and not config.out.is_dir():
         raise QcoreError(f"--out {config.out} exists and is not a directory; choose another path")
     device = _check_device(config.device)

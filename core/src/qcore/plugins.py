@@ -137,37 +137,44 @@ class Host:
 
     # -- registries ------------------------------------------------------------------------------------------
     def build_registries(self) -> None:
+        """Collect every plugin's registrations, then fill the tables from the plugins that did not break, so a
+        broken plugin can neither register half its components nor block a healthy plugin's names."""
+        collected: dict[str, list[tuple[str, str, Any]]] = {}
         for kind, (hookname, base) in KINDS.items():
             for impl in getattr(self.pm.hook, hookname).get_hookimpls():
                 owner = impl.plugin_name
                 record = self.plugins[owner]
                 if record.error:
                     continue
+                items = collected.setdefault(owner, [])
                 try:
-                    impl.function(register=self._register_fn(kind, base, owner))
+                    impl.function(register=self._register_fn(kind, base, items))
                 except Exception as exc:
                     record.error = f"{hookname} raised {type(exc).__name__}: {exc}"
                     log.warning("plugin %r is broken: %s", owner, record.error)
-        for table in self.tables.values():  # drop what broken plugins registered before breaking
-            for name in [n for n, e in table.items() if self.plugins[e.owner].error]:
-                del table[name]
+        for owner, items in collected.items():
+            if self.plugins[owner].error:
+                continue
+            for kind, name, obj in items:
+                table = self.tables[kind]
+                if name in table and table[name].owner != owner:
+                    self.conflicts.setdefault((kind, name), [table[name].owner]).append(owner)
+                    continue
+                table[name] = Entry(name, obj, owner)
+                self.plugins[owner].provides[kind].append(name)
 
-    def _register_fn(self, kind: str, base: type, owner: str) -> Any:
+    @staticmethod
+    def _register_fn(kind: str, base: type, items: list[tuple[str, str, Any]]) -> Any:
         def register(obj: Any, **_: Any) -> None:
-            ok = isinstance(obj, base) if base in (Method, ModelLoader) else (
-                isinstance(obj, type) and issubclass(obj, base))
+            value = base in (Method, ModelLoader)
+            ok = isinstance(obj, base) if value else isinstance(obj, type) and issubclass(obj, base)
             if not ok:
-                raise TypeError(f"{kind} registrations must be {'a' if base in (Method, ModelLoader) else 'a subclass of'}"
-                                f" {base.__name__}, got {obj!r}")
-            name = obj.name if not isinstance(obj, ModelLoader) else obj.prefix
+                raise TypeError(f"{kind} registrations must be {'a' if value else 'a subclass of'} {base.__name__}, "
+                                f"got {obj!r}")
+            name = obj.prefix if isinstance(obj, ModelLoader) else obj.name
             if not name:
                 raise TypeError(f"{kind} {obj!r} has no name")
-            table = self.tables[kind]
-            if name in table and table[name].owner != owner:
-                self.conflicts.setdefault((kind, name), [table[name].owner]).append(owner)
-                return
-            table[name] = Entry(name, obj, owner)
-            self.plugins[owner].provides[kind].append(name)
+            items.append((kind, name, obj))
         return register
 
     # -- lookup ----------------------------------------------------------------------------------------------

@@ -19,6 +19,13 @@ MAX_BITS = 16
 PLAN_VERSION = 1
 
 
+def _plain(value: Any) -> Any:
+    """JSON fallback for numpy scalars and arrays in plan metadata."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor (a layer's weight or its input activation) is quantized.
@@ -74,6 +81,8 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a QuantSpec must be a mapping, got {d!r}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -81,6 +90,9 @@ class QuantSpec:
         kw = dict(d)
         if kw.get("group_bits") is not None:
             kw["group_bits"] = tuple(int(b) for b in kw["group_bits"])
+        for key in ("group_size", "axis"):
+            if kw.get(key) is not None and (not isinstance(kw[key], int) or isinstance(kw[key], bool)):
+                raise QcoreError(f"QuantSpec {key}={kw[key]!r} must be a whole number")
         return cls(**kw)
 
 
@@ -97,6 +109,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerSpec:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a layer entry must be a mapping with 'weight' and 'act', got {d!r}")
         w, a = d.get("weight"), d.get("act")
         return cls(weight=QuantSpec.from_dict(w) if w else None, act=QuantSpec.from_dict(a) if a else None)
 
@@ -114,7 +128,7 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "meta": dict(self.meta),
-                           "layers": {k: v.to_dict() for k, v in self.layers.items()}}, indent=1)
+                           "layers": {k: v.to_dict() for k, v in self.layers.items()}}, indent=1, default=_plain)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -122,11 +136,17 @@ class Plan:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise QcoreError(f"plan is not valid JSON ({exc}); pass a plan.json written by `qcore run`") from exc
-        if not isinstance(d, dict) or "layers" not in d:
-            raise QcoreError("plan JSON has no 'layers'; pass a plan.json written by `qcore run`")
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
+            raise QcoreError("plan JSON has no 'layers' mapping; pass a plan.json written by `qcore run`")
         version = d.get("version")
         if version != PLAN_VERSION:
             raise QcoreError(f"plan version {version!r} is not supported by this qcore (reads {PLAN_VERSION}); "
                              "upgrade qcore or re-create the plan")
-        return cls(layers={k: LayerSpec.from_dict(v) for k, v in d["layers"].items()},
-                   meta=d.get("meta", {}), version=version)
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise QcoreError("plan 'meta' must be a mapping")
+        try:
+            layers = {k: LayerSpec.from_dict(v) for k, v in d["layers"].items()}
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise QcoreError(f"plan layers are malformed ({exc}); pass a plan.json written by `qcore run`") from None
+        return cls(layers=layers, meta=meta, version=version)
