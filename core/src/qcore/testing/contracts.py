@@ -32,7 +32,8 @@ def _check_outcome(outcome: RunOutcome) -> None:
 
 
 def check_quantizer(host: Host, name: str, bits: tuple[int, ...] = (8, 4), **options: Any) -> None:
-    """A quantizer must build modules for every layer, lose less at more bits, and keep 16 bits near-exact."""
+    """A quantizer must insert quantizers, give finite outputs at every bit-width in ``bits``, and keep 16 bits
+    near-exact (agreement with FP of at least 95 %)."""
     errors = []
     for b in sorted(set(bits) | {16}, reverse=True):
         out = run_tiny(host, quantizer=name, w_bits=b, a_bits=b, options={"first_last": "same", **options})
