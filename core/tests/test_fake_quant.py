@@ -68,3 +68,22 @@ def test_observer_sample_is_uniform_over_batches():
         obs.update(torch.full((1, 5000), float(i)) + torch.rand(1, 5000) * 0.1)
     counts = torch.bincount(obs.buf[0].floor().long(), minlength=12)
     assert counts.min() >= 25 and counts.max() <= 80  # expected 50 from each batch
+
+
+def test_mean_correction_preserves_each_channel_mean_exactly():
+    from qcore.bias_correction import correct_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64) + torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None, None, None]
+    q = UniformFakeQuant(QuantSpec(3, granularity="channel", group_size=1, group_bits=(3, 3, 2, 2, 0, 1)), 6, 0)
+    rows = q.rows_of(w.float())
+    q.set_range(rows.amin(1), rows.amax(1))
+    wq = q(w.float()).double()
+    for mode in ("mean", "mean+var"):
+        out = correct_weight(w, wq, mode)
+        assert torch.allclose(out.mean(dim=(1, 2, 3)), w.mean(dim=(1, 2, 3)), atol=1e-12)
+    var = correct_weight(w, wq, "mean+var")
+    nz = [0, 1, 2, 3, 5]  # channels that were not pruned keep their FP spread
+    assert torch.allclose(var[nz].std(dim=(1, 2, 3), unbiased=False), w[nz].std(dim=(1, 2, 3), unbiased=False))
+    assert torch.allclose(correct_weight(w, wq, "mean")[4], w[4].mean().expand_as(w[4]))  # pruned: FP mean
+    assert correct_weight(w, wq, "none") is wq

@@ -32,6 +32,8 @@ class PipelineOptions:
     act_granularity: Literal["tensor", "channel"] = field(default="tensor", metadata={
         "help": "activation scales per tensor (deployable) or per channel (simulation only)"})
     act_symmetric: bool = field(default=False, metadata={"help": "symmetric activation grid (default affine)"})
+    weight_correction: Literal["none", "mean", "mean+var"] = field(default="none", metadata={
+        "help": "data-free weight bias correction per output channel (see qcore.bias_correction)"})
 
     def __post_init__(self) -> None:
         if self.first_last not in ("same", "fp"):

@@ -192,12 +192,15 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
                + (f"input activations of {len(al)} layers ({_describe_specs(aspecs)})" if al else "no activations")
                + f"; first ({names[0]}) and last ({names[-1]}) layer: {first_last}"
                + f"; {len(folded)} BatchNorm layers folded"
+               + (f"; weight bias correction: {pipeline.weight_correction} per output channel (a fractional "
+                  "weight zero point)" if pipeline.weight_correction != "none" else "")
                + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",
             "first_last": pipeline.first_last,
             "weight_granularity": sorted({s.granularity for s in wspecs}),  # type: ignore[union-attr]
             "act_granularity": act_gran, "bn_folded": [list(p) for p in folded],
+            "weight_correction": pipeline.weight_correction,
             "deployable": deployable,
             "deployable_means": "per-tensor activation scales and an integer grid (no simulated-only features)"}
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcore.bias_correction import Correction, correct_weight
 from qcore.layers import LayerInfo
 from qcore.spec import LayerSpec
 
@@ -28,8 +29,10 @@ class QuantLayer(nn.Module):
     """
 
     def __init__(self, module: nn.Module, info: LayerInfo, spec: LayerSpec,
-                 weight_quantizer: nn.Module | None, act_quantizer: nn.Module | None) -> None:
+                 weight_quantizer: nn.Module | None, act_quantizer: nn.Module | None,
+                 weight_correction: Correction = "none") -> None:
         super().__init__()
+        self.weight_correction = weight_correction
         self.module = module
         self.info = info
         self.spec = spec
@@ -42,7 +45,9 @@ class QuantLayer(nn.Module):
         if self._wq is not None:
             return self._wq
         w = self.module.weight
-        return self.weight_quantizer(w) if self.weight_quantizer is not None else w
+        if self.weight_quantizer is None:
+            return w
+        return correct_weight(w, self.weight_quantizer(w), self.weight_correction, self.info.weight_axis)
 
     def freeze(self) -> None:
         """Cache the quantized weight (no gradient) for fast evaluation."""

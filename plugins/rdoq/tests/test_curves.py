@@ -83,3 +83,22 @@ def test_second_order_matches_first_order_in_the_linear_regime():
     f = first_order_curves(lin, lambda m, b: m(b), batches, layers, 2, bits, engine="reference")
     s = second_order_curves(lin, batches, layers, 2, bits)
     assert np.allclose(s.dist, f.dist, rtol=1e-5)
+
+
+def test_candidate_with_bias_correction_is_what_deployment_runs():
+    """With weight bias correction on, the curve candidates are the corrected weights deployment uses."""
+    from qcore.testing import make_host, run_tiny
+    from qcore_rdoq import plugin
+
+    host = make_host(("rdoq", plugin))
+    out = run_tiny(host, method="rdoq", target_bits=3.0,
+                   options={"group": 4, "first_last": "same", "weight_correction": "mean", "cache": "off"})
+    layer = dict(out.model.named_modules())["3"]
+    w = layer.module.weight.detach()
+    spec = out.plan.layers["3"].weight
+    assert spec.group_bits is not None
+    wq = layer.quantized_weight()
+    assert torch.allclose(wq.mean(dim=(1, 2, 3)), w.mean(dim=(1, 2, 3)), atol=1e-6)
+    for g, b in enumerate(spec.group_bits):  # each group equals its curve candidate at the chosen bits
+        cand = quantize_at(w, layer.info, 4, b, correction="mean")
+        assert torch.allclose(wq[4 * g:4 * g + 4], cand[4 * g:4 * g + 4], atol=1e-6)

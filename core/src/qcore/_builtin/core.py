@@ -33,7 +33,7 @@ def qcore_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
 def qcore_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: RunContext) -> nn.Module:
     wq = ctx.quantizer.make(spec.weight, "weight", info) if spec.weight is not None else None
     aq = ctx.quantizer.make(spec.act, "act", info) if spec.act is not None else None
-    return QuantLayer(module, info, spec, wq, aq)
+    return QuantLayer(module, info, spec, wq, aq, weight_correction=ctx.pipeline.weight_correction)
 
 
 @dataclass(frozen=True)

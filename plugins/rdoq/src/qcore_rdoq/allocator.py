@@ -81,11 +81,12 @@ class RDOQAllocator(Allocator):
         o = self.options
         batches = _curve_batches(list(ctx.calibration_batches()), o.curve_samples)
         bits = list(range(o.min_bits, o.max_bits + 1))
+        corr = ctx.pipeline.weight_correction  # curves see the weights exactly as deployment corrects them
         cache = None
         if o.cache != "off":
             root = default_cache_root() if o.cache == "auto" else Path(o.cache)
             key = fingerprint(ctx.model, batches, {"engine": o.engine, "group": group, "bits": bits,
-                                                   "weight_range": "mse", "version": 1})
+                                                   "weight_range": "mse", "correction": corr, "version": 1})
             cache = CurveCache(root, key)
         if o.engine == "second-order":
             from qcore_rdoq.second_order import second_order_curves
@@ -94,9 +95,9 @@ class RDOQAllocator(Allocator):
                 raise NotImplementedMethodError("rdoq engine 'second-order' needs tensor batches (classification-"
                                                 "style tasks); use engine=fast or engine=reference")
             return second_order_curves(ctx.model, batches, {n: ctx.layers[n] for n in free}, group, bits,
-                                       cache=cache)
+                                       cache=cache, correction=corr)
         return first_order_curves(ctx.model, ctx.task.forward, batches, {n: ctx.layers[n] for n in free}, group,
-                                  bits, o.engine, o.chunk, cache=cache)
+                                  bits, o.engine, o.chunk, cache=cache, correction=corr)
 
     def allocate(self, ctx: RunContext) -> Plan:
         o = self.options

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from qcore import distributed as qdist
+from qcore.bias_correction import Correction
 from qcore.errors import QcoreError
 from qcore.layers import LayerInfo
 from qcore.progress import track
@@ -270,7 +271,8 @@ def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence
 
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
                        group_size: int, bits: Sequence[int], engine: str = "fast", chunk: int = 0,
-                       weight_range: str = "mse", cache: CurveCache | None = None) -> Curves:
+                       weight_range: str = "mse", cache: CurveCache | None = None,
+                       correction: Correction = "none") -> Curves:
     """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
     With ``cache``, layers already measured are read back and every new layer is written as soon as it is done,
@@ -290,7 +292,7 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
             done[name] = (cached, "cache")
             continue
         weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
-        table = candidate_table(weight, layers[name], group_size, list(bits), weight_range)
+        table = candidate_table(weight, layers[name], group_size, list(bits), weight_range, correction)
         cands = Candidates(weight, table, gs, bits)
         layer_eng: ReferenceEngine | FastEngine = eng
         if isinstance(eng, FastEngine):

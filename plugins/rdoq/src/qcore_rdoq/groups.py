@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qcore.bias_correction import Correction, correct_weight
 from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
 from qcore.ranges import get_range_estimator
@@ -55,18 +56,20 @@ def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.devic
 
 
 @torch.no_grad()
-def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse") -> Tensor:
+def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse",
+                correction: Correction = "none") -> Tensor:
     """``weight`` with every group quantized at ``bits`` exactly as deployment would (see module docstring)."""
-    return candidate_table(weight, info, group_size, [bits], weight_range)[bits]
+    return candidate_table(weight, info, group_size, [bits], weight_range, correction)[bits]
 
 
 @torch.no_grad()
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                    weight_range: str = "mse") -> dict[int, Tensor]:
+                    weight_range: str = "mse", correction: Correction = "none") -> dict[int, Tensor]:
     """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later).
 
     The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
-    so each result equals what the deployed per-group quantizer computes for that row.
+    so each result equals what the deployed per-group quantizer computes for that row. ``correction`` is the
+    run's weight bias correction, applied per output channel as deployment applies it.
     """
     fqs = {b: _fake_quant(info, group_size, b, weight.device) for b in bits}
     rows = {b: fq.rows_of(weight) for b, fq in fqs.items()}
@@ -76,6 +79,6 @@ def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list
     for b in bits:
         r = rows[b].shape[0]
         fqs[b].set_range(lo[k:k + r], hi[k:k + r])
-        out[b] = fqs[b](weight)
+        out[b] = correct_weight(weight, fqs[b](weight), correction, info.weight_axis)
         k += r
     return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qcore.bias_correction import Correction
 from qcore.layers import LayerInfo
 from qcore.progress import track
 from qcore_rdoq.cache import CurveCache
@@ -45,7 +46,7 @@ def _jacobians(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, T
 @torch.no_grad()
 def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
                         bits: Sequence[int], sub_batch: int = 8, weight_range: str = "mse",
-                        cache: CurveCache | None = None) -> Curves:
+                        cache: CurveCache | None = None, correction: Correction = "none") -> Curves:
     """Gauss-Newton estimates of ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
     All layers come from one set of Jacobians, so ``cache`` is used all or nothing.
@@ -62,7 +63,7 @@ def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[s
     deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
-        table = candidate_table(w, layers[n], group_size, list(bits), weight_range)
+        table = candidate_table(w, layers[n], group_size, list(bits), weight_range, correction)
         stacked = torch.stack([table[b] - w for b in bits])  # [B, *w.shape]
         deltas[n] = [stacked[:, g.start:g.stop].reshape(len(bits), -1) for g in groups[n]]
     sums = {n: torch.zeros(len(groups[n]), len(bits), dtype=torch.float64) for n in names}
