@@ -62,3 +62,20 @@ def test_interrupted_run_resumes_from_cache_with_the_same_plan(host, monkeypatch
     assert resumed.plan.layers == fresh.plan.layers
     again = run_tiny(host, method="rdoq", target_bits=3.0, options=opts)
     assert again.plan.meta["cached_layers"] == ["0", "3", "7"] and again.plan.layers == fresh.plan.layers
+
+
+@pytest.mark.parametrize("budget", ["joint", "separate"])
+def test_activation_budgets_are_respected(host, budget):
+    out = run_tiny(host, method="rdoq", target_bits=3.0, a_bits=4,
+                   options={"group": 4, "first_last": "same", "budget": budget, "cache": "off"})
+    r, layers = out.result, out.plan.layers
+    w_n = {"0": 72, "3": 1152, "7": 1024}  # weights of each layer of the tiny convnet
+    a_n = {"0": 64, "3": 512, "7": 256}  # elements per sample of each layer's input
+    a_avg = sum(a_n[n] * layers[n].act.bits for n in layers) / sum(a_n.values())
+    assert r["a_bits_avg"] == pytest.approx(a_avg)
+    if budget == "joint":
+        total = r["w_bits_avg"] * sum(w_n.values()) + a_avg * sum(a_n.values())
+        assert total <= 3.0 * (sum(w_n.values()) + sum(a_n.values())) + 1e-6
+    else:
+        assert r["w_bits_avg"] <= 3.0 + 1e-9 and a_avg <= 4.0 + 1e-9
+    assert all(s.act.bits >= 2 for s in layers.values())

@@ -102,3 +102,15 @@ def test_candidate_with_bias_correction_is_what_deployment_runs():
     for g, b in enumerate(spec.group_bits):  # each group equals its curve candidate at the chosen bits
         cand = quantize_at(w, layer.info, 4, b, correction="mean")
         assert torch.allclose(wq[4 * g:4 * g + 4], cand[4 * g:4 * g + 4], atol=1e-6)
+
+
+def test_activation_curves_fast_equals_reference():
+    from qcore_rdoq.act_curves import activation_curves
+
+    model = tiny_convnet()
+    batches, layers = setup(model)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    ref, _ = activation_curves(model, fwd, batches, layers, [2, 4, 8], engine="reference")
+    fast, _ = activation_curves(model, fwd, batches, layers, [2, 4, 8], engine="fast")
+    assert ref.shape == (3, 3) and (ref[:, 0] > ref[:, -1]).all()
+    assert np.allclose(fast, ref, rtol=1e-4, atol=1e-12)

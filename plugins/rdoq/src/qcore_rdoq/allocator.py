@@ -1,8 +1,10 @@
 """The ``rdoq`` allocator: measure RD curves of every weight group, then solve for the target average bits.
 
-Budget convention: ``--target-bits`` is the average weight bit-width over *all* quantized weights, pinned
-layers (first/last at 8 bits by default) included, so pins are paid for out of the same budget. Activations
-are quantized at ``--a-bits`` (uniform) in this version.
+Budget convention (``-o budget=``): ``weights`` (default): ``--target-bits`` is the average weight bit-width
+over *all* quantized weights, pinned layers (first/last at 8 bits by default) included, so pins are paid for
+out of the same budget; activations are uniform at ``--a-bits``. ``joint``: one average over weight elements
+and activation elements per sample, as the seed (activation curves per layer input, per tensor). ``separate``:
+weights to ``--target-bits`` and activations to an average of ``--a-bits``, each by its own allocation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from qcore import Allocator, LayerSpec, Plan, RunContext, layer_spec
 from qcore.errors import NotImplementedMethodError, QcoreError
-from qcore.knapsack import lagrangian_for_budget, solve_dp
+from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
+from qcore_rdoq.act_curves import activation_curves
 from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprint
 from qcore_rdoq.curves import Curves, first_order_curves
 from qcore_rdoq.groups import weight_spec
@@ -41,12 +44,19 @@ class RDOQOptions:
     chunk: int = field(default=0, metadata={
         "help": "candidates per batched pass (fast engine); 0 = auto (about 256 samples a pass on CPU, 16k on GPU)"})
     resolution: float = field(default=1e-3, metadata={"help": "DP budget grid, in bits of average bit-width"})
+    budget: Literal["weights", "joint", "separate"] = field(default="weights", metadata={
+        "help": "weights: --target-bits averages the weights, activations uniform at --a-bits; joint: one "
+                "average over weight and activation elements (per image), as the seed; separate: weights to "
+                "--target-bits and activations to an average of --a-bits, each by its own RD allocation"})
+    min_act_bits: int = field(default=2, metadata={"help": "lowest bit-width an activation may get"})
     cache: str = field(default="auto", metadata={
         "help": "RD curve cache: 'auto' ($QCORE_CACHE_DIR or ~/.cache/qcore/rdoq), 'off', or a folder"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_bits <= self.max_bits <= 16:
             raise QcoreError(f"need 0 <= min_bits <= max_bits <= 16, got {self.min_bits}, {self.max_bits}")
+        if not 1 <= self.min_act_bits <= self.max_bits:
+            raise QcoreError(f"need 1 <= min_act_bits <= max_bits, got {self.min_act_bits}")
         if self.group < 0 or self.curve_samples < 1 or self.chunk < 0 or self.resolution <= 0:
             raise QcoreError("group and chunk must be >= 0, curve_samples >= 1, resolution > 0")
 
@@ -99,51 +109,105 @@ class RDOQAllocator(Allocator):
         return first_order_curves(ctx.model, ctx.task.forward, batches, {n: ctx.layers[n] for n in free}, group,
                                   bits, o.engine, o.chunk, cache=cache, correction=corr)
 
+    def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
+               ) -> tuple[Allocation, float | None]:
+        if self.options.solver == "dp":
+            return solve_dp(sizes, dists, rates, budget, resolution=self.options.resolution), None
+        return lagrangian_for_budget(sizes, dists, rates, budget)
+
     def allocate(self, ctx: RunContext) -> Plan:
         o = self.options
         target = ctx.budget.target_bits
         if target is None:
             raise QcoreError("rdoq needs an average bit budget: pass --target-bits (e.g. 4)")
         free = [n for n in ctx.layers if n not in ctx.pinned]
-        pinned_w = {n: p.w_bits for n, p in ctx.pinned.items() if n in ctx.layers and p.w_bits is not None}
         if not free:
             raise QcoreError("every quantizable layer is pinned; nothing is left for rdoq to allocate")
-        total = sum(ctx.layers[n].weight_numel for n in free) + sum(ctx.layers[n].weight_numel for n in pinned_w)
-        budget = target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_w.items())
-        group = o.group or auto_group_size([ctx.layers[n].out_channels for n in free])
-        free_weights = sum(ctx.layers[n].weight_numel for n in free)
-        if budget < free_weights * o.min_bits:
-            raise QcoreError(f"impossible bit budget: --target-bits {target} leaves {budget / free_weights:.2f} bits "
-                             f"per weight for the unpinned layers, below min_bits={o.min_bits}; raise the target, "
-                             "lower min_bits or pin fewer layers (-o first_last=same)")
-        curves = self.curves(ctx, free, group)
-        sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
-        rates = np.array(curves.bits, dtype=np.float64)
-        lam = None
-        if o.solver == "dp":
-            sol = solve_dp(sizes, curves.dist, rates, budget, resolution=o.resolution)
+        acts = o.budget != "weights"
+        if acts and ctx.pipeline.act_targets == "none":
+            raise QcoreError(f"budget={o.budget} allocates activation bits, but -o act_targets=none quantizes no "
+                             "activation; use budget=weights")
+        if acts and ctx.budget.a_bits is None and o.budget == "separate":
+            raise QcoreError("budget=separate needs --a-bits (the average activation budget)")
+        info = ctx.layers
+        pin_w = {n: p.w_bits for n, p in ctx.pinned.items() if n in info and p.w_bits is not None}
+        pin_a = {n: p.a_bits for n, p in ctx.pinned.items() if n in info and p.a_bits is not None} if acts else {}
+        w_total = sum(info[n].weight_numel for n in free) + sum(info[n].weight_numel for n in pin_w)
+        a_total = sum(info[n].act_numel for n in free) + sum(info[n].act_numel for n in pin_a)
+        w_pinned = sum(info[n].weight_numel * b for n, b in pin_w.items())
+        a_pinned = sum(info[n].act_numel * b for n, b in pin_a.items())
+        group = o.group or auto_group_size([info[n].out_channels for n in free])
+        free_w = sum(info[n].weight_numel for n in free)
+        free_a = sum(info[n].act_numel for n in free)
+        if o.budget == "joint":
+            budget = target * (w_total + a_total) - w_pinned - a_pinned
+            floor = free_w * o.min_bits + free_a * o.min_act_bits
         else:
-            sol, lam = lagrangian_for_budget(sizes, curves.dist, rates, budget)
-        used = sol.total_bits + sum(ctx.layers[n].weight_numel * b for n, b in pinned_w.items())
-        if used > target * total + 1e-6:  # the solvers guarantee this; check rather than trust
-            raise AssertionError(f"allocation uses {used / total:.4f} bits per weight, above the target {target}")
+            budget = target * w_total - w_pinned
+            floor = free_w * o.min_bits
+        if budget < floor:
+            raise QcoreError(f"impossible bit budget: --target-bits {target} leaves too few bits for the unpinned "
+                             f"layers (minimum {o.min_bits} per weight{'' if not acts else f', {o.min_act_bits} per activation'}); "
+                             "raise the target, lower the minimum bits or pin fewer layers (-o first_last=same)")
+        curves = self.curves(ctx, free, group)
+        rates = np.array(curves.bits, dtype=np.float64)
+        w_sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
+        a_bits_list = list(range(o.min_act_bits, o.max_bits + 1))
+        act_dist = np.zeros((0, len(rates)))
+        act_seconds = 0.0
+        if acts:
+            a_d, act_seconds = activation_curves(
+                ctx.model, ctx.task.forward, _curve_batches(list(ctx.calibration_batches()), o.curve_samples),
+                {n: info[n] for n in free}, a_bits_list, "reference" if o.engine == "reference" else "fast",
+                ctx.pipeline.act_symmetric, seed=ctx.config.seed)
+            act_dist = np.full((len(free), len(rates)), np.inf)
+            for j, b in enumerate(a_bits_list):
+                act_dist[:, curves.bits.index(b)] = a_d[:, j]
+        a_sizes = np.array([info[n].act_numel for n in free], dtype=np.float64)
+        lam = lam_a = None
+        if o.budget == "joint":
+            sol, lam = self._solve(np.concatenate([w_sizes, a_sizes]), np.concatenate([curves.dist, act_dist]),
+                                   rates, budget)
+            w_bits, a_alloc = sol.bits[: len(w_sizes)], sol.bits[len(w_sizes):]
+            used = sol.total_bits + w_pinned + a_pinned
+            if used > target * (w_total + a_total) + 1e-6:
+                raise AssertionError(f"allocation uses {used / (w_total + a_total):.4f} bits, above {target}")
+        else:
+            sol, lam = self._solve(w_sizes, curves.dist, rates, budget)
+            w_bits = sol.bits
+            used = sol.total_bits + w_pinned
+            if used > target * w_total + 1e-6:  # the solvers guarantee this; check rather than trust
+                raise AssertionError(f"allocation uses {used / w_total:.4f} bits per weight, above the target {target}")
+            a_alloc = None
+            if o.budget == "separate":
+                a_budget = float(ctx.budget.a_bits) * a_total - a_pinned  # type: ignore[arg-type]
+                a_sol, lam_a = self._solve(a_sizes, act_dist, rates, a_budget)
+                a_alloc = a_sol.bits
         layers: dict[str, LayerSpec] = {}
-        a_bits = ctx.budget.a_bits
         k = 0
-        for name in free:
-            n_groups = math.ceil(ctx.layers[name].out_channels / group)
-            bits = [int(b) for b in sol.bits[k:k + n_groups]]
+        for i, name in enumerate(free):
+            n_groups = math.ceil(info[name].out_channels / group)
+            wb = [int(b) for b in w_bits[k:k + n_groups]]
             k += n_groups
-            act = layer_spec(ctx.pipeline, None, a_bits).act
-            layers[name] = LayerSpec(weight=weight_spec(group, bits, ctx.layers[name].out_channels), act=act)
-        log.info("rdoq: %d groups, %.3f bits per weight (target %s), predicted distortion %.3g, curves %.1fs (%s)",
-                 len(sizes), used / total, target, sol.distortion, curves.seconds, curves.engine)
-        meta = {"allocator": self.name, "engine": curves.engine, "solver": o.solver, "group": group,
-                "groups": len(sizes), "target_bits": target, "w_bits_avg": used / total,
-                "predicted_distortion": sol.distortion, "curve_seconds": round(curves.seconds, 3),
+            ab = int(a_alloc[i]) if a_alloc is not None else ctx.budget.a_bits
+            layers[name] = LayerSpec(weight=weight_spec(group, wb, info[name].out_channels),
+                                     act=layer_spec(ctx.pipeline, None, ab).act)
+        w_avg = (float((w_sizes * w_bits).sum()) + w_pinned) / w_total
+        log.info("rdoq: %d weight groups%s, weights %.3f bits (target %s, budget %s), curves %.1fs (%s)",
+                 len(w_sizes), f" + {len(free)} activations" if acts else "", w_avg, target, o.budget,
+                 curves.seconds + act_seconds, curves.engine)
+        meta = {"allocator": self.name, "engine": curves.engine, "solver": o.solver, "budget": o.budget,
+                "group": group, "groups": len(w_sizes), "target_bits": target, "w_bits_avg": w_avg,
+                "predicted_distortion": sol.distortion, "curve_seconds": round(curves.seconds + act_seconds, 3),
                 "curve_samples": o.curve_samples, "candidate_bits": curves.bits,
-                "fallback_layers": sorted(n for n, e in curves.layer_engines.items() if e not in (curves.engine, "cache")),
+                "fallback_layers": sorted(n for n, e in curves.layer_engines.items()
+                                          if e not in (curves.engine, "cache")),
                 "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
+        if acts:
+            meta["act_engine"] = "reference" if o.engine == "reference" else "fast"
+            meta["act_candidate_bits"] = a_bits_list
         if lam is not None:
             meta["lambda"] = lam
+        if lam_a is not None:
+            meta["lambda_act"] = lam_a
         return Plan(layers=layers, meta=meta)

@@ -1,0 +1,116 @@
+"""First-order RD curves of activations: ``D_L(b)`` = MSE of the distortion target against FP when only the
+input activation of layer ``L`` is fake-quantized at ``b`` bits (per tensor, as deployed), over the curve
+calibration set.
+
+The clip range of each candidate comes from the same estimator the deployment calibrator uses (MSE by
+default), applied to a sample of the activation observed on the curve samples; the deployed range is then
+recomputed on the full calibration set, so the two agree up to that sampling. Engines as for weights:
+``reference`` quantizes the input with a forward pre-hook and reruns the whole model, ``fast`` runs only the
+layer and its downstream part with the candidates stacked along the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qcore import distributed as qdist
+from qcore.fake_quant import Observer
+from qcore.layers import LayerInfo
+from qcore.ops import fake_quantize, qparams_from_range
+from qcore.progress import track
+from qcore.ranges import get_range_estimator
+from qcore_rdoq.curves import FastEngine, Forward, _sse, exact_math, make_engine
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def observe_inputs(model: nn.Module, forward: Forward, batches: Sequence[Any], names: Sequence[str],
+                   samples: int = 65536, seed: int = 0) -> dict[str, Tensor]:
+    """A uniform sample (plus the exact extremes) of each named layer's input over ``batches``."""
+    obs = {n: Observer(samples, seed + i) for i, n in enumerate(names)}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: obs[n].update(args[0].detach().reshape(1, -1))) for n in names]
+    try:
+        for b in batches:
+            forward(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: o.sample() for n, o in obs.items()}
+
+
+def _quantizers(sample: Tensor, bits: Sequence[int], symmetric: bool, estimator: str
+                ) -> list[Callable[[Tensor], Tensor]]:
+    est = get_range_estimator(estimator)
+    rows = sample.expand(len(bits), -1)
+    lo, hi = est(rows, torch.tensor(bits, dtype=torch.float32), symmetric)
+    out = []
+    for i, b in enumerate(bits):
+        s, z, qmin, qmax = qparams_from_range(lo[i], hi[i], torch.tensor(float(b)), symmetric)
+        out.append(lambda x, s=s, z=z, qmin=qmin, qmax=qmax: fake_quantize(
+            x, s.to(x.device), z.to(x.device), qmin.to(x.device), qmax.to(x.device)).to(x.dtype))
+    return out
+
+
+def _reference_layer(model: nn.Module, forward: Forward, batches: Sequence[Any], refs: list[Tensor], name: str,
+                     quants: list[Callable[[Tensor], Tensor]]) -> np.ndarray:
+    module = model.get_submodule(name)
+    count = sum(r.numel() for r in refs)
+    out = np.zeros(len(quants))
+    for i, q in enumerate(quants):
+        h = module.register_forward_pre_hook(lambda _m, args, q=q: (q(args[0]), *args[1:]))
+        try:
+            out[i] = sum(float(_sse(forward(model, b)[None], r)[0]) for b, r in zip(batches, refs)) / count
+        finally:
+            h.remove()
+    return out
+
+
+def _fast_layer(eng: FastEngine, name: str, quants: list[Callable[[Tensor], Tensor]]) -> np.ndarray:
+    split = eng.split(name)
+    module = eng.model.get_submodule(name)
+    sse = torch.zeros(len(quants), dtype=torch.float64, device=eng.ref[0].device)
+    for batch, ref in zip(eng.batches, eng.ref):
+        x, needed = split.capture(batch)
+        if name not in eng.modes:
+            eng.modes[name] = eng._mode(split, module(x), needed, ref)
+        for lo in range(0, len(quants), eng.chunk):
+            hi = min(lo + eng.chunk, len(quants))
+            ys = torch.cat([module(q(x)) for q in quants[lo:hi]])
+            sse[lo:hi] += _sse(eng._outputs(eng.modes[name], split, ys, needed, hi - lo), ref).double()
+    return (sse / eng.count).cpu().numpy()
+
+
+@torch.no_grad()
+def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
+                      bits: Sequence[int], engine: str = "fast", symmetric: bool = False, estimator: str = "mse",
+                      seed: int = 0) -> tuple[np.ndarray, float]:
+    """``[layers, bits]`` activation distortions (rows in ``layers`` order) and the seconds it took."""
+    t0 = time.perf_counter()
+    names = list(layers)
+    samples = observe_inputs(model, forward, batches, names, seed=seed)
+    eng = make_engine("reference" if engine == "reference" else "fast", model, forward, batches)
+    done: dict[str, np.ndarray] = {}
+    with exact_math():
+        refs = eng.ref
+        for name in track(qdist.shard(names), desc=f"activation RD curves ({eng.name})", unit="layer"):
+            quants = _quantizers(samples[name], bits, symmetric, estimator)
+            fast = isinstance(eng, FastEngine)
+            if fast:
+                try:
+                    eng.split(name)
+                except ValueError:
+                    fast = False
+            done[name] = (_fast_layer(eng, name, quants) if fast  # type: ignore[arg-type]
+                          else _reference_layer(model, forward, batches, refs, name, quants))
+    for part in qdist.all_gather_object(done):
+        done.update(part)
+    return np.stack([done[n] for n in names]), time.perf_counter() - t0
