@@ -5,7 +5,8 @@
 Per model and bit-width b: uniform W{b}A{b} with min/max activation ranges (the baseline), uniform W{b}A{b}
 with MSE activation ranges (what RDOQ uses for activations, so the difference to it is the allocation alone),
 and RDOQ at --target-bits b with activations uniform at b bits: first-order curves with the DP and with the
-Lagrangian solver, and second-order curves with the DP.
+Lagrangian solver, second-order curves with the DP, and first-order curves for weights *and* activations
+(``budget=separate``: weights average b, activations average b, each RD-allocated).
 Every run: first and last layer pinned at 8 bits (counted in the average), 512 calibration images (the
 first 64 for RD curves), the full 10,000-image test split.
 """
@@ -26,6 +27,7 @@ ROWS = {
     "rdoq dp": ["--plugin", "rdoq", "-o", "solver=dp"],
     "rdoq lagrangian": ["--plugin", "rdoq", "-o", "solver=lagrangian"],
     "rdoq 2nd-order dp": ["--plugin", "rdoq", "-o", "engine=second-order"],
+    "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate"],
 }
 
 
