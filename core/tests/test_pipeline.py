@@ -98,3 +98,23 @@ def test_quant_layers_replace_original_modules(host):
     out = run_tiny(host, model="tiny:mlp", w_bits=4, a_bits=8)
     assert set(quant_layers(out.model)) == {"1", "3", "5"}
     assert out.result["quantized"]["summary"].startswith("weights of 3 of 3 quantizable layers (linear")
+
+
+def test_plan_for_another_quantizer_is_refused(host, tmp_path):
+    import dataclasses
+
+    from qcore.spec import Plan
+
+    first = run_tiny(host, w_bits=4, a_bits=8, out=tmp_path / "a")
+    plan = Plan.from_json((tmp_path / "a" / "plan.json").read_text())
+    other = Plan(layers={n: dataclasses.replace(s, weight=dataclasses.replace(s.weight, quantizer="lattice"))
+                         for n, s in plan.layers.items()})
+    (tmp_path / "b.json").write_text(other.to_json())
+    assert first.result["quant"] > 0
+    with pytest.raises(QcoreError, match="with quantizer 'lattice' but this run uses 'uniform'"):
+        run_tiny(host, allocator="plan", options={"plan": str(tmp_path / "b.json")})
+
+
+def test_unsupported_device(host):
+    with pytest.raises(QcoreError, match="not supported"):
+        run_tiny(host, device="meta")

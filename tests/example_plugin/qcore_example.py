@@ -19,7 +19,8 @@ class AllEight(Allocator):
     description = "every layer W8A8"
 
     def allocate(self, ctx: qcore.RunContext) -> Plan:
-        return Plan(layers={n: layer_spec(ctx.pipeline, 8, 8) for n in ctx.layers}, meta={"allocator": self.name})
+        return Plan(layers={n: layer_spec(ctx.pipeline, 8, 8, ctx.quantizer.name) for n in ctx.layers},
+                    meta={"allocator": self.name})
 
 
 class ToyTask(Task):

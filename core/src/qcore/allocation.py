@@ -53,12 +53,14 @@ class Pin:
     a_bits: int | None
 
 
-def layer_spec(opts: PipelineOptions, w_bits: int | None, a_bits: int | None) -> LayerSpec:
-    """The spec of a layer at uniform ``w_bits``/``a_bits`` under the pipeline options (None = FP)."""
+def layer_spec(opts: PipelineOptions, w_bits: int | None, a_bits: int | None,
+               quantizer: str = "uniform") -> LayerSpec:
+    """The spec of a layer at uniform ``w_bits``/``a_bits`` under the pipeline options (None = FP), for the
+    registered quantizer ``quantizer`` (pass ``ctx.quantizer.name``)."""
     weight = None if w_bits is None else QuantSpec(
-        bits=w_bits, symmetric=opts.weight_symmetric, granularity=opts.weight_granularity)
+        bits=w_bits, symmetric=opts.weight_symmetric, granularity=opts.weight_granularity, quantizer=quantizer)
     act = None if (a_bits is None or opts.act_targets == "none") else QuantSpec(
-        bits=a_bits, symmetric=opts.act_symmetric, granularity=opts.act_granularity)
+        bits=a_bits, symmetric=opts.act_symmetric, granularity=opts.act_granularity, quantizer=quantizer)
     return LayerSpec(weight=weight, act=act)
 
 
@@ -103,11 +105,11 @@ def pinned_layers(layers: Sequence[str], opts: PipelineOptions, overrides: Mappi
 
 
 def apply_pins(plan: Plan, pins: Mapping[str, Pin], opts: PipelineOptions,
-               layers: Mapping[str, LayerInfo]) -> Plan:
+               layers: Mapping[str, LayerInfo], quantizer: str = "uniform") -> Plan:
     """``plan`` with every pinned layer's spec replaced by its pinned bits (FP pins remove the tensor)."""
     out = dict(plan.layers)
     for name, pin in pins.items():
         if name in layers:
-            out[name] = layer_spec(opts, pin.w_bits, pin.a_bits)
+            out[name] = layer_spec(opts, pin.w_bits, pin.a_bits, quantizer)
     out = {n: s for n, s in out.items() if s.weight is not None or s.act is not None}
     return dataclasses.replace(plan, layers=out)

@@ -22,6 +22,11 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = Fa
     if unknown:
         raise QcoreError(f"the plan names layer(s) this model does not have as quantizable: {', '.join(unknown[:5])}; "
                          "was it written for another model?")
+    for name, spec in plan.layers.items():
+        for t in (spec.weight, spec.act):
+            if t is not None and t.quantizer != ctx.quantizer.name:
+                raise QcoreError(f"the plan quantizes layer {name!r} with quantizer {t.quantizer!r} but this run uses "
+                                 f"{ctx.quantizer.name!r}; run with --quantizer {t.quantizer}")
     qmodel = model if inplace else copy.deepcopy(model)
     for name, spec in plan.layers.items():
         module = qmodel.get_submodule(name)

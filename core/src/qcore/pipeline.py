@@ -82,8 +82,12 @@ def _check_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise QcoreError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise QcoreError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QcoreError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QcoreError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 
 
@@ -143,7 +147,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
 
     with stages("allocate"):
         plan = comps["allocator"].allocate(ctx)
-        plan = apply_pins(plan, pins, pipeline, layers)
+        plan = apply_pins(plan, pins, pipeline, layers, comps["quantizer"].name)
     with stages("apply"):
         qmodel = apply_plan(work, plan, ctx)
     with stages("calibrate"):

@@ -46,7 +46,8 @@ class FixedAllocator(Allocator):
         b = ctx.budget
         if b.w_bits is None or b.a_bits is None:
             raise QcoreError("the fixed allocator needs --w-bits and --a-bits")
-        return Plan(layers={name: layer_spec(ctx.pipeline, b.w_bits, b.a_bits) for name in ctx.layers},
+        return Plan(layers={name: layer_spec(ctx.pipeline, b.w_bits, b.a_bits, ctx.quantizer.name)
+                            for name in ctx.layers},
                     meta={"allocator": self.name, "w_bits": b.w_bits, "a_bits": b.a_bits})
 
 

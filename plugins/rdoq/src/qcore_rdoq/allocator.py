@@ -123,6 +123,9 @@ class RDOQAllocator(Allocator):
         free = [n for n in ctx.layers if n not in ctx.pinned]
         if not free:
             raise QcoreError("every quantizable layer is pinned; nothing is left for rdoq to allocate")
+        if ctx.quantizer.name != "uniform":
+            raise QcoreError(f"rdoq measures its curves on the uniform grid; --quantizer {ctx.quantizer.name} is not "
+                             "supported with it")
         acts = o.budget != "weights"
         if acts and ctx.pipeline.act_targets == "none":
             raise QcoreError(f"budget={o.budget} allocates activation bits, but -o act_targets=none quantizes no "
