@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from qcore.layers import LayerInfo
 from qcore.ops import fake_quantize, qparams_from_range
 from qcore.progress import track
 from qcore.ranges import get_range_estimator
-from qcore_rdoq.curves import FastEngine, Forward, _sse, exact_math, make_engine
+from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -60,57 +61,44 @@ def _quantizers(sample: Tensor, bits: Sequence[int], symmetric: bool, estimator:
     return out
 
 
-def _reference_layer(model: nn.Module, forward: Forward, batches: Sequence[Any], refs: list[Tensor], name: str,
-                     quants: list[Callable[[Tensor], Tensor]]) -> np.ndarray:
-    module = model.get_submodule(name)
-    count = sum(r.numel() for r in refs)
-    out = np.zeros(len(quants))
-    for i, q in enumerate(quants):
-        h = module.register_forward_pre_hook(lambda _m, args, q=q: (q(args[0]), *args[1:]))
+def _reference_layer(eng: ReferenceEngine, name: str, quants: list[Callable[[Tensor], Tensor]]) -> np.ndarray:
+    module = eng.model.get_submodule(name)
+
+    @contextmanager
+    def quantized_input(i: int) -> Iterator[None]:
+        h = module.register_forward_pre_hook(lambda _m, args: (quants[i](args[0]), *args[1:]))
         try:
-            out[i] = sum(float(_sse(forward(model, b)[None], r)[0]) for b, r in zip(batches, refs)) / count
+            yield
         finally:
             h.remove()
-    return out
+
+    return eng.measure(len(quants), quantized_input)
 
 
 def _fast_layer(eng: FastEngine, name: str, quants: list[Callable[[Tensor], Tensor]]) -> np.ndarray:
-    split = eng.split(name)
     module = eng.model.get_submodule(name)
-    sse = torch.zeros(len(quants), dtype=torch.float64, device=eng.ref[0].device)
-    for batch, ref in zip(eng.batches, eng.ref):
-        x, needed = split.capture(batch)
-        if name not in eng.modes:
-            eng.modes[name] = eng._mode(split, module(x), needed, ref)
-        for lo in range(0, len(quants), eng.chunk):
-            hi = min(lo + eng.chunk, len(quants))
-            ys = torch.cat([module(q(x)) for q in quants[lo:hi]])
-            sse[lo:hi] += _sse(eng._outputs(eng.modes[name], split, ys, needed, hi - lo), ref).double()
-    return (sse / eng.count).cpu().numpy()
+    return eng.measure(name, len(quants), lambda x, y, lo, hi: torch.cat([module(q(x)) for q in quants[lo:hi]]))
 
 
 @torch.no_grad()
 def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
-                      bits: Sequence[int], engine: str = "fast", symmetric: bool = False, estimator: str = "mse",
-                      seed: int = 0) -> tuple[np.ndarray, float]:
-    """``[layers, bits]`` activation distortions (rows in ``layers`` order) and the seconds it took."""
+                      bits: Sequence[int], engine: str | Engine = "fast", symmetric: bool = False,
+                      estimator: str = "mse", seed: int = 0) -> tuple[np.ndarray, float]:
+    """``[layers, bits]`` activation distortions (rows in ``layers`` order) and the seconds it took.
+
+    ``engine`` is a kind or an engine already built on ``batches`` (the weight curves' one can be reused).
+    """
     t0 = time.perf_counter()
     names = list(layers)
     samples = observe_inputs(model, forward, batches, names, seed=seed)
-    eng = make_engine("reference" if engine == "reference" else "fast", model, forward, batches)
+    eng = make_engine(engine, model, forward, batches) if isinstance(engine, str) else engine
     done: dict[str, np.ndarray] = {}
-    with exact_math():
-        refs = eng.ref
-        for name in track(qdist.shard(names), desc=f"activation RD curves ({eng.name})", unit="layer"):
-            quants = _quantizers(samples[name], bits, symmetric, estimator)
-            fast = isinstance(eng, FastEngine)
-            if fast:
-                try:
-                    eng.split(name)
-                except ValueError:
-                    fast = False
-            done[name] = (_fast_layer(eng, name, quants) if fast  # type: ignore[arg-type]
-                          else _reference_layer(model, forward, batches, refs, name, quants))
+    for name in track(qdist.shard(names), desc=f"activation RD curves ({eng.name})", unit="layer"):
+        quants = _quantizers(samples[name], bits, symmetric, estimator)
+        if isinstance(eng, FastEngine) and eng.serves(name):
+            done[name] = _fast_layer(eng, name, quants)
+        else:
+            done[name] = _reference_layer(eng.reference() if isinstance(eng, FastEngine) else eng, name, quants)
     for part in qdist.all_gather_object(done):
         done.update(part)
     return np.stack([done[n] for n in names]), time.perf_counter() - t0

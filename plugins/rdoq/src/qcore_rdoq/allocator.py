@@ -23,7 +23,7 @@ from qcore.errors import NotImplementedMethodError, QcoreError
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves
 from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprint
-from qcore_rdoq.curves import Curves, first_order_curves
+from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
 from qcore_rdoq.groups import weight_spec
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,10 @@ class RDOQAllocator(Allocator):
     description = "RD curves per weight channel group (first order) + DP or Lagrangian solver to --target-bits"
     Options = RDOQOptions
 
-    def curves(self, ctx: RunContext, free: list[str], group: int) -> Curves:
+    def curves(self, ctx: RunContext, free: list[str], group: int, batches: list[Any],
+               engine: Engine | None) -> Curves:
+        """Weight curves of the ``free`` layers (``engine``: the first-order engine, None for second-order)."""
         o = self.options
-        batches = _curve_batches(list(ctx.calibration_batches()), o.curve_samples)
         bits = list(range(o.min_bits, o.max_bits + 1))
         corr = ctx.pipeline.weight_correction  # curves see the weights exactly as deployment corrects them
         cache = None
@@ -98,7 +99,7 @@ class RDOQAllocator(Allocator):
             key = fingerprint(ctx.model, batches, {"engine": o.engine, "group": group, "bits": bits,
                                                    "weight_range": "mse", "correction": corr, "version": 1})
             cache = CurveCache(root, key)
-        if o.engine == "second-order":
+        if engine is None:
             from qcore_rdoq.second_order import second_order_curves
 
             if not all(isinstance(b, torch.Tensor) for b in batches):
@@ -107,7 +108,7 @@ class RDOQAllocator(Allocator):
             return second_order_curves(ctx.model, batches, {n: ctx.layers[n] for n in free}, group, bits,
                                        cache=cache, correction=corr)
         return first_order_curves(ctx.model, ctx.task.forward, batches, {n: ctx.layers[n] for n in free}, group,
-                                  bits, o.engine, o.chunk, cache=cache, correction=corr)
+                                  bits, engine, cache=cache, correction=corr)
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
                ) -> tuple[Allocation, float | None]:
@@ -152,7 +153,11 @@ class RDOQAllocator(Allocator):
             raise QcoreError(f"impossible bit budget: --target-bits {target} leaves too few bits for the unpinned "
                              f"layers (minimum {o.min_bits} per weight{'' if not acts else f', {o.min_act_bits} per activation'}); "
                              "raise the target, lower the minimum bits or pin fewer layers (-o first_last=same)")
-        curves = self.curves(ctx, free, group)
+        batches = _curve_batches(list(ctx.calibration_batches()), o.curve_samples)
+        first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order
+        engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
+                  if o.engine != "second-order" or acts else None)
+        curves = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
         rates = np.array(curves.bits, dtype=np.float64)
         w_sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
         a_bits_list = list(range(o.min_act_bits, o.max_bits + 1))
@@ -160,8 +165,8 @@ class RDOQAllocator(Allocator):
         act_seconds = 0.0
         if acts:
             a_d, act_seconds = activation_curves(
-                ctx.model, ctx.task.forward, _curve_batches(list(ctx.calibration_batches()), o.curve_samples),
-                {n: info[n] for n in free}, a_bits_list, "reference" if o.engine == "reference" else "fast",
+                ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
+                engine,  # type: ignore[arg-type]  # built above whenever activations are allocated
                 ctx.pipeline.act_symmetric, seed=ctx.config.seed)
             act_dist = np.full((len(free), len(rates)), np.inf)
             for j, b in enumerate(a_bits_list):
@@ -207,7 +212,7 @@ class RDOQAllocator(Allocator):
                                           if e not in (curves.engine, "cache")),
                 "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
         if acts:
-            meta["act_engine"] = "reference" if o.engine == "reference" else "fast"
+            meta["act_engine"] = engine.name if engine is not None else first_order
             meta["act_candidate_bits"] = a_bits_list
         if lam is not None:
             meta["lambda"] = lam

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,33 +88,44 @@ def _sse(out: Tensor, ref: Tensor) -> Tensor:
 
 
 class ReferenceEngine:
-    """Perturb one group, rerun the whole model on every calibration batch, restore."""
+    """Perturb one candidate, rerun the whole model on every calibration batch, restore."""
 
     name = "reference"
 
-    def __init__(self, model: nn.Module, forward: Forward, batches: Sequence[Any]) -> None:
+    def __init__(self, model: nn.Module, forward: Forward, batches: Sequence[Any],
+                 ref: list[Tensor] | None = None) -> None:
         self.model, self.forward, self.batches = model, forward, batches
-        with torch.no_grad(), exact_math():
-            self.ref = [forward(model, b) for b in batches]
+        if ref is None:
+            with torch.no_grad(), exact_math():
+                ref = [forward(model, b) for b in batches]
+        self.ref = ref
         self.count = sum(r.numel() for r in self.ref)
 
     @torch.no_grad()
-    def layer(self, name: str, candidates: Candidates) -> np.ndarray:
+    def measure(self, n: int, perturb: Callable[[int], AbstractContextManager[Any]]) -> np.ndarray:
+        """Distortion of each of ``n`` candidates; ``perturb(i)`` puts candidate ``i`` into the model while
+        its context is open (and must restore the model on exit)."""
+        out = np.zeros(n)
         with exact_math():
-            return self._layer(name, candidates)
-
-    def _layer(self, name: str, candidates: Candidates) -> np.ndarray:
-        module = self.model.get_submodule(name)
-        w0 = module.weight.detach().clone()
-        out = np.zeros(len(candidates))
-        try:
-            for i in range(len(candidates)):
-                module.weight.copy_(candidates.stack(i, i + 1)[0])
-                out[i] = sum(float(_sse(self.forward(self.model, b)[None], r)[0])
-                             for b, r in zip(self.batches, self.ref)) / self.count
-        finally:
-            module.weight.copy_(w0)
+            for i in range(n):
+                with perturb(i):
+                    out[i] = sum(float(_sse(self.forward(self.model, b)[None], r)[0])
+                                 for b, r in zip(self.batches, self.ref)) / self.count
         return out
+
+    def layer(self, name: str, candidates: Candidates) -> np.ndarray:
+        module = self.model.get_submodule(name)
+
+        @contextmanager
+        def weight(i: int) -> Iterator[None]:
+            w0 = module.weight.detach().clone()
+            module.weight.copy_(candidates.stack(i, i + 1)[0])
+            try:
+                yield
+            finally:
+                module.weight.copy_(w0)
+
+        return self.measure(len(candidates), weight)
 
 
 class _RowOutputs:
@@ -192,9 +203,17 @@ class FastEngine:
             traced = self.gm(batches[0])
         if not torch.allclose(traced, self.ref[0], rtol=1e-5, atol=1e-6):
             raise ValueError("the traced graph does not reproduce the task's forward output")
+        self.forward = forward
         self.count = sum(r.numel() for r in self.ref)
         self.modes: dict[str, str] = {}
         self._splits: dict[str, Split] = {}
+        self._reference: ReferenceEngine | None = None
+
+    def reference(self) -> ReferenceEngine:
+        """The reference engine on the same data (sharing the FP outputs), for layers the split cannot serve."""
+        if self._reference is None:
+            self._reference = ReferenceEngine(self.model, self.forward, self.batches, self.ref)
+        return self._reference
 
     def split(self, name: str) -> Split:
         if name not in self._splits:
@@ -227,32 +246,45 @@ class FastEngine:
         return torch.stack([split.run(t, needed) for t in per])
 
     @torch.no_grad()
-    def layer(self, name: str, candidates: Candidates) -> np.ndarray:
-        with exact_math():
-            return self._layer(name, candidates)
-
-    def _layer(self, name: str, candidates: Candidates) -> np.ndarray:
+    def measure(self, name: str, n: int, outputs: Callable[[Tensor, Tensor, int, int], Tensor]) -> np.ndarray:
+        """Distortion of each of ``n`` candidates of layer ``name``; ``outputs(x, y, lo, hi)`` returns the
+        layer's outputs for candidates ``lo..hi`` stacked along the batch, given its FP input ``x`` and output
+        ``y`` on one calibration batch. Only the layer's downstream part runs."""
         split = self.split(name)
         module = self.model.get_submodule(name)
-        rows = _RowOutputs(module, candidates) if _RowOutputs.supports(module) else None
-        sse = torch.zeros(len(candidates), dtype=torch.float64, device=self.ref[0].device)
-        for batch, ref in zip(self.batches, self.ref):
-            x, needed = split.capture(batch)
-            y = module(x)
-            if name not in self.modes:
-                self.modes[name] = self._mode(split, y, needed, ref)
-            mode = self.modes[name]
-            for lo in range(0, len(candidates), self.chunk):
-                hi = min(lo + self.chunk, len(candidates))
-                if rows is not None:
-                    ys = rows(x, y, lo, hi)
-                else:
-                    ws = candidates.stack(lo, hi)
-                    call = lambda w: torch.func.functional_call(module, {"weight": w}, (x,))  # noqa: E731
-                    ys = torch.func.vmap(call)(ws).reshape(-1, *y.shape[1:])
-                out = self._outputs(mode, split, ys, needed, hi - lo)
-                sse[lo:hi] += _sse(out, ref).double()
+        sse = torch.zeros(n, dtype=torch.float64, device=self.ref[0].device)
+        with exact_math():
+            for batch, ref in zip(self.batches, self.ref):
+                x, needed = split.capture(batch)
+                y = module(x)
+                if name not in self.modes:
+                    self.modes[name] = self._mode(split, y, needed, ref)
+                for lo in range(0, n, self.chunk):
+                    hi = min(lo + self.chunk, n)
+                    out = self._outputs(self.modes[name], split, outputs(x, y, lo, hi), needed, hi - lo)
+                    sse[lo:hi] += _sse(out, ref).double()
         return (sse / self.count).cpu().numpy()
+
+    def layer(self, name: str, candidates: Candidates) -> np.ndarray:
+        module = self.model.get_submodule(name)
+        rows = _RowOutputs(module, candidates) if _RowOutputs.supports(module) else None
+
+        def outputs(x: Tensor, y: Tensor, lo: int, hi: int) -> Tensor:
+            if rows is not None:
+                return rows(x, y, lo, hi)
+            call = lambda w: torch.func.functional_call(module, {"weight": w}, (x,))  # noqa: E731
+            return torch.func.vmap(call)(candidates.stack(lo, hi)).reshape(-1, *y.shape[1:])
+
+        return self.measure(name, len(candidates), outputs)
+
+    def serves(self, name: str) -> bool:
+        """Whether the fx split works for ``name`` (otherwise use :meth:`reference` for it)."""
+        try:
+            self.split(name)
+        except ValueError as exc:
+            log.info("layer %s: %s; using the reference engine for it", name, exc)
+            return False
+        return True
 
 
 def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence[Any], chunk: int = 0
@@ -269,22 +301,25 @@ def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence
     raise QcoreError(f"unknown RD curve engine {kind!r}")
 
 
+Engine = ReferenceEngine | FastEngine
+
+
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
-                       group_size: int, bits: Sequence[int], engine: str = "fast", chunk: int = 0,
+                       group_size: int, bits: Sequence[int], engine: str | Engine = "fast", chunk: int = 0,
                        weight_range: str = "mse", cache: CurveCache | None = None,
                        correction: Correction = "none") -> Curves:
     """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
     With ``cache``, layers already measured are read back and every new layer is written as soon as it is done,
     so an interrupted run resumes where it stopped. Under torchrun, layers are sharded over the processes and
-    gathered, so every process returns the same curves.
+    gathered, so every process returns the same curves. ``engine`` is a kind or an engine already built on
+    ``batches``.
     """
     t0 = time.perf_counter()
-    eng = make_engine(engine, model, forward, batches, chunk)
+    eng = make_engine(engine, model, forward, batches, chunk) if isinstance(engine, str) else engine
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
     done: dict[str, tuple[np.ndarray, str]] = {}
-    fallback: ReferenceEngine | None = None
     for name in track(qdist.shard(names), desc=f"RD curves ({eng.name})", unit="layer"):
         gs = groups[name]
         cached = cache.load(name, (len(gs), len(bits))) if cache is not None else None
@@ -294,14 +329,7 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
         weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
         table = candidate_table(weight, layers[name], group_size, list(bits), weight_range, correction)
         cands = Candidates(weight, table, gs, bits)
-        layer_eng: ReferenceEngine | FastEngine = eng
-        if isinstance(eng, FastEngine):
-            try:
-                eng.split(name)
-            except ValueError as exc:
-                log.info("layer %s: %s; using the reference engine for it", name, exc)
-                fallback = fallback or ReferenceEngine(model, forward, batches)
-                layer_eng = fallback
+        layer_eng = eng.reference() if isinstance(eng, FastEngine) and not eng.serves(name) else eng
         d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))
         if cache is not None:
             cache.save(name, d)
