@@ -6,7 +6,8 @@ Per model and bit-width b: uniform W{b}A{b} with min/max activation ranges (the 
 with MSE activation ranges (what RDOQ uses for activations, so the difference to it is the allocation alone),
 and RDOQ at --target-bits b with activations uniform at b bits: first-order curves with the DP and with the
 Lagrangian solver, second-order curves with the DP, and first-order curves for weights *and* activations
-(``budget=separate``: weights average b, activations average b, each RD-allocated).
+(``budget=separate``: weights average b, activations average b, each RD-allocated; ``budget=joint``: one
+budget of b bits on average over weight and activation elements together, as in the seed).
 Every run: first and last layer pinned at 8 bits (counted in the average), 512 calibration images (the
 first 64 for RD curves), the full 10,000-image test split.
 """
@@ -28,6 +29,7 @@ ROWS = {
     "rdoq lagrangian": ["--plugin", "rdoq", "-o", "solver=lagrangian"],
     "rdoq 2nd-order dp": ["--plugin", "rdoq", "-o", "engine=second-order"],
     "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate"],
+    "rdoq joint W+A": ["--plugin", "rdoq", "-o", "budget=joint"],
 }
 
 
@@ -37,8 +39,9 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["zoo:fmnist_resnet", "zoo:fmnist_vit"])
     p.add_argument("--bits", nargs="+", type=int, default=[3, 4, 5, 6])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (passed to every qcore run)")
     args = p.parse_args()
-    print(f"machine: {platform.machine()}, {time.strftime('%Y-%m-%d')}")
+    print(f"machine: {platform.machine()}, device {args.device}, {time.strftime('%Y-%m-%d')}")
     for model in args.models:
         print(f"\n{model}: top-1 % (w_bits_avg / a_bits_avg)\n")
         print("| method | " + " | ".join(f"{b} bits" for b in args.bits) + " |")
@@ -50,7 +53,8 @@ def main() -> int:
                 out = args.out / f"{model.replace(':', '-')}-{row.replace(' ', '_').replace('(', '').replace(')', '')}-{b}"
                 budget = ["--w-bits", str(b), "--a-bits", str(b)] if row.startswith("uniform") else [
                     "--target-bits", str(b), "--a-bits", str(b)]
-                cmd = [sys.executable, "-m", "qcore", "run", "--model", model, *ROWS[row], *budget, "--out", str(out)]
+                cmd = [sys.executable, "-m", "qcore", "run", "--model", model, *ROWS[row], *budget, "--out", str(out),
+                       "--device", args.device]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 r = json.loads((out / "result.json").read_text())
                 fp = r["fp"]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore import QcoreError, RunConfig, Task, TaskInstance
+from qcore.devices import module_device
 from qcore.progress import track
 from qcore_classification.data import ClassificationData, load_data
 
@@ -16,21 +17,16 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "zoo:fmnist_resnet"
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def forward(model: nn.Module, batch: Tensor) -> Tensor:
     """Logits of ``model`` on one batch of adapted inputs (the distortion target for allocators)."""
-    return model(batch.to(_device_of(model)))
+    return model(batch.to(module_device(model)))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ClassificationData) -> dict[str, float]:
     """Top-1 (and top-5 when there are at least 5 classes) accuracy in percent."""
     model.eval()
-    dev = _device_of(model)
+    dev = module_device(model)
     n = c1 = c5 = 0
     for x, y in track(data.evaluation(), desc="evaluate", unit="batch"):
         logits = model(x.to(dev))
@@ -59,9 +55,7 @@ class ClassificationTask(Task):
         prefix, sep, name = spec.partition(":")
         if not sep or not name:
             raise QcoreError(f"--model {spec!r} needs the form PREFIX:NAME, e.g. zoo:fmnist_resnet or tv:resnet18")
-        loader = host.get("model_loader", prefix)
-        if loader.task != self.name:
-            raise QcoreError(f"model prefix {prefix!r} belongs to task {loader.task!r}; use --task {loader.task}")
+        loader = host.model_loader(self.name, prefix)
         loaded = loader.load(name, config.weights, config)
         if config.eval_size is not None and config.eval_size < 1:
             raise QcoreError("--eval-size must be at least 1")

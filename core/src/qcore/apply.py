@@ -33,6 +33,9 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = Fa
         wrapped = ctx.hooks.qcore_wrap_module(module=module, info=ctx.layers[name], spec=spec, ctx=ctx)
         if wrapped is None:
             raise QcoreError(f"no plugin can wrap layer {name!r} of type {type(module).__name__}")
+        param = next(module.parameters(), None)
+        if param is not None:  # new quantizer state lives where the layer does
+            wrapped = wrapped.to(param.device)
         replace_module(qmodel, name, wrapped)
     return qmodel
 

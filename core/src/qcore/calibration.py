@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch import nn
 from qcore.components import Calibrator, RunContext
 from qcore.errors import QcoreError
 from qcore.fake_quant import Observer, UniformFakeQuant
+from qcore.layers import LayerInfo
 from qcore.progress import track
 from qcore.ranges import RangeFn, get_range_estimator
 from qcore.wrap import quant_layers
@@ -54,10 +56,54 @@ def observe_activations(model: nn.Module, ctx: RunContext, max_per_row: int) -> 
     return observers
 
 
+def input_rows(x: torch.Tensor, info: LayerInfo, per_channel: bool) -> torch.Tensor:
+    """A layer's input values as ``[rows, values]``: one row, or one row per input channel."""
+    if not per_channel:
+        return x.reshape(1, -1)
+    return x.movedim(info.act_axis, 0).reshape(info.in_channels, -1)
+
+
+@torch.no_grad()
+def observe_inputs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any],
+                   layers: Mapping[str, LayerInfo], per_channel: bool = False, samples: int = 65536,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Sample the inputs of the named layers of an unwrapped model over ``batches``.
+
+    Returns, per layer, ``[rows, n]`` values (one row per tensor, or per input channel when ``per_channel``):
+    a uniform sample of at most ``samples`` values per row plus the exact extremes (see
+    :class:`~qcore.fake_quant.Observer`). The input is read the way the layer's activation quantizer would see
+    it (``LayerInfo.quantize_input``: a sparse tensor's active features, not a dense view).
+    """
+    obs = {n: Observer(samples, seed + i) for i, n in enumerate(layers)}
+
+    def hook(name: str) -> Callable[..., None]:
+        info = layers[name]
+        apply = info.quantize_input or (lambda x, f: f(x))
+
+        def record(t: torch.Tensor) -> torch.Tensor:
+            obs[name].update(input_rows(t.detach(), info, per_channel))
+            return t
+
+        def pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            apply(args[0], record)
+
+        return pre_hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
+    try:
+        for b in batches:
+            forward(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: o.sample() for n, o in obs.items()}
+
+
 @dataclass(frozen=True)
-class RangeOptions:
+class WeightRangeOptions:
+    """Options of every range-based calibrator: how weights are clipped and how much activation is kept."""
+
     weight_range: RangeName = field(default="minmax", metadata={"help": "weight clip-range estimator"})
-    act_range: RangeName = field(default="minmax", metadata={"help": "activation clip-range estimator"})
     percentile: float = field(default=99.99, metadata={"help": "percentile for the 'percentile' estimator"})
     act_samples: int = field(default=65536, metadata={"help": "activation values kept per scale (sampled)"})
 
@@ -68,12 +114,23 @@ class RangeOptions:
             raise QcoreError("act_samples must be at least 16")
 
 
+@dataclass(frozen=True)
+class RangeOptions(WeightRangeOptions):
+    act_range: RangeName = field(default="minmax", metadata={"help": "activation clip-range estimator"})
+
+
 class RangeCalibrator(Calibrator):
-    """Clip ranges from weight values and observed activations with a range estimator."""
+    """Clip ranges from weight values and observed activations with a range estimator.
+
+    Subclasses change how activations are clipped by overriding :meth:`act_estimator` (ACIQ's analytical
+    clipping, KL thresholds), and set ``prune_to_mean`` to make 0-bit channels their mean instead of zero.
+    """
 
     name = "minmax"
     description = "weights per their granularity, activations per tensor: full observed range"
     Options = RangeOptions
+    #: 0-bit (pruned) channels take their mean (weights: the FP channel mean; activations: the observed one)
+    prune_to_mean: bool = False
 
     def _estimator(self, name: str) -> RangeFn:
         fn = get_range_estimator(name)
@@ -81,20 +138,37 @@ class RangeCalibrator(Calibrator):
             return functools.partial(fn, q=self.options.percentile)
         return fn
 
-    def calibrate(self, model: nn.Module, ctx: RunContext) -> None:
-        west, aest = self._estimator(self.options.weight_range), self._estimator(self.options.act_range)
-        layers = quant_layers(model)
-        for layer in layers.values():
+    def weight_estimator(self) -> RangeFn:
+        return self._estimator(self.options.weight_range)
+
+    def act_estimator(self) -> RangeFn:
+        return self._estimator(self.options.act_range)
+
+    def calibrate_weights(self, model: nn.Module) -> None:
+        """Set every weight quantizer's range (and prune values) from the weights themselves."""
+        west = self.weight_estimator()
+        for layer in quant_layers(model).values():
             if layer.weight_quantizer is not None:
                 q = uniform_quantizer(layer.weight_quantizer, self.name)
                 with torch.no_grad():
-                    lo, hi = west(q.rows_of(layer.module.weight.detach()), q.row_bits(), q.spec.symmetric)
+                    rows = q.rows_of(layer.module.weight.detach())
+                    lo, hi = west(rows, q.row_bits(), q.spec.symmetric)
                 q.set_range(lo, hi)
+                if self.prune_to_mean:
+                    q.set_prune_value(q.channel_values(rows.mean(dim=1)))
+
+    def calibrate(self, model: nn.Module, ctx: RunContext) -> None:
+        self.calibrate_weights(model)
+        aest = self.act_estimator()
+        layers = quant_layers(model)
         observers = observe_activations(model, ctx, self.options.act_samples)
         for name, obs in observers.items():
             q = uniform_quantizer(layers[name].act_quantizer, self.name)
-            lo, hi = aest(obs.sample(), q.row_bits().cpu(), q.spec.symmetric)
+            sample = obs.sample()
+            lo, hi = aest(sample, q.row_bits().cpu(), q.spec.symmetric)
             q.set_range(lo, hi)
+            if self.prune_to_mean:
+                q.set_prune_value(q.channel_values(sample.mean(dim=1)))
 
 
 @dataclass(frozen=True)

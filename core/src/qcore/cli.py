@@ -67,9 +67,10 @@ def _add_run(sub: Any) -> None:
     g.add_argument("--weights", type=Path, help="weights file (safetensors or a torch state dict)")
     g.add_argument("--data", help="data: an ImageNet-style folder with train/ and val/, a folder with the "
                    "Fashion-MNIST IDX files, or 'embedded' (default for zoo models)")
-    g.add_argument("--calib-size", type=int, help="calibration samples from the training split (default 512)")
+    g.add_argument("--calib-size", type=int,
+                   help="calibration samples from the training split (default: the task's; 512 images, 16 scenes)")
     g.add_argument("--eval-size", type=int, help="evaluate on the first N evaluation samples (default: all)")
-    g.add_argument("--batch-size", type=int, help="batch size (default 256)")
+    g.add_argument("--batch-size", type=int, help="batch size (default: the task's; 256 images, 4 LiDAR scenes)")
     g = p.add_argument_group("budget")
     g.add_argument("--w-bits", type=int, help="weight bits for fixed allocators (0..16)")
     g.add_argument("--a-bits", type=int, help="activation bits for fixed allocators (0..16)")
@@ -168,11 +169,13 @@ def summary_table(result: dict[str, Any], out: Path | None) -> str:
     for k, v in r["data"].items():
         lines.append(f"  {k}: {v}")
     lines.append("")
-    lines.append(f"  {'metric':<10}{'FP':>10}{'quant':>10}{'delta':>10}")
-    for k in r["fp_metrics"]:
+    shown = [k for k in r["fp_metrics"] if "@" not in k]  # per-threshold details stay in result.json
+    width = max([len("metric")] + [len(k) + 2 for k in shown]) + 1
+    lines.append(f"  {'metric':<{width}}{'FP':>9}{'quant':>10}{'delta':>10}")
+    for k in shown:
         fp, q = r["fp_metrics"][k], r["quant_metrics"].get(k)
         star = " *" if k == r["metric"] else ""
-        lines.append(f"  {k + star:<10}{fp:>10.2f}{q:>10.2f}{q - fp:>+10.2f}")
+        lines.append(f"  {k + star:<{width}}{fp:>9.2f}{q:>10.2f}{q - fp:>+10.2f}")
     wb = "-" if r["w_bits_avg"] is None else f"{r['w_bits_avg']:.2f}"
     ab = "-" if r["a_bits_avg"] is None else f"{r['a_bits_avg']:.2f}"
     lines += ["",
@@ -183,6 +186,12 @@ def summary_table(result: dict[str, Any], out: Path | None) -> str:
               f"  quantized  {r['quantized']['summary']}",
               f"  deployable {'yes' if r['quantized']['deployable'] else 'no (simulation only)'}",
               f"  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())]
+    for key, facts in r.get("measured", {}).items():  # e.g. an entropy-coded rate next to the container bits
+        rates = {k.removesuffix("_bits_per_value"): v for k, v in facts.items()
+                 if k.endswith("_bits_per_value") and v is not None}
+        if rates:
+            lines.append(f"  measured   {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+                         + " bits/value")
     if out is not None:
         lines.append(f"  wrote      {out / 'result.json'}, {out / 'plan.json'}")
     return "\n".join(lines)

@@ -105,11 +105,18 @@ class TaskInstance:
 
 
 class Task(Component):
-    """A task plugin: turns the run configuration into a :class:`TaskInstance`."""
+    """A task plugin: turns the run configuration into a :class:`TaskInstance`.
+
+    Its ``Options`` (``-o key=value``, e.g. the detection task's distortion ``target``) are validated with the
+    other components' options. ``--calib-size`` and ``--batch-size`` default to the task's own values.
+    """
+
+    default_calib_size: ClassVar[int] = 512
+    default_batch_size: ClassVar[int] = 256
 
     def build(self, config: RunConfig, host: Any) -> TaskInstance:
         """Load model and data as ``config`` says; ``host`` resolves model loaders
-        (``host.get("model_loader", prefix)``)."""
+        (``host.model_loader(task, prefix)``)."""
         raise NotImplementedError
 
 
@@ -125,7 +132,8 @@ class ModelLoader:
 
     @property
     def name(self) -> str:
-        return f"{self.prefix}:"
+        """The registry key: ``task/prefix`` (two tasks may both have a ``zoo:``)."""
+        return f"{self.task}/{self.prefix}"
 
 
 @dataclass(frozen=True)
@@ -150,8 +158,8 @@ class RunConfig:
     w_bits: int | None = None
     a_bits: int | None = None
     target_bits: float | None = None
-    calib_size: int = 512
-    batch_size: int = 256
+    calib_size: int | None = None  # None: the task's default (Task.default_calib_size)
+    batch_size: int | None = None  # None: the task's default (Task.default_batch_size)
     eval_size: int | None = None
     device: str = "cpu"
     seed: int = 0
@@ -174,6 +182,7 @@ class RunContext:
     :param options: all option values of this run (validated), by key.
     :param pipeline: the pipeline options (granularity, first/last, ...) as a
         :class:`qcore.allocation.PipelineOptions`.
+    :param measured: facts components measured during the run, copied into result.json's ``measured``.
     """
 
     config: RunConfig
@@ -187,6 +196,9 @@ class RunContext:
     pipeline: Any = None
     hooks: Any = None
     cache_dir: Path | None = None
+    #: measurements components add to the run's result (written to result.json under ``"measured"``), e.g. a
+    #: calibrator's entropy of the quantized codes; keys should name the component
+    measured: dict[str, Any] = field(default_factory=dict)
 
     def calibration_batches(self) -> Iterable[Any]:
         return self.task.calibration

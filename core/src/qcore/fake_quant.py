@@ -116,7 +116,8 @@ class UniformFakeQuant(nn.Module):
             return self.bits
         return self.bits[self._row_index()[:, 0]]
 
-    def _per_channel(self, row_values: Tensor) -> Tensor:
+    def channel_values(self, row_values: Tensor) -> Tensor:
+        """Per-row values (``[rows]``) spread to one value per channel (a scalar for per-tensor rows)."""
         if self.spec.granularity == "group":
             g = self.spec.group_size or 1
             return row_values.repeat_interleave(g)[: self.channels]
@@ -148,7 +149,7 @@ class UniformFakeQuant(nn.Module):
 
     def qparams(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-channel ``(scale, zero_point, qmin, qmax, bits)`` as 1-D tensors."""
-        lo, hi = self._per_channel(self.lo), self._per_channel(self.hi)
+        lo, hi = self.channel_values(self.lo), self.channel_values(self.hi)
         scale, zero, qmin, qmax = qparams_from_range(lo, hi, self.bits, self.spec.symmetric)
         return scale, zero, qmin, qmax, self.bits
 

@@ -34,6 +34,9 @@ class LayerInfo:
     :param weight_numel: weight elements, filled by :func:`discover`.
     :param quantize_input: how to apply an activation quantizer to this layer's first argument
         (default: call it on the tensor; spconv layers quantize the features of a sparse tensor).
+    :param map_output: how to apply a tensor function to this layer's output (default: call it on the tensor;
+        spconv layers apply it to the features); used by output corrections. Output channels lie on
+        ``act_axis`` of the result.
     """
 
     name: str
@@ -47,6 +50,11 @@ class LayerInfo:
     act_numel: int = 0
     weight_numel: int = 0
     quantize_input: Callable[[Any, nn.Module], Any] | None = field(default=None, repr=False)
+    map_output: Callable[[Any, Callable[[torch.Tensor], torch.Tensor]], Any] | None = field(default=None, repr=False)
+
+    def output_tensor(self, out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """``out`` with ``fn`` applied to its tensor (a sparse output's features)."""
+        return self.map_output(out, fn) if self.map_output is not None else fn(out)
 
 
 def weight_numel_of(module: nn.Module) -> int:

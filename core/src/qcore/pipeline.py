@@ -20,6 +20,7 @@ import torch
 
 from qcore import __version__
 from qcore import distributed as qdist
+from qcore.act_correction import correct_outputs
 from qcore.allocation import PipelineOptions, apply_pins, pinned_layers
 from qcore.apply import apply_plan, check_finite, freeze
 from qcore.components import Budget, Method, RunConfig, RunContext
@@ -97,8 +98,12 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     method, plugin = resolve_method(host, config)
     classes = {kind: host.get(kind, getattr(config, kind) or getattr(method, kind))
                for kind in ("quantizer", "calibrator", "allocator")}
+    task_cls = host.get("task", config.task)
+    config = dataclasses.replace(
+        config, calib_size=task_cls.default_calib_size if config.calib_size is None else config.calib_size,
+        batch_size=task_cls.default_batch_size if config.batch_size is None else config.batch_size)
     values = {k: v for k, v in method.defaults.items() if k not in BUDGET_KEYS} | dict(config.options)
-    check_known(values, [PipelineOptions] + [c.Options for c in classes.values()])
+    check_known(values, [PipelineOptions, task_cls.Options] + [c.Options for c in classes.values()])
     if getattr(classes["allocator"], "saved_plan", False) and "first_last" not in values:
         values["first_last"] = "same"  # a saved plan already holds its first/last bits: do not pin over it
     pipeline = build_options(PipelineOptions, values, "pipeline")
@@ -123,7 +128,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
 
     stages = _Stages(host.hook)
     with stages("load"):
-        task = host.get("task", config.task)()
+        task = task_cls(build_options(task_cls.Options, values, f"task {config.task!r}"))
         inst = task.build(config, host)
         fp_model = inst.model.eval().to(device)
         check_finite(fp_model)
@@ -153,12 +158,16 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     with stages("calibrate"):
         comps["calibrator"].calibrate(qmodel, ctx)
         freeze(qmodel)
+        if pipeline.act_correction == "static":
+            correct_outputs(qmodel, work, inst.forward, list(ctx.calibration_batches()))
     with stages("quant_eval"):
         quant_metrics = inst.evaluate(qmodel) if qdist.is_main() else {}
 
     cost = plan_cost(work, layers, plan)
     result = build_result(config, plugin, method, comps, inst.model_name, inst.metric, fp_metrics, quant_metrics,
                           cost, plan, layers, pipeline, folded, stages.seconds, values, inst.data, budget)
+    if ctx.measured:
+        result["measured"] = dict(ctx.measured)
     plan = dataclasses.replace(plan, meta={**plan.meta, "method": method.name, "model": inst.model_name,
                                            "task": config.task, "qcore_version": __version__})
     host.hook.qcore_run_finish(ctx=ctx, result=result)
@@ -172,7 +181,8 @@ def _describe_specs(specs: list[Any]) -> str:
     gran = sorted({s.granularity + (f" of {s.group_size}" if s.granularity == "group" else "") for s in specs})
     grids = sorted({"symmetric" if s.symmetric else "affine" for s in specs})
     mixed = [s for s in specs if s.mixed]
-    bits = (f"mixed precision per channel group ({min(min(s.group_bits) for s in mixed)}-"
+    unit = "channel" if all(s.group_size == 1 for s in mixed) else "channel group"
+    bits = (f"mixed precision per {unit} ({min(min(s.group_bits) for s in mixed)}-"
             f"{max(max(s.group_bits) for s in mixed)} bits) in {len(mixed)} layers; " if mixed else "")
     return f"{bits}{', '.join(gran)} scales, {'/'.join(grids)}"
 
@@ -198,6 +208,8 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
                + f"; {len(folded)} BatchNorm layers folded"
                + (f"; weight bias correction: {pipeline.weight_correction} per output channel (a fractional "
                   "weight zero point)" if pipeline.weight_correction != "none" else "")
+               + ("; static activation correction: a per-output-channel constant from the calibration data"
+                  if pipeline.act_correction == "static" else "")
                + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",
@@ -205,6 +217,7 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
             "weight_granularity": sorted({s.granularity for s in wspecs}),  # type: ignore[union-attr]
             "act_granularity": act_gran, "bn_folded": [list(p) for p in folded],
             "weight_correction": pipeline.weight_correction,
+            "act_correction": pipeline.act_correction,
             "deployable": deployable,
             "deployable_means": "per-tensor activation scales and an integer grid (no simulated-only features)"}
 

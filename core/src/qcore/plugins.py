@@ -171,7 +171,7 @@ class Host:
             if not ok:
                 raise TypeError(f"{kind} registrations must be {'a' if value else 'a subclass of'} {base.__name__}, "
                                 f"got {obj!r}")
-            name = obj.prefix if isinstance(obj, ModelLoader) else obj.name
+            name = obj.name  # model loaders: "task/prefix" (each task has its own prefixes)
             if not name:
                 raise TypeError(f"{kind} {obj!r} has no name")
             items.append((kind, name, obj))
@@ -191,6 +191,20 @@ class Host:
             raise QcoreError(f"unknown {kind.replace('_', ' ')} {name!r}{_did_you_mean(name, table)}; available: "
                              f"{', '.join(sorted(table)) or '(none)'}{hint}")
         return table[name].obj
+
+    def model_loader(self, task: str, prefix: str) -> ModelLoader:
+        """The loader serving ``--model PREFIX:NAME`` for ``task``, or an error naming the task it belongs to or
+        the prefixes this task has."""
+        table = self.tables["model_loader"]
+        key = f"{task}/{prefix}"
+        if key in table or ("model_loader", key) in self.conflicts:
+            return self.get("model_loader", key)
+        others = sorted({e.obj.task for e in table.values() if e.obj.prefix == prefix})
+        if others:
+            raise QcoreError(f"model prefix {prefix!r} belongs to task {others[0]!r}; use --task {others[0]}")
+        mine = sorted(e.obj.prefix for e in table.values() if e.obj.task == task)
+        raise QcoreError(f"unknown model prefix {prefix!r} for task {task!r}{_did_you_mean(prefix, mine)}; "
+                         f"available: {', '.join(p + ':' for p in mine) or '(none)'}")
 
     def owner_of(self, kind: str, name: str) -> str:
         return self.tables[kind][name].owner

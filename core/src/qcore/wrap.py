@@ -39,6 +39,8 @@ class QuantLayer(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer
         self._wq: Tensor | None = None
+        #: static output correction per output channel (see :func:`qcore.bias_correction.correct_outputs`)
+        self.register_buffer("out_correction", None)
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (the float weight when weights are not quantized)."""
@@ -63,7 +65,15 @@ class QuantLayer(nn.Module):
             q = self.info.quantize_input
             x = q(x, self.act_quantizer) if q is not None else self.act_quantizer(x)
         params = {"weight": self.quantized_weight()}
-        return torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+        out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+        if self.out_correction is not None:
+            out = self.info.output_tensor(out, self._add_correction)
+        return out
+
+    def _add_correction(self, y: Tensor) -> Tensor:
+        shape = [1] * y.dim()
+        shape[self.info.act_axis] = -1
+        return y + self.out_correction.to(y.dtype).reshape(shape)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from qcore import hookimpl
 from qcore.components import RunConfig, Task, TaskInstance
+from qcore.devices import module_device
 from qcore.errors import QcoreError
 from qcore.plugins import Host, load_host
 
@@ -70,12 +71,15 @@ class TinyTask(Task):
         def batches(x: Tensor) -> list[Tensor]:
             return [x[i:i + bs] for i in range(0, x.shape[0], bs)]
 
+        def forward(m: nn.Module, b: Tensor) -> Tensor:
+            return m(b.to(module_device(m)))
+
         def evaluate(m: nn.Module) -> dict[str, float]:
             with torch.no_grad():
-                pred = torch.cat([m(b).argmax(1) for b in batches(evalx)])
+                pred = torch.cat([forward(m, b).argmax(1).cpu() for b in batches(evalx)])
             return {"top1": 100.0 * float((pred == labels).float().mean())}
 
-        return TaskInstance(model=model, model_name=spec, metric="top1", forward=lambda m, b: m(b),
+        return TaskInstance(model=model, model_name=spec, metric="top1", forward=forward,
                             evaluate=evaluate, calibration=batches(calib), example=calib[:2],
                             data={"calibration": f"{config.calib_size} random N(0,1) inputs (seed {config.seed})",
                                   "evaluation": f"{evalx.shape[0]} random inputs; top1 = agreement with FP"})

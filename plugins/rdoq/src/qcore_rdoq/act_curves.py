@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore import distributed as qdist
-from qcore.fake_quant import Observer
+from qcore.calibration import observe_inputs
 from qcore.layers import LayerInfo
 from qcore.ops import fake_quantize, qparams_from_range
 from qcore.progress import track
@@ -30,22 +30,6 @@ from qcore.ranges import get_range_estimator
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def observe_inputs(model: nn.Module, forward: Forward, batches: Sequence[Any], names: Sequence[str],
-                   samples: int = 65536, seed: int = 0) -> dict[str, Tensor]:
-    """A uniform sample (plus the exact extremes) of each named layer's input over ``batches``."""
-    obs = {n: Observer(samples, seed + i) for i, n in enumerate(names)}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: obs[n].update(args[0].detach().reshape(1, -1))) for n in names]
-    try:
-        for b in batches:
-            forward(model, b)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: o.sample() for n, o in obs.items()}
 
 
 def _quantizers(sample: Tensor, bits: Sequence[int], symmetric: bool, estimator: str
@@ -90,7 +74,7 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
     """
     t0 = time.perf_counter()
     names = list(layers)
-    samples = observe_inputs(model, forward, batches, names, seed=seed)
+    samples = observe_inputs(model, forward, batches, layers, seed=seed)
     eng = make_engine(engine, model, forward, batches) if isinstance(engine, str) else engine
     done: dict[str, np.ndarray] = {}
     for name in track(qdist.shard(names), desc=f"activation RD curves ({eng.name})", unit="layer"):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from qcore import Allocator, LayerSpec, Plan, RunContext, layer_spec
+from qcore.devices import module_device, to_device
 from qcore.errors import NotImplementedMethodError, QcoreError
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves
@@ -71,7 +72,7 @@ def _curve_batches(batches: list[Any], samples: int) -> list[Any]:
     for b in batches:
         if n >= samples:
             break
-        size = int(b.shape[0]) if hasattr(b, "shape") else 1
+        size = int(b.shape[0]) if hasattr(b, "shape") else int(b.get("batch_size", 1)) if isinstance(b, dict) else 1
         if hasattr(b, "shape") and n + size > samples:
             b = b[: samples - n]
             size = samples - n
@@ -153,7 +154,8 @@ class RDOQAllocator(Allocator):
             raise QcoreError(f"impossible bit budget: --target-bits {target} leaves too few bits for the unpinned "
                              f"layers (minimum {o.min_bits} per weight{'' if not acts else f', {o.min_act_bits} per activation'}); "
                              "raise the target, lower the minimum bits or pin fewer layers (-o first_last=same)")
-        batches = _curve_batches(list(ctx.calibration_batches()), o.curve_samples)
+        device = module_device(ctx.model)  # the engines call the model's parts directly: batches go where it is
+        batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
         first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order
         engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
                   if o.engine != "second-order" or acts else None)

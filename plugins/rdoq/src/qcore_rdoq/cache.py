@@ -35,7 +35,23 @@ def default_cache_root() -> Path:
 def _update(h: Any, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _update_batch(h: Any, b: Any) -> None:
+    """Hash a batch: tensors by content, nested in dicts / lists / tuples (a detection batch_dict), the rest
+    by ``repr``."""
+    if isinstance(b, torch.Tensor):
+        _update(h, b)
+    elif isinstance(b, dict):
+        for k in sorted(b, key=str):
+            h.update(str(k).encode())
+            _update_batch(h, b[k])
+    elif isinstance(b, (list, tuple)):
+        for v in b:
+            _update_batch(h, v)
+    else:
+        h.update(repr(b).encode())
 
 
 def fingerprint(model: nn.Module, batches: Sequence[Any], settings: dict[str, Any]) -> str:
@@ -45,10 +61,7 @@ def fingerprint(model: nn.Module, batches: Sequence[Any], settings: dict[str, An
         h.update(name.encode())
         _update(h, t)
     for b in batches:
-        if isinstance(b, torch.Tensor):
-            _update(h, b)
-        else:
-            h.update(repr(b).encode())
+        _update_batch(h, b)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

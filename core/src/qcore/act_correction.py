@@ -1,0 +1,79 @@
+"""Static activation (output) correction: quantization shifts the mean of each layer's output channels; a
+per-channel constant measured once on calibration data moves them back.
+
+For every quantized layer ``L`` and output channel ``c``::
+
+    correction_c = E_calib[y_fp,c] - E_calib[y_q,c]
+
+where ``y_fp`` is the FP model's output of ``L`` and ``y_q`` the quantized model's (with the quantized
+upstream). The constant is folded into the layer's bias at deployment, so it is deployable; unlike the
+original ACIQ code's ``-bca`` it never looks at the data being evaluated. Corrections of upstream layers
+change downstream means, so the measurement is repeated ``passes`` times, each pass adding to the last.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qcore.layers import LayerInfo
+from qcore.progress import track
+from qcore.wrap import quant_layers
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any],
+                 layers: Mapping[str, LayerInfo]) -> dict[str, Tensor]:
+    """Per-output-channel mean of each named module's output over ``batches`` (sparse outputs: over active
+    sites)."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        info = layers[name]
+
+        def record(y: Tensor) -> Tensor:
+            rows = y.detach().movedim(info.act_axis, 0).reshape(y.shape[info.act_axis], -1).double()
+            sums[name] = sums.get(name, 0) + rows.sum(dim=1)
+            counts[name] = counts.get(name, 0) + rows.shape[1]
+            return y
+
+        def fn(_m: nn.Module, _args: Any, out: Any) -> None:
+            info.output_tensor(out, record)
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
+    try:
+        for b in batches:
+            forward(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
+
+
+def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
+                    batches: Sequence[Any], passes: int = 2) -> dict[str, Tensor]:
+    """Set every quantized layer's ``out_correction`` of ``qmodel`` so its output channel means match
+    ``fp_model``'s on ``batches``; returns the corrections by layer name."""
+    layers = {n: q.info for n, q in quant_layers(qmodel).items()}
+    target = output_means(fp_model, forward, batches, layers)
+    qlayers = quant_layers(qmodel)
+    for _ in track(range(passes), desc="activation correction", unit="pass"):
+        current = output_means(qmodel, forward, batches, layers)
+        for name, mean in current.items():
+            q = qlayers[name]
+            delta = (target[name].to(mean.device) - mean).to(q.module.weight.device)
+            q.out_correction = delta if q.out_correction is None else q.out_correction + delta
+    missing = sorted(set(layers) - set(target))
+    if missing:
+        log.warning("no calibration data reached %d layer(s); they get no activation correction: %s", len(missing),
+                    ", ".join(missing[:5]))
+    return {n: q.out_correction for n, q in qlayers.items() if q.out_correction is not None}
