@@ -1,0 +1,153 @@
+"""spconv 2.x sparse convolutions as qcore layers.
+
+Core's :class:`qcore.QuantLayer` runs a layer through ``torch.func.functional_call`` with the quantized
+weight substituted; spconv's convolutions read ``self.weight`` in their forward, so they work unchanged.
+What core needs from this module:
+
+* :func:`spconv_layer_info` (for the ``qcore_layer_info`` hook) describes ``SubMConv3d``, ``SparseConv3d``,
+  ``SparseInverseConv3d``, ``SubMConv2d`` and ``SparseConv2d`` (exact types: subclasses may change what the
+  forward does). The weight layout is ``[out, k..., in]``, so the output-channel axis is 0. The input
+  activation is a ``SparseConvTensor``; :func:`map_sparse_features` fake-quantizes its ``features``
+  (``[N_active, C]``, channel axis 1) only, so statistics cover active sites and never a dense view.
+* :func:`spconv_wrap_module` (for the ``qcore_wrap_module`` hook) wraps spconv layers in
+  :class:`SparseQuantLayer`, a :class:`qcore.QuantLayer` that is also a spconv ``SparseModule`` (so
+  ``spconv.SparseSequential`` still hands it the sparse tensor, not its features) and that adds a bias (e.g.
+  one created by BatchNorm folding) to the output features itself: spconv's CPU kernels refuse a bias in eval
+  mode ("cpu don't support act and bias").
+* :func:`spconv_cpu_guard` makes spconv 2.3's CPU kernels give correct results (one torch thread: its CPU
+  scatter-add races with several) and lets its CPU backward run where CUDA is absent. The detector's forward
+  uses it; code that calls spconv layers on CPU on its own (a backward pass, one layer at a time) must too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from qcore import LayerInfo, MissingDependencyError, QuantLayer
+from torch import nn
+
+try:
+    import spconv.pytorch as spconv
+    import spconv.pytorch.ops as spconv_ops
+except ImportError as exc:  # pragma: no cover - spconv is a dependency of qcore-detection
+    raise MissingDependencyError("spconv", "pip install spconv (CPU) or spconv-cu126 (CUDA 12.6)",
+                                 "sparse convolutions") from exc
+
+if TYPE_CHECKING:
+    from qcore import LayerSpec, RunContext
+
+#: spconv class name -> qcore layer kind
+SPCONV_KINDS: dict[str, str] = {
+    "SubMConv3d": "subm3d",
+    "SparseConv3d": "spconv3d",
+    "SparseInverseConv3d": "spinv3d",
+    "SubMConv2d": "subm2d",
+    "SparseConv2d": "spconv2d",
+}
+
+
+#: constructor arguments of every spconv convolution in the embedded detector: no bias (BatchNorm follows; spconv's
+#: CPU kernels refuse a bias in eval mode) and the native gather-GEMM-scatter algorithm, which runs on CPU and CUDA
+#: (a CUDA build of spconv defaults to implicit GEMM, which refuses CPU tensors: "implicit gemm only support cuda")
+PORTABLE_CONV: dict[str, Any] = {"bias": False, "algo": spconv.ConvAlgo.Native}
+
+_KIND_OF_TYPE: dict[type, str] = {getattr(spconv, name): kind for name, kind in SPCONV_KINDS.items()}
+
+
+def _spconv_kind(module: nn.Module) -> str | None:
+    """The qcore kind of ``module`` if it is exactly one of the supported spconv classes, else None."""
+    return _KIND_OF_TYPE.get(type(module))
+
+
+def is_spconv_layer(module: nn.Module) -> bool:
+    """True for the spconv convolution types this module supports (see :data:`SPCONV_KINDS`)."""
+    return _spconv_kind(module) is not None
+
+
+def map_sparse_features(x: Any, fn: Any) -> Any:
+    """``x`` with ``fn`` applied to its active features ``[N_active, C]`` (a fake-quantizer on a layer's input,
+    an output correction, an observer); indices are kept."""
+    features = getattr(x, "features", None)
+    if features is None or not hasattr(x, "replace_feature"):
+        raise TypeError(f"a spconv layer's input and output must be SparseConvTensors, got {type(x).__name__}")
+    return x.replace_feature(fn(features))
+
+
+def spconv_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
+    """Describe a spconv convolution as a quantizable layer (None for any other module).
+
+    :param name: the dotted module path.
+    """
+    kind = _spconv_kind(module)
+    if kind is None:
+        return None
+    groups = int(getattr(module, "groups", 1) or 1)
+    kvol = math.prod(int(k) for k in module.kernel_size)
+    return LayerInfo(name=name, kind=kind, out_channels=int(module.out_channels),
+                     in_channels=int(module.in_channels), weight_axis=0, act_axis=1,
+                     macs_per_out=int(module.in_channels) // groups * kvol,
+                     quantize_input=map_sparse_features, map_output=map_sparse_features)
+
+
+class SparseQuantLayer(QuantLayer, spconv.SparseModule):
+    """:class:`qcore.QuantLayer` for spconv layers.
+
+    The convolution runs bias-free and the module's bias (if any) is added to the output features, which
+    spconv's CPU kernels cannot do in eval mode. Being a ``SparseModule``, it receives the whole sparse tensor
+    inside ``spconv.SparseSequential`` (core's plain ``QuantLayer`` would be handed ``features`` there).
+    """
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.act_quantizer is not None:
+            x = map_sparse_features(x, self.act_quantizer)
+        bias = self.module.bias
+        params = {"weight": self.quantized_weight(), "bias": None}
+        out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+        if bias is not None:
+            out = out.replace_feature(out.features + bias)
+        if self.out_correction is not None:
+            out = self.info.output_tensor(out, self._add_correction)
+        return out
+
+
+def spconv_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: RunContext
+                       ) -> nn.Module | None:
+    """The quantized replacement of a spconv layer (a :class:`SparseQuantLayer`); None for other modules."""
+    if not is_spconv_layer(module):
+        return None
+    wq = ctx.quantizer.make(spec.weight, "weight", info) if spec.weight is not None else None
+    aq = ctx.quantizer.make(spec.act, "act", info) if spec.act is not None else None
+    return SparseQuantLayer(module, info, spec, wq, aq, weight_correction=ctx.pipeline.weight_correction)
+
+
+@contextlib.contextmanager
+def spconv_cpu_guard(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run spconv 2.3's CPU kernels correctly inside the ``with`` block (forward and backward passes).
+
+    Two defects of spconv 2.3.8 on CPU are worked around while the block runs on a CPU ``device`` (on a CUDA
+    device the block changes nothing):
+
+    * its CPU scatter-add (used by every sparse convolution, forward and backward) races when torch runs more
+      than one thread: a few output rows come out wrong in some calls (measured: ~5 % of calls of a 3000-voxel
+      SubMConv3d with 2 threads). torch is set to one thread inside the block and restored after it;
+    * its backward asks torch for the current CUDA stream before taking the CPU path (which never uses it), so
+      it fails without CUDA ("Found no NVIDIA driver" / "Torch not compiled with CUDA"); where CUDA is
+      unavailable that lookup returns 0 inside the block.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    original = spconv_ops.get_current_stream
+    torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        spconv_ops.get_current_stream = lambda: 0
+    try:
+        yield
+    finally:
+        spconv_ops.get_current_stream = original
+        torch.set_num_threads(threads)

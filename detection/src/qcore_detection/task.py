@@ -1,0 +1,49 @@
+"""The ``detection`` task: a LiDAR detector from a model loader (``zoo:`` embedded, ``pcdet:`` OpenPCDet),
+calibration scenes from a training split, nuScenes-style mean AP on an evaluation split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qcore import QcoreError, RunConfig, Task, TaskInstance
+
+DEFAULT_MODEL = "zoo:voxelnext_lite"
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    target: Literal["bev", "head"] = field(default="bev", metadata={
+        "help": "distortion target allocators compare with FP: the dense BEV features after the backbone "
+                "(the RDOQ seed's choice) or the head outputs"})
+    workers: int = field(default=4, metadata={"help": "data-loader worker processes (OpenPCDet datasets)"})
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise QcoreError(f"workers={self.workers} must be 0 or more")
+
+
+class DetectionTask(Task):
+    """LiDAR 3D detection: ``--model zoo:voxelnext_lite`` (default, synthetic LiDAR) or
+    ``--model pcdet:CFG.yaml --weights CKPT --data DIR`` (OpenPCDet, when installed); metric mean AP."""
+
+    name = "detection"
+    description = ("LiDAR 3D detection (spconv); metric nuScenes-style mAP; default: embedded VoxelNeXt-style "
+                   "detector on synthetic LiDAR; OpenPCDet configs via pcdet:")
+    Options = DetectionOptions
+    default_calib_size = 16
+    default_batch_size = 4
+
+    def build(self, config: RunConfig, host: Any) -> TaskInstance:
+        spec = config.model or DEFAULT_MODEL
+        prefix, sep, name = spec.partition(":")
+        if not sep or not name:
+            raise QcoreError(f"--model {spec!r} needs the form PREFIX:NAME, e.g. zoo:voxelnext_lite or "
+                             "pcdet:cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml")
+        loader = host.model_loader(self.name, prefix)
+        setup = loader.load(name, config.weights, config)
+        if not setup.calibration:
+            raise QcoreError("the calibration set is empty; raise --calib-size")
+        return TaskInstance(model=setup.model, model_name=spec, metric=setup.metric, forward=setup.target,
+                            evaluate=setup.evaluate, calibration=setup.calibration, example=setup.calibration[0],
+                            data=setup.data)

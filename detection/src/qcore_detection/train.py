@@ -1,0 +1,236 @@
+"""Train the embedded VoxelNeXt-style detector on synthetic LiDAR; write ``model.safetensors`` and ``model.json``.
+
+Usage::
+
+    python -m qcore_detection.train --out DIR --scenes 1000 --epochs 2 --device cpu --batch-size 2 --seed 0
+    python -m qcore_detection.train --out DIR --scenes 3000 --epochs 4 --device cuda --batch-size 8 --workers 8
+
+Data: the synthetic ``train`` split (``--scenes`` scenes, generated and voxelized on the fly every epoch, ~50 ms
+a scene, in ``--workers`` processes), each scene flipped at random in x and/or y; mAP (nuScenes-style, BEV
+centre distance) on the first ``--val-scenes`` scenes of the ``val`` split after every epoch. Optimiser: AdamW
+with a one-cycle schedule, gradient norm clipped at 10.
+
+Measured with the default model (2.58 M parameters): on 2 CPU cores a step of 2 scenes takes ~1.7 s, and 300
+scenes (one epoch, ~4.5 min) reach ~70 val mAP; on an H100 a step of 8 scenes takes ~0.24 s, and 2000 scenes
+(one epoch, ~1 min) reach ~93, 3000 scenes x 4 epochs ~98.
+
+The JSON sidecar holds the model config (``build_model(record["model_config"])`` rebuilds the model, or use
+:func:`qcore_detection.model.load_model`), the voxel config, the command, seed, device, per-epoch loss and val
+mAP, the final per-class AP and timings. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import spconv
+import torch
+
+from qcore_detection.metric import detection_ap
+from qcore_detection.model import ModelConfig, VoxelNeXtLite, build_model
+from qcore_detection.spconv_layers import spconv_cpu_guard
+from qcore_detection.synthetic import CLASS_NAMES, Scene, SyntheticSplit
+from qcore_detection.voxelize import VoxelConfig, collate
+
+log = logging.getLogger("qcore_detection.train")
+
+
+def batch_to_device(batch_dict: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``batch_dict`` with every tensor moved to ``device`` (other values kept)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch_dict.items()}
+
+
+def flip_scene(scene: Scene, flip_x: bool, flip_y: bool) -> Scene:
+    """``scene`` mirrored across the x axis (y -> -y) and/or the y axis (x -> -x), boxes included."""
+    points, boxes = scene.points.copy(), scene.gt_boxes.copy()
+    if flip_y:
+        points[:, 1] *= -1
+        boxes[:, 1] *= -1
+        boxes[:, 6] = -boxes[:, 6]
+    if flip_x:
+        points[:, 0] *= -1
+        boxes[:, 0] *= -1
+        boxes[:, 6] = np.pi - boxes[:, 6]
+    boxes[:, 6] = (boxes[:, 6] + np.pi) % (2 * np.pi) - np.pi
+    return dataclasses.replace(scene, points=points, gt_boxes=boxes)
+
+
+class FlippedScenes(torch.utils.data.Dataset):
+    """The scenes of ``split``, each flipped in x and/or y at random (a fixed choice per seed, epoch and index,
+    so data-loader workers give the same batches as the main process)."""
+
+    def __init__(self, split: SyntheticSplit, seed: int, epoch: int) -> None:
+        self.split, self.seed, self.epoch = split, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Scene:
+        flip_x, flip_y = np.random.default_rng((self.seed, self.epoch, index)).random(2) < 0.5
+        return flip_scene(self.split[index], bool(flip_x), bool(flip_y))
+
+
+@torch.no_grad()
+def evaluate(model: VoxelNeXtLite, scenes: Sequence[Scene], vcfg: VoxelConfig, batch_size: int,
+             device: torch.device) -> tuple[dict[str, float], float]:
+    """nuScenes-style AP of ``model`` on ``scenes`` and the throughput in scenes/s (voxelization included)."""
+    model.eval()
+    preds, gts = [], []
+    t0 = time.perf_counter()
+    for i in range(0, len(scenes), batch_size):
+        chunk = scenes[i:i + batch_size]
+        pred_dicts, _ = model(batch_to_device(collate(chunk, vcfg), device))
+        preds += [{k: v.cpu() for k, v in p.items()} for p in pred_dicts]
+        gts += [{"gt_boxes": s.gt_boxes, "gt_labels": s.gt_labels} for s in chunk]
+    seconds = time.perf_counter() - t0
+    return detection_ap(preds, gts, model.cfg.class_names), len(scenes) / max(seconds, 1e-9)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file (in the same folder) to ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: VoxelNeXtLite, record: dict[str, Any], out: Path) -> None:
+    """Write ``out/model.safetensors`` (float32, CPU) and ``out/model.json`` (``record``) atomically."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "qcore-detection", "model_config": json.dumps(model.cfg.to_dict())}
+    _atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+    _atomic_write(out / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+
+
+def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, seed: int, val_scenes: int = 100,
+          lr: float = 3e-3, weight_decay: float = 0.01, model_overrides: dict[str, Any] | None = None,
+          workers: int = 0, command: str = "") -> dict[str, Any]:
+    """Train, evaluate after each epoch, save; return the record written to ``model.json``.
+
+    :param workers: data-loader processes that generate and voxelize scenes (0: in the training process).
+    """
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    vcfg = VoxelConfig()
+    cfg = ModelConfig(spatial_shape=vcfg.spatial_shape, voxel_size=vcfg.voxel_size,
+                      point_cloud_range=vcfg.point_cloud_range, class_names=CLASS_NAMES, **(model_overrides or {}))
+    model = build_model(cfg).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %d parameters, channels %s, %d blocks per stage", n_params, cfg.channels, cfg.blocks)
+    train_split = SyntheticSplit("train", scenes, seed=seed)
+    val = SyntheticSplit("val", val_scenes, seed=seed, cache=True)[:]
+    steps_per_epoch = math.ceil(scenes / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                pct_start=0.4, div_factor=10.0, final_div_factor=100.0)
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    t_start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loader = torch.utils.data.DataLoader(
+            FlippedScenes(train_split, seed, epoch), batch_size=batch_size, shuffle=True, num_workers=workers,
+            collate_fn=functools.partial(collate, cfg=vcfg),
+            generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        sums = {"loss": 0.0, "loss_hm": 0.0, "loss_loc": 0.0}
+        t_epoch = time.perf_counter()
+        for step, batch in enumerate(loader):
+            ret, tb, _ = model(batch_to_device(batch, dev))
+            opt.zero_grad(set_to_none=True)
+            with spconv_cpu_guard(dev):
+                ret["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            sums["loss"] += float(ret["loss"].detach())
+            sums["loss_hm"] += tb["loss_hm"]
+            sums["loss_loc"] += tb["loss_loc"]
+            if (step + 1) % 25 == 0 or step + 1 == steps_per_epoch:
+                log.info("epoch %d step %d/%d loss %.3f (%.2f s/iter)", epoch, step + 1, steps_per_epoch,
+                         sums["loss"] / (step + 1), (time.perf_counter() - t_epoch) / (step + 1))
+        epoch_seconds = time.perf_counter() - t_epoch
+        train_seconds += epoch_seconds
+        metrics, scenes_per_s = evaluate(model, val, vcfg, batch_size, dev)
+        history.append({"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
+                        "val_mAP": metrics["mAP"], "s_per_iter": epoch_seconds / steps_per_epoch,
+                        "seconds": round(time.perf_counter() - t_start, 1)})
+        log.info("epoch %d: loss %.3f, val mAP %.2f (%s), %.2f s/iter, eval %.1f scenes/s", epoch,
+                 history[-1]["loss"], metrics["mAP"],
+                 ", ".join(f"{c} {metrics[f'AP/{c}']:.1f}" for c in cfg.class_names),
+                 history[-1]["s_per_iter"], scenes_per_s)
+    model = model.float().cpu()
+    record = {
+        "model_config": cfg.to_dict(),
+        "voxel_config": dataclasses.asdict(vcfg),
+        "command": command,
+        "seed": seed,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "spconv": spconv.__version__,
+        "parameters": n_params,
+        "data": {"train": f"synthetic train split, {scenes} scenes, seed {seed}, random x/y flips",
+                 "val": f"synthetic val split, first {val_scenes} scenes, seed {seed}"},
+        "recipe": {"epochs": epochs, "batch_size": batch_size, "workers": workers, "optimizer": "AdamW", "lr": lr,
+                   "weight_decay": weight_decay, "schedule": "one-cycle", "grad_clip": 10.0},
+        "train_seconds": round(train_seconds, 1),
+        "s_per_iter": round(train_seconds / max(1, epochs * steps_per_epoch), 3),
+        "eval_scenes_per_s": round(scenes_per_s, 2),
+        "history": history,
+        "val": metrics,
+    }
+    save_checkpoint(model, record, out)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for model.safetensors and model.json")
+    p.add_argument("--scenes", type=int, default=1000, help="training scenes (synthetic train split)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-scenes", type=int, default=100, help="validation scenes (synthetic val split)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=None,
+                   help="model channels, six comma-separated numbers (default 16,32,64,64,64,64)")
+    p.add_argument("--blocks", type=int, default=None, help="basic blocks per stage (default 2)")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes (scene generation)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides: dict[str, Any] = {}
+    if args.channels:
+        overrides.update(channels=args.channels, bev_channels=args.channels[3])
+    if args.blocks:
+        overrides["blocks"] = args.blocks
+    command = "python -m qcore_detection.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    rec = train(args.out, args.scenes, args.epochs, args.device, args.batch_size, args.seed,
+                val_scenes=args.val_scenes, lr=args.lr, model_overrides=overrides, workers=args.workers,
+                command=command)
+    log.info("val mAP %.2f after %.0f s of training (%.3f s/iter)", rec["val"]["mAP"], rec["train_seconds"],
+             rec["s_per_iter"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

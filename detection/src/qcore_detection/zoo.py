@@ -1,0 +1,99 @@
+"""The embedded default: qcore's own VoxelNeXt-style detector (``--model zoo:voxelnext_lite``), trained on the
+synthetic LiDAR train split and evaluated on a fixed synthetic validation split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+
+from qcore.components import RunConfig
+from qcore.devices import module_device, to_device
+from qcore.errors import QcoreError
+from qcore_detection.model import VoxelNeXtLite, bev_dense, build_model, head_outputs
+from qcore_detection.setup import TARGETS, DetectionSetup
+from qcore_detection.synthetic import SyntheticSplit
+from qcore_detection.train import evaluate
+from qcore_detection.voxelize import VoxelConfig, collate
+
+log = logging.getLogger(__name__)
+WEIGHTS = Path(__file__).parent / "zoo" / "weights"
+MODELS = {"voxelnext_lite": WEIGHTS / "voxelnext_lite.safetensors"}
+#: the fixed validation split of the embedded default: the synthetic "val" stream, seed 0
+VAL_SEED = 0
+DEFAULT_EVAL_SCENES = 100
+
+
+def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
+    """The detector in ``weights`` (safetensors) rebuilt from its JSON record; errors name the fix."""
+    from safetensors.torch import load_file
+
+    record_path = weights.with_suffix(".json")
+    if not weights.is_file():
+        raise QcoreError(f"--weights {weights} does not exist; pass a model.safetensors written by "
+                         "python -m qcore_detection.train")
+    if not record_path.is_file():
+        raise QcoreError(f"{record_path.name} (the model record written next to {weights.name} by training) is "
+                         "missing; keep the .json beside the .safetensors")
+    try:
+        record = json.loads(record_path.read_text())
+        model = build_model(record["model_config"])
+        model.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise QcoreError(f"cannot load detector weights {weights} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120]}); the file is corrupt or not from "
+                         "qcore_detection.train: re-export it") from None
+    return model.eval(), record
+
+
+def make_target(kind: str):  # type: ignore[no-untyped-def]
+    """``target(model, batch_dict) -> Tensor``: the dense BEV features (``bev``) or the head outputs (``head``)
+    of one forward pass, on the model's device."""
+    if kind not in TARGETS:
+        raise QcoreError(f"unknown distortion target {kind!r}; use one of {', '.join(TARGETS)}")
+
+    def target(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        bd = to_device(dict(batch), module_device(model))
+        model(bd)
+        return bev_dense(bd) if kind == "bev" else head_outputs(bd)
+
+    return target
+
+
+def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSetup:
+    """``--model zoo:voxelnext_lite``: the shipped detector (or ``--weights``), synthetic calibration scenes
+    from the train split, the fixed synthetic validation split for evaluation."""
+    if name not in MODELS:
+        raise QcoreError(f"unknown detection zoo model {name!r}; available: {', '.join(MODELS)}")
+    if config.data not in (None, "synthetic"):
+        raise QcoreError("the embedded detector runs on synthetic LiDAR (--data synthetic or nothing); real "
+                         "datasets go through OpenPCDet: --model pcdet:CFG.yaml --weights CKPT --data DIR")
+    model, record = load_detector(Path(weights) if weights else MODELS[name])
+    vcfg = VoxelConfig(**record["voxel_config"])
+    bs, calib_n = int(config.batch_size or 4), int(config.calib_size or 16)
+    eval_n = config.eval_size if config.eval_size is not None else DEFAULT_EVAL_SCENES
+    if eval_n < 1:
+        raise QcoreError("--eval-size must be at least 1")
+    calib_scenes = SyntheticSplit("train", calib_n, seed=config.seed)
+    calibration = [collate([calib_scenes[j] for j in range(i, min(i + bs, calib_n))], vcfg)
+                   for i in range(0, calib_n, bs)]
+    val = [s for s in SyntheticSplit("val", eval_n, seed=VAL_SEED)]
+
+    def evaluate_model(m: torch.nn.Module) -> dict[str, float]:
+        metrics, rate = evaluate(m, val, vcfg, bs, module_device(m))
+        log.info("evaluated %d scenes at %.1f scenes/s", len(val), rate)
+        return metrics
+
+    target = str(config.options.get("target", "bev"))
+    return DetectionSetup(
+        model=model, name=f"zoo:{name}", class_names=tuple(record["model_config"]["class_names"]),
+        calibration=calibration, evaluate=evaluate_model, target=make_target(target),
+        data={"calibration": f"synthetic LiDAR train split: {calib_n} scenes (seed {config.seed})",
+              "evaluation": f"fixed synthetic LiDAR val split: {eval_n} scenes (seed {VAL_SEED}); nuScenes-style "
+                            "AP, BEV centre distance 0.5/1/2/4 m",
+              "weights": str(weights) if weights else f"shipped zoo weights ({MODELS[name].name})",
+              "target": f"distortion target for allocators: {target}"})

@@ -1,0 +1,78 @@
+"""The detection task through qcore's real pipeline: uniform, rdoq and aciq on the embedded detector with a
+handful of synthetic scenes, and the task's errors."""
+
+import pytest
+import torch
+
+from qcore.components import RunConfig
+from qcore.errors import QcoreError
+from qcore.pipeline import run
+from qcore.testing import make_host
+from qcore_aciq import plugin as aciq_plugin
+from qcore_detection import plugin
+from qcore_rdoq import plugin as rdoq_plugin
+
+SMALL = {"task": "detection", "calib_size": 2, "eval_size": 4, "batch_size": 2}
+FIRST_STAGES = "backbone.conv_input.*,backbone.conv1.*"
+
+
+@pytest.fixture(scope="module")
+def host():
+    return make_host(("detection", plugin), ("rdoq", rdoq_plugin), ("aciq", aciq_plugin), tiny=False)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCORE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_uniform_w8a8_keeps_the_fp_map(host):
+    out = run(RunConfig(plugin="uniform", w_bits=8, a_bits=8, **SMALL), host)
+    r = out.result
+    assert r["metric"] == "mAP" and r["fp"] > 50.0
+    assert abs(r["quant"] - r["fp"]) <= 1.0
+    assert {"AP/car", "AP/pedestrian", "AP/cyclist"} <= set(r["quant_metrics"])
+    q = r["quantized"]
+    assert len(q["weight_layers"]) == 42 and q["deployable"]
+    assert {"subm3d", "spconv3d", "subm2d", "spconv2d"} <= set(q["summary"].split("(")[1].split(";")[0]
+                                                               .replace(",", " ").split())
+
+
+def test_rdoq_runs_on_sparse_layers_without_special_cases(host):
+    out = run(RunConfig(plugin="rdoq", target_bits=4.0, **SMALL,
+                        options={"include": "backbone.conv_input.*,backbone.conv1.0.*", "act_targets": "none",
+                                 "first_last": "same", "engine": "reference", "curve_samples": 2, "group": 16,
+                                 "min_bits": 2, "max_bits": 6}), host)
+    assert out.result["w_bits_avg"] <= 4.0 + 1e-9
+    assert len(out.plan.layers) == 3
+    assert any(s.weight.mixed and len(set(s.weight.group_bits)) > 1 for s in out.plan.layers.values()) or \
+        len({s.weight.bits for s in out.plan.layers.values()}) > 1  # bits differ across groups or layers
+
+
+def test_aciq_is_task_agnostic(host):
+    out = run(RunConfig(plugin="aciq", **SMALL, options={"include": FIRST_STAGES, "first_last": "same",
+                                                          "act_correction": "static"}), host)
+    assert out.result["a_bits_avg"] <= 4.0 + 1e-9 and out.result["quant"] is not None
+    assert out.result["quantized"]["act_correction"] == "static"  # output corrections reach sparse features
+
+
+def test_head_target_and_errors(host):
+    inst = host.get("task", "detection")().build(RunConfig(**SMALL, options={"target": "head"}), host)
+    y = inst.forward(inst.model, inst.calibration[0])
+    assert y.dim() == 2 and y.shape[1] == 11 and torch.isfinite(y).all()
+    with pytest.raises(QcoreError, match="unknown detection zoo model"):
+        host.get("task", "detection")().build(RunConfig(model="zoo:nope", **SMALL), host)
+    with pytest.raises(QcoreError, match="synthetic LiDAR"):
+        host.get("task", "detection")().build(RunConfig(data="/nowhere", **SMALL), host)
+    with pytest.raises(QcoreError, match="belongs to task 'classification'|unknown model prefix"):
+        host.get("task", "detection")().build(RunConfig(model="tv:resnet18", **SMALL), host)
+
+
+def test_corrupt_weights_are_a_clear_error(host, tmp_path):
+    from qcore_detection.zoo import MODELS
+
+    bad = tmp_path / "voxelnext_lite.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    (tmp_path / "voxelnext_lite.json").write_text(MODELS["voxelnext_lite"].with_suffix(".json").read_text())
+    with pytest.raises(QcoreError, match="corrupt"):
+        host.get("task", "detection")().build(RunConfig(weights=bad, **SMALL), host)
