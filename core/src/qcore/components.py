@@ -183,6 +183,7 @@ class RunContext:
     :param pipeline: the pipeline options (granularity, first/last, ...) as a
         :class:`qcore.allocation.PipelineOptions`.
     :param measured: facts components measured during the run, copied into result.json's ``measured``.
+    :param artifacts: files (``{"plots/rd.png": b"..."}``) written next to result.json when the run succeeds.
     """
 
     config: RunConfig
@@ -199,6 +200,8 @@ class RunContext:
     #: measurements components add to the run's result (written to result.json under ``"measured"``), e.g. a
     #: calibrator's entropy of the quantized codes; keys should name the component
     measured: dict[str, Any] = field(default_factory=dict)
+    #: extra files written with the run's outputs (atomically, only if the run succeeds), by relative path
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
     def calibration_batches(self) -> Iterable[Any]:
         return self.task.calibration

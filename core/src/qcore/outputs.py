@@ -13,7 +13,9 @@ from typing import Any
 from qcore.errors import QcoreError
 
 
-def _serialise(value: Any) -> str:
+def _serialise(value: Any) -> str | bytes:
+    if isinstance(value, bytes):  # a binary artifact (a PNG plot) is written as it is
+        return value
     if hasattr(value, "to_json"):
         return str(value.to_json()) + "\n"
     return json.dumps(value, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)) + "\n"
@@ -33,7 +35,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_outputs(out: Path, files: Mapping[str, Any]) -> None:
-    """Write JSON documents (dicts or objects with ``to_json``) into ``out``, all or none."""
+    """Write JSON documents (dicts or objects with ``to_json``) and binary files (``bytes``) into ``out``, all or
+    none. Names may contain sub-folders (``plots/rd.png``)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -42,9 +45,11 @@ def write_outputs(out: Path, files: Mapping[str, Any]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for name, text in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            staged.append((tmp, out / name))
-            with os.fdopen(fd, "w") as fh:
+            final = out / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+            staged.append((tmp, final))
+            with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
                 fh.write(text)
         for tmp, final in staged:
             os.replace(tmp, final)

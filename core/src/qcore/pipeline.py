@@ -173,7 +173,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     host.hook.qcore_run_finish(ctx=ctx, result=result)
     out = config.out if qdist.is_main() else None
     if out is not None:
-        write_outputs(out, {"result.json": result, "plan.json": plan})
+        write_outputs(out, {"result.json": result, "plan.json": plan, **ctx.artifacts})
     return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds)
 
 

@@ -79,3 +79,13 @@ def test_activation_budgets_are_respected(host, budget):
     else:
         assert r["w_bits_avg"] <= 3.0 + 1e-9 and a_avg <= 4.0 + 1e-9
     assert all(s.act.bits >= 2 for s in layers.values())
+
+
+def test_plots_are_written_with_the_outputs(host, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run_tiny(host, method="rdoq", target_bits=3.0, out=tmp_path / "run",
+                   options={"group": 4, "curve_samples": 16, "plots": True, "first_last": "same"})
+    for name in ("rd_curves.png", "bits_per_layer.png"):
+        data = (out.out / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    assert (out.out / "result.json").is_file()

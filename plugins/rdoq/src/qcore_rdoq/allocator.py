@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from qcore import Allocator, LayerSpec, Plan, RunContext, layer_spec
+from qcore.cost import mean_bits
 from qcore.devices import module_device, to_device
 from qcore.errors import NotImplementedMethodError, QcoreError
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
@@ -50,6 +51,9 @@ class RDOQOptions:
                 "average over weight and activation elements (per image), as the seed; separate: weights to "
                 "--target-bits and activations to an average of --a-bits, each by its own RD allocation"})
     min_act_bits: int = field(default=2, metadata={"help": "lowest bit-width an activation may get"})
+    plots: bool = field(default=False, metadata={
+        "help": "write plots/rd_curves.png and plots/bits_per_layer.png with the outputs (needs matplotlib: "
+                "pip install qcore-rdoq[plots])"})
     cache: str = field(default="auto", metadata={
         "help": "RD curve cache: 'auto' ($QCORE_CACHE_DIR or ~/.cache/qcore/rdoq), 'off', or a folder"})
 
@@ -220,4 +224,17 @@ class RDOQAllocator(Allocator):
             meta["lambda"] = lam
         if lam_a is not None:
             meta["lambda_act"] = lam_a
+        if o.plots:
+            self._plots(ctx, curves, w_bits, layers)
         return Plan(layers=layers, meta=meta)
+
+    @staticmethod
+    def _plots(ctx: RunContext, curves: Curves, w_bits: np.ndarray, layers: dict[str, LayerSpec]) -> None:
+        from qcore_rdoq.plots import bits_per_layer_png, rd_curves_png
+
+        per_layer = {n: mean_bits(s.weight, ctx.layers[n].out_channels) for n, s in layers.items()
+                     if s.weight is not None}
+        pinned = {n: float(p.w_bits) for n, p in ctx.pinned.items() if n in ctx.layers and p.w_bits is not None}
+        ordered = {n: per_layer.get(n, pinned.get(n, 0.0)) for n in ctx.layers}
+        ctx.artifacts["plots/rd_curves.png"] = rd_curves_png(curves.groups, curves.bits, curves.dist, w_bits)
+        ctx.artifacts["plots/bits_per_layer.png"] = bits_per_layer_png(ordered, pinned)
