@@ -74,3 +74,28 @@ def test_impossible_budget():
     dists[:, 0] = np.inf  # 0 bits not allowed
     with pytest.raises(QcoreError, match="impossible bit budget"):
         solve_dp(sizes, dists, rates, 0.5 * sizes.sum(), unit=1)
+
+
+def brute_matrix(sizes, dists, rate_matrix, budget):
+    best = np.inf
+    for combo in itertools.product(range(dists.shape[1]), repeat=len(sizes)):
+        if sum(s * rate_matrix[i, k] for i, (s, k) in enumerate(zip(sizes, combo))) <= budget:
+            best = min(best, sum(dists[i, k] for i, k in enumerate(combo)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_item_rates_dp_matches_brute_force_and_lagrangian_stays_feasible(seed):
+    """Entropy rates: every item has its own (non-integer) rate per choice."""
+    sizes, dists, rates = problem(seed)
+    rng = np.random.default_rng(100 + seed)
+    rm = rates[None, :] * rng.uniform(0.5, 1.0, (len(sizes), len(rates)))  # an entropy is at most the width
+    for target in (0.8, 2.0, 3.1):
+        budget = target * sizes.sum()
+        want = brute_matrix(sizes, dists, rm, budget)
+        got = solve_dp(sizes, dists, rm, budget, resolution=1e-4)
+        assert got.total_bits <= budget + 1e-9
+        assert got.distortion <= want * (1 + 0.02) + 1e-12  # a fine grid: within rounding of the optimum
+        np.testing.assert_allclose(got.bits, rm[np.arange(len(sizes)), got.choice])
+        lg, _ = lagrangian_for_budget(sizes, dists, rm, budget)
+        assert lg.total_bits <= budget + 1e-9 and lg.distortion >= want - 1e-12

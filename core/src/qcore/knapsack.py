@@ -32,15 +32,23 @@ class Allocation:
     distortion: float
 
 
+def _rate_matrix(sizes: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """``[items, choices]`` bits per element: ``rates`` as given when 2-D (per-item rates, e.g. entropies),
+    else the shared ``[choices]`` row repeated."""
+    return rates if rates.ndim == 2 else np.broadcast_to(rates[None, :], (sizes.shape[0], rates.shape[0]))
+
+
 def _check(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> None:
-    if dists.ndim != 2 or dists.shape != (sizes.shape[0], rates.shape[0]):
-        raise ValueError(f"dists must be [items, rates] = [{sizes.shape[0]}, {rates.shape[0]}], got {dists.shape}")
+    if dists.ndim != 2 or dists.shape != (sizes.shape[0], rates.shape[-1]) or (
+            rates.ndim == 2 and rates.shape != dists.shape):
+        raise ValueError(f"dists must be [items, rates] = [{sizes.shape[0]}, {rates.shape[-1]}] and 2-D rates the "
+                         f"same shape, got dists {dists.shape}, rates {rates.shape}")
     if (sizes <= 0).any():
         raise ValueError("item sizes must be positive")
 
 
 def _result(choice: np.ndarray, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> Allocation:
-    bits = rates[choice]
+    bits = _rate_matrix(sizes, rates)[np.arange(len(choice)), choice]
     return Allocation(choice=choice, bits=bits, total_bits=float((sizes * bits).sum()),
                       distortion=float(dists[np.arange(len(choice)), choice].sum()))
 
@@ -100,14 +108,15 @@ def solve_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bit
 
     :param sizes: elements per item, ``[N]``.
     :param dists: distortion per item and rate, ``[N, B]`` (``inf`` forbids a rate).
-    :param rates: bits per element of each choice, ``[B]``.
+    :param rates: bits per element of each choice, ``[B]``, or per item and choice, ``[N, B]`` (an entropy
+        rate); ``Allocation.bits`` is then each item's rate, and ``choice`` indexes the columns.
     :param unit: force a grid step in bits (``unit=1`` with integer costs is exact).
     """
     sizes = np.asarray(sizes, dtype=np.float64)
     dists = np.asarray(dists, dtype=np.float64)
     rates = np.asarray(rates, dtype=np.float64)
     _check(sizes, dists, rates)
-    true_cost = sizes[:, None] * rates[None, :]
+    true_cost = sizes[:, None] * _rate_matrix(sizes, rates)
     allowed = np.where(np.isfinite(dists), true_cost, np.inf)
     if not np.isfinite(dists.min(axis=1)).all() or allowed.min(axis=1).sum() > budget_bits:
         raise QcoreError(f"impossible bit budget: the smallest allowed rates need {allowed.min(axis=1).sum():.0f} "
@@ -115,12 +124,13 @@ def solve_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bit
     exact = unit is not None and np.allclose(true_cost / unit, np.rint(true_cost / unit))
     if unit is None:
         ints = np.rint(true_cost).astype(np.int64)
-        if np.allclose(true_cost, ints):
+        integral = bool(np.allclose(true_cost, ints))
+        if integral:
             g = int(np.gcd.reduce(ints[ints > 0])) if (ints > 0).any() else 1
             if len(sizes) * budget_bits / g <= max_work:
                 unit, exact = float(g), True
-        if unit is None:
-            unit = max(1.0, math.floor(resolution * sizes.sum()))
+        if unit is None:  # whole bits when costs are whole (an exact grid), any step for fractional (entropy) costs
+            unit = max(1.0, math.floor(resolution * sizes.sum())) if integral else resolution * float(sizes.sum())
     cost = np.rint(true_cost / unit).astype(np.int64) if exact else np.ceil(true_cost / unit - 1e-9).astype(np.int64)
     cap = int(math.floor(budget_bits / unit + 1e-9))
     choice = _dp(cost, dists, cap)
@@ -139,9 +149,14 @@ def solve_lagrangian(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, la
     dists = np.asarray(dists, dtype=np.float64)
     rates = np.asarray(rates, dtype=np.float64)
     _check(sizes, dists, rates)
-    obj = dists + lam * sizes[:, None] * rates[None, :]
-    order = np.argsort(rates, kind="stable")  # argmin takes the first minimum: make that the lowest rate
-    choice = order[np.argmin(obj[:, order], axis=1)]
+    rm = _rate_matrix(sizes, rates)
+    obj = dists + lam * sizes[:, None] * rm
+    if rates.ndim == 1:
+        order = np.argsort(rates, kind="stable")  # argmin takes the first minimum: make that the lowest rate
+        choice = order[np.argmin(obj[:, order], axis=1)]
+    else:  # per-item rates: among equal objectives take the lowest rate
+        best = obj.min(axis=1, keepdims=True)
+        choice = np.argmin(np.where(obj <= best, rm, np.inf), axis=1)
     return _result(choice, sizes, dists, rates)
 
 

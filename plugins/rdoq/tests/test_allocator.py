@@ -1,5 +1,6 @@
 """rdoq through the real pipeline on the tiny task."""
 
+import numpy as np
 import pytest
 
 from qcore.errors import QcoreError
@@ -89,3 +90,31 @@ def test_plots_are_written_with_the_outputs(host, tmp_path):
         data = (out.out / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert (out.out / "result.json").is_file()
+
+
+@pytest.mark.parametrize("budget", ["weights", "joint"])
+def test_entropy_rate_budget_holds_the_entropy(host, budget):
+    opts = {"group": 4, "curve_samples": 16, "first_last": "same", "rate": "entropy", "budget": budget,
+            "cache": "off"}
+    out = run_tiny(host, method="rdoq", target_bits=3.0, a_bits=8, options=opts)
+    meta = out.plan.meta
+    measured = out.result["measured"]["rdoq_rate"]
+    assert measured["weights_bits_per_value"] == pytest.approx(meta["w_entropy_avg"])
+    if budget == "weights":
+        assert meta["w_entropy_avg"] <= 3.0 + 1e-9
+        # an entropy never exceeds the code width: the same budget buys more fixed-length bits
+        assert out.result["w_bits_avg"] >= meta["w_entropy_avg"] - 1e-9
+
+
+def test_group_entropy_is_bounded_by_the_width():
+    import torch
+
+    from qcore.layers import LayerInfo
+    from qcore_rdoq.groups import group_entropy
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    info = LayerInfo(name="c", kind="conv2d", out_channels=8, in_channels=4, weight_numel=w.numel())
+    ent = group_entropy(w, info, 4, [0, 1, 2, 4, 8])
+    assert ent.shape == (2, 5) and (ent[:, 0] == 0).all()
+    assert (ent[:, 1:] <= np.array([1, 2, 4, 8]) + 1e-9).all() and (np.diff(ent, axis=1) >= 0).all()

@@ -26,7 +26,7 @@ from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves
 from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprint
 from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
-from qcore_rdoq.groups import weight_spec
+from qcore_rdoq.groups import group_entropy, weight_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ class RDOQOptions:
                 "average over weight and activation elements (per image), as the seed; separate: weights to "
                 "--target-bits and activations to an average of --a-bits, each by its own RD allocation"})
     min_act_bits: int = field(default=2, metadata={"help": "lowest bit-width an activation may get"})
+    rate: Literal["fixed", "entropy"] = field(default="fixed", metadata={
+        "help": "rate of a weight group: 'fixed' = elements x bits; 'entropy' = elements x entropy of its integer "
+                "codes (what an entropy coder would store; the budget then holds the entropy, and the fixed-length "
+                "bits reported are higher)"})
     plots: bool = field(default=False, metadata={
         "help": "write plots/rd_curves.png and plots/bits_per_layer.png with the outputs (needs matplotlib: "
                 "pip install qcore-rdoq[plots])"})
@@ -166,6 +170,7 @@ class RDOQAllocator(Allocator):
         curves = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
         rates = np.array(curves.bits, dtype=np.float64)
         w_sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
+        w_rates = self._entropy_rates(ctx, free, group, curves) if o.rate == "entropy" else rates
         a_bits_list = list(range(o.min_act_bits, o.max_bits + 1))
         act_dist = np.zeros((0, len(rates)))
         act_seconds = 0.0
@@ -180,15 +185,17 @@ class RDOQAllocator(Allocator):
         a_sizes = np.array([info[n].act_numel for n in free], dtype=np.float64)
         lam = lam_a = None
         if o.budget == "joint":
+            all_rates = rates if o.rate == "fixed" else np.concatenate(
+                [w_rates, np.broadcast_to(rates, act_dist.shape)])
             sol, lam = self._solve(np.concatenate([w_sizes, a_sizes]), np.concatenate([curves.dist, act_dist]),
-                                   rates, budget)
-            w_bits, a_alloc = sol.bits[: len(w_sizes)], sol.bits[len(w_sizes):]
+                                   all_rates, budget)
+            w_bits, a_alloc = rates[sol.choice[: len(w_sizes)]], rates[sol.choice[len(w_sizes):]]
             used = sol.total_bits + w_pinned + a_pinned
             if used > target * (w_total + a_total) + 1e-6:
                 raise AssertionError(f"allocation uses {used / (w_total + a_total):.4f} bits, above {target}")
         else:
-            sol, lam = self._solve(w_sizes, curves.dist, rates, budget)
-            w_bits = sol.bits
+            sol, lam = self._solve(w_sizes, curves.dist, w_rates, budget)
+            w_bits = rates[sol.choice]
             used = sol.total_bits + w_pinned
             if used > target * w_total + 1e-6:  # the solvers guarantee this; check rather than trust
                 raise AssertionError(f"allocation uses {used / w_total:.4f} bits per weight, above the target {target}")
@@ -224,9 +231,26 @@ class RDOQAllocator(Allocator):
             meta["lambda"] = lam
         if lam_a is not None:
             meta["lambda_act"] = lam_a
+        if o.rate == "entropy":
+            chosen = w_rates[np.arange(len(w_sizes)), sol.choice[: len(w_sizes)]]
+            rate_avg = (float((w_sizes * chosen).sum()) + w_pinned) / w_total
+            meta["w_entropy_avg"] = rate_avg
+            ctx.measured["rdoq_rate"] = {
+                "weights_bits_per_value": rate_avg, "rate": "entropy",
+                "means": "element-weighted entropy of each group's integer codes (an ideal entropy coder's size); "
+                         "pinned layers at their fixed width; the fixed-length average is w_bits_avg"}
         if o.plots:
             self._plots(ctx, curves, w_bits, layers)
         return Plan(layers=layers, meta=meta)
+
+    @staticmethod
+    def _entropy_rates(ctx: RunContext, free: list[str], group: int, curves: Curves) -> np.ndarray:
+        """``[groups, bits]`` entropy rates, rows in the curves' group order."""
+        by_group: dict[tuple[str, int], np.ndarray] = {}
+        for n in free:
+            ent = group_entropy(ctx.model.get_submodule(n).weight.detach(), ctx.layers[n], group, curves.bits)
+            by_group.update({(n, i): row for i, row in enumerate(ent)})
+        return np.stack([by_group[(g.layer, g.index)] for g in curves.groups])
 
     @staticmethod
     def _plots(ctx: RunContext, curves: Curves, w_bits: np.ndarray, layers: dict[str, LayerSpec]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,23 +63,55 @@ def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, wei
     return candidate_table(weight, info, group_size, [bits], weight_range, correction)[bits]
 
 
-@torch.no_grad()
-def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                    weight_range: str = "mse", correction: Correction = "none") -> dict[int, Tensor]:
-    """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later).
+def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str
+            ) -> dict[int, UniformFakeQuant]:
+    """The deployed per-group quantizer of the layer at each bit-width, its clip ranges set.
 
     The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
-    so each result equals what the deployed per-group quantizer computes for that row. ``correction`` is the
-    run's weight bias correction, applied per output channel as deployment applies it.
+    so each range equals what the deployed per-group quantizer computes for that row.
     """
     fqs = {b: _fake_quant(info, group_size, b, weight.device) for b in bits}
     rows = {b: fq.rows_of(weight) for b, fq in fqs.items()}
     lo, hi = get_range_estimator(weight_range)(torch.cat(list(rows.values())),
                                                torch.cat([fqs[b].row_bits() for b in bits]), True)
-    out, k = {}, 0
+    k = 0
     for b in bits:
         r = rows[b].shape[0]
         fqs[b].set_range(lo[k:k + r], hi[k:k + r])
-        out[b] = correct_weight(weight, fqs[b](weight), correction, info.weight_axis)
         k += r
+    return fqs
+
+
+@torch.no_grad()
+def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
+                    weight_range: str = "mse", correction: Correction = "none") -> dict[int, Tensor]:
+    """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later).
+
+    ``correction`` is the run's weight bias correction, applied per output channel as deployment applies it.
+    """
+    return {b: correct_weight(weight, fq(weight), correction, info.weight_axis)
+            for b, fq in _ranged(weight, info, group_size, bits, weight_range).items()}
+
+
+def _entropy(codes: Tensor) -> float:
+    _, counts = torch.unique(codes, return_counts=True)
+    p = counts.double() / counts.sum()
+    return float(-(p * torch.log2(p)).sum())
+
+
+@torch.no_grad()
+def group_entropy(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str = "mse"
+                  ) -> np.ndarray:
+    """``[groups, len(bits)]``: the empirical entropy (bits per weight) of each group's integer codes at each
+    candidate bit-width — the rate an ideal entropy coder would spend (0 for a pruned group)."""
+    groups = weight_groups(info, group_size)
+    out = np.zeros((len(groups), len(bits)))
+    per_channel = weight.movedim(info.weight_axis, 0).reshape(info.out_channels, -1)
+    for j, (b, fq) in enumerate(_ranged(weight, info, group_size, bits, weight_range).items()):
+        if b == 0:
+            continue
+        scale, zero, qmin, qmax, _ = fq.qparams()
+        codes = torch.clamp(torch.round(per_channel / scale[:, None]) + zero[:, None], qmin[:, None], qmax[:, None])
+        for i, g in enumerate(groups):
+            out[i, j] = _entropy(codes[g.start:g.stop])
     return out
