@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.layers import LayerInfo
+from qcore.layers import LayerInfo, watch_layers
 from qcore.progress import track
 from qcore.wrap import quant_layers
 
@@ -35,27 +35,13 @@ def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], bat
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str) -> Callable[..., None]:
-        info = layers[name]
+    def record(name: str, y: Tensor) -> None:
+        axis = layers[name].act_axis
+        rows = y.movedim(axis, 0).reshape(y.shape[axis], -1).double()
+        sums[name] = sums.get(name, 0) + rows.sum(dim=1)
+        counts[name] = counts.get(name, 0) + rows.shape[1]
 
-        def record(y: Tensor) -> Tensor:
-            rows = y.detach().movedim(info.act_axis, 0).reshape(y.shape[info.act_axis], -1).double()
-            sums[name] = sums.get(name, 0) + rows.sum(dim=1)
-            counts[name] = counts.get(name, 0) + rows.shape[1]
-            return y
-
-        def fn(_m: nn.Module, _args: Any, out: Any) -> None:
-            info.output_tensor(out, record)
-
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
-    try:
-        for b in batches:
-            forward(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    watch_layers(model, forward, batches, layers, on_output=record)
     return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from qcore.components import Calibrator, RunContext
 from qcore.errors import QcoreError
 from qcore.fake_quant import Observer, UniformFakeQuant
-from qcore.layers import LayerInfo
+from qcore.layers import LayerInfo, watch_layers
 from qcore.progress import track
 from qcore.ranges import RangeFn, get_range_estimator
 from qcore.wrap import quant_layers
@@ -75,27 +75,8 @@ def observe_inputs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], b
     it (``LayerInfo.quantize_input``: a sparse tensor's active features, not a dense view).
     """
     obs = {n: Observer(samples, seed + i) for i, n in enumerate(layers)}
-
-    def hook(name: str) -> Callable[..., None]:
-        info = layers[name]
-        apply = info.quantize_input or (lambda x, f: f(x))
-
-        def record(t: torch.Tensor) -> torch.Tensor:
-            obs[name].update(input_rows(t.detach(), info, per_channel))
-            return t
-
-        def pre_hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            apply(args[0], record)
-
-        return pre_hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
-    try:
-        for b in batches:
-            forward(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    watch_layers(model, forward, batches, layers,
+                 on_input=lambda n, t: obs[n].update(input_rows(t, layers[n], per_channel)))
     return {n: o.sample() for n, o in obs.items()}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,11 @@ class LayerInfo:
     weight_numel: int = 0
     quantize_input: Callable[[Any, nn.Module], Any] | None = field(default=None, repr=False)
     map_output: Callable[[Any, Callable[[torch.Tensor], torch.Tensor]], Any] | None = field(default=None, repr=False)
+
+    def input_tensor(self, x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """``x`` with ``fn`` applied to its tensor the way the activation quantizer sees it (a sparse input's
+        features)."""
+        return self.quantize_input(x, fn) if self.quantize_input is not None else fn(x)
 
     def output_tensor(self, out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         """``out`` with ``fn`` applied to its tensor (a sparse output's features)."""
@@ -98,6 +103,39 @@ def discover(model: nn.Module, describe: Callable[[nn.Module, str], LayerInfo | 
         info.weight_numel = weight_numel_of(module)
         found[name] = info
     return found
+
+
+@torch.no_grad()
+def watch_layers(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Iterable[Any],
+                 layers: Mapping[str, LayerInfo],
+                 on_input: Callable[[str, torch.Tensor], None] | None = None,
+                 on_output: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """Run ``forward(model, batch)`` over ``batches`` while ``on_input(name, tensor)`` sees each named layer's
+    input and ``on_output(name, tensor)`` its output, as tensors (a sparse tensor's features); hooks are
+    removed afterwards, also on error."""
+    def pre_hook(name: str, info: LayerInfo, fn: Callable[[str, torch.Tensor], None]) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            info.input_tensor(args[0], lambda t: fn(name, t.detach()) or t)
+        return hook
+
+    def post_hook(name: str, info: LayerInfo, fn: Callable[[str, torch.Tensor], None]) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            info.output_tensor(out, lambda t: fn(name, t.detach()) or t)
+        return hook
+
+    handles = []
+    for name, info in layers.items():
+        module = model.get_submodule(name)
+        if on_input is not None:
+            handles.append(module.register_forward_pre_hook(pre_hook(name, info, on_input)))
+        if on_output is not None:
+            handles.append(module.register_forward_hook(post_hook(name, info, on_output)))
+    try:
+        for b in batches:
+            forward(model, b)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ Instead of a power-of-two number of levels, channel ``i`` of a tensor gets ``ome
     omega_i = round(C 2^t sigma_i^(2/3) / sum_j sigma_j^(2/3)),
 
 so the layer keeps about ``C 2^t`` bins in all (``t``: ``-o bin_target_w`` / ``bin_target_a`` for every layer but
-the pinned first/last ones; default the layer's bits). The grid is mid-tread: ``q = clamp(round(x / Delta), qlo, qhi)`` with ``qhi - qlo = omega``
-(``omega + 1`` levels, zero exact). Weights span their min/max; activations their ACIQ clip for ``omega``
+the pinned first/last ones; default the layer's bits). The grid is mid-tread:
+``q = clamp(round(x / Delta), qlo, qhi)`` with ``qhi - qlo = omega`` (``omega + 1`` levels, zero exact). Weights span their min/max; activations their ACIQ clip for ``omega``
 bins (the mid-rise optimum, :func:`qcore_aciq.clipping.midrise_alpha_bins`). A 0-bin channel is its mean.
 
 The rate of such a grid is what an entropy coder would spend: the Shannon entropy of the integer codes,
@@ -18,7 +18,6 @@ non-power-of-two grids): simulation only.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any

@@ -94,8 +94,8 @@ def levels_mse(levels: np.ndarray, prior: str, half: bool) -> float:
     ok = highs > lows
     lo_f, hi_f, lev = lows[ok], highs[ok], levels[ok]
     cut = np.clip(0.0, lo_f, hi_f)
-    for l, h in ((lo_f, cut), (cut, hi_f)):
-        mid, rad = 0.5 * (h + l), 0.5 * (h - l)
+    for a, b in ((lo_f, cut), (cut, hi_f)):
+        mid, rad = 0.5 * (b + a), 0.5 * (b - a)
         x = mid[:, None] + rad[:, None] * _GL_X[None, :]
         f = (x - lev[:, None]) ** 2 * _pdf(x, prior, half)
         total += float((rad * (f * _GL_W[None, :]).sum(axis=1)).sum())
@@ -168,7 +168,7 @@ def _minimise(fn, guess: float) -> float:  # type: ignore[no-untyped-def]
     return _golden(fn, float(lo), float(hi), 1e-7 * guess)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimal_alpha(bits: int, prior: str = "laplace", model: str = "grid", half: bool = False,
                   symmetric: bool = False) -> float:
     """The MSE-optimal clip for a scale-1 prior at ``bits`` bits.
@@ -186,7 +186,7 @@ def optimal_alpha(bits: int, prior: str = "laplace", model: str = "grid", half: 
     return _minimise(lambda a: grid_mse(a, bits, prior, half, symmetric), guess)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimal_mse(bits: int, prior: str = "laplace", model: str = "grid", half: bool = False,
                 symmetric: bool = False) -> float:
     """The expected MSE (scale 1) at the optimal clip; at 0 bits the variance (a pruned tensor becomes its
