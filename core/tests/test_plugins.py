@@ -92,3 +92,16 @@ def test_broken_plugin_does_not_block_a_healthy_one_with_the_same_name():
                      ("good", plugin(qcore_register_quantizers=lambda register: register(Dup))))
     assert host.get("quantizer", "dupq") is Dup and host.owner_of("quantizer", "dupq") == "good"
     assert host.plugins["bad"].provides["quantizer"] == []
+
+
+def test_entry_point_named_like_a_builtin_is_reported(monkeypatch, caplog):
+    from importlib import metadata
+
+    import qcore.plugins as plugins
+
+    fake = metadata.EntryPoint(name="uniform", value="somebody_elses_uniform", group="qcore")
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: [fake])
+    with caplog.at_level("WARNING", logger="qcore.plugins"):
+        host = plugins.load_host()
+    assert "entry point 'uniform'" in caplog.text and "rename the entry point" in caplog.text
+    assert host.get("method", "uniform").name == "uniform"  # the built-in still serves the name

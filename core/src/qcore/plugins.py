@@ -113,9 +113,15 @@ class Host:
         only = _csv(os.environ.get("QCORE_LOAD_PLUGINS"))
         blocked = set(_csv(os.environ.get("QCORE_DISABLE_PLUGINS")) or [])
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in self.plugins or ep.name in blocked or (only is not None and ep.name not in only):
+            if ep.name in blocked or (only is not None and ep.name not in only):
                 continue
             dist = getattr(ep, "dist", None)
+            if ep.name in self.plugins:  # a built-in or an earlier entry point already has this name
+                if ep.value != getattr(self.plugins[ep.name].module, "__name__", None):
+                    log.warning("entry point %r of %s is ignored: plugin %r is already loaded from %s; rename the "
+                                "entry point", ep.name, dist.metadata["Name"] if dist is not None else "?", ep.name,
+                                self.plugins[ep.name].source)
+                continue
             version = dist.version if dist is not None else "?"
             source = f"entry point of {dist.metadata['Name'] if dist is not None else '?'}"
             try:
