@@ -26,6 +26,8 @@ THREE_D = "backbone.conv_input.*,backbone.conv[1-6].*"
 ROWS: dict[str, dict[str, Any]] = {
     "uniform W8A8 (all 42 spconv layers)": {"plugin": "uniform", "w_bits": 8, "a_bits": 8},
     "uniform W4A8 (all 42, first/last 8)": {"plugin": "uniform", "w_bits": 4, "a_bits": 8},
+    "uniform W4A4 (all 42, first/last 8)": {"plugin": "uniform", "w_bits": 4, "a_bits": 4},
+    "aciq W4A4 (all 42, first/last 8; per-channel A, simulation)": {"plugin": "aciq", "w_bits": 4, "a_bits": 4},
     "uniform W4, 30 3-D convs, weights only": {
         "plugin": "uniform", "w_bits": 4, "a_bits": 8,
         "options": {"include": THREE_D, "act_targets": "none", "first_last": "same"}},
@@ -39,7 +41,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "rdoq 3-bit average, 30 3-D convs, weights only": {
         "plugin": "rdoq", "target_bits": 3.0,
         "options": {"include": THREE_D, "act_targets": "none", "first_last": "same", "engine": "reference",
-                    "curve_samples": 4, "group": 16, "min_bits": 1, "max_bits": 8}},
+                    "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8}},
 }
 
 
@@ -62,6 +64,8 @@ def main() -> int:
                     "a_bits_avg": r["a_bits_avg"], "seconds": round(time.perf_counter() - t0, 1),
                     "stages": r["seconds"]})
         print(f"done {label}: {r['quant']:.2f} (FP {r['fp']:.2f}) in {out[-1]['seconds']} s", flush=True)
+        if args.json:  # after every row, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps(out, indent=1))
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; {args.eval_size} val scenes, {args.calib_size} calibration scenes\n")
     print("| run | mAP | AP car | AP pedestrian | AP cyclist | W avg | A avg | seconds |")
@@ -73,8 +77,6 @@ def main() -> int:
         ab = "-" if o["a_bits_avg"] is None else f"{o['a_bits_avg']:.2f}"
         print(f"| {o['row']} | {q['mAP']:.2f} | {q['AP/car']:.2f} | {q['AP/pedestrian']:.2f} | {q['AP/cyclist']:.2f} | "
               f"{o['w_bits_avg']:.2f} | {ab} | {o['seconds']:.0f} |")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 
