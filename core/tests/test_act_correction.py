@@ -39,3 +39,17 @@ def test_pipeline_option_is_reported():
     assert all(q.out_correction is not None for q in quant_layers(out.model).values())
     with torch.no_grad():
         assert torch.isfinite(out.model(torch.randn(2, 1, 8, 8))).all()
+
+
+def test_local_correction_removes_each_layers_own_mean_shift():
+    from qcore.act_correction import local_gaps
+
+    host = make_host()
+    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same"})
+    inst = host.get("task", "tiny")().build(
+        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
+    batches = list(inst.calibration)
+    before = {n: float(g.abs().mean()) for n, g in local_gaps(out.model, inst.forward, batches).items()}
+    correct_outputs(out.model, inst.model, inst.forward, batches, passes=3, mode="local")
+    after = {n: float(g.abs().mean()) for n, g in local_gaps(out.model, inst.forward, batches).items()}
+    assert all(after[n] <= 0.05 * before[n] + 1e-6 for n in before)

@@ -9,6 +9,9 @@ where ``y_fp`` is the FP model's output of ``L`` and ``y_q`` the quantized model
 upstream). The constant is folded into the layer's bias at deployment, so it is deployable; unlike the
 original ACIQ code's ``-bca`` it never looks at the data being evaluated. Corrections of upstream layers
 change downstream means, so the measurement is repeated ``passes`` times, each pass adding to the last.
+
+``local`` mode corrects only what each layer's own quantization adds: ``E[layer_fp(x) - layer_q(x)]`` for
+the input ``x`` that reaches it in the quantized model (weight and input quantization of that layer).
 """
 
 from __future__ import annotations
@@ -45,20 +48,54 @@ def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], bat
     return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
 
 
+@torch.no_grad()
+def local_gaps(qmodel: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
+               ) -> dict[str, Tensor]:
+    """Per output channel, ``E[layer_fp(x) - layer_q(x)]`` of every quantized layer over ``batches``, where ``x``
+    is the input that reaches the layer in the quantized model: the bias the layer's own quantization (weight
+    and input) adds, not the drift of the layers before it."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, q in quant_layers(qmodel).items():
+        def hook(layer: Any, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+            got: list[Tensor] = []
+            ref = layer.module(*args)  # FP weight, unquantized input
+            layer.info.output_tensor(ref, lambda t: got.append(t) or t)
+            layer.info.output_tensor(out, lambda t: got.append(t) or t)
+            axis = layer.info.act_axis
+            rows = (got[0] - got[1]).movedim(axis, 0).reshape(got[0].shape[axis], -1).double()
+            sums[name] = sums.get(name, 0) + rows.sum(dim=1)
+            counts[name] = counts.get(name, 0) + rows.shape[1]
+        handles.append(q.register_forward_hook(hook))
+    try:
+        for b in batches:
+            forward(qmodel, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
+
+
 def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
-                    batches: Sequence[Any], passes: int = 2) -> dict[str, Tensor]:
+                    batches: Sequence[Any], passes: int = 2, mode: str = "static") -> dict[str, Tensor]:
     """Set every quantized layer's ``out_correction`` of ``qmodel`` so its output channel means match
-    ``fp_model``'s on ``batches``; returns the corrections by layer name."""
+    ``fp_model``'s on ``batches`` (``mode="static"``), or so each layer's own quantization adds no mean shift
+    (``mode="local"``, see :func:`local_gaps`); returns the corrections by layer name."""
     layers = {n: q.info for n, q in quant_layers(qmodel).items()}
-    target = output_means(fp_model, forward, batches, layers)
+    target = output_means(fp_model, forward, batches, layers) if mode == "static" else {}
     qlayers = quant_layers(qmodel)
     for _ in track(range(passes), desc="activation correction", unit="pass"):
-        current = output_means(qmodel, forward, batches, layers)
-        for name, mean in current.items():
+        if mode == "static":
+            current = output_means(qmodel, forward, batches, layers)
+            gaps = {n: target[n].to(m.device) - m for n, m in current.items()}
+        else:
+            gaps = local_gaps(qmodel, forward, batches)
+        for name, delta in gaps.items():
             q = qlayers[name]
-            delta = (target[name].to(mean.device) - mean).to(q.module.weight.device)
+            delta = delta.to(q.module.weight.device)
             q.out_correction = delta if q.out_correction is None else q.out_correction + delta
-    missing = sorted(set(layers) - set(target))
+    missing = sorted(set(layers) - set(gaps))
     if missing:
         log.warning("no calibration data reached %d layer(s); they get no activation correction: %s", len(missing),
                     ", ".join(missing[:5]))

@@ -34,10 +34,10 @@ class PipelineOptions:
     act_symmetric: bool = field(default=False, metadata={"help": "symmetric activation grid (default affine)"})
     weight_correction: Literal["none", "mean", "mean+var"] = field(default="none", metadata={
         "help": "data-free weight bias correction per output channel (see qcore.bias_correction)"})
-    act_correction: Literal["none", "static"] = field(default="none", metadata={
-        "help": "'static': add to each quantized layer's output channels the FP-minus-quantized mean measured on "
-                "the calibration data (a bias change; see qcore.act_correction)"})
-
+    act_correction: Literal["none", "static", "local"] = field(default="none", metadata={
+        "help": "add per-output-channel constants (a bias change) measured on the calibration data: 'static' = FP "
+                "minus quantized output mean; 'local' = only the shift each layer's own quantization adds "
+                "(see qcore.act_correction; BENCHMARKS.md: neither helps the zoo ResNet)"})
     def __post_init__(self) -> None:
         if self.first_last not in ("same", "fp"):
             try:

@@ -158,8 +158,8 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     with stages("calibrate"):
         comps["calibrator"].calibrate(qmodel, ctx)
         freeze(qmodel)
-        if pipeline.act_correction == "static":
-            correct_outputs(qmodel, work, inst.forward, list(ctx.calibration_batches()))
+        if pipeline.act_correction != "none":
+            correct_outputs(qmodel, work, inst.forward, list(ctx.calibration_batches()), mode=pipeline.act_correction)
     with stages("quant_eval"):
         quant_metrics = inst.evaluate(qmodel) if qdist.is_main() else {}
 
@@ -209,7 +209,7 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
                + (f"; weight bias correction: {pipeline.weight_correction} per output channel (a fractional "
                   "weight zero point)" if pipeline.weight_correction != "none" else "")
                + ("; static activation correction: a per-output-channel constant from the calibration data"
-                  if pipeline.act_correction == "static" else "")
+                  if pipeline.act_correction != "none" else "")
                + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",
