@@ -118,3 +118,11 @@ def test_group_entropy_is_bounded_by_the_width():
     ent = group_entropy(w, info, 4, [0, 1, 2, 4, 8])
     assert ent.shape == (2, 5) and (ent[:, 0] == 0).all()
     assert (ent[:, 1:] <= np.array([1, 2, 4, 8]) + 1e-9).all() and (np.diff(ent, axis=1) >= 0).all()
+
+
+def test_second_order_engine_allocates_activations_without_forward_passes(host):
+    out = run_tiny(host, method="rdoq", target_bits=4.0, a_bits=4,
+                   options={"group": 4, "curve_samples": 16, "first_last": "same", "engine": "second-order",
+                            "budget": "separate", "cache": "off"})
+    assert out.plan.meta["act_engine"] == "second-order"
+    assert out.result["a_bits_avg"] <= 4.0 + 1e-9

@@ -114,3 +114,26 @@ def test_activation_curves_fast_equals_reference():
     fast, _ = activation_curves(model, fwd, batches, layers, [2, 4, 8], engine="fast")
     assert ref.shape == (3, 3) and (ref[:, 0] > ref[:, -1]).all()
     assert np.allclose(fast, ref, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", ["tiny:mlp", "tiny:convnet"])
+def test_second_order_activation_curves_track_the_measured_ones(model):
+    """The Gauss-Newton expansion agrees with the measured (first-order) activation curves where the
+    linearisation holds (fine grids) and stays within a small factor everywhere."""
+    from qcore.components import RunConfig
+    from qcore.fold import fold_batchnorm
+    from qcore.testing import make_host
+    from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
+
+    host = make_host()
+    inst = host.get("task", "tiny")().build(RunConfig(task="tiny", model=model, calib_size=64, batch_size=32), host)
+    m = inst.model
+    fold_batchnorm(m)
+    layers = discover(m, torch_layer_info)
+    measure_layers(m, layers, lambda mm: inst.forward(mm, inst.example))
+    bits = [3, 4, 6, 8]
+    first, _ = activation_curves(m, inst.forward, inst.calibration, layers, bits, "reference")
+    second, _ = second_order_activation_curves(m, inst.forward, inst.calibration, layers, bits)
+    ratio = second / first
+    assert np.all((ratio > 0.2) & (ratio < 5.0))
+    assert np.all(np.abs(ratio[:, -1] - 1) < 0.25)  # 8 bits: the linearisation is accurate

@@ -86,3 +86,45 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
     for part in qdist.all_gather_object(done):
         done.update(part)
     return np.stack([done[n] for n in names]), time.perf_counter() - t0
+
+
+def second_order_activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any],
+                                   layers: dict[str, LayerInfo], bits: Sequence[int], symmetric: bool = False,
+                                   estimator: str = "mse", seed: int = 0) -> tuple[np.ndarray, float]:
+    """``[layers, bits]`` activation distortions from the Gauss-Newton expansion, no forward per candidate.
+
+    ``D_L(b) ~ (1 / (N C)) sum_n sum_c (J_{n,c} . dx_{n,b})^2`` with ``dx_{n,b}`` the quantization error of layer
+    ``L``'s input for sample ``n`` at ``b`` bits and ``J_{n,c}`` the gradient of output ``c`` of sample ``n``
+    with respect to that input. One backward pass per output ``c`` gives these gradients for every layer at
+    once (samples are independent in an eval-mode model), so the cost is ``C`` backward passes per batch
+    instead of a forward per layer and bit. Needs tensor batches and a ``[N, C]`` distortion target.
+    """
+    t0 = time.perf_counter()
+    names = list(layers)
+    samples = observe_inputs(model, forward, batches, layers, seed=seed)
+    quants = {n: _quantizers(samples[n], bits, symmetric, estimator) for n in names}
+    dist = np.zeros((len(names), len(bits)))
+    count = 0
+    for batch in track(batches, desc="activation RD curves (second-order)", unit="batch"):
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError("second-order activation curves need tensor batches")
+        seen: dict[str, Tensor] = {}
+        handles = [model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n, seen=seen: seen.__setitem__(n, args[0])) for n in names]
+        try:
+            with torch.enable_grad():
+                y = forward(model, batch.detach().clone().requires_grad_(True))
+                y = y.reshape(y.shape[0], -1)
+                inputs = [seen[n] for n in names]
+                for c in range(y.shape[1]):
+                    grads = torch.autograd.grad(y[:, c].sum(), inputs, retain_graph=c + 1 < y.shape[1])
+                    for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
+                        x = x.detach()
+                        for j, q in enumerate(quants[names[i]]):
+                            dx = q(x) - x
+                            dist[i, j] += float((g * dx).reshape(x.shape[0], -1).sum(dim=1).pow(2).sum())
+        finally:
+            for h in handles:
+                h.remove()
+        count += int(y.shape[0] * y.shape[1])
+    return dist / max(count, 1), time.perf_counter() - t0

@@ -23,7 +23,7 @@ from qcore.cost import mean_bits
 from qcore.devices import module_device, to_device
 from qcore.errors import NotImplementedMethodError, QcoreError
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
-from qcore_rdoq.act_curves import activation_curves
+from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
 from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprint
 from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
 from qcore_rdoq.groups import group_entropy, weight_spec
@@ -165,8 +165,9 @@ class RDOQAllocator(Allocator):
         device = module_device(ctx.model)  # the engines call the model's parts directly: batches go where it is
         batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
         first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order
+        tensors = all(isinstance(b, torch.Tensor) for b in batches)
         engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
-                  if o.engine != "second-order" or acts else None)
+                  if o.engine != "second-order" or (acts and not tensors) else None)
         curves = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
         rates = np.array(curves.bits, dtype=np.float64)
         w_sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
@@ -175,10 +176,17 @@ class RDOQAllocator(Allocator):
         act_dist = np.zeros((0, len(rates)))
         act_seconds = 0.0
         if acts:
-            a_d, act_seconds = activation_curves(
-                ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
-                engine,  # type: ignore[arg-type]  # built above whenever activations are allocated
-                ctx.pipeline.act_symmetric, seed=ctx.config.seed)
+            if o.engine == "second-order" and tensors:
+                a_d, act_seconds = second_order_activation_curves(
+                    ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
+                    ctx.pipeline.act_symmetric, seed=ctx.config.seed)
+                act_engine = "second-order"
+            else:
+                a_d, act_seconds = activation_curves(
+                    ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
+                    engine,  # type: ignore[arg-type]  # built above whenever activations are allocated
+                    ctx.pipeline.act_symmetric, seed=ctx.config.seed)
+                act_engine = engine.name if engine is not None else first_order
             act_dist = np.full((len(free), len(rates)), np.inf)
             for j, b in enumerate(a_bits_list):
                 act_dist[:, curves.bits.index(b)] = a_d[:, j]
@@ -225,7 +233,7 @@ class RDOQAllocator(Allocator):
                                           if e not in (curves.engine, "cache")),
                 "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
         if acts:
-            meta["act_engine"] = engine.name if engine is not None else first_order
+            meta["act_engine"] = act_engine
             meta["act_candidate_bits"] = a_bits_list
         if lam is not None:
             meta["lambda"] = lam
