@@ -118,3 +118,10 @@ def test_mid_tread_needs_the_aciq_calibrator(host):
     with pytest.raises(QcoreError, match="bin allocation"):
         run_tiny(host, method="aciq", quantizer="midtread", calibrator="minmax", allocator="fixed",
                  options={"first_last": "same"})
+
+
+def test_targets_at_or_above_the_clamp_stay_uniform_and_midtread_refuses_allocated_bits(host):
+    out = run_tiny(host, method="aciq", w_bits=16, a_bits=16, options={"first_last": "same"})
+    assert out.result["w_bits_avg"] == 16.0 and out.result["a_bits_avg"] == 16.0
+    with pytest.raises(QcoreError, match="--allocator fixed"):
+        run_tiny(host, method="aciq", quantizer="midtread", options={"first_last": "same"})

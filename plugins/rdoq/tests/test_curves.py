@@ -137,3 +137,29 @@ def test_second_order_activation_curves_track_the_measured_ones(model):
     ratio = second / first
     assert np.all((ratio > 0.2) & (ratio < 5.0))
     assert np.all(np.abs(ratio[:, -1] - 1) < 0.25)  # 8 bits: the linearisation is accurate
+
+
+def test_second_order_activation_curves_separate_layers_that_share_an_input():
+    """Two layers reading one tensor (q/k/v, a conv and its shortcut) each get their own sensitivity."""
+    from torch import nn
+
+    from qcore.layers import LayerInfo
+    from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
+
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x) + 100 * self.b(x)
+
+    model = Fork().eval()
+    layers = {n: LayerInfo(name=n, kind="linear", out_channels=4, in_channels=8, act_axis=-1) for n in ("a", "b")}
+    batches = [torch.randn(64, 8, generator=torch.Generator().manual_seed(1))]
+    fwd = lambda m, x: m(x)  # noqa: E731
+    first, _ = activation_curves(model, fwd, batches, layers, [2, 4], "reference")
+    second, _ = second_order_activation_curves(model, fwd, batches, layers, [2, 4])
+    assert second[1, 0] > 1000 * second[0, 0]  # b matters 10^4 times more than a
+    np.testing.assert_allclose(second, first, rtol=0.05)  # linear model: the expansion is exact

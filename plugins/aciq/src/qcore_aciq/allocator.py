@@ -107,6 +107,10 @@ class ChannelBitAllocator(Allocator):
             raise QcoreError("per-channel activation bits need -o act_granularity=channel (simulation only: not "
                              "deployable with integer GEMM); or -o alloc_acts=false")
         w_uniform, a_uniform = round(w_target), round(a_target)
+        for what, t in (("weight", w_target), ("activation", a_target)):
+            if t >= o.alloc_max_bits:
+                log.info("aciq-channel: the %s average %g is not below alloc_max_bits=%d: uniform %d bits, no "
+                         "per-channel allocation", what, t, o.alloc_max_bits, round(t))
         free = [n for n in ctx.layers if n not in ctx.pinned]
         samples = {}
         if alloc_acts and free:
@@ -117,9 +121,9 @@ class ChannelBitAllocator(Allocator):
         for name in track(free, desc="aciq channel bits", unit="layer"):
             spec = layer_spec(pipe, w_uniform, a_uniform, ctx.quantizer.name)
             weight, act = spec.weight, spec.act
-            if o.alloc_weights and weight is not None:
+            if o.alloc_weights and weight is not None and w_target < o.alloc_max_bits:
                 weight = _mixed(weight, self._weight_bits(ctx, name, w_target))
-            if alloc_acts and act is not None:
+            if alloc_acts and act is not None and a_target < o.alloc_max_bits:
                 act = _mixed(act, self._act_bits(samples[name], a_target, act.symmetric))
             layers[name] = LayerSpec(weight=weight, act=act)
         meta = {"allocator": self.name, "w_target": w_target, "a_target": a_target,

@@ -214,4 +214,7 @@ def _midtread(q: Any) -> MidTreadFakeQuant:
     if not isinstance(q, MidTreadFakeQuant):
         raise QcoreError("bin allocation needs every quantizer to be mid-tread: run with --quantizer midtread "
                          "(and no other quantizer)")
+    if q.spec.mixed:
+        raise QcoreError("bin allocation chooses every channel's bins itself (eq. 10); per-channel bit-widths from "
+                         "an allocator would be ignored: run --quantizer midtread with --allocator fixed")
     return q

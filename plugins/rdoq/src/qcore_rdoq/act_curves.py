@@ -106,19 +106,29 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
     dist = np.zeros((len(names), len(bits)))
     count = 0
     for batch in track(batches, desc="activation RD curves (second-order)", unit="batch"):
-        if not isinstance(batch, torch.Tensor):
-            raise TypeError("second-order activation curves need tensor batches")
+        if not (isinstance(batch, torch.Tensor) and batch.is_floating_point()):
+            raise TypeError("second-order activation curves need floating-point tensor batches")
         seen: dict[str, Tensor] = {}
+
+        def own_input(_m: nn.Module, args: tuple[Any, ...], n: str, seen: dict[str, Tensor] = seen) -> tuple:
+            # a graph node of this layer's own: layers reading the same tensor (q/k/v, conv1 and a shortcut)
+            # must not share one gradient
+            seen[n] = args[0].view_as(args[0])
+            return (seen[n], *args[1:])
+
         handles = [model.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n, seen=seen: seen.__setitem__(n, args[0])) for n in names]
+            lambda m, args, n=n: own_input(m, args, n)) for n in names]
         try:
             with torch.enable_grad():
                 y = forward(model, batch.detach().clone().requires_grad_(True))
                 y = y.reshape(y.shape[0], -1)
                 inputs = [seen[n] for n in names]
                 for c in range(y.shape[1]):
-                    grads = torch.autograd.grad(y[:, c].sum(), inputs, retain_graph=c + 1 < y.shape[1])
+                    grads = torch.autograd.grad(y[:, c].sum(), inputs, retain_graph=c + 1 < y.shape[1],
+                                                allow_unused=True)
                     for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
+                        if g is None:  # this output does not depend on the layer
+                            continue
                         x = x.detach()
                         for j, q in enumerate(quants[names[i]]):
                             dx = q(x) - x

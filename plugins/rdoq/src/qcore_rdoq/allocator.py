@@ -165,7 +165,7 @@ class RDOQAllocator(Allocator):
         device = module_device(ctx.model)  # the engines call the model's parts directly: batches go where it is
         batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
         first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order
-        tensors = all(isinstance(b, torch.Tensor) for b in batches)
+        tensors = all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches)
         engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
                   if o.engine != "second-order" or (acts and not tensors) else None)
         curves = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
