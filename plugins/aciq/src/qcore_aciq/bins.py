@@ -6,8 +6,10 @@ Instead of a power-of-two number of levels, channel ``i`` of a tensor gets ``ome
 
 so the layer keeps about ``C 2^t`` bins in all (``t``: ``-o bin_target_w`` / ``bin_target_a`` for every layer but
 the pinned first/last ones; default the layer's bits). The grid is mid-tread:
-``q = clamp(round(x / Delta), qlo, qhi)`` with ``qhi - qlo = omega`` (``omega + 1`` levels, zero exact). Weights span their min/max; activations their ACIQ clip for ``omega``
-bins (the mid-rise optimum, :func:`qcore_aciq.clipping.midrise_alpha_bins`). A 0-bin channel is its mean.
+``q = clamp(round(x / Delta), qlo, qhi)`` with ``qhi - qlo = omega`` (``omega + 1`` levels, zero exact).
+Weights span their min/max; activations their ACIQ clip for ``omega`` bins (the mid-rise optimum,
+:func:`qcore_aciq.clipping.midrise_alpha_bins`). A 0-bin channel is its mean. Per-channel bits from an
+allocator are refused (use ``--allocator fixed``): the bins are this module's allocation.
 
 The rate of such a grid is what an entropy coder would spend: the Shannon entropy of the integer codes,
 pooled over each layer's tensor (as the original code measures it), averaged over layers weighted by
