@@ -13,6 +13,18 @@ from qcore_detection.metric import detection_ap
 CLASSES = ("car", "pedestrian", "cyclist")
 
 
+def nuscenes_ap(tp_flags: list[int], npos: int, min_recall: float = 0.1, min_precision: float = 0.1) -> float:
+    """nuScenes' accumulate + calc_ap on score-sorted true-positive flags, in percent (the reference)."""
+    tp = np.cumsum(np.array(tp_flags, dtype=float))
+    fp = np.cumsum(1.0 - np.array(tp_flags, dtype=float))
+    prec = tp / (tp + fp)
+    rec = tp / npos
+    prec = np.interp(np.linspace(0, 1, 101), rec, prec, right=0)
+    prec = prec[round(100 * min_recall) + 1:] - min_precision
+    prec[prec < 0] = 0
+    return 100.0 * float(np.mean(prec)) / (1.0 - min_precision)
+
+
 def _boxes(xy: list[tuple[float, float]]) -> np.ndarray:
     b = np.zeros((len(xy), 7), dtype=np.float32)
     if xy:
@@ -80,7 +92,10 @@ def test_low_score_duplicates_keep_perfect_ap() -> None:
         p["pred_boxes"] = np.concatenate([p["pred_boxes"], p["pred_boxes"] + np.float32(0.3)])
         p["pred_scores"] = np.concatenate([p["pred_scores"], p["pred_scores"] - np.float32(0.5)])
         p["pred_labels"] = np.concatenate([p["pred_labels"], p["pred_labels"]])
-    assert detection_ap(preds, gts, CLASSES)["mAP"] == pytest.approx(100.0)
+    r = detection_ap(preds, gts, CLASSES)
+    n = sum(int((g["gt_labels"] == 1).sum()) for g in gts)  # cars: n true positives, then n false ones
+    assert r["AP/car@1.0"] == pytest.approx(nuscenes_ap([1] * n + [0] * n, n))
+    assert r["mAP"] > 99.0  # only the recall-1.0 bin sees the trailing false positives
 
 
 def test_high_score_duplicate_costs_precision() -> None:
@@ -88,11 +103,8 @@ def test_high_score_duplicate_costs_precision() -> None:
     # the duplicate of GT 0 outranks the detection of GT 1: precision 1, 1/2, 2/3 at recall 0.5, 0.5, 1
     preds = [_pred([(0, 0), (0.1, 0), (10, 0)], [0.9, 0.8, 0.7], [1, 1, 1])]
     r = detection_ap(preds, gts, CLASSES, dist_thresholds=(1.0,))
-    # curve at true positives: (0.5, 1) and (1.0, 2/3); bins 0.11..0.50 -> 1, 0.51..1.00 linear to 2/3
-    prec = [1.0 if r_ <= 0.5 else 1.0 - (r_ - 0.5) / 0.5 / 3 for r_ in np.arange(11, 101) / 100]
-    expected = 100 * np.mean([max(p - 0.1, 0) for p in prec]) / 0.9
-    assert r["AP/car@1.0"] == pytest.approx(expected)
-    assert expected == pytest.approx(89.506, abs=1e-3)  # (36 + 36.5) / 90 / 0.9
+    assert r["AP/car@1.0"] == pytest.approx(nuscenes_ap([1, 0, 1], 2))
+    assert r["AP/car@1.0"] < 90.0
 
 
 def test_wrong_class_is_false_positive() -> None:
@@ -131,20 +143,10 @@ def test_hand_computed_pr_curve() -> None:
     preds = [_pred([(0.2, 0), (5, 5), (10, 0.5)], [0.9, 0.8, 0.5], [1, 1, 1]),
              _pred([(0, 0.3), (30, 0)], [0.7, 0.6], [1, 1])]
     r = detection_ap(preds, gts, CLASSES, dist_thresholds=(1.0,))
-
-    def prec(rec: float) -> float:
-        if rec <= 0.25:
-            return 1.0
-        if rec <= 0.5:
-            return 1.0 + (rec - 0.25) / 0.25 * (2 / 3 - 1.0)
-        if rec <= 0.75:
-            return 2 / 3 + (rec - 0.5) / 0.25 * (3 / 5 - 2 / 3)
-        return 0.0
-
-    bins = [max(prec(k / 100) - 0.1, 0.0) for k in range(11, 101)]  # recall bins above min_recall 0.1
-    expected = 100 * sum(bins) / len(bins) / 0.9
+    expected = nuscenes_ap([1, 0, 1, 0, 1], 4)
     assert r["AP/car@1.0"] == pytest.approx(expected)
-    assert r["AP/car@1.0"] == pytest.approx(55.514, abs=1e-3)  # (13.5 + 18.167 + 13.3) / 90 / 0.9
+    # the (recall, precision) points nuScenes interpolates: (1/4, 1), (1/4, 1/2), (1/2, 2/3), (1/2, 1/2), (3/4, 3/5)
+    assert 40.0 < expected < 55.514  # below the curve through the true positives only (55.514)
     assert r["mAP"] == pytest.approx(expected)
 
 
@@ -155,4 +157,11 @@ def test_greedy_takes_nearest_unmatched() -> None:
     r = detection_ap(preds, gts, CLASSES, dist_thresholds=(0.5, 2.0))
     assert r["AP/car@2.0"] == pytest.approx(100.0)
     # at 0.5 m the top one misses (0.6 m), then the second matches A: precision 1/2 at recall 1/2
-    assert r["AP/car@0.5"] == pytest.approx(100 * 40 * 0.4 / 90 / 0.9)  # bins 0.11..0.50 at 0.5
+    assert r["AP/car@0.5"] == pytest.approx(nuscenes_ap([0, 1], 2))  # precision rises from 0 to 1/2
+
+
+def test_equal_scores_rank_the_later_prediction_first_as_nuscenes() -> None:
+    gts = [_gt([(0, 0)], [1])]
+    preds = [_pred([(0, 0), (5, 5)], [0.5, 0.5], [1, 1])]  # a true and a false positive with one score
+    r = detection_ap(preds, gts, CLASSES, dist_thresholds=(1.0,))
+    assert r["AP/car@1.0"] == pytest.approx(nuscenes_ap([0, 1], 1))

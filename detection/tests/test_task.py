@@ -76,3 +76,17 @@ def test_corrupt_weights_are_a_clear_error(host, tmp_path):
     (tmp_path / "voxelnext_lite.json").write_text(MODELS["voxelnext_lite"].with_suffix(".json").read_text())
     with pytest.raises(QcoreError, match="corrupt"):
         host.get("task", "detection")().build(RunConfig(weights=bad, **SMALL), host)
+
+
+def test_weights_record_without_voxel_config_is_a_clear_error(host, tmp_path):
+    import json
+
+    from qcore_detection.zoo import MODELS
+
+    src = MODELS["voxelnext_lite"]
+    (tmp_path / "m.safetensors").write_bytes(src.read_bytes())
+    record = json.loads(src.with_suffix(".json").read_text())
+    del record["voxel_config"]
+    (tmp_path / "m.json").write_text(json.dumps(record))
+    with pytest.raises(QcoreError, match="corrupt or not from"):
+        host.get("task", "detection")().build(RunConfig(weights=tmp_path / "m.safetensors", **SMALL), host)

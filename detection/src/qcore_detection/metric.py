@@ -1,18 +1,13 @@
 """nuScenes-style detection AP: greedy matching by BEV centre distance, no IoU.
 
 For each class and distance threshold, the predictions of that class over all scenes are sorted by score
-(descending, ties in input order); each one is matched to the nearest not yet matched ground-truth box of the
-same class in the same scene, and is a true positive if that distance is below the threshold (strictly, as
-nuScenes). Predictions of another class never match, so a wrong class is a false positive of its class.
-Precision is sampled on the recall grid 0, 0.01, ..., 1 by linear interpolation (``np.interp``, precision 0
-beyond the highest recall reached); the bins up to and including ``min_recall`` are dropped, ``min_precision``
-is subtracted (clipped at 0) and the mean is rescaled by ``1 / (1 - min_precision)`` -- nuScenes' ``calc_ap``.
-
-One deliberate difference from nuScenes' code: the curve passed to ``np.interp`` has one point per true
-positive (the precision when each recall level is first reached). nuScenes passes every prediction, so
-recall repeats on false-positive plateaus, where ``np.interp``'s result is not defined by its documentation;
-that only changes bins that fall exactly on a plateau's recall (e.g. low-score duplicates after the last true
-positive lower nuScenes' recall-1.0 bin; here they do not change AP).
+(descending; among equal scores the later one first, as nuScenes' sort does); each one is matched to the
+nearest not yet matched ground-truth box of the same class in the same scene, and is a true positive if that
+distance is below the threshold (strictly, as nuScenes). Predictions of another class never match, so a wrong
+class is a false positive of its class. Precision and recall after every prediction are interpolated on the
+recall grid 0, 0.01, ..., 1 (``np.interp``, precision 0 beyond the highest recall reached); the bins up to
+and including ``min_recall`` are dropped, ``min_precision`` is subtracted (clipped at 0) and the mean is
+rescaled by ``1 / (1 - min_precision)`` -- nuScenes' ``accumulate`` and ``calc_ap``, step for step.
 
 Results are percentages (0..100). A class without ground truth gets AP NaN and is left out of ``mAP``; a
 class with ground truth but no predictions gets 0. nuScenes' other filters (500 boxes per sample, range and
@@ -51,13 +46,14 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 
 
 def _ap_from_tp(tp: np.ndarray, npos: int, min_recall: float, min_precision: float) -> float:
-    """AP in [0, 1] from true-positive flags of score-sorted predictions."""
+    """AP in [0, 1] from true-positive flags of score-sorted predictions, exactly as nuScenes computes it:
+    precision and recall after every prediction, interpolated on 101 recall points (0 beyond the last recall),
+    bins up to ``min_recall`` dropped, ``min_precision`` subtracted and the rest normalised."""
     if len(tp) == 0 or not tp.any():
         return 0.0
     tp_cum = np.cumsum(tp)
     precision = tp_cum / np.arange(1, len(tp) + 1)
-    at_tp = tp.astype(bool)
-    recall, precision = tp_cum[at_tp] / npos, precision[at_tp]
+    recall = tp_cum / npos
     prec = np.interp(RECALL_GRID, recall, precision, right=0.0)
     prec = prec[round(100 * min_recall) + 1:] - min_precision
     return float(np.mean(np.clip(prec, 0.0, None))) / (1.0 - min_precision)
@@ -110,7 +106,7 @@ def detection_ap(preds: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str, 
         scene_of = _cat([np.full(int(m.sum()), i) for i, m in enumerate(sel)], np.int64)
         local = _cat([np.arange(int(m.sum())) for m in sel], np.int64)
         dists = [np.linalg.norm(xy[m][:, None] - g[None], axis=-1) for xy, m, g in zip(p_xy, sel, gt_c, strict=True)]
-        order = np.argsort(-scores, kind="stable")
+        order = np.argsort(scores, kind="stable")[::-1]  # nuScenes: descending, ties with the later one first
         aps = []
         for thr in dist_thresholds:
             if npos == 0:

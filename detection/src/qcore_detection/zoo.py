@@ -29,7 +29,8 @@ DEFAULT_EVAL_SCENES = 100
 
 
 def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
-    """The detector in ``weights`` (safetensors) rebuilt from its JSON record; errors name the fix."""
+    """The detector in ``weights`` (safetensors) rebuilt from its JSON record, and the record with its
+    ``voxel_config`` as a :class:`VoxelConfig` and ``class_names``; errors name the fix."""
     from safetensors.torch import load_file
 
     record_path = weights.with_suffix(".json")
@@ -43,7 +44,9 @@ def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
         record = json.loads(record_path.read_text())
         model = build_model(record["model_config"])
         model.load_state_dict(load_file(str(weights)))
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        record["voxel_config"] = VoxelConfig(**record["voxel_config"])
+        record["class_names"] = tuple(record["model_config"]["class_names"])
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise QcoreError(f"cannot load detector weights {weights} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:120]}); the file is corrupt or not from "
                          "qcore_detection.train: re-export it") from None
@@ -73,7 +76,7 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
         raise QcoreError("the embedded detector runs on synthetic LiDAR (--data synthetic or nothing); real "
                          "datasets go through OpenPCDet: --model pcdet:CFG.yaml --weights CKPT --data DIR")
     model, record = load_detector(Path(weights) if weights else MODELS[name])
-    vcfg = VoxelConfig(**record["voxel_config"])
+    vcfg = record["voxel_config"]
     bs, calib_n = int(config.batch_size or 4), int(config.calib_size or 16)
     eval_n = config.eval_size if config.eval_size is not None else DEFAULT_EVAL_SCENES
     if eval_n < 1:
@@ -90,7 +93,7 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
 
     target = str(config.options.get("target", "bev"))
     return DetectionSetup(
-        model=model, name=f"zoo:{name}", class_names=tuple(record["model_config"]["class_names"]),
+        model=model, name=f"zoo:{name}", class_names=record["class_names"],
         calibration=calibration, evaluate=evaluate_model, target=make_target(target),
         data={"calibration": f"synthetic LiDAR train split: {calib_n} scenes (seed {config.seed})",
               "evaluation": f"fixed synthetic LiDAR val split: {eval_n} scenes (seed {VAL_SEED}); nuScenes-style "
