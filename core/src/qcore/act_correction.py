@@ -23,11 +23,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.layers import LayerInfo, watch_layers
+from qcore.layers import LayerInfo, run_hooked, watch_layers
 from qcore.progress import track
 from qcore.wrap import quant_layers
 
 log = logging.getLogger(__name__)
+
+
+class ChannelMeans:
+    """Running per-channel means of tensors, by name (channels on ``axis``)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, y: Tensor, axis: int) -> None:
+        rows = y.movedim(axis, 0).reshape(y.shape[axis], -1).double()
+        self.sums[name] = self.sums.get(name, 0) + rows.sum(dim=1)
+        self.counts[name] = self.counts.get(name, 0) + rows.shape[1]
+
+    def means(self) -> dict[str, Tensor]:
+        return {n: (s / max(self.counts[n], 1)).float() for n, s in self.sums.items()}
 
 
 @torch.no_grad()
@@ -35,17 +51,9 @@ def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], bat
                  layers: Mapping[str, LayerInfo]) -> dict[str, Tensor]:
     """Per-output-channel mean of each named module's output over ``batches`` (sparse outputs: over active
     sites)."""
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def record(name: str, y: Tensor) -> None:
-        axis = layers[name].act_axis
-        rows = y.movedim(axis, 0).reshape(y.shape[axis], -1).double()
-        sums[name] = sums.get(name, 0) + rows.sum(dim=1)
-        counts[name] = counts.get(name, 0) + rows.shape[1]
-
-    watch_layers(model, forward, batches, layers, on_output=record)
-    return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
+    acc = ChannelMeans()
+    watch_layers(model, forward, batches, layers, on_output=lambda n, y: acc.add(n, y, layers[n].act_axis))
+    return acc.means()
 
 
 @torch.no_grad()
@@ -54,27 +62,20 @@ def local_gaps(qmodel: nn.Module, forward: Callable[[nn.Module, Any], Any], batc
     """Per output channel, ``E[layer_fp(x) - layer_q(x)]`` of every quantized layer over ``batches``, where ``x``
     is the input that reaches the layer in the quantized model: the bias the layer's own quantization (weight
     and input) adds, not the drift of the layers before it."""
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    for name, q in quant_layers(qmodel).items():
-        def hook(layer: Any, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+    acc = ChannelMeans()
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(layer: Any, args: tuple[Any, ...], out: Any) -> None:
             got: list[Tensor] = []
             ref = layer.module(*args)  # FP weight, unquantized input
             layer.info.output_tensor(ref, lambda t: got.append(t) or t)
             layer.info.output_tensor(out, lambda t: got.append(t) or t)
-            axis = layer.info.act_axis
-            rows = (got[0] - got[1]).movedim(axis, 0).reshape(got[0].shape[axis], -1).double()
-            sums[name] = sums.get(name, 0) + rows.sum(dim=1)
-            counts[name] = counts.get(name, 0) + rows.shape[1]
-        handles.append(q.register_forward_hook(hook))
-    try:
-        for b in batches:
-            forward(qmodel, b)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (sums[n] / max(counts[n], 1)).float() for n in sums}
+            acc.add(name, got[0] - got[1], layer.info.act_axis)
+        return fn
+
+    layers = quant_layers(qmodel)
+    run_hooked(qmodel, forward, batches, [q.register_forward_hook(hook(n)) for n, q in layers.items()])
+    return acc.means()
 
 
 def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],

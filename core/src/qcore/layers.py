@@ -130,6 +130,13 @@ def watch_layers(model: nn.Module, forward: Callable[[nn.Module, Any], Any], bat
             handles.append(module.register_forward_pre_hook(pre_hook(name, info, on_input)))
         if on_output is not None:
             handles.append(module.register_forward_hook(post_hook(name, info, on_output)))
+    run_hooked(model, forward, batches, handles)
+
+
+def run_hooked(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Iterable[Any],
+               handles: Sequence[Any]) -> None:
+    """Run ``forward(model, batch)`` over ``batches`` and remove the hook ``handles`` afterwards, also on
+    error."""
     try:
         for b in batches:
             forward(model, b)

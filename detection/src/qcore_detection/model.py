@@ -265,10 +265,15 @@ def load_model(weights: str | Path, sidecar: str | Path | None = None) -> VoxelN
     :param sidecar: its JSON record (default: the same name with ``.json``), whose ``model_config`` rebuilds
         the model.
     """
+    weights = Path(weights)
+    return model_from_record(weights, json.loads(Path(sidecar or weights.with_suffix(".json")).read_text()))
+
+
+def model_from_record(weights: str | Path, record: dict[str, Any]) -> VoxelNeXtLite:
+    """The detector of a training ``record`` (its ``model_config``) with the weights in ``weights``, in eval
+    mode on CPU."""
     from safetensors.torch import load_file
 
-    weights = Path(weights)
-    record = json.loads(Path(sidecar or weights.with_suffix(".json")).read_text())
     model = build_model(record["model_config"])
     model.load_state_dict(load_file(str(weights)))
     return model.eval()

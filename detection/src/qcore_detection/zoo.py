@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from qcore.components import RunConfig
 from qcore.devices import module_device, to_device
 from qcore.errors import QcoreError
-from qcore_detection.model import VoxelNeXtLite, bev_dense, build_model, head_outputs
+from qcore_detection.model import VoxelNeXtLite, bev_dense, head_outputs, model_from_record
 from qcore_detection.setup import TARGETS, DetectionSetup
 from qcore_detection.synthetic import SyntheticSplit
 from qcore_detection.train import evaluate
@@ -31,8 +31,6 @@ DEFAULT_EVAL_SCENES = 100
 def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
     """The detector in ``weights`` (safetensors) rebuilt from its JSON record, and the record with its
     ``voxel_config`` as a :class:`VoxelConfig` and ``class_names``; errors name the fix."""
-    from safetensors.torch import load_file
-
     record_path = weights.with_suffix(".json")
     if not weights.is_file():
         raise QcoreError(f"--weights {weights} does not exist; pass a model.safetensors written by "
@@ -42,15 +40,14 @@ def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
                          "missing; keep the .json beside the .safetensors")
     try:
         record = json.loads(record_path.read_text())
-        model = build_model(record["model_config"])
-        model.load_state_dict(load_file(str(weights)))
+        model = model_from_record(weights, record)
         record["voxel_config"] = VoxelConfig(**record["voxel_config"])
         record["class_names"] = tuple(record["model_config"]["class_names"])
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise QcoreError(f"cannot load detector weights {weights} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:120]}); the file is corrupt or not from "
                          "qcore_detection.train: re-export it") from None
-    return model.eval(), record
+    return model, record
 
 
 def make_target(kind: str):  # type: ignore[no-untyped-def]
