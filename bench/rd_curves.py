@@ -6,6 +6,12 @@ Prints one line per engine (seconds, candidates, candidates/s) and the largest r
 the reference and fast curves, per entry (where the reference distortion is above 1e-12) and relative to each
 curve's largest value (entries far below a curve's scale sit at the fp32 noise floor of the logits). The model is the
 zoo model with BatchNorm folded, as ``qcore run`` sees it; all Conv/Linear layers are measured (no pins).
+
+``--projections 0 1`` measures the second-order engine exact (0) and with 1 random output direction per sample.
+``--deadzones 10`` measures every engine on the seed's dead-zone search (10 ratios per group and bit-width).
+It also prints the FLOP ceiling of the fast engine: conv/linear FLOPs of the reference (a whole forward per
+candidate) over those of the fast engine (the candidate's rows of the layer, then the downstream part), summed
+over all candidates; on a compute-bound machine the fast engine cannot beat the reference by more than that.
 Runs from a source checkout (no install needed): the packages' src folders are put on sys.path.
 """
 
@@ -30,7 +36,35 @@ from qcore.layers import discover, measure_layers, torch_layer_info  # noqa: E40
 from qcore_classification.data import load_data  # noqa: E402
 from qcore_classification.loaders import load_zoo  # noqa: E402
 from qcore_rdoq.curves import first_order_curves  # noqa: E402
-from qcore_rdoq.second_order import second_order_curves  # noqa: E402
+from qcore_rdoq.curves import FastEngine  # noqa: E402
+from qcore_rdoq.groups import weight_groups  # noqa: E402
+from qcore_rdoq.second_order import second_order_curve_set  # noqa: E402
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def fast_flop_ceiling(model, batch, layers, group: int) -> float:
+    """Reference FLOPs / fast-engine FLOPs over every candidate (one candidate per group and bit-width)."""
+    eng = FastEngine(model, lambda m, b: m(b), [batch])
+    full = _flops(lambda: model(batch))
+    ref = fast = 0
+    for name, info in layers.items():
+        n = len(weight_groups(info, group))
+        split = eng.split(name)
+        x, needed = split.capture(batch)
+        module = model.get_submodule(name)
+        y = module(x)
+        layer = _flops(lambda: module(x))
+        down = _flops(lambda: split.run(y, needed))
+        ref += n * full
+        fast += n * (down + layer * group / info.out_channels)  # only the group's output channels are computed
+    return ref / fast
 
 
 def main() -> int:
@@ -43,6 +77,9 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=0, help="candidates per pass; 0 = auto")
     p.add_argument("--engines", nargs="+", default=["reference", "fast", "second-order"],
                    choices=["reference", "fast", "second-order"])
+    p.add_argument("--projections", nargs="+", type=int, default=[0, 1],
+                   help="second-order runs: 0 = exact, K = K random output directions per sample")
+    p.add_argument("--deadzones", type=int, default=1, help="dead-zone ratios per group and bit (seed: 10)")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -56,27 +93,37 @@ def main() -> int:
     measure_layers(model, layers, lambda m: m(batches[0]))
     fwd = lambda m, b: m(b)  # noqa: E731
     bits = list(range(0, 11))
+    ratios = [i / args.deadzones for i in range(args.deadzones)]
     results, curves_by = {}, {}
-    def curves(eng: str, bs: list, ls: dict, bits: list[int]):
-        if eng == "second-order":
-            return second_order_curves(model, bs, ls, args.group, bits)
-        return first_order_curves(model, fwd, bs, ls, args.group, bits, eng, args.chunk)
 
-    for eng in args.engines:
-        curves(eng, batches[:1], dict(list(layers.items())[:1]), [4])  # warm-up
+    def curves(eng: str, bs: list, ls: dict, bits: list[int], k: int = 0) -> np.ndarray:
+        """All ratios' curves side by side, ``[groups, ratios * bits]``."""
+        if eng == "second-order":
+            per = second_order_curve_set(model, bs, ls, args.group, bits, ratios, projections=k)
+        else:
+            per = [first_order_curves(model, fwd, bs, ls, args.group, bits, eng, args.chunk, deadzone=r)
+                   for r in ratios]
+        assert all(c.engine == eng for c in per), "an engine fell back"
+        return np.concatenate([c.dist for c in per], axis=1)
+
+    runs = [(e, 0) for e in args.engines if e != "second-order"]
+    runs += [("second-order", k) for k in args.projections] if "second-order" in args.engines else []
+    for eng, k in runs:
+        label = eng if eng != "second-order" or not k else f"second-order ({k} proj.)"
+        curves(eng, batches[:1], dict(list(layers.items())[:1]), [4], k)  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        c = curves(eng, batches, layers, bits)
+        c = curves(eng, batches, layers, bits, k)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        curves_by[eng] = c
-        n = c.dist.size
-        results[eng] = {"seconds": dt, "candidates": n, "per_second": n / dt, "engine_used": c.engine}
-        print(f"{eng:>10}: {dt:8.2f} s for {n} candidates ({n / dt:8.1f}/s), engine used: {c.engine}")
+        curves_by[label] = c
+        n = c.size
+        results[label] = {"seconds": dt, "candidates": n, "per_second": n / dt}
+        print(f"{label:>22}: {dt:8.2f} s for {n} candidates ({n / dt:8.1f}/s)")
     if "reference" in curves_by and "fast" in curves_by:
-        ref, fast = curves_by["reference"].dist, curves_by["fast"].dist
+        ref, fast = curves_by["reference"], curves_by["fast"]
         mask = ref > 1e-12
         rel = float(np.max(np.abs(fast[mask] - ref[mask]) / ref[mask]))
         speed = results["reference"]["seconds"] / results["fast"]["seconds"]
@@ -86,17 +133,25 @@ def main() -> int:
         results["speedup_fast_vs_reference"] = speed
         print(f"max relative difference fast vs reference: {rel:.2e} per entry, {curve_rel:.2e} relative to each "
               f"curve's largest value; speed-up {speed:.1f}x")
-    if "reference" in curves_by and "second-order" in curves_by:
-        speed = results["reference"]["seconds"] / results["second-order"]["seconds"]
-        ref, so = curves_by["reference"].dist, curves_by["second-order"].dist
-        ratio = np.median(so[ref > 1e-12] / ref[ref > 1e-12])
-        results["speedup_second_order_vs_reference"] = speed
-        results["median_ratio_second_order_to_reference"] = float(ratio)
-        print(f"second-order: speed-up {speed:.1f}x over reference; median ratio of its estimates to the measured "
-              f"curves {ratio:.3f} (an approximation, compared by accuracy in bench/rdoq_table.py)")
+    for label in [k for k in curves_by if k.startswith("second-order")]:
+        if "reference" not in curves_by:
+            break
+        speed = results["reference"]["seconds"] / results[label]["seconds"]
+        ref, so = curves_by["reference"], curves_by[label]
+        ratio = so[ref > 1e-12] / ref[ref > 1e-12]
+        results[label] |= {"speedup_vs_reference": speed, "median_ratio_to_reference": float(np.median(ratio)),
+                           "p5_p95_ratio_to_reference": [float(np.percentile(ratio, 5)),
+                                                         float(np.percentile(ratio, 95))]}
+        print(f"{label}: speed-up {speed:.1f}x over reference; its estimates / the measured curves: median "
+              f"{np.median(ratio):.3f}, 5-95 % {np.percentile(ratio, 5):.2f}-{np.percentile(ratio, 95):.2f} (an "
+              "approximation, compared by accuracy in bench/rdoq_table.py)")
+    ceiling = fast_flop_ceiling(model, batches[0], layers, args.group)
+    results["fast_flop_ceiling"] = ceiling
+    print(f"fast engine FLOP ceiling (reference conv/linear FLOPs / fast FLOPs): {ceiling:.1f}x")
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    print(f"model {args.model} (BN folded, {len(layers)} layers, group {args.group}, bits 0..10), "
+    print(f"model {args.model} (BN folded, {len(layers)} layers, group {args.group}, bits 0..10, "
+          f"{args.deadzones} dead-zone ratio(s)), "
           f"{sum(b.shape[0] for b in batches)} samples, {machine}, torch {torch.__version__}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "machine": machine,

@@ -5,7 +5,8 @@
 Per model and bit-width b: uniform W{b}A{b} with min/max activation ranges (the baseline), uniform W{b}A{b}
 with MSE activation ranges (what RDOQ uses for activations, so the difference to it is the allocation alone),
 and RDOQ at --target-bits b with activations uniform at b bits: first-order curves with the DP and with the
-Lagrangian solver, second-order curves with the DP, and first-order curves for weights *and* activations
+Lagrangian solver, second-order curves with the DP (exact Gauss-Newton, and estimated from one random output
+direction per sample), and first-order curves for weights *and* activations
 (``budget=separate``: weights average b, activations average b, each RD-allocated; ``budget=joint``: one
 budget of b bits on average over weight and activation elements together, as in the seed).
 Every run: first and last layer pinned at 8 bits (counted in the average), 512 calibration images (the
@@ -28,6 +29,7 @@ ROWS = {
     "rdoq dp": ["--plugin", "rdoq", "-o", "solver=dp"],
     "rdoq lagrangian": ["--plugin", "rdoq", "-o", "solver=lagrangian"],
     "rdoq 2nd-order dp": ["--plugin", "rdoq", "-o", "engine=second-order"],
+    "rdoq 2nd-order dp (1 projection)": ["--plugin", "rdoq", "-o", "engine=second-order", "-o", "projections=1"],
     "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate"],
     "rdoq joint W+A": ["--plugin", "rdoq", "-o", "budget=joint"],
 }

@@ -135,6 +135,7 @@ class RangeCalibrator(Calibrator):
                     rows = q.rows_of(layer.module.weight.detach())
                     lo, hi = west(rows, q.row_bits(), q.spec.symmetric)
                 q.set_range(lo, hi)
+                q.fit_rows(rows)
                 if self.prune_to_mean:
                     q.set_prune_value(q.channel_values(rows.mean(dim=1)))
 

@@ -142,6 +142,13 @@ class UniformFakeQuant(nn.Module):
         self.hi.copy_(hi.to(self.hi.device))
         self.calibrated = True
 
+    def fit_rows(self, rows: Tensor) -> None:
+        """Refine the parameters from the tensor's own rows (``rows_of(weight)``), after :meth:`set_range`.
+
+        Weight calibration calls this; the uniform grid needs nothing more than its range, while a subclass
+        with extra per-group parameters (qcore-rdoq's dead-zone grid) fits them here.
+        """
+
     def set_prune_value(self, per_channel: Tensor) -> None:
         """The constant that 0-bit channels take (default 0)."""
         self.prune_value.copy_(torch.as_tensor(per_channel, dtype=torch.float32).reshape(-1)

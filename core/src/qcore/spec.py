@@ -41,6 +41,8 @@ class QuantSpec:
     :param axis: the channel axis; None lets the layer decide (weights: output channels, dim 0; activations:
         dim 1 of conv inputs [N, C, ...], the last dim of linear inputs [..., C]).
     :param quantizer: name of the registered quantizer that realises the grid ("uniform" is core's).
+    :param group_params: one quantizer-specific number per group of ``group_size`` channels (e.g. the dead-zone
+        fraction of qcore-rdoq's ``deadzone`` quantizer); None for grids that need none.
     """
 
     bits: int
@@ -50,6 +52,7 @@ class QuantSpec:
     group_bits: tuple[int, ...] | None = None
     axis: int | None = None
     quantizer: str = "uniform"
+    group_params: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         bits = [self.bits] + list(self.group_bits or ())
@@ -67,6 +70,10 @@ class QuantSpec:
                 raise QcoreError("per-group bit-widths need per-channel or per-group scales, not one per tensor")
             if not isinstance(self.group_bits, tuple):
                 object.__setattr__(self, "group_bits", tuple(self.group_bits))
+        if self.group_params is not None:
+            if not self.group_size:
+                raise QcoreError("group_params needs group_size (channels per group)")
+            object.__setattr__(self, "group_params", tuple(float(v) for v in self.group_params))
 
     @property
     def mixed(self) -> bool:
@@ -75,8 +82,9 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["group_bits"] is not None:
-            d["group_bits"] = list(d["group_bits"])
+        for key in ("group_bits", "group_params"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
     @classmethod

@@ -28,6 +28,7 @@ from qcore.ops import fake_quantize, qparams_from_range
 from qcore.progress import track
 from qcore.ranges import get_range_estimator
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
+from qcore_rdoq.second_order import output_directions
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
 
 def second_order_activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any],
                                    layers: dict[str, LayerInfo], bits: Sequence[int], symmetric: bool = False,
-                                   estimator: str = "mse", seed: int = 0) -> tuple[np.ndarray, float]:
+                                   estimator: str = "mse", seed: int = 0, projections: int = 0
+                                   ) -> tuple[np.ndarray, float]:
     """``[layers, bits]`` activation distortions from the Gauss-Newton expansion, no forward per candidate.
 
     ``D_L(b) ~ (1 / (N C)) sum_n sum_c (J_{n,c} . dx_{n,b})^2`` with ``dx_{n,b}`` the quantization error of layer
@@ -98,13 +100,17 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
     with respect to that input. One backward pass per output ``c`` gives these gradients for every layer at
     once (samples are independent in an eval-mode model), so the cost is ``C`` backward passes per batch
     instead of a forward per layer and bit. Needs tensor batches and a ``[N, C]`` distortion target.
+    ``projections=K`` replaces the ``C`` output directions by ``K`` random ones per sample (unbiased; see
+    :mod:`qcore_rdoq.second_order`).
     """
+
     t0 = time.perf_counter()
     names = list(layers)
     samples = observe_inputs(model, forward, batches, layers, seed=seed)
     quants = {n: _quantizers(samples[n], bits, symmetric, estimator) for n in names}
     dist = np.zeros((len(names), len(bits)))
     count = 0
+    gen = torch.Generator().manual_seed(seed)
     for batch in track(batches, desc="activation RD curves (second-order)", unit="batch"):
         if not (isinstance(batch, torch.Tensor) and batch.is_floating_point()):
             raise TypeError("second-order activation curves need floating-point tensor batches")
@@ -123,9 +129,11 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
                 y = forward(model, batch.detach().clone().requires_grad_(True))
                 y = y.reshape(y.shape[0], -1)
                 inputs = [seen[n] for n in names]
-                for c in range(y.shape[1]):
-                    grads = torch.autograd.grad(y[:, c].sum(), inputs, retain_graph=c + 1 < y.shape[1],
-                                                allow_unused=True)
+                dirs = output_directions(y.shape[0], y.shape[1], projections, gen)
+                steps = y.shape[1] if dirs is None else dirs.shape[1]
+                for c in range(steps):
+                    scalar = y[:, c].sum() if dirs is None else (y * dirs[:, c].to(y.device)).sum()
+                    grads = torch.autograd.grad(scalar, inputs, retain_graph=c + 1 < steps, allow_unused=True)
                     for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
                         if g is None:  # this output does not depend on the layer
                             continue

@@ -38,6 +38,14 @@ class RDOQOptions:
     engine: Literal["fast", "reference", "second-order"] = field(default="fast", metadata={
         "help": "RD curves: fast (cached, downstream only, batched), reference (rerun the whole model), "
                 "second-order (Gauss-Newton estimate from per-sample Jacobians, no pass per candidate)"})
+    projections: int = field(default=0, metadata={
+        "help": "second-order engine: 0 = exact Gauss-Newton (one backward pass per output of the distortion "
+                "target); K > 0 = K random output directions per sample, an unbiased estimate at K passes "
+                "(for targets with many outputs, e.g. 1000 ImageNet logits)"})
+    deadzones: int = field(default=0, metadata={
+        "help": "dead-zone ratios searched per weight group and bit-width, as in the seed: N tries 0, 1/N, ..., "
+                "(N-1)/N of the group's weights in the dead zone and keeps the best for each bit-width; 0 = auto "
+                "(10 with --quantizer deadzone, else 1 = plain grid only)"})
     solver: Literal["dp", "lagrangian"] = field(default="dp", metadata={
         "help": "dp: exact dynamic programming; lagrangian: bisection on lambda over the curves"})
     min_bits: int = field(default=0, metadata={"help": "lowest bit-width a group may get (0 = pruned)"})
@@ -66,8 +74,8 @@ class RDOQOptions:
             raise QcoreError(f"need 0 <= min_bits <= max_bits <= 16, got {self.min_bits}, {self.max_bits}")
         if not 1 <= self.min_act_bits <= self.max_bits:
             raise QcoreError(f"need 1 <= min_act_bits <= max_bits, got {self.min_act_bits}")
-        if self.group < 0 or self.curve_samples < 1 or self.chunk < 0 or self.resolution <= 0:
-            raise QcoreError("group and chunk must be >= 0, curve_samples >= 1, resolution > 0")
+        if min(self.group, self.chunk, self.projections, self.deadzones) < 0 or self.curve_samples < 1 or self.resolution <= 0:
+            raise QcoreError("group, chunk, projections and deadzones must be >= 0, curve_samples >= 1, resolution > 0")
 
 
 def auto_group_size(out_channels: list[int]) -> int:
@@ -97,27 +105,62 @@ class RDOQAllocator(Allocator):
     Options = RDOQOptions
 
     def curves(self, ctx: RunContext, free: list[str], group: int, batches: list[Any],
-               engine: Engine | None) -> Curves:
-        """Weight curves of the ``free`` layers (``engine``: the first-order engine, None for second-order)."""
+               engine: Engine | None) -> tuple[Curves, np.ndarray | None]:
+        """Weight curves of the ``free`` layers (``engine``: the first-order engine, None for second-order).
+
+        With several dead-zone ratios, each curve entry is the best over the ratios, and the second value gives
+        the ratio that achieved it (``[groups, bits]``); otherwise it is None.
+        """
         o = self.options
+        ratios = self._deadzone_ratios(ctx)
         bits = list(range(o.min_bits, o.max_bits + 1))
         corr = ctx.pipeline.weight_correction  # curves see the weights exactly as deployment corrects them
-        cache = None
-        if o.cache != "off":
-            root = default_cache_root() if o.cache == "auto" else Path(o.cache)
-            key = fingerprint(ctx.model, batches, {"engine": o.engine, "group": group, "bits": bits,
-                                                   "weight_range": "mse", "correction": corr, "version": 1})
-            cache = CurveCache(root, key)
+        caches = [self._cache(ctx, batches, group, bits, corr, r) for r in ratios]
+        layers = {n: ctx.layers[n] for n in free}
         if engine is None:
-            from qcore_rdoq.second_order import second_order_curves
+            from qcore_rdoq.second_order import second_order_curve_set
 
             if not all(isinstance(b, torch.Tensor) for b in batches):
                 raise NotImplementedMethodError("rdoq engine 'second-order' needs tensor batches (classification-"
                                                 "style tasks); use engine=fast or engine=reference")
-            return second_order_curves(ctx.model, batches, {n: ctx.layers[n] for n in free}, group, bits,
-                                       cache=cache, correction=corr)
-        return first_order_curves(ctx.model, ctx.task.forward, batches, {n: ctx.layers[n] for n in free}, group,
-                                  bits, engine, cache=cache, correction=corr)
+            per_ratio = second_order_curve_set(ctx.model, batches, layers, group, bits, ratios, caches=caches,
+                                               correction=corr, projections=o.projections, seed=ctx.config.seed)
+        else:
+            per_ratio = [first_order_curves(ctx.model, ctx.task.forward, batches, layers, group, bits, engine,
+                                            cache=c, correction=corr, deadzone=r) for r, c in zip(ratios, caches)]
+        if len(per_ratio) == 1:
+            return per_ratio[0], None
+        stack = np.stack([c.dist for c in per_ratio])  # [ratios, groups, bits]
+        best = stack.argmin(axis=0)  # ties: the smaller ratio (0 = the plain grid)
+        first = per_ratio[0]
+        layer_engines = {n: "cache" if all(c.layer_engines.get(n) == "cache" for c in per_ratio)
+                         else first.layer_engines.get(n, first.engine) for n in free}
+        curves = Curves(groups=first.groups, bits=first.bits, dist=stack.min(axis=0), engine=first.engine,
+                        seconds=sum(c.seconds for c in per_ratio), layer_engines=layer_engines)
+        log.info("rdoq: dead-zone search over %d ratios (%s) for %d groups", len(ratios), o.engine, len(first.groups))
+        return curves, np.asarray(ratios)[best]
+
+    def _deadzone_ratios(self, ctx: RunContext) -> list[float]:
+        n = self.options.deadzones or (10 if ctx.quantizer.name == "deadzone" else 1)
+        if n > 1 and ctx.quantizer.name != "deadzone":
+            raise QcoreError(f"-o deadzones={n} searches dead-zone grids, which need --quantizer deadzone "
+                             "(or --method rdoq-deadzone)")
+        return [i / n for i in range(n)]
+
+    def _cache(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
+               deadzone: float) -> CurveCache | None:
+        """The curve cache of one setting (None with ``-o cache=off``)."""
+        o = self.options
+        if o.cache == "off":
+            return None
+        root = default_cache_root() if o.cache == "auto" else Path(o.cache)
+        settings: dict[str, Any] = {"engine": o.engine, "group": group, "bits": bits, "weight_range": "mse",
+                                    "correction": corr, "version": 1}
+        if o.engine == "second-order" and o.projections:
+            settings |= {"projections": o.projections, "seed": ctx.config.seed}
+        if deadzone:
+            settings["deadzone"] = deadzone
+        return CurveCache(root, fingerprint(ctx.model, batches, settings))
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
                ) -> tuple[Allocation, float | None]:
@@ -133,9 +176,12 @@ class RDOQAllocator(Allocator):
         free = [n for n in ctx.layers if n not in ctx.pinned]
         if not free:
             raise QcoreError("every quantizable layer is pinned; nothing is left for rdoq to allocate")
-        if ctx.quantizer.name != "uniform":
-            raise QcoreError(f"rdoq measures its curves on the uniform grid; --quantizer {ctx.quantizer.name} is not "
-                             "supported with it")
+        if ctx.quantizer.name not in ("uniform", "deadzone"):
+            raise QcoreError(f"rdoq measures its curves on the uniform or the dead-zone grid; --quantizer "
+                             f"{ctx.quantizer.name} is not supported with it")
+        if ctx.quantizer.name == "deadzone" and o.rate == "entropy":
+            raise NotImplementedMethodError("rate=entropy is not implemented for the dead-zone grid; use rate=fixed")
+        self._deadzone_ratios(ctx)  # refuse a dead-zone search without its quantizer before any work
         acts = o.budget != "weights"
         if acts and ctx.pipeline.act_targets == "none":
             raise QcoreError(f"budget={o.budget} allocates activation bits, but -o act_targets=none quantizes no "
@@ -168,7 +214,7 @@ class RDOQAllocator(Allocator):
         tensors = all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches)
         engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
                   if o.engine != "second-order" or (acts and not tensors) else None)
-        curves = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
+        curves, dz_ratio = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
         rates = np.array(curves.bits, dtype=np.float64)
         w_sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
         w_rates = self._entropy_rates(ctx, free, group, curves) if o.rate == "entropy" else rates
@@ -179,7 +225,7 @@ class RDOQAllocator(Allocator):
             if o.engine == "second-order" and tensors:
                 a_d, act_seconds = second_order_activation_curves(
                     ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
-                    ctx.pipeline.act_symmetric, seed=ctx.config.seed)
+                    ctx.pipeline.act_symmetric, seed=ctx.config.seed, projections=o.projections)
                 act_engine = "second-order"
             else:
                 a_d, act_seconds = activation_curves(
@@ -217,10 +263,14 @@ class RDOQAllocator(Allocator):
         for i, name in enumerate(free):
             n_groups = math.ceil(info[name].out_channels / group)
             wb = [int(b) for b in w_bits[k:k + n_groups]]
+            dz = None
+            if ctx.quantizer.name == "deadzone":
+                dz = ([0.0] * n_groups if dz_ratio is None else
+                      [float(dz_ratio[k + j, curves.bits.index(b)]) for j, b in enumerate(wb)])
             k += n_groups
             ab = int(a_alloc[i]) if a_alloc is not None else ctx.budget.a_bits
-            layers[name] = LayerSpec(weight=weight_spec(group, wb, info[name].out_channels),
-                                     act=layer_spec(ctx.pipeline, None, ab).act)
+            layers[name] = LayerSpec(weight=weight_spec(group, wb, info[name].out_channels, dz),
+                                     act=layer_spec(ctx.pipeline, None, ab, ctx.quantizer.name).act)
         w_avg = (float((w_sizes * w_bits).sum()) + w_pinned) / w_total
         log.info("rdoq: %d weight groups%s, weights %.3f bits (target %s, budget %s), curves %.1fs (%s)",
                  len(w_sizes), f" + {len(free)} activations" if acts else "", w_avg, target, o.budget,
@@ -232,6 +282,12 @@ class RDOQAllocator(Allocator):
                 "fallback_layers": sorted(n for n, e in curves.layer_engines.items()
                                           if e not in (curves.engine, "cache")),
                 "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
+        if o.engine == "second-order":
+            meta["projections"] = o.projections
+        if dz_ratio is not None:
+            chosen_dz = dz_ratio[np.arange(len(w_sizes)), sol.choice[: len(w_sizes)]]
+            meta["deadzone_ratios"] = len(self._deadzone_ratios(ctx))
+            meta["deadzone_groups"] = int((chosen_dz > 0).sum())
         if acts:
             meta["act_engine"] = act_engine
             meta["act_candidate_bits"] = a_bits_list

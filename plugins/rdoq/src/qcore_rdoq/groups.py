@@ -20,6 +20,7 @@ from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
 from qcore.ranges import get_range_estimator
 from qcore.spec import QuantSpec
+from qcore_rdoq.deadzone import DeadZoneFakeQuant
 
 
 @dataclass(frozen=True)
@@ -42,55 +43,73 @@ def weight_groups(info: LayerInfo, group_size: int) -> list[WeightGroup]:
             for g in range(n)]
 
 
-def weight_spec(group_size: int, bits: list[int] | tuple[int, ...], out_channels: int) -> QuantSpec:
-    """The plan spec of a layer whose groups carry ``bits`` (one symmetric scale per group)."""
+def weight_spec(group_size: int, bits: list[int] | tuple[int, ...], out_channels: int,
+                deadzones: list[float] | tuple[float, ...] | None = None) -> QuantSpec:
+    """The plan spec of a layer whose groups carry ``bits`` (one symmetric scale per group); with
+    ``deadzones`` (one ratio per group), on the ``deadzone`` quantizer's grid."""
     bits = tuple(int(b) for b in bits)
     assert len(bits) == math.ceil(out_channels / group_size)
     mean = round(sum(bits) / len(bits))
-    return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits)
+    if deadzones is None:
+        return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits)
+    return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits,
+                     quantizer="deadzone", group_params=tuple(float(d) for d in deadzones))
 
 
-def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.device) -> UniformFakeQuant:
+def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.device, deadzone: float
+                ) -> UniformFakeQuant:
     n = math.ceil(info.out_channels / group_size)
+    if deadzone > 0:
+        spec = weight_spec(group_size, [bits] * n, info.out_channels, [deadzone] * n)
+        return DeadZoneFakeQuant(spec, info.out_channels, info.weight_axis).to(device)
     spec = weight_spec(group_size, [bits] * n, info.out_channels)
     return UniformFakeQuant(spec, info.out_channels, info.weight_axis).to(device)
 
 
 @torch.no_grad()
 def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse",
-                correction: Correction = "none") -> Tensor:
+                correction: Correction = "none", deadzone: float = 0.0) -> Tensor:
     """``weight`` with every group quantized at ``bits`` exactly as deployment would (see module docstring)."""
-    return candidate_table(weight, info, group_size, [bits], weight_range, correction)[bits]
+    return candidate_table(weight, info, group_size, [bits], weight_range, correction, deadzone)[bits]
 
 
-def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str
-            ) -> dict[int, UniformFakeQuant]:
-    """The deployed per-group quantizer of the layer at each bit-width, its clip ranges set.
+def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str,
+            deadzone: float = 0.0) -> dict[int, UniformFakeQuant]:
+    """The deployed per-group quantizer of the layer at each bit-width, its clip ranges set (and, on the
+    dead-zone grid, its dead zones fitted).
 
     The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
     so each range equals what the deployed per-group quantizer computes for that row.
     """
-    fqs = {b: _fake_quant(info, group_size, b, weight.device) for b in bits}
+    fqs = {b: _fake_quant(info, group_size, b, weight.device, deadzone) for b in bits}
     rows = {b: fq.rows_of(weight) for b, fq in fqs.items()}
-    lo, hi = get_range_estimator(weight_range)(torch.cat(list(rows.values())),
-                                               torch.cat([fqs[b].row_bits() for b in bits]), True)
+    searched = [b for b in bits if b > 0]  # a pruned group has no range to search
+    if searched:
+        lo, hi = get_range_estimator(weight_range)(torch.cat([rows[b] for b in searched]),
+                                                   torch.cat([fqs[b].row_bits() for b in searched]), True)
     k = 0
     for b in bits:
         r = rows[b].shape[0]
+        if b == 0:
+            fqs[b].set_range(rows[b].amin(dim=1), rows[b].amax(dim=1))
+            continue
         fqs[b].set_range(lo[k:k + r], hi[k:k + r])
+        fqs[b].fit_rows(rows[b])
         k += r
     return fqs
 
 
 @torch.no_grad()
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                    weight_range: str = "mse", correction: Correction = "none") -> dict[int, Tensor]:
+                    weight_range: str = "mse", correction: Correction = "none", deadzone: float = 0.0
+                    ) -> dict[int, Tensor]:
     """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later).
 
     ``correction`` is the run's weight bias correction, applied per output channel as deployment applies it.
+    ``deadzone`` > 0: every group on the dead-zone grid with that ratio (:mod:`qcore_rdoq.deadzone`).
     """
     return {b: correct_weight(weight, fq(weight), correction, info.weight_axis)
-            for b, fq in _ranged(weight, info, group_size, bits, weight_range).items()}
+            for b, fq in _ranged(weight, info, group_size, bits, weight_range, deadzone).items()}
 
 
 def _entropy(codes: Tensor) -> float:

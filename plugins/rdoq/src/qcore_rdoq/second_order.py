@@ -8,6 +8,12 @@ compute every sample's Jacobian for all layers at once (``vmap(jacrev)``, one ba
 and output), then each candidate costs one small matrix product. This fixes the seed's version, which used
 the gradient of the *norm* of a whole batch's logits (a sensitivity proxy, rank K = batches), and paired
 activation gradients with the wrong samples.
+
+With ``projections=K`` (for targets with many outputs: 1000 ImageNet logits would need 1000 backward passes),
+each sample's ``C`` output directions are replaced by ``K`` random ones: ``||J_n dw||^2`` is estimated by
+``||R_n J_n dw||^2`` with ``R_n`` a ``[K, C]`` matrix of independent +-1/sqrt(K) entries, drawn afresh per
+sample. ``E[R_n^T R_n] = I``, so the estimate is unbiased; its relative standard deviation per entry is at most
+``sqrt(2 / (K N))`` over ``N`` samples, and the cost drops from ``C`` to ``K`` backward passes.
 """
 
 from __future__ import annotations
@@ -31,61 +37,111 @@ from qcore_rdoq.groups import candidate_table, weight_groups
 log = logging.getLogger(__name__)
 
 
-def _jacobians(model: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, Tensor]:
-    """Per-sample Jacobians of the flattened model output w.r.t. each named layer's weight:
-    ``{name: [samples, outputs, *weight.shape]}``."""
+def output_directions(samples: int, outputs: int, projections: int, generator: torch.Generator
+                      ) -> Tensor | None:
+    """``[samples, K, outputs]`` random output directions (independent +-1/sqrt(K) entries, so that
+    ``E[R^T R] = I`` per sample), or None for the exact expansion (every output is its own direction; also
+    when ``projections`` is 0 or not below ``outputs``, where projecting would cost as much)."""
+    if projections <= 0 or projections >= outputs:
+        return None
+    signs = torch.randint(0, 2, (samples, projections, outputs), generator=generator).float() * 2 - 1
+    return signs / projections ** 0.5
+
+
+def _jacobians(model: nn.Module, names: Sequence[str], x: Tensor, dirs: Tensor | None) -> dict[str, Tensor]:
+    """Per-sample Jacobians of the flattened model output (or of its projections on ``dirs``, ``[samples, K,
+    outputs]``) w.r.t. each named layer's weight: ``{name: [samples, outputs or K, *weight.shape]}``."""
     params = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in names}
 
     def out(p: dict[str, Tensor], xi: Tensor) -> Tensor:
         return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).flatten()
 
-    jac = torch.func.vmap(torch.func.jacrev(out), in_dims=(None, 0))(params, x)
+    if dirs is None:
+        jac = torch.func.vmap(torch.func.jacrev(out), in_dims=(None, 0))(params, x)
+    else:
+        def projected(p: dict[str, Tensor], xi: Tensor, r: Tensor) -> Tensor:
+            return r @ out(p, xi)
+
+        jac = torch.func.vmap(torch.func.jacrev(projected), in_dims=(None, 0, 0))(params, x, dirs.to(x.device))
     return {n: jac[f"{n}.weight"] for n in names}
 
 
-@torch.no_grad()
+def _output_count(model: nn.Module, batch: Tensor) -> int:
+    """Outputs per sample of the distortion target."""
+    return int(model(batch[:1]).numel())
+
+
 def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
-                        bits: Sequence[int], sub_batch: int = 8, weight_range: str = "mse",
-                        cache: CurveCache | None = None, correction: Correction = "none") -> Curves:
+                        bits: Sequence[int], sub_batch: int = 0, weight_range: str = "mse",
+                        cache: CurveCache | None = None, correction: Correction = "none", projections: int = 0,
+                        seed: int = 0, deadzone: float = 0.0) -> Curves:
     """Gauss-Newton estimates of ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
-    All layers come from one set of Jacobians, so ``cache`` is used all or nothing.
+    ``projections``: 0 for the exact expansion, else ``K`` random output directions per sample (drawn from
+    ``seed``, so a run is reproducible). ``deadzone`` > 0 puts the candidates on the dead-zone grid with that
+    ratio. All layers come from one set of Jacobians, so ``cache`` is used all or nothing.
     """
+    return second_order_curve_set(model, batches, layers, group_size, bits, [deadzone], sub_batch, weight_range,
+                                  [cache], correction, projections, seed)[0]
+
+
+@torch.no_grad()
+def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo],
+                           group_size: int, bits: Sequence[int], deadzones: Sequence[float], sub_batch: int = 0,
+                           weight_range: str = "mse", caches: Sequence[CurveCache | None] | None = None,
+                           correction: Correction = "none", projections: int = 0, seed: int = 0) -> list[Curves]:
+    """:func:`second_order_curves` for several dead-zone ratios at once, from one set of Jacobians (the
+    candidates of every ratio are projected together), one :class:`Curves` per ratio."""
     t0 = time.perf_counter()
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
-    if cache is not None:
-        hit = [cache.load(n, (len(groups[n]), len(bits))) for n in names]
-        if all(h is not None for h in hit):
-            return Curves(groups=[g for n in names for g in groups[n]], bits=list(bits),
-                          dist=np.concatenate(hit, axis=0), engine="second-order",  # type: ignore[arg-type]
-                          seconds=time.perf_counter() - t0, layer_engines={n: "cache" for n in names})
-    deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [bits, group elements]
+    flat = [g for n in names for g in groups[n]]
+    caches = list(caches) if caches is not None else [None] * len(deadzones)
+    if all(c is not None for c in caches):
+        hits = [[c.load(n, (len(groups[n]), len(bits))) for n in names] for c in caches]  # type: ignore[union-attr]
+        if all(h is not None for hit in hits for h in hit):
+            return [Curves(groups=flat, bits=list(bits), dist=np.concatenate(hit, axis=0),  # type: ignore[arg-type]
+                           engine="second-order", seconds=(time.perf_counter() - t0) / len(deadzones),
+                           layer_engines={n: "cache" for n in names}) for hit in hits]
+    nb = len(bits)
+    deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [ratios * bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
-        table = candidate_table(w, layers[n], group_size, list(bits), weight_range, correction)
-        stacked = torch.stack([table[b] - w for b in bits])  # [B, *w.shape]
-        deltas[n] = [stacked[:, g.start:g.stop].reshape(len(bits), -1) for g in groups[n]]
-    sums = {n: torch.zeros(len(groups[n]), len(bits), dtype=torch.float64) for n in names}
+        stacked = torch.stack([t[b] - w for d in deadzones
+                               for t in [candidate_table(w, layers[n], group_size, list(bits), weight_range,
+                                                         correction, d)] for b in bits])  # [R*B, *w.shape]
+        deltas[n] = [stacked[:, g.start:g.stop].reshape(len(stacked), -1) for g in groups[n]]
+    sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
     count = 0
+    outputs = _output_count(model, batches[0])
+    gen = torch.Generator().manual_seed(seed)
+    # samples per Jacobian call: about 64 sample-directions at a time (measured fastest on CPU), and at most
+    # ~1 GiB of Jacobian entries (samples x directions x weights)
+    dirs_per_sample = projections if 0 < projections < outputs else outputs
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    sub_batch = sub_batch or max(1, min(64 // dirs_per_sample, 2**28 // (dirs_per_sample * weights)))
     with exact_math():
         for batch in track(list(batches), desc="RD curves (second-order)", unit="batch"):
             for lo in range(0, batch.shape[0], sub_batch):
                 xb = batch[lo:lo + sub_batch]
+                dirs = output_directions(xb.shape[0], outputs, projections, gen)
                 with torch.enable_grad():
-                    jac = _jacobians(model, names, xb)
+                    jac = _jacobians(model, names, xb, dirs)
                 for n in names:
                     j = jac[n]
                     s, c = j.shape[0], j.shape[1]
                     for gi, g in enumerate(groups[n]):
                         jg = j[:, :, g.start:g.stop].reshape(s * c, -1)  # [s*C, n_g]
-                        proj = deltas[n][gi] @ jg.T  # [B, s*C]
+                        proj = deltas[n][gi] @ jg.T  # [R*B, s*C]
                         sums[n][gi] += proj.double().pow(2).sum(dim=1).cpu()
-                count += xb.shape[0] * jac[names[0]].shape[1]
-    per_layer = {n: (sums[n] / count).numpy() for n in names}
-    if cache is not None:
-        for n, d in per_layer.items():
-            cache.save(n, d)
-    dist = np.concatenate([per_layer[n] for n in names], axis=0)
-    return Curves(groups=[g for n in names for g in groups[n]], bits=list(bits), dist=dist, engine="second-order",
-                  seconds=time.perf_counter() - t0, layer_engines={n: "second-order" for n in names})
+                count += xb.shape[0] * outputs
+    seconds = (time.perf_counter() - t0) / len(deadzones)
+    out = []
+    for r, cache in enumerate(caches):
+        per_layer = {n: (sums[n][:, r * nb:(r + 1) * nb] / count).numpy() for n in names}
+        if cache is not None:
+            for n, d in per_layer.items():
+                cache.save(n, d)
+        out.append(Curves(groups=flat, bits=list(bits), dist=np.concatenate([per_layer[n] for n in names], axis=0),
+                          engine="second-order", seconds=seconds, layer_engines={n: "second-order" for n in names}))
+    return out

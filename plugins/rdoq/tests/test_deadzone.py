@@ -1,0 +1,176 @@
+"""The dead-zone grid (``--quantizer deadzone``) and rdoq's dead-zone search."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qcore.errors import QcoreError
+from qcore.fake_quant import UniformFakeQuant
+from qcore.spec import Plan, QuantSpec
+from qcore.testing import make_host, run_tiny
+from qcore_rdoq import plugin
+from qcore_rdoq.deadzone import DeadZoneFakeQuant, deadzone_quantize, fit_deadzone, magnitudes, row_quantile
+from qcore_rdoq.groups import weight_spec
+
+
+@pytest.fixture(scope="module")
+def host():
+    return make_host(("rdoq", plugin))
+
+
+def _fitted(w: torch.Tensor, bits: list[int], ratios: list[float], group: int = 4) -> DeadZoneFakeQuant:
+    spec = weight_spec(group, bits, w.shape[0], ratios)
+    fq = DeadZoneFakeQuant(spec, w.shape[0], 0)
+    rows = fq.rows_of(w)
+    fq.set_range(rows.amin(dim=1), rows.amax(dim=1))
+    fq.fit_rows(rows)
+    return fq
+
+
+def test_levels_fit_in_the_bits_and_the_ratio_is_zeroed():
+    torch.manual_seed(0)
+    w = torch.randn(28, 3, 5, 5)  # 7 groups of 4 channels, 300 weights each
+    bits = [2, 3, 4, 5, 6, 8, 10]
+    ratios = [0.1, 0.3, 0.5, 0.2, 0.9, 0.4, 0.6]
+    q = _fitted(w, bits, ratios)(w)
+    for g, (b, r) in enumerate(zip(bits, ratios)):
+        group = q[4 * g:4 * g + 4]
+        assert len(torch.unique(group)) <= 2**b - 1  # 2K + 1 levels, addressable with b bits
+        zeroed = float((group == 0).float().mean())
+        assert r - 1e-6 <= zeroed <= r + 1 / 300 + 1e-6  # the ratio quantile of |w| and nothing else
+
+
+def test_nonzero_weights_go_to_their_nearest_level():
+    torch.manual_seed(1)
+    rows = torch.randn(3, 500)
+    bits = torch.tensor([2.0, 3.0, 5.0])
+    phi, step = fit_deadzone(rows, bits, torch.tensor([0.2, 0.4, 0.3]))
+    k = magnitudes(bits)
+    q = deadzone_quantize(rows, phi[:, None], step[:, None], k[:, None])
+    for i in range(3):
+        levels = phi[i] + (torch.arange(int(k[i])) + 0.5) * step[i]
+        above = rows[i].abs() > phi[i]
+        nearest = levels[(rows[i].abs()[above][:, None] - levels[None]).abs().argmin(dim=1)]
+        assert torch.allclose(q[i][above].abs(), nearest)
+        assert (q[i][~above] == 0).all() and (torch.sign(q[i][above]) == torch.sign(rows[i][above])).all()
+
+
+def test_step_is_the_best_of_the_search_grid():
+    torch.manual_seed(2)
+    rows = torch.randn(2, 400)
+    bits, ratio = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.3])
+    phi, step = fit_deadzone(rows, bits, ratio)
+    k = magnitudes(bits)
+    top = (rows.abs().amax(dim=1) - phi) / (k - 0.5)
+    for f in torch.linspace(0.05, 1.0, 100):
+        err = (deadzone_quantize(rows, phi[:, None], (top * f)[:, None], k[:, None]) - rows).pow(2).mean(dim=1)
+        best = (deadzone_quantize(rows, phi[:, None], step[:, None], k[:, None]) - rows).pow(2).mean(dim=1)
+        assert (best <= err + 1e-9).all()
+
+
+def test_row_quantile_matches_torch():
+    x = torch.rand(4, 333)
+    q = torch.tensor([0.0, 0.25, 0.7, 1.0])
+    want = torch.stack([torch.quantile(x[i], q[i]) for i in range(4)])
+    assert torch.allclose(row_quantile(x, q), want)
+
+
+def test_ratio_zero_and_one_bit_groups_are_the_plain_grid():
+    torch.manual_seed(3)
+    w = torch.randn(12, 6)
+    fq = _fitted(w, [4, 1, 4], [0.0, 0.5, 0.3])
+    plain = UniformFakeQuant(weight_spec(4, [4, 1, 4], 12), 12, 0)
+    rows = plain.rows_of(w)
+    plain.set_range(rows.amin(dim=1), rows.amax(dim=1))
+    q, p = fq(w), plain(w)
+    assert torch.equal(q[:8], p[:8])  # ratio 0; and 1 bit leaves no magnitude for a dead zone
+    assert not torch.equal(q[8:], p[8:])
+
+
+def test_unfitted_dead_zone_refuses_to_run():
+    w = torch.randn(8, 4)
+    fq = DeadZoneFakeQuant(weight_spec(4, [4, 4], 8, [0.2, 0.0]), 8, 0)
+    fq.set_range(torch.full((2,), -1.0), torch.ones(2))
+    with pytest.raises(RuntimeError, match="fitted"):
+        fq(w)
+    with pytest.raises(QcoreError, match="ratios must lie"):
+        DeadZoneFakeQuant(weight_spec(4, [4, 4], 8, [1.0, 0.0]), 8, 0)
+
+
+def test_group_params_survive_the_plan_json():
+    spec = weight_spec(4, [3, 5], 8, [0.2, 0.0])
+    assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(QcoreError, match="group_size"):
+        QuantSpec(bits=4, granularity="channel", group_params=(0.1,))
+
+
+def test_rdoq_deadzone_search_keeps_the_best_ratio(host, tmp_path):
+    opts = {"group": 4, "curve_samples": 32, "first_last": "same", "cache": "off"}
+    plain = run_tiny(host, method="rdoq", target_bits=3.0, options=opts)
+    dz = run_tiny(host, method="rdoq-deadzone", target_bits=3.0, options={**opts, "deadzones": 4})
+    assert dz.result["w_bits_avg"] <= 3.0 + 1e-9
+    assert dz.plan.meta["deadzone_ratios"] == 4
+    # the plain grid is ratio 0 of the search, so the best-of curves can only predict less distortion
+    assert dz.plan.meta["predicted_distortion"] <= plain.plan.meta["predicted_distortion"] + 1e-12
+    specs = [s.weight for s in dz.plan.layers.values()]
+    assert all(s.quantizer == "deadzone" and s.group_params is not None for s in specs)
+    assert set(r for s in specs for r in s.group_params) <= {0.0, 0.25, 0.5, 0.75}
+    assert dz.result["quantized"]["deployable"] is False
+    # the plan applies again on its own (core alone, with the quantizer installed) and gives the same model
+    path = tmp_path / "plan.json"
+    path.write_text(dz.plan.to_json())
+    assert Plan.from_json(path.read_text()).layers == dz.plan.layers
+    again = run_tiny(host, method="rdoq-deadzone", allocator="plan", options={"plan": str(path)})
+    assert again.result["quant"] == dz.result["quant"]
+
+
+def test_deadzone_search_needs_the_deadzone_quantizer(host):
+    with pytest.raises(QcoreError, match="--quantizer deadzone"):
+        run_tiny(host, method="rdoq", target_bits=3.0, options={"group": 4, "deadzones": 3, "cache": "off"})
+
+
+def test_second_order_projections_are_unbiased():
+    """Random output directions estimate the exact Gauss-Newton curves without bias."""
+    from qcore.layers import discover, measure_layers, torch_layer_info
+    from qcore.testing import tiny_mlp
+    from qcore_rdoq.second_order import second_order_curves
+
+    model = tiny_mlp()
+    torch.manual_seed(1)
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    layers = discover(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]))
+    bits = [2, 4]
+    exact = second_order_curves(model, batches, layers, 4, bits).dist
+    runs = np.stack([second_order_curves(model, batches, layers, 4, bits, projections=1, seed=s).dist
+                     for s in range(40)])
+    assert not np.allclose(runs[0], exact)  # a single draw is an estimate...
+    # ...whose mean is the exact value: every entry within 4 standard errors over 40 draws (seeded: deterministic)
+    z = (runs.mean(axis=0) - exact) / (runs.std(axis=0) / np.sqrt(len(runs)))
+    assert np.abs(z).max() < 4.0
+    assert abs(runs.mean() / exact.mean() - 1) < 0.05
+    same = second_order_curves(model, batches, layers, 4, bits, projections=1, seed=0).dist
+    assert np.array_equal(same, runs[0])  # reproducible from the seed
+
+
+def test_second_order_set_equals_one_ratio_at_a_time(host):
+    from qcore.layers import discover, measure_layers, torch_layer_info
+    from qcore.testing import tiny_convnet
+    from qcore_rdoq.second_order import second_order_curve_set, second_order_curves
+
+    model = tiny_convnet()
+    torch.manual_seed(1)
+    batches = [torch.randn(8, 1, 8, 8)]
+    layers = discover(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]))
+    both = second_order_curve_set(model, batches, layers, 4, [2, 4], [0.0, 0.5])
+    for d, c in zip([0.0, 0.5], both):
+        alone = second_order_curves(model, batches, layers, 4, [2, 4], deadzone=d)
+        assert np.allclose(c.dist, alone.dist, rtol=1e-6)
+    assert not np.allclose(both[0].dist, both[1].dist)
+    out = run_tiny(host, method="rdoq-deadzone", target_bits=3.0,
+                   options={"group": 4, "first_last": "same", "engine": "second-order", "deadzones": 2,
+                            "cache": "off"})
+    assert out.plan.meta["engine"] == "second-order" and out.result["w_bits_avg"] <= 3.0 + 1e-9
