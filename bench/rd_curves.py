@@ -49,6 +49,7 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
+@torch.no_grad()
 def fast_flop_ceiling(model, batch, layers, group: int) -> float:
     """Reference FLOPs / fast-engine FLOPs over every candidate (one candidate per group and bit-width)."""
     eng = FastEngine(model, lambda m, b: m(b), [batch])
@@ -60,8 +61,8 @@ def fast_flop_ceiling(model, batch, layers, group: int) -> float:
         x, needed = split.capture(batch)
         module = model.get_submodule(name)
         y = module(x)
-        layer = _flops(lambda: module(x))
-        down = _flops(lambda: split.run(y, needed))
+        layer = _flops(lambda m=module, x=x: m(x))
+        down = _flops(lambda s=split, y=y, v=needed: s.run(y, v))
         ref += n * full
         fast += n * (down + layer * group / info.out_channels)  # only the group's output channels are computed
     return ref / fast
@@ -75,7 +76,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64, help="calibration batch size")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--chunk", type=int, default=0, help="candidates per pass; 0 = auto")
-    p.add_argument("--engines", nargs="+", default=["reference", "fast", "second-order"],
+    p.add_argument("--engines", nargs="*", default=["reference", "fast", "second-order"],
                    choices=["reference", "fast", "second-order"])
     p.add_argument("--projections", nargs="+", type=int, default=[0, 1],
                    help="second-order runs: 0 = exact, K = K random output directions per sample")

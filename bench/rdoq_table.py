@@ -6,7 +6,8 @@ Per model and bit-width b: uniform W{b}A{b} with min/max activation ranges (the 
 with MSE activation ranges (what RDOQ uses for activations, so the difference to it is the allocation alone),
 and RDOQ at --target-bits b with activations uniform at b bits: first-order curves with the DP and with the
 Lagrangian solver, second-order curves with the DP (exact Gauss-Newton, and estimated from one random output
-direction per sample), and first-order curves for weights *and* activations
+direction per sample), the seed's dead-zone search (``--method rdoq-deadzone``: 10 dead-zone ratios per group and
+bit-width, first- or second-order curves; simulation only), and first-order curves for weights *and* activations
 (``budget=separate``: weights average b, activations average b, each RD-allocated; ``budget=joint``: one
 budget of b bits on average over weight and activation elements together, as in the seed).
 Every run: first and last layer pinned at 8 bits (counted in the average), 512 calibration images (the
@@ -30,6 +31,8 @@ ROWS = {
     "rdoq lagrangian": ["--plugin", "rdoq", "-o", "solver=lagrangian"],
     "rdoq 2nd-order dp": ["--plugin", "rdoq", "-o", "engine=second-order"],
     "rdoq 2nd-order dp (1 projection)": ["--plugin", "rdoq", "-o", "engine=second-order", "-o", "projections=1"],
+    "rdoq dead-zone dp": ["--method", "rdoq-deadzone"],
+    "rdoq dead-zone 2nd-order dp": ["--method", "rdoq-deadzone", "-o", "engine=second-order"],
     "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate"],
     "rdoq joint W+A": ["--plugin", "rdoq", "-o", "budget=joint"],
 }
@@ -52,7 +55,8 @@ def main() -> int:
         for row in args.rows:
             cells = []
             for b in args.bits:
-                out = args.out / f"{model.replace(':', '-')}-{row.replace(' ', '_').replace('(', '').replace(')', '')}-{b}"
+                tag = row.replace(" ", "_").replace("(", "").replace(")", "")
+                out = args.out / f"{model.replace(':', '-')}-{tag}-{b}"
                 budget = ["--w-bits", str(b), "--a-bits", str(b)] if row.startswith("uniform") else [
                     "--target-bits", str(b), "--a-bits", str(b)]
                 cmd = [sys.executable, "-m", "qcore", "run", "--model", model, *ROWS[row], *budget, "--out", str(out),

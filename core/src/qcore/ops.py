@@ -73,18 +73,23 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
     return out
 
 
-def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: bool, dim: int = -1) -> Tensor:
+def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: bool, dim: int = -1,
+                   out: Tensor | None = None) -> Tensor:
     """Mean squared error of fake-quantizing ``x`` on ``[lo, hi]``, reduced over ``dim`` (no gradient).
 
-    The same arithmetic as :func:`fake_quantize`, done in place on one buffer: range searches call this
-    hundreds of times per layer, and the in-place form halves the memory traffic.
+    The same arithmetic as :func:`fake_quantize`, done in place on one buffer (``out``, of the broadcast shape
+    of ``x`` and the scales, when the caller reuses one): range searches call this hundreds of times per layer.
+    A one-element ``bits`` clamps with scalars, which is several times faster than per-row bounds.
     """
     with torch.no_grad():
         scale, zero, qmin, qmax = qparams_from_range(lo, hi, bits, symmetric)
-        q = torch.div(x, scale).round_()
+        q = torch.div(x, scale, out=out).round_()
         if not symmetric:
             q.add_(zero)
-        q.clamp_(qmin, qmax)  # q has the broadcast shape of x and scale, which covers qmin's
+        if bits.numel() == 1:
+            q.clamp_(float(qmin.reshape(-1)[0]), float(qmax.reshape(-1)[0]))
+        else:
+            q.clamp_(qmin, qmax)  # q has the broadcast shape of x and scale, which covers qmin's
         if not symmetric:
             q.sub_(zero)
         return q.mul_(scale).sub_(x).square_().mean(dim=dim)

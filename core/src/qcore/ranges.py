@@ -32,23 +32,29 @@ def percentile_range(x: Tensor, bits: Tensor, symmetric: bool, q: float = 99.99)
     return torch.quantile(x, 1 - q / 100.0, dim=1), torch.quantile(x, q / 100.0, dim=1)
 
 
+_PASS_ELEMENTS = 2**21  # values per vectorised pass of the MSE search: large enough to amortise the calls,
+# small enough to stay in cache (measured on the zoo models' candidate tables)
+
+
 def mse_range(x: Tensor, bits: Tensor, symmetric: bool, steps: int = 100, lowest: float = 0.05,
-              block: int = 10) -> tuple[Tensor, Tensor]:
+              block: int = 0) -> tuple[Tensor, Tensor]:
     """Shrink each row's min/max range by the factor in ``[lowest, 1]`` that minimises the quantization MSE.
 
     ``steps`` candidate factors are tried for every row (a grid search, as in the common MSE observers), ``block``
-    factors per vectorised pass; the bit-width of each row is respected; ties go to the smaller factor. Rows
+    factors per vectorised pass (0: as many as fit about 2M values); the bit-width of each row is respected; ties go to the smaller factor. Rows
     are independent: a row's range does not depend on which other rows are passed with it.
     """
     x = x.float()
     lo, hi = x.amin(dim=1), x.amax(dim=1)
     factors = torch.linspace(lowest, 1.0, steps, device=x.device)
     b = bits.float().reshape(-1, 1).expand(x.shape[0], 1)
+    block = block or max(1, min(steps, _PASS_ELEMENTS // max(1, x.numel())))
+    buf = torch.empty(block, *x.shape, device=x.device)  # one scratch buffer for every pass
     errs = []
     for i in range(0, steps, block):
         f = factors[i:i + block].reshape(-1, 1, 1)  # [F, 1, 1]
         errs.append(quantize_error(x.unsqueeze(0), lo[None, :, None] * f, hi[None, :, None] * f, b[None], symmetric,
-                                   dim=2))  # [F, rows]
+                                   dim=2, out=buf[:len(f)]))  # [F, rows]
     best = torch.cat(errs).argmin(dim=0)  # first minimum: the smallest such factor
     return lo * factors[best], hi * factors[best]
 

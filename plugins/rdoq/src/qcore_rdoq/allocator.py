@@ -74,7 +74,8 @@ class RDOQOptions:
             raise QcoreError(f"need 0 <= min_bits <= max_bits <= 16, got {self.min_bits}, {self.max_bits}")
         if not 1 <= self.min_act_bits <= self.max_bits:
             raise QcoreError(f"need 1 <= min_act_bits <= max_bits, got {self.min_act_bits}")
-        if min(self.group, self.chunk, self.projections, self.deadzones) < 0 or self.curve_samples < 1 or self.resolution <= 0:
+        counts = (self.group, self.chunk, self.projections, self.deadzones)
+        if min(counts) < 0 or self.curve_samples < 1 or self.resolution <= 0:
             raise QcoreError("group, chunk, projections and deadzones must be >= 0, curve_samples >= 1, resolution > 0")
 
 
@@ -127,7 +128,7 @@ class RDOQAllocator(Allocator):
                                                correction=corr, projections=o.projections, seed=ctx.config.seed)
         else:
             per_ratio = [first_order_curves(ctx.model, ctx.task.forward, batches, layers, group, bits, engine,
-                                            cache=c, correction=corr, deadzone=r) for r, c in zip(ratios, caches)]
+                                            cache=c, correction=corr, deadzone=r) for r, c in zip(ratios, caches, strict=True)]
         if len(per_ratio) == 1:
             return per_ratio[0], None
         stack = np.stack([c.dist for c in per_ratio])  # [ratios, groups, bits]

@@ -19,13 +19,12 @@ quantizer are reported as simulation only.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-
 from qcore import Quantizer
 from qcore.errors import QcoreError
 from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
 from qcore.spec import QuantSpec
+from torch import Tensor, nn
 
 
 def magnitudes(bits: Tensor) -> Tensor:
@@ -52,13 +51,17 @@ def row_quantile(x: Tensor, q: Tensor) -> Tensor:
     return a + (b - a) * frac
 
 
+_PASS_ELEMENTS = 2**21  # values per vectorised pass of the step search (as core's MSE range search)
+
+
 @torch.no_grad()
 def fit_deadzone(rows: Tensor, bits: Tensor, ratio: Tensor, steps: int = 100, lowest: float = 0.05
                  ) -> tuple[Tensor, Tensor]:
     """``(phi, delta)`` per row of ``rows`` ``[rows, values]`` (see module docstring).
 
     ``delta`` is searched over ``f * (max|w| - phi) / (K - 1/2)`` for ``steps`` factors ``f`` in ``[lowest, 1]``
-    (``f = 1`` puts the top level's bin edge at ``max|w|``); ties go to the smaller step.
+    (``f = 1`` puts the top level's bin edge at ``max|w|``); ties go to the smaller step. Rows are independent:
+    a row's result does not depend on the other rows passed with it.
     """
     rows = rows.float()
     mag = rows.abs()
@@ -66,15 +69,37 @@ def fit_deadzone(rows: Tensor, bits: Tensor, ratio: Tensor, steps: int = 100, lo
     k = magnitudes(bits).to(rows.device).clamp(min=1)
     top = (mag.amax(dim=1) - phi).clamp(min=1e-12) / (k - 0.5)
     factors = torch.linspace(lowest, 1.0, steps, device=rows.device)
-    best_err = torch.full_like(phi, float("inf"))
-    best = top.clone()
-    for f in factors:  # one pass per factor keeps memory at one copy of the rows
-        step = top * f
-        err = (deadzone_quantize(rows, phi[:, None], step[:, None], k[:, None]) - rows).pow(2).mean(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, step, best)
-    return phi, best
+    block = max(1, min(steps, _PASS_ELEMENTS // max(1, rows.numel())))
+    # the error is symmetric in the sign, so search on magnitudes: the dead zone's share of the error does not
+    # depend on the step, the rest is (phi + (idx + 1/2) delta - |w|)^2, computed in place per pass
+    inside = mag > phi[:, None]
+    zero_err = torch.where(inside, torch.zeros_like(mag), mag * mag)
+    p3, top_idx = phi[None, :, None], (k - 1)[None, :, None]
+    errs = []
+    for i in range(0, steps, block):
+        step = (top[None, :] * factors[i:i + block, None])[..., None]  # [F, rows, 1]
+        t = torch.div(mag[None] - p3, step).floor_().clamp_(min=0)
+        torch.minimum(t, top_idx, out=t)
+        t.add_(0.5).mul_(step).add_(p3).sub_(mag[None]).square_().mul_(inside).add_(zero_err)
+        errs.append(t.mean(dim=2))  # [F, rows]
+    best = torch.cat(errs).argmin(dim=0)  # first minimum: the smallest step
+    return phi, top * factors[best]
+
+
+def fit_layers(parts: list[tuple[DeadZoneFakeQuant, Tensor]]) -> None:
+    """Fit the dead-zone groups of several quantizers (each with its weight's ``rows_of``) in one search."""
+    todo = [(q, rows, q._dead()) for q, rows in parts]
+    dead_rows = [rows[dead.to(rows.device)] for _, rows, dead in todo]
+    if sum(len(r) for r in dead_rows):
+        phi, step = fit_deadzone(torch.cat(dead_rows), torch.cat([q.row_bits()[d] for q, _, d in todo]),
+                                 torch.cat([q.ratio[d] for q, _, d in todo]))
+        at = 0
+        for (q, _, dead), r in zip(todo, dead_rows, strict=True):
+            q.phi[dead] = phi[at:at + len(r)].to(q.phi.device)
+            q.step[dead] = step[at:at + len(r)].to(q.step.device)
+            at += len(r)
+    for q, _, _ in todo:
+        q.fitted = True
 
 
 class DeadZoneFakeQuant(UniformFakeQuant):
@@ -103,12 +128,7 @@ class DeadZoneFakeQuant(UniformFakeQuant):
         return (self.ratio > 0) & (magnitudes(self.row_bits()).to(self.ratio.device) >= 1)
 
     def fit_rows(self, rows: Tensor) -> None:
-        dead = self._dead()
-        if dead.any():
-            phi, step = fit_deadzone(rows[dead.to(rows.device)], self.row_bits()[dead], self.ratio[dead])
-            self.phi[dead] = phi.to(self.phi.device)
-            self.step[dead] = step.to(self.step.device)
-        self.fitted = True
+        fit_layers([(self, rows)])
 
     def forward(self, x: Tensor) -> Tensor:
         plain = super().forward(x)

@@ -20,7 +20,7 @@ from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
 from qcore.ranges import get_range_estimator
 from qcore.spec import QuantSpec
-from qcore_rdoq.deadzone import DeadZoneFakeQuant
+from qcore_rdoq.deadzone import DeadZoneFakeQuant, fit_layers
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], w
             fqs[b].set_range(rows[b].amin(dim=1), rows[b].amax(dim=1))
             continue
         fqs[b].set_range(lo[k:k + r], hi[k:k + r])
-        fqs[b].fit_rows(rows[b])
         k += r
+    dead = [(fq, rows[b]) for b, fq in fqs.items() if isinstance(fq, DeadZoneFakeQuant)]
+    fit_layers(dead)  # every bit-width's dead zones in one search (what fit_rows does one quantizer at a time)
     return fqs
 
 
