@@ -73,7 +73,14 @@ class QuantSpec:
         if self.group_params is not None:
             if not self.group_size:
                 raise QcoreError("group_params needs group_size (channels per group)")
-            object.__setattr__(self, "group_params", tuple(float(v) for v in self.group_params))
+            try:
+                object.__setattr__(self, "group_params", tuple(float(v) for v in self.group_params))
+            except (TypeError, ValueError):
+                raise QcoreError(f"group_params must be a list of numbers, one per group; got {self.group_params!r}"
+                                 ) from None
+            if self.group_bits is not None and len(self.group_params) != len(self.group_bits):
+                raise QcoreError(f"group_params has {len(self.group_params)} entries but group_bits has "
+                                 f"{len(self.group_bits)}; give one per group")
 
     @property
     def mixed(self) -> bool:

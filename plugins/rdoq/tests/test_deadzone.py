@@ -130,17 +130,24 @@ def test_deadzone_search_needs_the_deadzone_quantizer(host):
         run_tiny(host, method="rdoq", target_bits=3.0, options={"group": 4, "deadzones": 3, "cache": "off"})
 
 
+def _measured(build, seed: int, batches: int, size: int):
+    """A tiny model, seeded random batches and its measured layers."""
+    from qcore.layers import discover, measure_layers, torch_layer_info
+
+    model = build()
+    torch.manual_seed(seed)
+    data = [torch.randn(size, 1, 8, 8) for _ in range(batches)]
+    layers = discover(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(data[0]))
+    return model, data, layers
+
+
 def test_second_order_projections_are_unbiased():
     """Random output directions estimate the exact Gauss-Newton curves without bias."""
-    from qcore.layers import discover, measure_layers, torch_layer_info
     from qcore.testing import tiny_mlp
     from qcore_rdoq.second_order import second_order_curves
 
-    model = tiny_mlp()
-    torch.manual_seed(1)
-    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
-    layers = discover(model, torch_layer_info)
-    measure_layers(model, layers, lambda m: m(batches[0]))
+    model, batches, layers = _measured(tiny_mlp, 1, 2, 16)
     bits = [2, 4]
     exact = second_order_curves(model, batches, layers, 4, bits).dist
     runs = np.stack([second_order_curves(model, batches, layers, 4, bits, projections=1, seed=s).dist
@@ -155,15 +162,10 @@ def test_second_order_projections_are_unbiased():
 
 
 def test_second_order_set_equals_one_ratio_at_a_time(host):
-    from qcore.layers import discover, measure_layers, torch_layer_info
     from qcore.testing import tiny_convnet
     from qcore_rdoq.second_order import second_order_curve_set, second_order_curves
 
-    model = tiny_convnet()
-    torch.manual_seed(1)
-    batches = [torch.randn(8, 1, 8, 8)]
-    layers = discover(model, torch_layer_info)
-    measure_layers(model, layers, lambda m: m(batches[0]))
+    model, batches, layers = _measured(tiny_convnet, 1, 1, 8)
     both = second_order_curve_set(model, batches, layers, 4, [2, 4], [0.0, 0.5])
     for d, c in zip([0.0, 0.5], both, strict=True):
         alone = second_order_curves(model, batches, layers, 4, [2, 4], deadzone=d)
@@ -176,15 +178,10 @@ def test_second_order_set_equals_one_ratio_at_a_time(host):
 
 
 def test_second_order_activation_projections_are_unbiased():
-    from qcore.layers import discover, measure_layers, torch_layer_info
     from qcore.testing import tiny_mlp
     from qcore_rdoq.act_curves import second_order_activation_curves
 
-    model = tiny_mlp()
-    torch.manual_seed(2)
-    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
-    layers = discover(model, torch_layer_info)
-    measure_layers(model, layers, lambda m: m(batches[0]))
+    model, batches, layers = _measured(tiny_mlp, 2, 2, 16)
     fwd = lambda m, b: m(b)  # noqa: E731
     # the seed also draws the observed activation sample, so compare each draw with the exact value of its seed
     exact = np.stack([second_order_activation_curves(model, fwd, batches, layers, [2, 4], seed=s)[0]
@@ -205,3 +202,25 @@ def test_fit_is_row_independent():
     for i in range(6):
         p1, s1 = fit_deadzone(rows[i:i + 1], bits[i:i + 1], ratio[i:i + 1])
         assert torch.equal(p1[0], phi[i]) and torch.equal(s1[0], step[i])
+
+
+def test_second_order_ratio_passes_do_not_change_the_curves(monkeypatch):
+    """Ratios split over several Jacobian passes (to bound memory) give the one-pass curves."""
+    from qcore.testing import tiny_convnet
+    from qcore_rdoq import second_order
+
+    model, batches, layers = _measured(tiny_convnet, 0, 1, 8)
+    one = second_order.second_order_curve_set(model, batches, layers, 4, [2, 4], [0.0, 0.3, 0.6], projections=2)
+    monkeypatch.setattr(second_order, "_CANDIDATE_BYTES", 1)  # one ratio per pass
+    split = second_order.second_order_curve_set(model, batches, layers, 4, [2, 4], [0.0, 0.3, 0.6], projections=2)
+    for a, b in zip(one, split, strict=True):
+        assert np.allclose(a.dist, b.dist, rtol=1e-5, atol=0)
+
+
+def test_bad_group_params_and_stray_projections_are_one_line_errors(host):
+    with pytest.raises(QcoreError, match="one per group"):
+        weight_spec(4, [3, 5], 8, [0.2])
+    with pytest.raises(QcoreError, match="list of numbers"):
+        QuantSpec(bits=4, granularity="group", group_size=4, group_params=0.2)
+    with pytest.raises(QcoreError, match="engine=second-order"):
+        run_tiny(host, method="rdoq", target_bits=3.0, options={"projections": 2})

@@ -74,6 +74,8 @@ class RDOQOptions:
             raise QcoreError(f"need 0 <= min_bits <= max_bits <= 16, got {self.min_bits}, {self.max_bits}")
         if not 1 <= self.min_act_bits <= self.max_bits:
             raise QcoreError(f"need 1 <= min_act_bits <= max_bits, got {self.min_act_bits}")
+        if self.projections and self.engine != "second-order":
+            raise QcoreError("-o projections applies to the second-order engine; add -o engine=second-order")
         counts = (self.group, self.chunk, self.projections, self.deadzones)
         if min(counts) < 0 or self.curve_samples < 1 or self.resolution <= 0:
             raise QcoreError("group, chunk, projections and deadzones must be >= 0, curve_samples >= 1, resolution > 0")
@@ -160,7 +162,7 @@ class RDOQAllocator(Allocator):
         if o.engine == "second-order" and o.projections:
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
         if deadzone:
-            settings["deadzone"] = deadzone
+            settings |= {"deadzone": deadzone, "deadzone_fit": 2}  # bump when fit_deadzone's result changes
         return CurveCache(root, fingerprint(ctx.model, batches, settings))
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float

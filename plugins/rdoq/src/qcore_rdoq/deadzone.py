@@ -11,6 +11,8 @@ rounds instead of flooring, which puts weights half a step above their nearest l
 seed's bisection bracketed by ``max(w)`` instead of ``max|w|``), and ``delta`` minimises the group's weight MSE
 over 100 candidate steps, as core's MSE range estimator does for the plain grid. A group with ratio 0, or with
 fewer than 2 bits (``K = 0``), uses the plain symmetric grid of :class:`~qcore.fake_quant.UniformFakeQuant`.
+A short last group is fitted on its padded row (its last channel repeated, as for the plain grid's range), so
+its zeroed share can differ from the ratio; curves and deployment fit it the same way.
 
 The levels are not an integer grid (codes map to ``sign * (phi + delta / 2 + k * delta)``), so runs with this
 quantizer are reported as simulation only.
@@ -60,7 +62,7 @@ def fit_deadzone(rows: Tensor, bits: Tensor, ratio: Tensor, steps: int = 100, lo
     """``(phi, delta)`` per row of ``rows`` ``[rows, values]`` (see module docstring).
 
     ``delta`` is searched over ``f * (max|w| - phi) / (K - 1/2)`` for ``steps`` factors ``f`` in ``[lowest, 1]``
-    (``f = 1`` puts the top level's bin edge at ``max|w|``); ties go to the smaller step. Rows are independent:
+    (``f = 1`` puts the top level at ``max|w|``); ties go to the smaller step. Rows are independent:
     a row's result does not depend on the other rows passed with it.
     """
     rows = rows.float()

@@ -13,7 +13,8 @@ With ``projections=K`` (for targets with many outputs: 1000 ImageNet logits woul
 each sample's ``C`` output directions are replaced by ``K`` random ones: ``||J_n dw||^2`` is estimated by
 ``||R_n J_n dw||^2`` with ``R_n`` a ``[K, C]`` matrix of independent +-1/sqrt(K) entries, drawn afresh per
 sample. ``E[R_n^T R_n] = I``, so the estimate is unbiased; its relative standard deviation per entry is at most
-``sqrt(2 / (K N))`` over ``N`` samples, and the cost drops from ``C`` to ``K`` backward passes.
+``sqrt(2 / K)`` (one sample dominating the sum) and near ``sqrt(2 / (K N))`` when the ``N`` samples contribute
+alike, and the cost drops from ``C`` to ``K`` backward passes.
 """
 
 from __future__ import annotations
@@ -85,13 +86,19 @@ def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[s
                                   [cache], correction, projections, seed)[0]
 
 
+_CANDIDATE_BYTES = 2**31  # candidate differences held at once; more dead-zone ratios are done in several passes
+
+
 @torch.no_grad()
 def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo],
                            group_size: int, bits: Sequence[int], deadzones: Sequence[float], sub_batch: int = 0,
                            weight_range: str = "mse", caches: Sequence[CurveCache | None] | None = None,
                            correction: Correction = "none", projections: int = 0, seed: int = 0) -> list[Curves]:
-    """:func:`second_order_curves` for several dead-zone ratios at once, from one set of Jacobians (the
-    candidates of every ratio are projected together), one :class:`Curves` per ratio."""
+    """:func:`second_order_curves` for several dead-zone ratios at once, one :class:`Curves` per ratio.
+
+    The candidates of as many ratios as fit in about 2 GiB are projected through one set of Jacobians; further
+    ratios take another pass (with the same random directions, so the split changes nothing beyond float rounding).
+    """
     t0 = time.perf_counter()
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
@@ -103,14 +110,39 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
             return [Curves(groups=flat, bits=list(bits), dist=np.concatenate(hit, axis=0),  # type: ignore[arg-type]
                            engine="second-order", seconds=(time.perf_counter() - t0) / len(deadzones),
                            layer_engines={n: "cache" for n in names}) for hit in hits]
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    per_pass = max(1, _CANDIDATE_BYTES // (4 * len(bits) * weights))
+    dists: list[np.ndarray] = []
+    for lo in range(0, len(deadzones), per_pass):
+        dists += _second_order_pass(model, batches, layers, group_size, bits, deadzones[lo:lo + per_pass],
+                                    sub_batch, weight_range, correction, projections, seed)
+    seconds = (time.perf_counter() - t0) / len(deadzones)
+    out = []
+    for dist, cache in zip(dists, caches, strict=True):
+        if cache is not None:
+            at = 0
+            for n in names:
+                cache.save(n, dist[at:at + len(groups[n])])
+                at += len(groups[n])
+        out.append(Curves(groups=flat, bits=list(bits), dist=dist, engine="second-order", seconds=seconds,
+                          layer_engines={n: "second-order" for n in names}))
+    return out
+
+
+def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
+                       bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, weight_range: str,
+                       correction: Correction, projections: int, seed: int) -> list[np.ndarray]:
+    """``[groups, bits]`` distortions per ratio of ``deadzones``, from one set of Jacobians."""
+    names = list(layers)
+    groups = {n: weight_groups(layers[n], group_size) for n in names}
     nb = len(bits)
     deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [ratios * bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
-        stacked = torch.stack([t[b] - w for d in deadzones
-                               for t in [candidate_table(w, layers[n], group_size, list(bits), weight_range,
-                                                         correction, d)] for b in bits])  # [R*B, *w.shape]
-        deltas[n] = [stacked[:, g.start:g.stop].reshape(len(stacked), -1) for g in groups[n]]
+        diffs = [t[b] - w for d in deadzones
+                 for t in [candidate_table(w, layers[n], group_size, list(bits), weight_range, correction, d)]
+                 for b in bits]  # R*B tensors shaped like w
+        deltas[n] = [torch.stack([t[g.start:g.stop].reshape(-1) for t in diffs]) for g in groups[n]]
     sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
     count = 0
     outputs = _output_count(model, batches[0])
@@ -135,13 +167,5 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
                         proj = deltas[n][gi] @ jg.T  # [R*B, s*C]
                         sums[n][gi] += proj.double().pow(2).sum(dim=1).cpu()
                 count += xb.shape[0] * outputs
-    seconds = (time.perf_counter() - t0) / len(deadzones)
-    out = []
-    for r, cache in enumerate(caches):
-        per_layer = {n: (sums[n][:, r * nb:(r + 1) * nb] / count).numpy() for n in names}
-        if cache is not None:
-            for n, d in per_layer.items():
-                cache.save(n, d)
-        out.append(Curves(groups=flat, bits=list(bits), dist=np.concatenate([per_layer[n] for n in names], axis=0),
-                          engine="second-order", seconds=seconds, layer_engines={n: "second-order" for n in names}))
-    return out
+    return [np.concatenate([(sums[n][:, r * nb:(r + 1) * nb] / count).numpy() for n in names], axis=0)
+            for r in range(len(deadzones))]
