@@ -92,7 +92,7 @@ def test_unfitted_dead_zone_refuses_to_run():
     w = torch.randn(8, 4)
     fq = DeadZoneFakeQuant(weight_spec(4, [4, 4], 8, [0.2, 0.0]), 8, 0)
     fq.set_range(torch.full((2,), -1.0), torch.ones(2))
-    with pytest.raises(RuntimeError, match="fitted"):
+    with pytest.raises(QcoreError, match="never fitted"):
         fq(w)
     with pytest.raises(QcoreError, match="ratios must lie"):
         DeadZoneFakeQuant(weight_spec(4, [4, 4], 8, [1.0, 0.0]), 8, 0)

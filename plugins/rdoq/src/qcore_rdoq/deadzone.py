@@ -137,8 +137,8 @@ class DeadZoneFakeQuant(UniformFakeQuant):
         if self.observer is not None or not bool(self._dead().any()):
             return plain
         if not self.fitted:
-            raise RuntimeError("DeadZoneFakeQuant used before its dead-zone groups were fitted: calibrate the weights "
-                               "with a range calibrator (mse, minmax, percentile)")
+            raise QcoreError("the dead-zone quantizer's groups were never fitted: its calibrator set the ranges only; "
+                             "use a range calibrator (--calibrator mse, minmax or percentile)")
         dims = x.dim()
         phi, step, dead = (self._shape(self.channel_values(t), dims)
                            for t in (self.phi, self.step, self._dead().float()))
