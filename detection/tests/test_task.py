@@ -49,6 +49,18 @@ def test_rdoq_runs_on_sparse_layers_without_special_cases(host):
         len({s.weight.bits for s in out.plan.layers.values()}) > 1  # bits differ across groups or layers
 
 
+def test_rdoq_deadzone_search_on_sparse_layers(host):
+    """The dead-zone grid fits spconv weights ([C_out, k, k, k, C_in]) through the same generic path."""
+    out = run(RunConfig(method="rdoq-deadzone", target_bits=3.0, **SMALL,
+                        options={"include": "backbone.conv_input.*,backbone.conv1.0.*", "act_targets": "none",
+                                 "first_last": "same", "engine": "reference", "curve_samples": 2, "group": 8,
+                                 "min_bits": 2, "max_bits": 4, "deadzones": 2}), host)
+    assert out.result["w_bits_avg"] <= 3.0 + 1e-9 and out.result["quant"] is not None
+    specs = [s.weight for s in out.plan.layers.values()]
+    assert all(s.quantizer == "deadzone" and s.group_params is not None for s in specs)
+    assert out.result["quantized"]["deployable"] is False
+
+
 def test_aciq_is_task_agnostic(host):
     out = run(RunConfig(plugin="aciq", **SMALL, options={"include": FIRST_STAGES, "first_last": "same",
                                                           "act_correction": "static"}), host)
