@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from qcore.errors import QcoreError
 from qcore.fake_quant import UniformFakeQuant
 from qcore.spec import Plan, QuantSpec

@@ -21,12 +21,13 @@ quantizer are reported as simulation only.
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
+
 from qcore import Quantizer
 from qcore.errors import QcoreError
 from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
 from qcore.spec import QuantSpec
-from torch import Tensor, nn
 
 
 def magnitudes(bits: Tensor) -> Tensor:
