@@ -79,18 +79,15 @@ def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: b
 
     The same arithmetic as :func:`fake_quantize`, done in place on one buffer (``out``, of the broadcast shape
     of ``x`` and the scales, when the caller reuses one): range searches call this hundreds of times per layer.
-    A one-element ``bits`` clamps with scalars, which is several times faster than per-row bounds.
     """
     with torch.no_grad():
         scale, zero, qmin, qmax = qparams_from_range(lo, hi, bits, symmetric)
         q = torch.div(x, scale, out=out).round_()
         if not symmetric:
             q.add_(zero)
-        if bits.numel() == 1:
-            q.clamp_(float(qmin.reshape(-1)[0]), float(qmax.reshape(-1)[0]))
-        else:  # q has the broadcast shape of x and scale, which covers qmin's; max/min beat a tensor clamp 3x
-            torch.maximum(q, qmin, out=q)
-            torch.minimum(q, qmax, out=q)
+        # q has the broadcast shape of x and scale, which covers qmin's; max/min beat a tensor clamp 3x
+        torch.maximum(q, qmin, out=q)
+        torch.minimum(q, qmax, out=q)
         if not symmetric:
             q.sub_(zero)
         return q.mul_(scale).sub_(x).square_().mean(dim=dim)

@@ -130,9 +130,10 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
                 y = y.reshape(y.shape[0], -1)
                 inputs = [seen[n] for n in names]
                 dirs = output_directions(y.shape[0], y.shape[1], projections, gen)
+                dirs = dirs.to(y.device) if dirs is not None else None
                 steps = y.shape[1] if dirs is None else dirs.shape[1]
                 for c in range(steps):
-                    scalar = y[:, c].sum() if dirs is None else (y * dirs[:, c].to(y.device)).sum()
+                    scalar = y[:, c].sum() if dirs is None else (y * dirs[:, c]).sum()
                     grads = torch.autograd.grad(scalar, inputs, retain_graph=c + 1 < steps, allow_unused=True)
                     for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
                         if g is None:  # this output does not depend on the layer

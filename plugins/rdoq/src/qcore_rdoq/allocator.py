@@ -24,7 +24,7 @@ from qcore.devices import module_device, to_device
 from qcore.errors import NotImplementedMethodError, QcoreError
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
-from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprint
+from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprints
 from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
 from qcore_rdoq.groups import group_entropy, weight_spec
 
@@ -118,7 +118,7 @@ class RDOQAllocator(Allocator):
         ratios = self._deadzone_ratios(ctx)
         bits = list(range(o.min_bits, o.max_bits + 1))
         corr = ctx.pipeline.weight_correction  # curves see the weights exactly as deployment corrects them
-        caches = [self._cache(ctx, batches, group, bits, corr, r) for r in ratios]
+        caches = self._caches(ctx, batches, group, bits, corr, ratios)
         layers = {n: ctx.layers[n] for n in free}
         if engine is None:
             from qcore_rdoq.second_order import second_order_curve_set
@@ -140,7 +140,8 @@ class RDOQAllocator(Allocator):
                          else first.layer_engines.get(n, first.engine) for n in free}
         curves = Curves(groups=first.groups, bits=first.bits, dist=stack.min(axis=0), engine=first.engine,
                         seconds=sum(c.seconds for c in per_ratio), layer_engines=layer_engines)
-        log.info("rdoq: dead-zone search over %d ratios (%s) for %d groups", len(ratios), o.engine, len(first.groups))
+        log.info("rdoq: dead-zone search over %d ratios (%s) for %d groups", len(ratios), o.engine,
+                 len(first.groups))
         return curves, np.asarray(ratios)[best]
 
     def _deadzone_ratios(self, ctx: RunContext) -> list[float]:
@@ -150,20 +151,20 @@ class RDOQAllocator(Allocator):
                              "(or --method rdoq-deadzone)")
         return [i / n for i in range(n)]
 
-    def _cache(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
-               deadzone: float) -> CurveCache | None:
-        """The curve cache of one setting (None with ``-o cache=off``)."""
+    def _caches(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
+                deadzones: list[float]) -> list[CurveCache | None]:
+        """The curve cache of each dead-zone ratio's setting (Nones with ``-o cache=off``)."""
         o = self.options
         if o.cache == "off":
-            return None
+            return [None] * len(deadzones)
         root = default_cache_root() if o.cache == "auto" else Path(o.cache)
         settings: dict[str, Any] = {"engine": o.engine, "group": group, "bits": bits, "weight_range": "mse",
                                     "correction": corr, "version": 1}
         if o.engine == "second-order" and o.projections:
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
-        if deadzone:
-            settings |= {"deadzone": deadzone, "deadzone_fit": 2}  # bump when fit_deadzone's result changes
-        return CurveCache(root, fingerprint(ctx.model, batches, settings))
+        # bump deadzone_fit when fit_deadzone's result changes
+        per_ratio = [settings | ({"deadzone": d, "deadzone_fit": 2} if d else {}) for d in deadzones]
+        return [CurveCache(root, key) for key in fingerprints(ctx.model, batches, per_ratio)]
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
                ) -> tuple[Allocation, float | None]:

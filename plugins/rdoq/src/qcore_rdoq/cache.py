@@ -54,16 +54,21 @@ def _update_batch(h: Any, b: Any) -> None:
         h.update(repr(b).encode())
 
 
-def fingerprint(model: nn.Module, batches: Sequence[Any], settings: dict[str, Any]) -> str:
-    """Hex digest of the model's state, the calibration batches and the curve settings."""
+def fingerprints(model: nn.Module, batches: Sequence[Any], settings: Sequence[dict[str, Any]]) -> list[str]:
+    """Hex digest of the model's state, the calibration batches and each of ``settings`` (the model and the
+    batches are hashed once for all of them)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         _update(h, t)
     for b in batches:
         _update_batch(h, b)
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    out = []
+    for s in settings:
+        hs = h.copy()
+        hs.update(json.dumps(s, sort_keys=True, default=str).encode())
+        out.append(hs.hexdigest())
+    return out
 
 
 class CurveCache:

@@ -9,6 +9,7 @@ core's MSE range estimator. Curves and the deployed model therefore use the same
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,43 +75,52 @@ def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, wei
 
 
 def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str,
-            deadzone: float = 0.0) -> dict[int, UniformFakeQuant]:
-    """The deployed per-group quantizer of the layer at each bit-width, its clip ranges set (and, on the
-    dead-zone grid, its dead zones fitted).
+            deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, UniformFakeQuant]]:
+    """The deployed per-group quantizer of the layer at each dead-zone ratio and bit-width, its clip ranges set
+    (and, on the dead-zone grid, its dead zones fitted).
 
-    The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
-    so each range equals what the deployed per-group quantizer computes for that row.
+    The clip search runs once for all bit-widths (rows stacked) and serves every ratio (the dead-zone grid keeps
+    the plain range for its plain groups); rows are independent in the range estimators and in the dead-zone
+    fit, so each quantizer equals what deployment computes for it alone.
     """
-    fqs = {b: _fake_quant(info, group_size, b, weight.device, deadzone) for b in bits}
-    rows = {b: fq.rows_of(weight) for b, fq in fqs.items()}
+    fqs = {d: {b: _fake_quant(info, group_size, b, weight.device, d) for b in bits} for d in deadzones}
+    rows = fqs[deadzones[0]][bits[0]].rows_of(weight)  # the same rows at every bit-width and ratio
     searched = [b for b in bits if b > 0]  # a pruned group has no range to search
+    ranges = {0: (rows.amin(dim=1), rows.amax(dim=1))}
     if searched:
-        lo, hi = get_range_estimator(weight_range)(torch.cat([rows[b] for b in searched]),
-                                                   torch.cat([fqs[b].row_bits() for b in searched]), True)
-    k = 0
-    for b in bits:
-        r = rows[b].shape[0]
-        if b == 0:
-            fqs[b].set_range(rows[b].amin(dim=1), rows[b].amax(dim=1))
-            continue
-        fqs[b].set_range(lo[k:k + r], hi[k:k + r])
-        k += r
-    dead = [(fq, rows[b]) for b, fq in fqs.items() if isinstance(fq, DeadZoneFakeQuant)]
-    fit_layers(dead)  # every bit-width's dead zones in one search (what fit_rows does one quantizer at a time)
+        first = fqs[deadzones[0]]
+        lo, hi = get_range_estimator(weight_range)(torch.cat([rows] * len(searched)),
+                                                   torch.cat([first[b].row_bits() for b in searched]), True)
+        r = rows.shape[0]
+        ranges |= {b: (lo[k * r:(k + 1) * r], hi[k * r:(k + 1) * r]) for k, b in enumerate(searched)}
+    for by_bits in fqs.values():
+        for b, fq in by_bits.items():
+            fq.set_range(*ranges[b])
+    # every ratio's and bit-width's dead zones in one search (what fit_rows does one quantizer at a time)
+    fit_layers([(fq, rows) for by_bits in fqs.values() for fq in by_bits.values()
+                if isinstance(fq, DeadZoneFakeQuant)])
     return fqs
 
 
 @torch.no_grad()
+def candidate_tables(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
+                     weight_range: str = "mse", correction: Correction = "none",
+                     deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, Tensor]]:
+    """Quantized weight of the whole layer at each dead-zone ratio and candidate bit-width (groups are sliced
+    out later).
+
+    ``correction`` is the run's weight bias correction, applied per output channel as deployment applies it.
+    A ratio > 0 puts every group on the dead-zone grid with that ratio (:mod:`qcore_rdoq.deadzone`).
+    """
+    return {d: {b: correct_weight(weight, fq(weight), correction, info.weight_axis) for b, fq in by_bits.items()}
+            for d, by_bits in _ranged(weight, info, group_size, bits, weight_range, deadzones).items()}
+
+
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
                     weight_range: str = "mse", correction: Correction = "none", deadzone: float = 0.0
                     ) -> dict[int, Tensor]:
-    """Quantized weight of the whole layer at each candidate bit-width (groups are sliced out later).
-
-    ``correction`` is the run's weight bias correction, applied per output channel as deployment applies it.
-    ``deadzone`` > 0: every group on the dead-zone grid with that ratio (:mod:`qcore_rdoq.deadzone`).
-    """
-    return {b: correct_weight(weight, fq(weight), correction, info.weight_axis)
-            for b, fq in _ranged(weight, info, group_size, bits, weight_range, deadzone).items()}
+    """:func:`candidate_tables` at one dead-zone ratio (0: the plain grid)."""
+    return candidate_tables(weight, info, group_size, bits, weight_range, correction, [deadzone])[deadzone]
 
 
 def _entropy(codes: Tensor) -> float:
@@ -127,7 +137,7 @@ def group_entropy(weight: Tensor, info: LayerInfo, group_size: int, bits: list[i
     groups = weight_groups(info, group_size)
     out = np.zeros((len(groups), len(bits)))
     per_channel = weight.movedim(info.weight_axis, 0).reshape(info.out_channels, -1)
-    for j, (b, fq) in enumerate(_ranged(weight, info, group_size, bits, weight_range).items()):
+    for j, (b, fq) in enumerate(_ranged(weight, info, group_size, bits, weight_range)[0.0].items()):
         if b == 0:
             continue
         scale, zero, qmin, qmax, _ = fq.qparams()

@@ -33,7 +33,7 @@ from qcore.layers import LayerInfo
 from qcore.progress import track
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Curves, exact_math
-from qcore_rdoq.groups import candidate_table, weight_groups
+from qcore_rdoq.groups import candidate_tables, weight_groups
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,8 @@ def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[st
     deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [ratios * bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
-        diffs = [t[b] - w for d in deadzones
-                 for t in [candidate_table(w, layers[n], group_size, list(bits), weight_range, correction, d)]
-                 for b in bits]  # R*B tensors shaped like w
+        tables = candidate_tables(w, layers[n], group_size, list(bits), weight_range, correction, deadzones)
+        diffs = [tables[d][b] - w for d in deadzones for b in bits]  # R*B tensors shaped like w
         deltas[n] = [torch.stack([t[g.start:g.stop].reshape(-1) for t in diffs]) for g in groups[n]]
     sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
     count = 0
