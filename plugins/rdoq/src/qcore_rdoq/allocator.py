@@ -130,7 +130,8 @@ class RDOQAllocator(Allocator):
                                                correction=corr, projections=o.projections, seed=ctx.config.seed)
         else:
             per_ratio = [first_order_curves(ctx.model, ctx.task.forward, batches, layers, group, bits, engine,
-                                            cache=c, correction=corr, deadzone=r) for r, c in zip(ratios, caches, strict=True)]
+                                            cache=c, correction=corr, deadzone=r)
+                         for r, c in zip(ratios, caches, strict=True)]
         if len(per_ratio) == 1:
             return per_ratio[0], None
         stack = np.stack([c.dist for c in per_ratio])  # [ratios, groups, bits]
