@@ -65,6 +65,25 @@ def test_candidate_is_what_deployment_quantizes():
     assert torch.equal(fq(w), quantize_at(w, info, 4, 3))
 
 
+@pytest.mark.parametrize("shape,group", [((20, 6, 3, 3), 8), ((13, 7), 4), ((16, 5), 16)])
+def test_vectorised_tables_equal_the_deployed_modules(shape, group):
+    """The plain-grid tables (all bit-widths in one pass) equal the per-bit-width quantizer modules bit for bit,
+    short last groups and pruned groups included."""
+    from qcore.layers import LayerInfo
+    from qcore_rdoq.groups import _ranged, candidate_tables
+
+    torch.manual_seed(0)
+    w = torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1))
+    info = LayerInfo("l", "conv", shape[0], shape[1], weight_numel=w.numel())
+    bits = list(range(11))
+    tables = candidate_tables(w, info, group, bits, deadzones=[0.0, 0.3])
+    modules = _ranged(w, info, group, bits, "mse", [0.0, 0.3])
+    for d in (0.0, 0.3):
+        for b in bits:
+            assert torch.equal(tables[d][b], modules[d][b](w)), (d, b)
+    assert (tables[0.0][0] == 0).all()
+
+
 def test_second_order_matches_first_order_in_the_linear_regime():
     """At high bits the perturbation is small and the Gauss-Newton estimate equals the measured MSE."""
     from qcore_rdoq.second_order import second_order_curves

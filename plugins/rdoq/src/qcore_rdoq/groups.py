@@ -19,6 +19,7 @@ from torch import Tensor
 from qcore.bias_correction import Correction, correct_weight
 from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
+from qcore.ops import fake_quantize, qparams_from_range
 from qcore.ranges import get_range_estimator
 from qcore.spec import QuantSpec
 from qcore_rdoq.deadzone import DeadZoneFakeQuant, fit_layers
@@ -74,25 +75,32 @@ def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, wei
     return candidate_table(weight, info, group_size, [bits], weight_range, correction, deadzone)[bits]
 
 
-def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str,
-            deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, UniformFakeQuant]]:
-    """The deployed per-group quantizer of the layer at each dead-zone ratio and bit-width, its clip ranges set
-    (and, on the dead-zone grid, its dead zones fitted).
+def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str
+                 ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
+    """The layer's rows (one per group, as the deployed quantizer sees them) and each bit-width's clip range
+    per row.
 
-    The clip search runs once for all bit-widths (rows stacked) and serves every ratio (the dead-zone grid keeps
-    the plain range for its plain groups); rows are independent in the range estimators and in the dead-zone
-    fit, so each quantizer equals what deployment computes for it alone.
+    The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
+    so each range equals what deployment computes for that bit-width alone. A pruned (0-bit) group has no range
+    to search and keeps its min/max.
     """
-    fqs = {d: {b: _fake_quant(info, group_size, b, weight.device, d) for b in bits} for d in deadzones}
-    rows = fqs[deadzones[0]][bits[0]].rows_of(weight)  # the same rows at every bit-width and ratio
-    searched = [b for b in bits if b > 0]  # a pruned group has no range to search
+    rows = _fake_quant(info, group_size, max(bits), weight.device, 0.0).rows_of(weight)
     ranges = {0: (rows.amin(dim=1), rows.amax(dim=1))}
+    searched = [b for b in bits if b > 0]
     if searched:
-        first = fqs[deadzones[0]]
-        lo, hi = get_range_estimator(weight_range)(torch.cat([rows] * len(searched)),
-                                                   torch.cat([first[b].row_bits() for b in searched]), True)
+        row_bits = torch.cat([torch.full((rows.shape[0],), float(b), device=rows.device) for b in searched])
+        lo, hi = get_range_estimator(weight_range)(torch.cat([rows] * len(searched)), row_bits, True)
         r = rows.shape[0]
         ranges |= {b: (lo[k * r:(k + 1) * r], hi[k * r:(k + 1) * r]) for k, b in enumerate(searched)}
+    return rows, {b: ranges[b] for b in bits}
+
+
+def _quantizers(info: LayerInfo, group_size: int, rows: Tensor, ranges: dict[int, tuple[Tensor, Tensor]],
+                deadzones: Sequence[float]) -> dict[float, dict[int, UniformFakeQuant]]:
+    """The deployed per-group quantizer of the layer at each dead-zone ratio and bit-width of ``ranges``, its
+    clip ranges set and, on the dead-zone grid, its dead zones fitted (the dead-zone grid keeps the plain range
+    for its plain groups; the fit is row-independent, so each equals what ``fit_rows`` gives it alone)."""
+    fqs = {d: {b: _fake_quant(info, group_size, b, rows.device, d) for b in ranges} for d in deadzones}
     for by_bits in fqs.values():
         for b, fq in by_bits.items():
             fq.set_range(*ranges[b])
@@ -100,6 +108,35 @@ def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], w
     fit_layers([(fq, rows) for by_bits in fqs.values() for fq in by_bits.values()
                 if isinstance(fq, DeadZoneFakeQuant)])
     return fqs
+
+
+def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str,
+            deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, UniformFakeQuant]]:
+    """The deployed quantizer at each dead-zone ratio and bit-width, ranged and fitted (see
+    :func:`_clip_ranges` and :func:`_quantizers`)."""
+    rows, ranges = _clip_ranges(weight, info, group_size, bits, weight_range)
+    return _quantizers(info, group_size, rows, ranges, deadzones)
+
+
+def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict[int, tuple[Tensor, Tensor]]
+                  ) -> dict[int, Tensor]:
+    """Every bit-width's weight on the plain grid in one vectorised pass, bit-width as a leading axis.
+
+    The arithmetic of :meth:`UniformFakeQuant.forward <qcore.fake_quant.UniformFakeQuant.forward>` (per-channel
+    scales from the group ranges, :func:`~qcore.ops.fake_quantize`, 0 for pruned groups) without building one
+    module per bit-width, which cost more than the quantization itself on small layers; the tests check it equals
+    the modules bit for bit.
+    """
+    c, axis = info.out_channels, info.weight_axis
+    bits = list(ranges)
+    lo = torch.stack([ranges[b][0].repeat_interleave(group_size)[:c] for b in bits])  # [B, C]
+    hi = torch.stack([ranges[b][1].repeat_interleave(group_size)[:c] for b in bits])
+    nbits = torch.tensor(bits, dtype=torch.float32, device=weight.device)[:, None].expand(len(bits), c)
+    shape = [len(bits)] + [1] * weight.dim()
+    shape[1 + axis] = c
+    scale, zero, qmin, qmax = (t.reshape(shape) for t in qparams_from_range(lo, hi, nbits, True))
+    out = fake_quantize(weight.unsqueeze(0), scale, zero, qmin, qmax, bits=nbits.reshape(shape), prune_value=0.0)
+    return dict(zip(bits, out.to(weight.dtype).unbind(0), strict=True))
 
 
 @torch.no_grad()
@@ -112,8 +149,14 @@ def candidate_tables(weight: Tensor, info: LayerInfo, group_size: int, bits: lis
     ``correction`` is the run's weight bias correction, applied per output channel as deployment applies it.
     A ratio > 0 puts every group on the dead-zone grid with that ratio (:mod:`qcore_rdoq.deadzone`).
     """
-    return {d: {b: correct_weight(weight, fq(weight), correction, info.weight_axis) for b, fq in by_bits.items()}
-            for d, by_bits in _ranged(weight, info, group_size, bits, weight_range, deadzones).items()}
+    rows, ranges = _clip_ranges(weight, info, group_size, bits, weight_range)
+    fitted = [d for d in deadzones if d > 0]
+    quantized = {d: {b: fq(weight) for b, fq in by_bits.items()}
+                 for d, by_bits in _quantizers(info, group_size, rows, ranges, fitted).items()}
+    if len(fitted) < len(deadzones):
+        quantized[0.0] = _plain_tables(weight, info, group_size, ranges)
+    return {d: {b: correct_weight(weight, q, correction, info.weight_axis) for b, q in quantized[d].items()}
+            for d in deadzones}
 
 
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],

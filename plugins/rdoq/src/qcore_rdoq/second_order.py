@@ -67,6 +67,17 @@ def _jacobians(model: nn.Module, names: Sequence[str], x: Tensor, dirs: Tensor |
     return {n: jac[f"{n}.weight"] for n in names}
 
 
+def _by_group(t: Tensor, group_size: int) -> Tensor:
+    """``[rows, out_channels, ...]`` as ``[groups, rows, group elements]`` (groups of ``group_size`` output
+    channels; a short last group is padded with zeros, which add nothing to its products)."""
+    rows, cout = t.shape[0], t.shape[1]
+    flat = t.reshape(rows, cout, -1)
+    pad = -cout % group_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
+    return flat.reshape(rows, (cout + pad) // group_size, -1).transpose(0, 1)
+
+
 def _output_count(model: nn.Module, batch: Tensor) -> int:
     """Outputs per sample of the distortion target."""
     return int(model(batch[:1]).numel())
@@ -136,12 +147,11 @@ def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[st
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
     nb = len(bits)
-    deltas: dict[str, list[Tensor]] = {}  # per layer, per group: [ratios * bits, group elements]
+    deltas: dict[str, Tensor] = {}  # per layer: [groups, ratios * bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
         tables = candidate_tables(w, layers[n], group_size, list(bits), weight_range, correction, deadzones)
-        diffs = [tables[d][b] - w for d in deadzones for b in bits]  # R*B tensors shaped like w
-        deltas[n] = [torch.stack([t[g.start:g.stop].reshape(-1) for t in diffs]) for g in groups[n]]
+        deltas[n] = _by_group(torch.stack([tables[d][b] for d in deadzones for b in bits]) - w, group_size)
     sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
     count = 0
     outputs = _output_count(model, batches[0])
@@ -159,12 +169,9 @@ def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[st
                 with torch.enable_grad():
                     jac = _jacobians(model, names, xb, dirs)
                 for n in names:
-                    j = jac[n]
-                    s, c = j.shape[0], j.shape[1]
-                    for gi, g in enumerate(groups[n]):
-                        jg = j[:, :, g.start:g.stop].reshape(s * c, -1)  # [s*C, n_g]
-                        proj = deltas[n][gi] @ jg.T  # [R*B, s*C]
-                        sums[n][gi] += proj.double().pow(2).sum(dim=1).cpu()
+                    j = jac[n].flatten(0, 1)  # [s*C, *weight.shape]
+                    proj = torch.bmm(deltas[n], _by_group(j, group_size).transpose(1, 2))  # [groups, R*B, s*C]
+                    sums[n] += proj.double().pow(2).sum(dim=2).cpu()
                 count += xb.shape[0] * outputs
     return [np.concatenate([(sums[n][:, r * nb:(r + 1) * nb] / count).numpy() for n in names], axis=0)
             for r in range(len(deadzones))]
