@@ -12,6 +12,8 @@ zoo model with BatchNorm folded, as ``qcore run`` sees it; all Conv/Linear layer
 It also prints the FLOP ceiling of the fast engine: conv/linear FLOPs of the reference (a whole forward per
 candidate) over those of the fast engine (the candidate's rows of the layer, then the downstream part), summed
 over all candidates; on a compute-bound machine the fast engine cannot beat the reference by more than that.
+``--repeat 3`` times every engine three times and keeps the fastest of each (``timeit``'s rule: the minimum is
+the run least disturbed by the rest of the machine); the spread is printed and kept in the JSON.
 Runs from a source checkout (no install needed): the packages' src folders are put on sys.path.
 """
 
@@ -81,6 +83,9 @@ def main() -> int:
     p.add_argument("--projections", nargs="+", type=int, default=[0, 1],
                    help="second-order runs: 0 = exact, K = K random output directions per sample")
     p.add_argument("--deadzones", type=int, default=1, help="dead-zone ratios per group and bit (seed: 10)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time every engine this many times and report the fastest (a shared VM's speed varies "
+                        "by tens of percent between runs; short runs suffer most)")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -112,17 +117,21 @@ def main() -> int:
     for eng, k in runs:
         label = eng if eng != "second-order" or not k else f"second-order ({k} proj.)"
         curves(eng, batches[:1], dict(list(layers.items())[:1]), [4], k)  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        c = curves(eng, batches, layers, bits, k)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeat):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            c = curves(eng, batches, layers, bits, k)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        dt = min(times)
         curves_by[label] = c
         n = c.size
-        results[label] = {"seconds": dt, "candidates": n, "per_second": n / dt}
-        print(f"{label:>22}: {dt:8.2f} s for {n} candidates ({n / dt:8.1f}/s)")
+        results[label] = {"seconds": dt, "all_seconds": times, "candidates": n, "per_second": n / dt}
+        spread = f" (of {', '.join(f'{t:.2f}' for t in times)})" if len(times) > 1 else ""
+        print(f"{label:>22}: {dt:8.2f} s for {n} candidates ({n / dt:8.1f}/s){spread}")
     if "reference" in curves_by and "fast" in curves_by:
         ref, fast = curves_by["reference"], curves_by["fast"]
         mask = ref > 1e-12
