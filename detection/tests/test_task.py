@@ -63,9 +63,9 @@ def test_rdoq_deadzone_search_on_sparse_layers(host):
 
 def test_aciq_is_task_agnostic(host):
     out = run(RunConfig(plugin="aciq", **SMALL, options={"include": FIRST_STAGES, "first_last": "same",
-                                                          "act_correction": "static"}), host)
+                                                          "act_correction": "affine"}), host)
     assert out.result["a_bits_avg"] <= 4.0 + 1e-9 and out.result["quant"] is not None
-    assert out.result["quantized"]["act_correction"] == "static"  # output corrections reach sparse features
+    assert out.result["quantized"]["act_correction"] == "affine"  # gains and shifts reach sparse features
 
 
 def test_head_target_and_errors(host):

@@ -1,17 +1,35 @@
-"""Static activation (output) correction: quantization shifts the mean of each layer's output channels; a
-per-channel constant measured once on calibration data moves them back.
+"""Activation (output) correction: quantization shifts the mean (and scales the spread) of each layer's output
+channels; per-channel constants measured once on calibration data move them back.
 
 For every quantized layer ``L`` and output channel ``c``::
 
     correction_c = E_calib[y_fp,c] - E_calib[y_q,c]
 
-where ``y_fp`` is the FP model's output of ``L`` and ``y_q`` the quantized model's (with the quantized
-upstream). The constant is folded into the layer's bias at deployment, so it is deployable; unlike the
-original ACIQ code's ``-bca`` it never looks at the data being evaluated. Corrections of upstream layers
-change downstream means, so the measurement is repeated ``passes`` times, each pass adding to the last.
+where ``y_fp`` is the FP model's output of ``L`` and ``y_q`` the quantized model's, its upstream quantized
+*and already corrected*. The constant is folded into the layer's bias at deployment, so it is deployable;
+unlike the original ACIQ code's ``-bca`` it never looks at the data being evaluated.
+
+Corrections of upstream layers change downstream means, so the layers are corrected one at a time in the order
+the forward pass reaches them, each measured with every earlier correction in place (one calibration pass per
+layer). After the sweep every layer's channel means equal FP's on the calibration data. (Measuring all layers
+at once and repeating, as a first version did, corrects a downstream layer for a shift its upstream
+correction also removes: after two such passes the zoo ResNet's means were still off, and uniform W4A4 lost
+1.4 points where the sweep changes nothing.)
+
+``affine`` mode matches each output channel's standard deviation as well as its mean: ``y_corr = a_c * y_q +
+b_c`` with ``a_c = std(y_fp,c) / std(y_q,c)`` (the seed's ``-bcw`` rule for weights, applied to outputs).
+MSE-chosen clip ranges shrink what a layer outputs (on the zoo ResNet at 3 bits its outputs are ~0.6x FP's): a
+ReLU network passes a shrinkage on unchanged (it is positively homogeneous), but a shift alone (``static``) then
+moves the shrunk outputs across the ReLUs' zero and compounds layer after layer, which destroyed such models in
+our measurements (BENCHMARKS.md). Two other gains were measured and not kept: least squares ``Cov(y_fp, y_q) /
+Var(y_q)`` shrinks noisy outputs further, which compounds the same way (uniform W3A3 78 % where this gets 89 %);
+undoing the signal's gain, ``Var(y_fp) / Cov(y_fp, y_q)``, was as accurate but divides by a covariance that can
+be near zero. Gain and shift fold into the per-channel weight scale (a per-channel requantization multiplier
+under per-tensor weights) and the bias, so the correction is deployable.
 
 ``local`` mode corrects only what each layer's own quantization adds: ``E[layer_fp(x) - layer_q(x)]`` for
-the input ``x`` that reaches it in the quantized model (weight and input quantization of that layer).
+the input ``x`` that reaches it in the quantized model (weight and input quantization of that layer), in the
+same order.
 """
 
 from __future__ import annotations
@@ -57,11 +75,11 @@ def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], bat
 
 
 @torch.no_grad()
-def local_gaps(qmodel: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
-               ) -> dict[str, Tensor]:
-    """Per output channel, ``E[layer_fp(x) - layer_q(x)]`` of every quantized layer over ``batches``, where ``x``
-    is the input that reaches the layer in the quantized model: the bias the layer's own quantization (weight
-    and input) adds, not the drift of the layers before it."""
+def local_gaps(qmodel: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any],
+               names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Per output channel, ``E[layer_fp(x) - layer_q(x)]`` of every quantized layer (or those in ``names``) over
+    ``batches``, where ``x`` is the input that reaches the layer in the quantized model: the bias the layer's own
+    quantization (weight and input) adds, not the drift of the layers before it."""
     acc = ChannelMeans()
 
     def hook(name: str) -> Callable[..., None]:
@@ -73,31 +91,96 @@ def local_gaps(qmodel: nn.Module, forward: Callable[[nn.Module, Any], Any], batc
             acc.add(name, got[0] - got[1], layer.info.act_axis)
         return fn
 
-    layers = quant_layers(qmodel)
+    layers = {n: q for n, q in quant_layers(qmodel).items() if names is None or n in names}
     run_hooked(qmodel, forward, batches, [q.register_forward_hook(hook(n)) for n, q in layers.items()])
     return acc.means()
 
 
+def _layer_outputs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any, name: str,
+                   info: LayerInfo) -> Tensor | None:
+    """Layer ``name``'s output channels on one batch as ``[channels, positions]`` (float64; every call of the
+    layer side by side), or None when the batch does not reach it."""
+    got: list[Tensor] = []
+    watch_layers(model, forward, [batch], {name: info},
+                 on_output=lambda _n, y: got.append(y.movedim(info.act_axis, 0).flatten(1)))
+    return torch.cat(got, dim=1).double() if got else None
+
+
+@torch.no_grad()
+def affine_fit(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
+               batches: Sequence[Any], name: str, info: LayerInfo) -> tuple[Tensor, Tensor] | None:
+    """Per output channel of layer ``name``, the ``(gain, shift)`` that gives ``qmodel``'s output the mean and
+    standard deviation of ``fp_model``'s over ``batches`` (see the module docstring); None when no batch reaches
+    the layer. A channel without spread (constant, pruned) gets gain 1: the shift alone."""
+    moments: Tensor | None = None  # per channel: sums of q, f, q*q, f*f over positions
+    count = 0
+    for batch in batches:
+        f, q = (_layer_outputs(model, forward, batch, name, info) for model in (fp_model, qmodel))
+        if f is None or q is None:
+            continue
+        m = torch.stack([q.sum(1), f.sum(1), (q * q).sum(1), (f * f).sum(1)])
+        moments = m if moments is None else moments + m
+        count += q.shape[1]
+    if moments is None:
+        return None
+    mq, mf, qq, ff = moments / count
+    var_q, var_f = qq - mq * mq, ff - mf * mf
+    # channels without spread on either side (pruned, dead) keep gain 1: the shift alone
+    ok = (var_q > 1e-12 * qq.clamp(min=1e-30)) & (var_f > 1e-12 * ff.clamp(min=1e-30))
+    gain = torch.where(ok, (var_f / torch.where(ok, var_q, torch.ones_like(var_q))).sqrt(), torch.ones_like(var_q))
+    return gain.float(), (mf - gain * mq).float()
+
+
+def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any) -> list[str]:
+    """Names of ``model``'s quantized layers in the order ``forward(model, batch)`` first calls them (layers
+    it does not reach are left out)."""
+    order: dict[str, None] = {}  # an ordered set
+
+    def seen(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            order.setdefault(name)
+        return hook
+
+    run_hooked(model, forward, [batch], [q.register_forward_pre_hook(seen(n)) for n, q in quant_layers(model).items()])
+    return list(order)
+
+
 def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
-                    batches: Sequence[Any], passes: int = 2, mode: str = "static") -> dict[str, Tensor]:
+                    batches: Sequence[Any], mode: str = "static") -> dict[str, Tensor]:
     """Set every quantized layer's ``out_correction`` of ``qmodel`` so its output channel means match
-    ``fp_model``'s on ``batches`` (``mode="static"``), or so each layer's own quantization adds no mean shift
-    (``mode="local"``, see :func:`local_gaps`); returns the corrections by layer name."""
-    layers = {n: q.info for n, q in quant_layers(qmodel).items()}
-    target = output_means(fp_model, forward, batches, layers) if mode == "static" else {}
+    ``fp_model``'s on ``batches`` (``mode="static"``), match their standard deviations too (``mode="affine"``,
+    which sets ``out_scale`` as well), or so each layer's own quantization adds no mean shift
+    (``mode="local"``, see :func:`local_gaps`), one layer at a time in execution order (see the module
+    docstring); returns the corrections by layer name."""
     qlayers = quant_layers(qmodel)
-    for _ in track(range(passes), desc="activation correction", unit="pass"):
+    layers = {n: q.info for n, q in qlayers.items()}
+    target = output_means(fp_model, forward, batches, layers) if mode == "static" else {}
+    order = execution_order(qmodel, forward, batches[0]) if batches else []
+    log.info("activation correction (%s): %d layers, one calibration pass each", mode, len(order))
+    for name in track(order, desc="activation correction", unit="layer"):
+        q = qlayers[name]
+        dev = q.module.weight.device
+        if mode == "affine":
+            fit = affine_fit(qmodel, fp_model, forward, batches, name, layers[name])
+            if fit is None:
+                continue
+            gain, shift = (t.to(dev) for t in fit)
+            # compose with what the layer already does: a * (s * y + c) + b
+            q.out_scale = gain if q.out_scale is None else gain * q.out_scale
+            q.out_correction = shift if q.out_correction is None else gain * q.out_correction + shift
+            continue
         if mode == "static":
-            current = output_means(qmodel, forward, batches, layers)
-            gaps = {n: target[n].to(m.device) - m for n, m in current.items()}
+            current = output_means(qmodel, forward, batches, {name: layers[name]}).get(name)
+            gap = None if current is None or name not in target else target[name].to(current.device) - current
         else:
-            gaps = local_gaps(qmodel, forward, batches)
-        for name, delta in gaps.items():
-            q = qlayers[name]
-            delta = delta.to(q.module.weight.device)
-            q.out_correction = delta if q.out_correction is None else q.out_correction + delta
-    missing = sorted(set(layers) - set(gaps))
+            gap = local_gaps(qmodel, forward, batches, [name]).get(name)
+        if gap is None:
+            continue
+        gap = gap.to(dev)
+        q.out_correction = gap if q.out_correction is None else q.out_correction + gap
+    corrected = {n: q.out_correction for n, q in qlayers.items() if q.out_correction is not None}
+    missing = sorted(set(layers) - set(corrected))
     if missing:
         log.warning("no calibration data reached %d layer(s); they get no activation correction: %s", len(missing),
                     ", ".join(missing[:5]))
-    return {n: q.out_correction for n, q in qlayers.items() if q.out_correction is not None}
+    return corrected

@@ -34,10 +34,12 @@ class PipelineOptions:
     act_symmetric: bool = field(default=False, metadata={"help": "symmetric activation grid (default affine)"})
     weight_correction: Literal["none", "mean", "mean+var"] = field(default="none", metadata={
         "help": "data-free weight bias correction per output channel (see qcore.bias_correction)"})
-    act_correction: Literal["none", "static", "local"] = field(default="none", metadata={
-        "help": "add per-output-channel constants (a bias change) measured on the calibration data: 'static' = FP "
-                "minus quantized output mean; 'local' = only the shift each layer's own quantization adds "
-                "(see qcore.act_correction; BENCHMARKS.md: neither helps the zoo ResNet)"})
+    act_correction: Literal["none", "static", "affine", "local"] = field(default="none", metadata={
+        "help": "correct each quantized layer's output channels on the calibration data, one layer at a time in "
+                "forward order (deployable: folds into weight scale and bias): 'static' = add FP minus quantized "
+                "mean; 'affine' = gain and shift that give FP's channel mean and std (undoes what MSE clipping "
+                "shrinks; best from 3 bits down, see BENCHMARKS.md); 'local' = remove only the mean shift each "
+                "layer's own quantization adds (see qcore.act_correction)"})
     def __post_init__(self) -> None:
         if self.first_last not in ("same", "fp"):
             try:

@@ -208,8 +208,9 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
                + f"; {len(folded)} BatchNorm layers folded"
                + (f"; weight bias correction: {pipeline.weight_correction} per output channel (a fractional "
                   "weight zero point)" if pipeline.weight_correction != "none" else "")
-               + ("; static activation correction: a per-output-channel constant from the calibration data"
-                  if pipeline.act_correction != "none" else "")
+               + (f"; {pipeline.act_correction} output correction: a per-output-channel "
+                  + ("gain and constant" if pipeline.act_correction == "affine" else "constant")
+                  + " from the calibration data" if pipeline.act_correction != "none" else "")
                + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",

@@ -39,8 +39,11 @@ class QuantLayer(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer
         self._wq: Tensor | None = None
-        #: static output correction per output channel (see :func:`qcore.bias_correction.correct_outputs`)
+        #: static output correction per output channel, added to the output (see
+        #: :func:`qcore.act_correction.correct_outputs`); with ``out_scale`` set, the output is first multiplied
+        #: by it (the ``affine`` correction). Both fold into the layer's per-channel weight scale and bias.
         self.register_buffer("out_correction", None)
+        self.register_buffer("out_scale", None)
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (the float weight when weights are not quantized)."""
@@ -73,6 +76,8 @@ class QuantLayer(nn.Module):
     def _add_correction(self, y: Tensor) -> Tensor:
         shape = [1] * y.dim()
         shape[self.info.act_axis] = -1
+        if self.out_scale is not None:
+            y = y * self.out_scale.to(y.dtype).reshape(shape)
         return y + self.out_correction.to(y.dtype).reshape(shape)
 
 
