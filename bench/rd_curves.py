@@ -88,6 +88,8 @@ def main() -> int:
                         "by tens of percent between runs; short runs suffer most)")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     dev = torch.device(args.device)
     loaded = load_zoo(args.model, None)
     model = loaded.model.eval()

@@ -37,6 +37,7 @@ def test_correction_matches_fp_channel_means():
 def test_pipeline_option_is_reported(mode):
     out = run_tiny(make_host(), w_bits=4, a_bits=4, options={"act_correction": mode})
     assert out.result["quantized"]["act_correction"] == mode
+    assert all((q.out_scale is not None) == (mode == "affine") for q in quant_layers(out.model).values())
     assert all(q.out_correction is not None for q in quant_layers(out.model).values())
     with torch.no_grad():
         assert torch.isfinite(out.model(torch.randn(2, 1, 8, 8))).all()
@@ -88,3 +89,42 @@ def test_affine_correction_matches_each_channels_mean_and_spread():
         assert torch.allclose(after[n].mean(1), f_out[n].mean(1), atol=1e-4), n
         assert torch.allclose(std(after[n]), std(f_out[n]), rtol=1e-4, atol=1e-6), n
         assert quant_layers(out.model)[n].out_scale is not None
+
+
+def test_a_layer_only_a_later_batch_reaches_is_corrected():
+    """The correction order comes from every calibration batch, not the first alone."""
+    import copy
+
+    from torch import nn
+
+    from qcore.fake_quant import UniformFakeQuant
+    from qcore.layers import torch_layer_info
+    from qcore.spec import LayerSpec, QuantSpec
+    from qcore.wrap import QuantLayer
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(torch.relu(y)) if x.mean() > 0 else y  # b only sees positive batches
+
+    torch.manual_seed(0)
+    fp = Branchy().eval()
+    q = copy.deepcopy(fp)
+    for name in ("a", "b"):
+        module = getattr(q, name)
+        spec = QuantSpec(bits=2, symmetric=True, granularity="channel")
+        fq = UniformFakeQuant(spec, 6, 0)
+        rows = fq.rows_of(module.weight.detach())
+        fq.set_range(rows.amin(dim=1), rows.amax(dim=1))
+        setattr(q, name, QuantLayer(module, torch_layer_info(module, name), LayerSpec(spec, None), fq, None))
+    batches = [torch.randn(32, 6) - 3, torch.randn(32, 6) + 3]
+    forward = lambda m, x: m(x)  # noqa: E731
+    corr = correct_outputs(q, fp, forward, batches, mode="affine")
+    assert set(corr) == {"a", "b"}
+    layers = {n: m.info for n, m in quant_layers(q).items()}
+    fp_means, q_means = output_means(fp, forward, batches, layers), output_means(q, forward, batches, layers)
+    assert torch.allclose(q_means["b"], fp_means["b"], atol=1e-4)

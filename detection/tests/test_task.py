@@ -8,6 +8,7 @@ from qcore.components import RunConfig
 from qcore.errors import QcoreError
 from qcore.pipeline import run
 from qcore.testing import make_host
+from qcore.wrap import quant_layers
 from qcore_aciq import plugin as aciq_plugin
 from qcore_detection import plugin
 from qcore_rdoq import plugin as rdoq_plugin
@@ -66,6 +67,7 @@ def test_aciq_is_task_agnostic(host):
                                                           "act_correction": "affine"}), host)
     assert out.result["a_bits_avg"] <= 4.0 + 1e-9 and out.result["quant"] is not None
     assert out.result["quantized"]["act_correction"] == "affine"  # gains and shifts reach sparse features
+    assert all(q.out_scale is not None and q.out_correction is not None for q in quant_layers(out.model).values())
 
 
 def test_head_target_and_errors(host):

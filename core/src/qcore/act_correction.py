@@ -11,7 +11,9 @@ unlike the original ACIQ code's ``-bca`` it never looks at the data being evalua
 
 Corrections of upstream layers change downstream means, so the layers are corrected one at a time in the order
 the forward pass reaches them, each measured with every earlier correction in place (one calibration pass per
-layer). After the sweep every layer's channel means equal FP's on the calibration data. (Measuring all layers
+layer). After the sweep every layer's channel means equal FP's on the calibration data (for a layer the forward
+pass calls more than once, e.g. a shared block, corrections of the layers between its calls move it again: it
+is left approximately corrected). (Measuring all layers
 at once and repeating, as a first version did, corrects a downstream layer for a shift its upstream
 correction also removes: after two such passes the zoo ResNet's means were still off, and uniform W4A4 lost
 1.4 points where the sweep changes nothing.)
@@ -49,29 +51,46 @@ log = logging.getLogger(__name__)
 
 
 class ChannelMeans:
-    """Running per-channel means of tensors, by name (channels on ``axis``)."""
+    """Running per-channel means (and variances) of tensors, by name (channels on ``axis``)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.squares: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
 
     def add(self, name: str, y: Tensor, axis: int) -> None:
         rows = y.movedim(axis, 0).reshape(y.shape[axis], -1).double()
         self.sums[name] = self.sums.get(name, 0) + rows.sum(dim=1)
+        self.squares[name] = self.squares.get(name, 0) + rows.square().sum(dim=1)
         self.counts[name] = self.counts.get(name, 0) + rows.shape[1]
 
     def means(self) -> dict[str, Tensor]:
         return {n: (s / max(self.counts[n], 1)).float() for n, s in self.sums.items()}
 
+    def moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(mean, variance)`` per channel, by name (float64)."""
+        out = {}
+        for n, s in self.sums.items():
+            mean = s / max(self.counts[n], 1)
+            out[n] = (mean, (self.squares[n] / max(self.counts[n], 1) - mean * mean).clamp(min=0))
+        return out
+
 
 @torch.no_grad()
+def output_moments(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any],
+                   layers: Mapping[str, LayerInfo]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-output-channel ``(mean, variance)`` (float64) of each named module's output over ``batches`` (sparse
+    outputs: over active sites)."""
+    acc = ChannelMeans()
+    watch_layers(model, forward, batches, layers, on_output=lambda n, y: acc.add(n, y, layers[n].act_axis))
+    return acc.moments()
+
+
 def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any],
                  layers: Mapping[str, LayerInfo]) -> dict[str, Tensor]:
     """Per-output-channel mean of each named module's output over ``batches`` (sparse outputs: over active
     sites)."""
-    acc = ChannelMeans()
-    watch_layers(model, forward, batches, layers, on_output=lambda n, y: acc.add(n, y, layers[n].act_axis))
-    return acc.means()
+    return {n: m.float() for n, (m, _) in output_moments(model, forward, batches, layers).items()}
 
 
 @torch.no_grad()
@@ -96,44 +115,20 @@ def local_gaps(qmodel: nn.Module, forward: Callable[[nn.Module, Any], Any], batc
     return acc.means()
 
 
-def _layer_outputs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any, name: str,
-                   info: LayerInfo) -> Tensor | None:
-    """Layer ``name``'s output channels on one batch as ``[channels, positions]`` (float64; every call of the
-    layer side by side), or None when the batch does not reach it."""
-    got: list[Tensor] = []
-    watch_layers(model, forward, [batch], {name: info},
-                 on_output=lambda _n, y: got.append(y.movedim(info.act_axis, 0).flatten(1)))
-    return torch.cat(got, dim=1).double() if got else None
+def std_gain(var_fp: Tensor, var_q: Tensor) -> Tensor:
+    """Per channel, the gain ``std_fp / std_q`` of the ``affine`` correction; 1 (the shift alone) for channels
+    without spread (pruned, dead) or whose quantized spread is under 1 % of FP's (a gain above 100 would amplify
+    what little is left)."""
+    ok = (var_q > 1e-4 * var_fp) & (var_fp > 0)
+    return torch.where(ok, (var_fp / torch.where(ok, var_q, torch.ones_like(var_q))).sqrt(), torch.ones_like(var_q))
 
 
 @torch.no_grad()
-def affine_fit(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
-               batches: Sequence[Any], name: str, info: LayerInfo) -> tuple[Tensor, Tensor] | None:
-    """Per output channel of layer ``name``, the ``(gain, shift)`` that gives ``qmodel``'s output the mean and
-    standard deviation of ``fp_model``'s over ``batches`` (see the module docstring); None when no batch reaches
-    the layer. A channel without spread (constant, pruned) gets gain 1: the shift alone."""
-    moments: Tensor | None = None  # per channel: sums of q, f, q*q, f*f over positions
-    count = 0
-    for batch in batches:
-        f, q = (_layer_outputs(model, forward, batch, name, info) for model in (fp_model, qmodel))
-        if f is None or q is None:
-            continue
-        m = torch.stack([q.sum(1), f.sum(1), (q * q).sum(1), (f * f).sum(1)])
-        moments = m if moments is None else moments + m
-        count += q.shape[1]
-    if moments is None:
-        return None
-    mq, mf, qq, ff = moments / count
-    var_q, var_f = qq - mq * mq, ff - mf * mf
-    # channels without spread on either side (pruned, dead) keep gain 1: the shift alone
-    ok = (var_q > 1e-12 * qq.clamp(min=1e-30)) & (var_f > 1e-12 * ff.clamp(min=1e-30))
-    gain = torch.where(ok, (var_f / torch.where(ok, var_q, torch.ones_like(var_q))).sqrt(), torch.ones_like(var_q))
-    return gain.float(), (mf - gain * mq).float()
-
-
-def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any) -> list[str]:
-    """Names of ``model``'s quantized layers in the order ``forward(model, batch)`` first calls them (layers
-    it does not reach are left out)."""
+def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
+                    ) -> list[str]:
+    """Names of ``model``'s quantized layers in the order ``forward`` first calls them over ``batches`` (a layer
+    that only a later batch reaches comes after those the earlier ones reach; layers none reaches are left
+    out)."""
     order: dict[str, None] = {}  # an ordered set
 
     def seen(name: str) -> Callable[..., None]:
@@ -141,7 +136,7 @@ def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
             order.setdefault(name)
         return hook
 
-    run_hooked(model, forward, [batch], [q.register_forward_pre_hook(seen(n)) for n, q in quant_layers(model).items()])
+    run_hooked(model, forward, batches, [q.register_forward_pre_hook(seen(n)) for n, q in quant_layers(model).items()])
     return list(order)
 
 
@@ -154,30 +149,33 @@ def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[n
     docstring); returns the corrections by layer name."""
     qlayers = quant_layers(qmodel)
     layers = {n: q.info for n, q in qlayers.items()}
-    target = output_means(fp_model, forward, batches, layers) if mode == "static" else {}
-    order = execution_order(qmodel, forward, batches[0]) if batches else []
+    target = output_moments(fp_model, forward, batches, layers) if mode != "local" else {}
+    order = execution_order(qmodel, forward, batches)
     log.info("activation correction (%s): %d layers, one calibration pass each", mode, len(order))
     for name in track(order, desc="activation correction", unit="layer"):
         q = qlayers[name]
         dev = q.module.weight.device
-        if mode == "affine":
-            fit = affine_fit(qmodel, fp_model, forward, batches, name, layers[name])
-            if fit is None:
-                continue
-            gain, shift = (t.to(dev) for t in fit)
-            # compose with what the layer already does: a * (s * y + c) + b
-            q.out_scale = gain if q.out_scale is None else gain * q.out_scale
-            q.out_correction = shift if q.out_correction is None else gain * q.out_correction + shift
-            continue
-        if mode == "static":
-            current = output_means(qmodel, forward, batches, {name: layers[name]}).get(name)
-            gap = None if current is None or name not in target else target[name].to(current.device) - current
-        else:
+        if mode == "local":
             gap = local_gaps(qmodel, forward, batches, [name]).get(name)
-        if gap is None:
+            gain = None
+            shift = None if gap is None else gap.double()
+        else:
+            current = output_moments(qmodel, forward, batches, {name: layers[name]}).get(name)
+            if current is None or name not in target:
+                continue
+            (mean_fp, var_fp), (mean_q, var_q) = target[name], current
+            gain = std_gain(var_fp, var_q) if mode == "affine" else None
+            shift = mean_fp - (mean_q if gain is None else gain * mean_q)
+        if shift is None:
             continue
-        gap = gap.to(dev)
-        q.out_correction = gap if q.out_correction is None else q.out_correction + gap
+        # compose with what the layer already does: a * (s * y + c) + b
+        if gain is not None:
+            gain = gain.float().to(dev)
+            q.out_scale = gain if q.out_scale is None else gain * q.out_scale
+            if q.out_correction is not None:
+                q.out_correction = gain * q.out_correction
+        shift = shift.float().to(dev)
+        q.out_correction = shift if q.out_correction is None else q.out_correction + shift
     corrected = {n: q.out_correction for n, q in qlayers.items() if q.out_correction is not None}
     missing = sorted(set(layers) - set(corrected))
     if missing:

@@ -69,7 +69,7 @@ class QuantLayer(nn.Module):
             x = q(x, self.act_quantizer) if q is not None else self.act_quantizer(x)
         params = {"weight": self.quantized_weight()}
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
-        if self.out_correction is not None:
+        if self.out_correction is not None or self.out_scale is not None:
             out = self.info.output_tensor(out, self._add_correction)
         return out
 
@@ -78,7 +78,7 @@ class QuantLayer(nn.Module):
         shape[self.info.act_axis] = -1
         if self.out_scale is not None:
             y = y * self.out_scale.to(y.dtype).reshape(shape)
-        return y + self.out_correction.to(y.dtype).reshape(shape)
+        return y if self.out_correction is None else y + self.out_correction.to(y.dtype).reshape(shape)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

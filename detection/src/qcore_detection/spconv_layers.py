@@ -109,7 +109,7 @@ class SparseQuantLayer(QuantLayer, spconv.SparseModule):
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
         if bias is not None:
             out = out.replace_feature(out.features + bias)
-        if self.out_correction is not None:
+        if self.out_correction is not None or self.out_scale is not None:
             out = self.info.output_tensor(out, self._add_correction)
         return out
 

@@ -104,6 +104,34 @@ def test_second_order_matches_first_order_in_the_linear_regime():
     assert np.allclose(s.dist, f.dist, rtol=1e-5)
 
 
+def test_second_order_batched_products_equal_per_group_sums():
+    """The batched per-layer products (short last groups zero-padded) equal a plain loop over groups, samples and
+    outputs, on conv and linear layers whose channel counts the group size does not divide."""
+    from qcore_rdoq.groups import candidate_table
+    from qcore_rdoq.second_order import _jacobians, second_order_curves
+
+    model = tiny_convnet()
+    batches, layers = setup(model)
+    bits, size = [0, 2, 5], 3
+    curves = second_order_curves(model, batches, layers, size, bits, sub_batch=7)
+    names = list(layers)
+    jacs = [_jacobians(model, names, b, None) for b in batches]
+    total = sum(b.shape[0] for b in batches) * int(model(batches[0][:1]).numel())
+    rows = []
+    for n in names:
+        w = model.get_submodule(n).weight.detach()
+        table = candidate_table(w, layers[n], size, bits)
+        for g in weight_groups(layers[n], size):
+            row = []
+            for b in bits:
+                d = (table[b] - w)[g.start:g.stop].reshape(-1).double()
+                row.append(sum(float((j[n][:, :, g.start:g.stop].flatten(2).double() @ d).pow(2).sum())
+                               for j in jacs) / total)
+            rows.append(row)
+    assert any(info.out_channels % size for info in layers.values())
+    assert np.allclose(curves.dist, np.array(rows), rtol=1e-5, atol=1e-12)
+
+
 def test_candidate_with_bias_correction_is_what_deployment_runs():
     """With weight bias correction on, the curve candidates are the corrected weights deployment uses."""
     from qcore.testing import make_host, run_tiny

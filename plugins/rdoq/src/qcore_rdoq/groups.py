@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from qcore.bias_correction import Correction, correct_weight
+from qcore.errors import QcoreError
 from qcore.fake_quant import UniformFakeQuant
 from qcore.layers import LayerInfo
 from qcore.ops import fake_quantize, qparams_from_range
@@ -92,6 +93,9 @@ def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[in
         lo, hi = get_range_estimator(weight_range)(torch.cat([rows] * len(searched)), row_bits, True)
         r = rows.shape[0]
         ranges |= {b: (lo[k * r:(k + 1) * r], hi[k * r:(k + 1) * r]) for k, b in enumerate(searched)}
+    if not all(bool(torch.isfinite(t).all()) for pair in ranges.values() for t in pair):
+        raise QcoreError(f"layer {info.name!r}: a weight clip range is not finite (NaN or inf in the weights); "
+                         "check the model")
     return rows, {b: ranges[b] for b in bits}
 
 
@@ -127,7 +131,7 @@ def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict
     module per bit-width, which cost more than the quantization itself on small layers; the tests check it equals
     the modules bit for bit.
     """
-    c, axis = info.out_channels, info.weight_axis
+    c, axis = info.out_channels, info.weight_axis % weight.dim()
     bits = list(ranges)
     lo = torch.stack([ranges[b][0].repeat_interleave(group_size)[:c] for b in bits])  # [B, C]
     hi = torch.stack([ranges[b][1].repeat_interleave(group_size)[:c] for b in bits])
