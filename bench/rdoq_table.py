@@ -9,7 +9,9 @@ Lagrangian solver, second-order curves with the DP (exact Gauss-Newton, and esti
 direction per sample), the seed's dead-zone search (``--method rdoq-deadzone``: 10 dead-zone ratios per group and
 bit-width, first- or second-order curves; simulation only), and first-order curves for weights *and* activations
 (``budget=separate``: weights average b, activations average b, each RD-allocated; ``budget=joint``: one
-budget of b bits on average over weight and activation elements together, as in the seed).
+budget of b bits on average over weight and activation elements together, as in the seed). The two
+"+ affine correction" rows add ``-o act_correction=affine`` (each output channel's mean and spread matched
+to FP's on the calibration data; deployable) to uniform with MSE ranges and to RDOQ.
 Every run: first and last layer pinned at 8 bits (counted in the average), 512 calibration images (the
 first 64 for RD curves), the full 10,000-image test split.
 """
@@ -35,6 +37,9 @@ ROWS = {
     "rdoq dead-zone 2nd-order dp": ["--method", "rdoq-deadzone", "-o", "engine=second-order"],
     "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate"],
     "rdoq joint W+A": ["--plugin", "rdoq", "-o", "budget=joint"],
+    "uniform (mse) + affine correction": ["--plugin", "uniform", "--calibrator", "mse", "-o", "weight_range=mse",
+                                          "-o", "act_correction=affine"],
+    "rdoq dp + affine correction": ["--plugin", "rdoq", "-o", "act_correction=affine"],
 }
 
 
