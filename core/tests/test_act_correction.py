@@ -128,3 +128,21 @@ def test_a_layer_only_a_later_batch_reaches_is_corrected():
     layers = {n: m.info for n, m in quant_layers(q).items()}
     fp_means, q_means = output_means(fp, forward, batches, layers), output_means(q, forward, batches, layers)
     assert torch.allclose(q_means["b"], fp_means["b"], atol=1e-4)
+
+
+def test_early_exit_moments_equal_a_full_pass():
+    """Stopping each forward pass once the measured layer has run gives the full pass's statistics."""
+    from qcore.act_correction import _layer_moments, layer_calls, output_moments
+
+    host = make_host()
+    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same"})
+    inst = host.get("task", "tiny")().build(
+        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
+    batches = list(inst.calibration)
+    layers = {n: q.info for n, q in quant_layers(out.model).items()}
+    calls = layer_calls(out.model, inst.forward, batches)
+    assert list(calls) == list(layers) and all(c == [1] * len(batches) for c in calls.values())
+    full = output_moments(out.model, inst.forward, batches, layers)
+    for n in layers:
+        mean, var = _layer_moments(out.model, inst.forward, batches, n, layers[n], calls[n])
+        assert torch.equal(mean, full[n][0]) and torch.equal(var, full[n][1])

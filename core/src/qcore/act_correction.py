@@ -11,7 +11,7 @@ unlike the original ACIQ code's ``-bca`` it never looks at the data being evalua
 
 Corrections of upstream layers change downstream means, so the layers are corrected one at a time in the order
 the forward pass reaches them, each measured with every earlier correction in place (one calibration pass per
-layer). After the sweep every layer's channel means equal FP's on the calibration data (for a layer the forward
+layer, each stopped as soon as the layer has run). After the sweep every layer's channel means equal FP's on the calibration data (for a layer the forward
 pass calls more than once, e.g. a shared block, corrections of the layers between its calls move it again: it
 is left approximately corrected). (Measuring all layers
 at once and repeating, as a first version did, corrects a downstream layer for a shift its upstream
@@ -124,20 +124,66 @@ def std_gain(var_fp: Tensor, var_q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
-                    ) -> list[str]:
-    """Names of ``model``'s quantized layers in the order ``forward`` first calls them over ``batches`` (a layer
-    that only a later batch reaches comes after those the earlier ones reach; layers none reaches are left
-    out)."""
-    order: dict[str, None] = {}  # an ordered set
+def layer_calls(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
+                ) -> dict[str, list[int]]:
+    """For each quantized layer of ``model`` that ``forward`` reaches over ``batches``: how many times it is called
+    in each batch (0 where a batch does not reach it), in the order of the layers' first calls (a layer that only
+    a later batch reaches comes after those the earlier ones reach; layers none reaches are left out)."""
+    calls: dict[str, list[int]] = {}  # insertion order = order of first calls
+    at = 0  # the batch being run
 
     def seen(name: str) -> Callable[..., None]:
         def hook(*_: Any) -> None:
-            order.setdefault(name)
+            calls.setdefault(name, [0] * len(batches))[at] += 1
         return hook
 
-    run_hooked(model, forward, batches, [q.register_forward_pre_hook(seen(n)) for n, q in quant_layers(model).items()])
-    return list(order)
+    handles = [q.register_forward_pre_hook(seen(n)) for n, q in quant_layers(model).items()]
+    try:
+        for i, batch in enumerate(batches):
+            at = i
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
+                    ) -> list[str]:
+    """Names of ``model``'s quantized layers in the order ``forward`` first calls them over ``batches`` (see
+    :func:`layer_calls`)."""
+    return list(layer_calls(model, forward, batches))
+
+
+class _Reached(Exception):
+    """Ends a forward pass early: the layer being measured has produced all its outputs for this batch."""
+
+
+@torch.no_grad()
+def _layer_moments(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any], name: str,
+                   info: LayerInfo, calls: Sequence[int]) -> tuple[Tensor, Tensor] | None:
+    """Per-channel ``(mean, variance)`` of layer ``name``'s output over ``batches``, like :func:`output_moments`,
+    but each batch's forward pass stops once the layer has run its ``calls[i]`` times (nothing after it can change
+    its output), which halves the cost of a sweep over the layers on average."""
+    acc = ChannelMeans()
+    left = 0
+
+    def on_output(n: str, y: Tensor) -> None:
+        nonlocal left
+        acc.add(n, y, info.act_axis)
+        left -= 1
+        if left == 0:
+            raise _Reached
+
+    for batch, expected in zip(batches, calls, strict=True):
+        if expected == 0:
+            continue
+        left = expected
+        try:
+            watch_layers(model, forward, [batch], {name: info}, on_output=on_output)
+        except _Reached:
+            pass
+    return acc.moments().get(name)
 
 
 def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
@@ -150,7 +196,8 @@ def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[n
     qlayers = quant_layers(qmodel)
     layers = {n: q.info for n, q in qlayers.items()}
     target = output_moments(fp_model, forward, batches, layers) if mode != "local" else {}
-    order = execution_order(qmodel, forward, batches)
+    calls = layer_calls(qmodel, forward, batches)
+    order = list(calls)
     log.info("activation correction (%s): %d layers, one calibration pass each", mode, len(order))
     for name in track(order, desc="activation correction", unit="layer"):
         q = qlayers[name]
@@ -160,7 +207,7 @@ def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[n
             gain = None
             shift = None if gap is None else gap.double()
         else:
-            current = output_moments(qmodel, forward, batches, {name: layers[name]}).get(name)
+            current = _layer_moments(qmodel, forward, batches, name, layers[name], calls[name])
             if current is None or name not in target:
                 continue
             (mean_fp, var_fp), (mean_q, var_q) = target[name], current
