@@ -148,13 +148,6 @@ def layer_calls(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batc
     return calls
 
 
-def execution_order(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any]
-                    ) -> list[str]:
-    """Names of ``model``'s quantized layers in the order ``forward`` first calls them over ``batches`` (see
-    :func:`layer_calls`)."""
-    return list(layer_calls(model, forward, batches))
-
-
 class _Reached(Exception):
     """Ends a forward pass early: the layer being measured has produced all its outputs for this batch."""
 
