@@ -11,12 +11,12 @@ unlike the original ACIQ code's ``-bca`` it never looks at the data being evalua
 
 Corrections of upstream layers change downstream means, so the layers are corrected one at a time in the order
 the forward pass reaches them, each measured with every earlier correction in place (one calibration pass per
-layer, each stopped as soon as the layer has run). After the sweep every layer's channel means equal FP's on the calibration data (for a layer the forward
-pass calls more than once, e.g. a shared block, corrections of the layers between its calls move it again: it
-is left approximately corrected). (Measuring all layers
-at once and repeating, as a first version did, corrects a downstream layer for a shift its upstream
-correction also removes: after two such passes the zoo ResNet's means were still off, and uniform W4A4 lost
-1.4 points where the sweep changes nothing.)
+layer, each stopped as soon as the layer has run). After the sweep every layer's channel means equal FP's on
+the calibration data (a layer the forward pass calls more than once, e.g. a shared block, is moved again by the
+corrections of the layers between its calls: it is left approximately corrected). Measuring all layers at once
+and repeating, as a first version did, corrects a downstream layer for a shift its upstream correction also
+removes: after two such passes the zoo ResNet's means were still off, and uniform W4A4 lost 1.4 points where
+the sweep changes nothing.
 
 ``affine`` mode matches each output channel's standard deviation as well as its mean: ``y_corr = a_c * y_q +
 b_c`` with ``a_c = std(y_fp,c) / std(y_q,c)`` (the seed's ``-bcw`` rule for weights, applied to outputs).
