@@ -1,4 +1,5 @@
-"""Static activation correction: quantized output channel means moved back to FP's on calibration data."""
+"""Activation (output) correction: quantized output channels moved back to FP's mean (and spread) on
+calibration data, one layer at a time."""
 
 import pytest
 import torch
@@ -10,6 +11,18 @@ from qcore.testing import make_host, run_tiny
 from qcore.wrap import quant_layers
 
 
+def _tiny_quantized(**options):
+    """The tiny convnet quantized at W3A3 by the pipeline, the BN-folded FP model it was quantized from, the
+    task instance and its calibration batches."""
+    host = make_host()
+    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same", **options})
+    inst = host.get("task", "tiny")().build(
+        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
+    fp = inst.model
+    fold_batchnorm(fp)  # the pipeline quantized the folded model
+    return out, fp, inst, list(inst.calibration)
+
+
 def _gap(qmodel, fp_model, batches, forward):
     layers = {n: q.info for n, q in quant_layers(qmodel).items()}
     fp = output_means(fp_model, forward, batches, layers)
@@ -18,13 +31,7 @@ def _gap(qmodel, fp_model, batches, forward):
 
 
 def test_correction_matches_fp_channel_means():
-    host = make_host()
-    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same"})
-    inst = host.get("task", "tiny")().build(
-        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
-    fp = inst.model
-    fold_batchnorm(fp)  # the pipeline quantized the folded model
-    batches = list(inst.calibration)
+    out, fp, inst, batches = _tiny_quantized()
     before = _gap(out.model, fp, batches, inst.forward)
     corr = correct_outputs(out.model, fp, inst.forward, batches)
     after = _gap(out.model, fp, batches, inst.forward)
@@ -46,13 +53,9 @@ def test_pipeline_option_is_reported(mode):
 def test_local_correction_removes_each_layers_own_mean_shift():
     from qcore.act_correction import local_gaps
 
-    host = make_host()
-    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same"})
-    inst = host.get("task", "tiny")().build(
-        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
-    batches = list(inst.calibration)
+    out, fp, inst, batches = _tiny_quantized()
     before = {n: float(g.abs().mean()) for n, g in local_gaps(out.model, inst.forward, batches).items()}
-    correct_outputs(out.model, inst.model, inst.forward, batches, mode="local")
+    correct_outputs(out.model, fp, inst.forward, batches, mode="local")
     after = {n: float(g.abs().mean()) for n, g in local_gaps(out.model, inst.forward, batches).items()}
     assert all(after[n] <= 1e-4 * before[n] + 1e-6 for n in before), (before, after)
 
@@ -62,13 +65,7 @@ def test_affine_correction_matches_each_channels_mean_and_spread():
     its upstream corrected."""
     from qcore.layers import watch_layers
 
-    host = make_host()
-    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same", "weight_range": "mse"})
-    inst = host.get("task", "tiny")().build(
-        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
-    fp = inst.model
-    fold_batchnorm(fp)
-    batches = list(inst.calibration)
+    out, fp, inst, batches = _tiny_quantized(weight_range="mse")
     layers = {n: q.info for n, q in quant_layers(out.model).items()}
 
     def outputs(model):
@@ -134,11 +131,7 @@ def test_early_exit_moments_equal_a_full_pass():
     """Stopping each forward pass once the measured layer has run gives the full pass's statistics."""
     from qcore.act_correction import _layer_moments, layer_calls, output_moments
 
-    host = make_host()
-    out = run_tiny(host, w_bits=3, a_bits=3, options={"first_last": "same"})
-    inst = host.get("task", "tiny")().build(
-        RunConfig(task="tiny", model="tiny:convnet", calib_size=64, batch_size=32, eval_size=128), host)
-    batches = list(inst.calibration)
+    out, _, inst, batches = _tiny_quantized()
     layers = {n: q.info for n, q in quant_layers(out.model).items()}
     calls = layer_calls(out.model, inst.forward, batches)
     assert list(calls) == list(layers) and all(c == [1] * len(batches) for c in calls.values())

@@ -37,7 +37,7 @@ same order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,24 +51,27 @@ log = logging.getLogger(__name__)
 
 
 class ChannelMeans:
-    """Running per-channel means (and variances) of tensors, by name (channels on ``axis``)."""
+    """Running per-channel means (and, with ``variances``, variances) of tensors, by name (channels on ``axis``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, variances: bool = False) -> None:
         self.sums: dict[str, Tensor] = {}
-        self.squares: dict[str, Tensor] = {}
+        self.squares: dict[str, Tensor] | None = {} if variances else None
         self.counts: dict[str, int] = {}
 
     def add(self, name: str, y: Tensor, axis: int) -> None:
         rows = y.movedim(axis, 0).reshape(y.shape[axis], -1).double()
         self.sums[name] = self.sums.get(name, 0) + rows.sum(dim=1)
-        self.squares[name] = self.squares.get(name, 0) + rows.square().sum(dim=1)
+        if self.squares is not None:
+            self.squares[name] = self.squares.get(name, 0) + rows.square().sum(dim=1)
         self.counts[name] = self.counts.get(name, 0) + rows.shape[1]
 
     def means(self) -> dict[str, Tensor]:
         return {n: (s / max(self.counts[n], 1)).float() for n, s in self.sums.items()}
 
     def moments(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``(mean, variance)`` per channel, by name (float64)."""
+        """``(mean, variance)`` per channel, by name (float64); needs ``variances=True``."""
+        if self.squares is None:
+            raise ValueError("ChannelMeans(variances=True) is needed for moments()")
         out = {}
         for n, s in self.sums.items():
             mean = s / max(self.counts[n], 1)
@@ -81,16 +84,19 @@ def output_moments(model: nn.Module, forward: Callable[[nn.Module, Any], Any], b
                    layers: Mapping[str, LayerInfo]) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-output-channel ``(mean, variance)`` (float64) of each named module's output over ``batches`` (sparse
     outputs: over active sites)."""
-    acc = ChannelMeans()
+    acc = ChannelMeans(variances=True)
     watch_layers(model, forward, batches, layers, on_output=lambda n, y: acc.add(n, y, layers[n].act_axis))
     return acc.moments()
 
 
+@torch.no_grad()
 def output_means(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any],
                  layers: Mapping[str, LayerInfo]) -> dict[str, Tensor]:
     """Per-output-channel mean of each named module's output over ``batches`` (sparse outputs: over active
     sites)."""
-    return {n: m.float() for n, (m, _) in output_moments(model, forward, batches, layers).items()}
+    acc = ChannelMeans()
+    watch_layers(model, forward, batches, layers, on_output=lambda n, y: acc.add(n, y, layers[n].act_axis))
+    return acc.means()
 
 
 @torch.no_grad()
@@ -137,14 +143,14 @@ def layer_calls(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batc
             calls.setdefault(name, [0] * len(batches))[at] += 1
         return hook
 
-    handles = [q.register_forward_pre_hook(seen(n)) for n, q in quant_layers(model).items()]
-    try:
+    def numbered() -> Iterator[Any]:
+        nonlocal at
         for i, batch in enumerate(batches):
-            at = i
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+            at = i  # the hooks count into this batch's slot
+            yield batch
+
+    run_hooked(model, forward, numbered(), [q.register_forward_pre_hook(seen(n)) for n, q in
+                                            quant_layers(model).items()])
     return calls
 
 
@@ -158,7 +164,7 @@ def _layer_moments(model: nn.Module, forward: Callable[[nn.Module, Any], Any], b
     """Per-channel ``(mean, variance)`` of layer ``name``'s output over ``batches``, like :func:`output_moments`,
     but each batch's forward pass stops once the layer has run its ``calls[i]`` times (nothing after it can change
     its output), which halves the cost of a sweep over the layers on average."""
-    acc = ChannelMeans()
+    acc = ChannelMeans(variances=True)
     left = 0
 
     def on_output(n: str, y: Tensor) -> None:
