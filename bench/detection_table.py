@@ -34,14 +34,14 @@ ROWS: dict[str, dict[str, Any]] = {
     "rdoq 4-bit average, 30 3-D convs, weights only": {
         "plugin": "rdoq", "target_bits": 4.0,
         "options": {"include": THREE_D, "act_targets": "none", "first_last": "same", "engine": "reference",
-                    "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8}},
+                    "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8, "act_correction": "none"}},
     "uniform W3, 30 3-D convs, weights only": {
         "plugin": "uniform", "w_bits": 3, "a_bits": 8,
         "options": {"include": THREE_D, "act_targets": "none", "first_last": "same"}},
     "rdoq 3-bit average, 30 3-D convs, weights only": {
         "plugin": "rdoq", "target_bits": 3.0,
         "options": {"include": THREE_D, "act_targets": "none", "first_last": "same", "engine": "reference",
-                    "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8}},
+                    "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8, "act_correction": "none"}},
 }
 
 

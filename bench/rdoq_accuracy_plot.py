@@ -5,8 +5,9 @@
                                        [--bits 3 4 5 6] [--device cpu]
 
 Each point is one in-process ``qcore run``: uniform ``--w-bits b --a-bits b`` and rdoq ``--target-bits b
---a-bits b`` (defaults otherwise: first/last layer 8 bits counted in the average, per-tensor activations,
-512 calibration images, the full test split). Needs matplotlib (``pip install qcore-rdoq[plots]``).
+--a-bits b -o act_correction=none`` (the allocation alone, as in BENCHMARKS.md's tables; defaults otherwise:
+first/last layer 8 bits counted in the average, per-tensor activations, 512 calibration images, the full test
+split). Needs matplotlib (``pip install qcore-rdoq[plots]``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main() -> int:
     fp = None
     for b in args.bits:
         for name in series:
-            budget = {"w_bits": b} if name == "uniform" else {"target_bits": float(b)}
+            budget: dict = {"w_bits": b} if name == "uniform" else {
+                "target_bits": float(b), "options": {"act_correction": "none"}}
             r = run(RunConfig(plugin=name, model=args.model, a_bits=b, device=args.device, **budget), host).result
             series[name].append((r["w_bits_avg"], r["quant"]))
             fp = r["fp"]

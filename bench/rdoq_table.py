@@ -11,7 +11,9 @@ bit-width, first- or second-order curves; simulation only), and first-order curv
 (``budget=separate``: weights average b, activations average b, each RD-allocated; ``budget=joint``: one
 budget of b bits on average over weight and activation elements together, as in the seed). The two
 "+ affine correction" rows add ``-o act_correction=affine`` (each output channel's mean and spread matched
-to FP's on the calibration data; deployable) to uniform with MSE ranges and to RDOQ.
+to FP's on the calibration data; deployable) to uniform with MSE ranges and to RDOQ ("rdoq dp + affine
+correction" is what ``qcore run --plugin rdoq`` does by default); every other RDOQ row sets
+``-o act_correction=none``, so it measures the allocation alone.
 Every run: first and last layer pinned at 8 bits (counted in the average), 512 calibration images (the
 first 64 for RD curves), the full 10,000-image test split.
 """
@@ -26,17 +28,20 @@ import sys
 import time
 from pathlib import Path
 
+#: RDOQ's own default adds the affine output correction; the rows that measure the allocation alone turn it off.
+_ALONE = ["-o", "act_correction=none"]
 ROWS = {
     "uniform (minmax)": ["--plugin", "uniform"],
     "uniform (mse)": ["--plugin", "uniform", "--calibrator", "mse", "-o", "weight_range=mse"],
-    "rdoq dp": ["--plugin", "rdoq", "-o", "solver=dp"],
-    "rdoq lagrangian": ["--plugin", "rdoq", "-o", "solver=lagrangian"],
-    "rdoq 2nd-order dp": ["--plugin", "rdoq", "-o", "engine=second-order"],
-    "rdoq 2nd-order dp (1 projection)": ["--plugin", "rdoq", "-o", "engine=second-order", "-o", "projections=1"],
-    "rdoq dead-zone dp": ["--method", "rdoq-deadzone"],
-    "rdoq dead-zone 2nd-order dp": ["--method", "rdoq-deadzone", "-o", "engine=second-order"],
-    "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate"],
-    "rdoq joint W+A": ["--plugin", "rdoq", "-o", "budget=joint"],
+    "rdoq dp": ["--plugin", "rdoq", "-o", "solver=dp", *_ALONE],
+    "rdoq lagrangian": ["--plugin", "rdoq", "-o", "solver=lagrangian", *_ALONE],
+    "rdoq 2nd-order dp": ["--plugin", "rdoq", "-o", "engine=second-order", *_ALONE],
+    "rdoq 2nd-order dp (1 projection)": ["--plugin", "rdoq", "-o", "engine=second-order", "-o", "projections=1",
+                                         *_ALONE],
+    "rdoq dead-zone dp": ["--method", "rdoq-deadzone", *_ALONE],
+    "rdoq dead-zone 2nd-order dp": ["--method", "rdoq-deadzone", "-o", "engine=second-order", *_ALONE],
+    "rdoq separate W+A": ["--plugin", "rdoq", "-o", "budget=separate", *_ALONE],
+    "rdoq joint W+A": ["--plugin", "rdoq", "-o", "budget=joint", *_ALONE],
     "uniform (mse) + affine correction": ["--plugin", "uniform", "--calibrator", "mse", "-o", "weight_range=mse",
                                           "-o", "act_correction=affine"],
     "rdoq dp + affine correction": ["--plugin", "rdoq", "-o", "act_correction=affine"],

@@ -126,3 +126,17 @@ def test_second_order_engine_allocates_activations_without_forward_passes(host):
                             "budget": "separate", "cache": "off"})
     assert out.plan.meta["act_engine"] == "second-order"
     assert out.result["a_bits_avg"] <= 4.0 + 1e-9
+
+
+def test_default_adds_the_affine_output_correction_after_the_same_allocation(host):
+    from qcore.wrap import quant_layers
+
+    opts = {"group": 4, "curve_samples": 16, "first_last": "same", "cache": "off"}
+    default = run_tiny(host, method="rdoq", target_bits=3.0, options=opts)
+    alone = run_tiny(host, method="rdoq", target_bits=3.0, options={**opts, "act_correction": "none"})
+    assert default.result["quantized"]["act_correction"] == "affine"
+    assert alone.result["quantized"]["act_correction"] == "none"
+    assert default.plan.layers == alone.plan.layers  # the correction comes after the allocation
+    corrected = quant_layers(default.model).values()
+    assert corrected and all(q.out_scale is not None and q.out_correction is not None for q in corrected)
+    assert all(q.out_scale is None and q.out_correction is None for q in quant_layers(alone.model).values())
