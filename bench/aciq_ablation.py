@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from qcore.components import RunConfig
-from qcore.pipeline import run
-from qcore.plugins import load_host
+from qcore import RunConfig, load_host, run
 
 #: (row label, deployable, run settings): every row runs the plugin ``aciq`` (affine per-channel weights)
 #: with the components and options given here.

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcore.fold import fold_batchnorm
-from qcore.layers import discover, measure_layers, torch_layer_info
+from qcore import discover_layers, fold_batchnorm, measure_layers, torch_layer_info
 from qcore_classification.data import load_data
 from qcore_classification.loaders import load_zoo
 from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
@@ -40,7 +39,7 @@ def main() -> int:
         model = loaded.model.eval()
         fold_batchnorm(model)
         batches = list(load_data(None, loaded.input, args.samples, 1, args.samples, seed=0).calibration)
-        layers = discover(model, torch_layer_info)
+        layers = discover_layers(model, torch_layer_info)
         measure_layers(model, layers, lambda m, b=batches: m(b[0]))
         first, t_first = activation_curves(model, forward, batches, layers, bits, "fast")
         second, t_second = second_order_activation_curves(model, forward, batches, layers, bits)

@@ -18,9 +18,7 @@ from typing import Any
 
 import torch
 
-from qcore.components import RunConfig
-from qcore.pipeline import run
-from qcore.plugins import load_host
+from qcore import RunConfig, load_host, run
 
 THREE_D = "backbone.conv_input.*,backbone.conv[1-6].*"
 ROWS: dict[str, dict[str, Any]] = {

@@ -33,12 +33,13 @@ for src in ("core/src", "classification/src", "plugins/rdoq/src"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qcore.fold import fold_batchnorm  # noqa: E402
-from qcore.layers import discover, measure_layers, torch_layer_info  # noqa: E402
+from qcore import discover_layers, fold_batchnorm, measure_layers, torch_layer_info
 from qcore_classification.data import load_data  # noqa: E402
 from qcore_classification.loaders import load_zoo  # noqa: E402
-from qcore_rdoq.curves import first_order_curves  # noqa: E402
-from qcore_rdoq.curves import FastEngine  # noqa: E402
+from qcore_rdoq.curves import (
+    FastEngine,  # noqa: E402
+    first_order_curves,  # noqa: E402
+)
 from qcore_rdoq.groups import weight_groups  # noqa: E402
 from qcore_rdoq.second_order import second_order_curve_set  # noqa: E402
 
@@ -97,7 +98,7 @@ def main() -> int:
     model.to(dev)
     data = load_data(None, loaded.input, args.samples, 1, args.batch, seed=0)
     batches = [b.to(dev) for b in data.calibration]
-    layers = discover(model, torch_layer_info)
+    layers = discover_layers(model, torch_layer_info)
     measure_layers(model, layers, lambda m: m(batches[0]))
     fwd = lambda m, b: m(b)  # noqa: E731
     bits = list(range(0, 11))

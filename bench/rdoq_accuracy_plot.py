@@ -17,9 +17,7 @@ import platform
 import time
 from pathlib import Path
 
-from qcore.components import RunConfig
-from qcore.pipeline import run
-from qcore.plugins import load_host
+from qcore import RunConfig, load_host, run
 from qcore_rdoq.plots import png, pyplot
 
 

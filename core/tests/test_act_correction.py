@@ -4,11 +4,11 @@ calibration data, one layer at a time."""
 import pytest
 import torch
 
-from qcore.act_correction import correct_outputs, output_means
-from qcore.components import RunConfig
-from qcore.fold import fold_batchnorm
+from qcore._act_correction import correct_outputs, output_means
+from qcore._components import RunConfig
+from qcore._fold import fold_batchnorm
+from qcore._wrap import quant_layers
 from qcore.testing import make_host, run_tiny
-from qcore.wrap import quant_layers
 
 
 def _tiny_quantized(**options):
@@ -51,7 +51,7 @@ def test_pipeline_option_is_reported(mode):
 
 
 def test_local_correction_removes_each_layers_own_mean_shift():
-    from qcore.act_correction import local_gaps
+    from qcore._act_correction import local_gaps
 
     out, fp, inst, batches = _tiny_quantized()
     before = {n: float(g.abs().mean()) for n, g in local_gaps(out.model, inst.forward, batches).items()}
@@ -63,7 +63,7 @@ def test_local_correction_removes_each_layers_own_mean_shift():
 def test_affine_correction_matches_each_channels_mean_and_spread():
     """After the sweep every layer's output channels carry FP's mean and standard deviation, each measured with
     its upstream corrected."""
-    from qcore.layers import watch_layers
+    from qcore._layers import watch_layers
 
     out, fp, inst, batches = _tiny_quantized(weight_range="mse")
     layers = {n: q.info for n, q in quant_layers(out.model).items()}
@@ -94,10 +94,10 @@ def test_a_layer_only_a_later_batch_reaches_is_corrected():
 
     from torch import nn
 
-    from qcore.fake_quant import UniformFakeQuant
-    from qcore.layers import torch_layer_info
-    from qcore.spec import LayerSpec, QuantSpec
-    from qcore.wrap import QuantLayer
+    from qcore._fake_quant import UniformFakeQuant
+    from qcore._layers import torch_layer_info
+    from qcore._spec import LayerSpec, QuantSpec
+    from qcore._wrap import QuantLayer
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -129,7 +129,7 @@ def test_a_layer_only_a_later_batch_reaches_is_corrected():
 
 def test_early_exit_moments_equal_a_full_pass():
     """Stopping each forward pass once the measured layer has run gives the full pass's statistics."""
-    from qcore.act_correction import _layer_moments, layer_calls, output_moments
+    from qcore._act_correction import _layer_moments, layer_calls, output_moments
 
     out, _, inst, batches = _tiny_quantized()
     layers = {n: q.info for n, q in quant_layers(out.model).items()}

@@ -1,14 +1,14 @@
 import torch
 from torch import nn
 
-from qcore.cost import plan_cost
-from qcore.layers import discover, measure_layers, torch_layer_info
-from qcore.spec import LayerSpec, Plan, QuantSpec
+from qcore._cost import plan_cost
+from qcore._layers import discover_layers, measure_layers, torch_layer_info
+from qcore._spec import LayerSpec, Plan, QuantSpec
 
 
 def test_size_bops_and_average_bits_by_hand():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
-    layers = discover(model, torch_layer_info)
+    layers = discover_layers(model, torch_layer_info)
     measure_layers(model, layers, lambda m: m(torch.zeros(2, 2, 5, 5)))
     conv, fc = layers["0"], layers["2"]
     assert conv.macs == 4 * 25 * 2 * 9 and conv.act_numel == 50 and conv.weight_numel == 72

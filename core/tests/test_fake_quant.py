@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from qcore.fake_quant import Observer, UniformFakeQuant
-from qcore.spec import QuantSpec
+from qcore._errors import QcoreError
+from qcore._fake_quant import Observer, UniformFakeQuant
+from qcore._spec import QuantSpec
 
 
 def test_group_rows_and_bits():
@@ -18,7 +19,7 @@ def test_group_rows_and_bits():
 
 def test_uncalibrated_module_refuses_to_run():
     q = UniformFakeQuant(QuantSpec(8), None, axis=1)
-    with pytest.raises(RuntimeError, match="before calibration"):
+    with pytest.raises(QcoreError, match="before calibration"):
         q(torch.ones(2, 3))
 
 
@@ -71,7 +72,7 @@ def test_observer_sample_is_uniform_over_batches():
 
 
 def test_mean_correction_preserves_each_channel_mean_exactly():
-    from qcore.bias_correction import correct_weight
+    from qcore._bias_correction import correct_weight
 
     torch.manual_seed(0)
     w = torch.randn(6, 3, 3, 3, dtype=torch.float64) + torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None, None, None]

@@ -1,6 +1,6 @@
 import torch
 
-from qcore.fold import fold_batchnorm
+from qcore._fold import fold_batchnorm
 from qcore.testing import tiny_convnet
 
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
 from qcore.knapsack import lagrangian_for_budget, solve_dp, solve_lagrangian
 
 

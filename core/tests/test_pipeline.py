@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from qcore.errors import QcoreError
-from qcore.spec import Plan
+from qcore._errors import QcoreError
+from qcore._spec import Plan
+from qcore._wrap import quant_layers
 from qcore.testing import make_host, run_tiny
-from qcore.wrap import quant_layers
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_quant_layers_replace_original_modules(host):
 def test_plan_for_another_quantizer_is_refused(host, tmp_path):
     import dataclasses
 
-    from qcore.spec import Plan
+    from qcore._spec import Plan
 
     first = run_tiny(host, w_bits=4, a_bits=8, out=tmp_path / "a")
     plan = Plan.from_json((tmp_path / "a" / "plan.json").read_text())

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from qcore import Allocator, Method, Quantizer, hookimpl
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
 from qcore.testing import make_host
 
 
@@ -97,11 +97,11 @@ def test_broken_plugin_does_not_block_a_healthy_one_with_the_same_name():
 def test_entry_point_named_like_a_builtin_is_reported(monkeypatch, caplog):
     from importlib import metadata
 
-    import qcore.plugins as plugins
+    import qcore._plugins as plugins
 
     fake = metadata.EntryPoint(name="uniform", value="somebody_elses_uniform", group="qcore")
     monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: [fake])
-    with caplog.at_level("WARNING", logger="qcore.plugins"):
+    with caplog.at_level("WARNING", logger="qcore._plugins"):
         host = plugins.load_host()
     assert "entry point 'uniform'" in caplog.text and "rename the entry point" in caplog.text
     assert host.get("method", "uniform").name == "uniform"  # the built-in still serves the name

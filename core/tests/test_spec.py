@@ -1,7 +1,7 @@
 import pytest
 
-from qcore.errors import QcoreError
-from qcore.spec import LayerSpec, Plan, QuantSpec
+from qcore._errors import QcoreError
+from qcore._spec import LayerSpec, Plan, QuantSpec
 
 
 def test_plan_json_round_trip():

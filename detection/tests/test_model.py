@@ -7,11 +7,19 @@ import math
 
 import pytest
 import torch
-from qcore import LayerSpec, Observer, QuantLayer, QuantSpec, UniformFakeQuant
-from qcore.fold import fold_batchnorm
-from qcore.layers import discover, measure_layers
+
+from qcore import (
+    LayerSpec,
+    Observer,
+    QuantLayer,
+    QuantSpec,
+    UniformFakeQuant,
+    discover_layers,
+    fold_batchnorm,
+    measure_layers,
+    replace_module,
+)
 from qcore.ranges import minmax_range
-from qcore.wrap import replace_module
 from qcore_detection.head import assign_targets, circle_nms, post_process
 from qcore_detection.model import (
     HEAD_OUTPUT_ORDER,
@@ -155,7 +163,7 @@ def test_circle_nms_keeps_best_of_close_centres() -> None:
 
 
 def test_layers_are_discovered_and_wrap_with_core_quant_layer(model: VoxelNeXtLite) -> None:
-    layers = discover(model, spconv_layer_info)
+    layers = discover_layers(model, spconv_layer_info)
     kinds = [i.kind for i in layers.values()]
     assert kinds.count("subm3d") == 25 and kinds.count("spconv3d") == 5
     assert kinds.count("spconv2d") == 1 and kinds.count("subm2d") == 1 + 2 * 5

@@ -28,15 +28,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from qcore.components import RunConfig
-from qcore.errors import QcoreError
+from torch import nn
+
+from qcore import QcoreError, RunConfig
 from qcore_detection import pcdet_adapter as pa
 from qcore_detection.metric import detection_ap
 from qcore_detection.model import ModelConfig, VoxelNeXtLite, bev_dense, build_model, head_outputs
 from qcore_detection.setup import DetectionSetup
 from qcore_detection.synthetic import CLASS_NAMES, Scene, SceneConfig, SensorConfig, SyntheticSplit
 from qcore_detection.voxelize import VoxelConfig, voxel_indices, voxelize
-from torch import nn
 
 RANGE = [-12.8, -12.8, -2.2, 12.8, 12.8, 2.6]  # 128 x 128 x 24 voxels of 0.2 m -> 16 x 16 BEV at stride 8
 VOXEL = [0.2, 0.2, 0.2]

@@ -7,16 +7,16 @@ from types import SimpleNamespace
 import pytest
 import spconv.pytorch as spconv
 import torch
-from qcore import LayerSpec, Observer, QuantLayer, QuantSpec, UniformFakeQuant
+from torch import nn
+
+from qcore import LayerSpec, Observer, QuantLayer, QuantSpec, UniformFakeQuant, replace_module
 from qcore.ranges import minmax_range
-from qcore.wrap import replace_module
 from qcore_detection.spconv_layers import (
     SparseQuantLayer,
     spconv_cpu_guard,
     spconv_layer_info,
     spconv_wrap_module,
 )
-from torch import nn
 
 SHAPE_3D = [6, 12, 12]
 SHAPE_2D = [16, 16]

@@ -4,11 +4,8 @@ handful of synthetic scenes, and the task's errors."""
 import pytest
 import torch
 
-from qcore.components import RunConfig
-from qcore.errors import QcoreError
-from qcore.pipeline import run
+from qcore import QcoreError, RunConfig, quant_layers, run
 from qcore.testing import make_host
-from qcore.wrap import quant_layers
 from qcore_aciq import plugin as aciq_plugin
 from qcore_detection import plugin
 from qcore_rdoq import plugin as rdoq_plugin

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore import QcoreError
-from qcore.errors import MissingDependencyError
+from qcore import MissingDependencyError, QcoreError
 from qcore_classification.fashion_mnist import MEAN as FMNIST_MEAN
 from qcore_classification.fashion_mnist import STD as FMNIST_STD
 

@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore import QcoreError, RunConfig, Task, TaskInstance
-from qcore.devices import module_device
-from qcore.progress import track
+from qcore import QcoreError, RunConfig, Task, TaskInstance, module_device, track
 from qcore_classification.data import ClassificationData, load_data
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,17 @@
 """qcore: post-training quantization with pluggable quantizers, calibrators and allocators.
 
-The public API for plugin authors is re-exported here; everything else is internal.
+This module is the public API (plugin API version :data:`PLUGIN_API`). Plugins, tasks and users import from
+``qcore`` and from these public submodules only:
+
+* :mod:`qcore.ops` -- fake-quantization arithmetic with straight-through gradients (the CPU reference);
+* :mod:`qcore.ranges` -- clip-range estimators (min/max, percentile, MSE) by name;
+* :mod:`qcore.knapsack` -- multiple-choice knapsack solvers for bit allocation (exact DP, Lagrangian);
+* :mod:`qcore.distributed` -- sharding work over ``torchrun`` processes;
+* :mod:`qcore.testing` -- tiny models, a data-free task and contract checks for plugin tests;
+* :mod:`qcore.hookspecs` -- the hooks a plugin implements (read it; implement with :data:`hookimpl`).
+
+Every other module (those whose names start with ``_``) is private and may change without notice; a test
+fails the build if a first-party plugin imports one. ``PLUGINS.md`` documents the contract of each role.
 """
 
 from __future__ import annotations
@@ -14,14 +25,31 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
+#: Version of the plugin API in this module's ``__all__`` and the public submodules. A plugin written for
+#: API 1 depends on ``qcore>=0.1,<0.2``; additions keep the number, removals or changes raise it.
+PLUGIN_API = 1
+
 #: Decorator for hook implementations: ``@qcore.hookimpl def qcore_register_methods(register): ...``
 hookimpl = pluggy.HookimplMarker("qcore")
 
-from qcore.allocation import Pin, PipelineOptions, layer_spec  # noqa: E402
-from qcore.components import (  # noqa: E402
+# The public names, grouped in __all__ below; the modules they come from are private.
+from qcore._allocation import Pin, PipelineOptions, layer_spec  # noqa: E402
+from qcore._bias_correction import Correction, correct_weight  # noqa: E402
+from qcore._calibration import (  # noqa: E402
+    MSECalibrator,
+    PercentileCalibrator,
+    RangeCalibrator,
+    RangeOptions,
+    WeightRangeOptions,
+    calibrate_rows,
+    observe_activations,
+    observe_inputs,
+)
+from qcore._components import (  # noqa: E402
     Allocator,
     Budget,
     Calibrator,
+    Component,
     Method,
     ModelLoader,
     Quantizer,
@@ -30,15 +58,38 @@ from qcore.components import (  # noqa: E402
     Task,
     TaskInstance,
 )
-from qcore.errors import MissingDependencyError, NotImplementedMethodError, QcoreError  # noqa: E402
-from qcore.fake_quant import Observer, UniformFakeQuant  # noqa: E402
-from qcore.layers import LayerInfo  # noqa: E402
-from qcore.spec import LayerSpec, Plan, QuantSpec  # noqa: E402
-from qcore.wrap import QuantLayer, iter_quantizers, quant_layers  # noqa: E402
+from qcore._cost import Cost, mean_bits, plan_cost  # noqa: E402
+from qcore._devices import module_device, to_device  # noqa: E402
+from qcore._errors import MissingDependencyError, NotImplementedMethodError, QcoreError  # noqa: E402
+from qcore._fake_quant import FakeQuantizer, Observer, UniformFakeQuant  # noqa: E402
+from qcore._fold import fold_batchnorm  # noqa: E402
+from qcore._layers import LayerInfo, discover_layers, measure_layers, torch_layer_info, watch_layers  # noqa: E402
+from qcore._pipeline import RunOutcome, run  # noqa: E402
+from qcore._plugins import load_host  # noqa: E402
+from qcore._progress import track  # noqa: E402
+from qcore._spec import MAX_BITS, LayerSpec, Plan, QuantSpec  # noqa: E402
+from qcore._wrap import QuantLayer, iter_quantizers, quant_layers, replace_module  # noqa: E402
 
 __all__ = [
-    "Allocator", "Budget", "Calibrator", "LayerInfo", "LayerSpec", "Method", "MissingDependencyError",
-    "ModelLoader", "NotImplementedMethodError", "Observer", "Pin", "PipelineOptions", "Plan", "QcoreError",
-    "QuantLayer", "QuantSpec", "Quantizer", "RunConfig", "RunContext", "Task", "TaskInstance",
-    "UniformFakeQuant", "__version__", "hookimpl", "iter_quantizers", "layer_spec", "quant_layers",
+    # values
+    "MAX_BITS", "LayerSpec", "Plan", "QuantSpec", "LayerInfo", "Pin", "PipelineOptions", "layer_spec",
+    # roles
+    "Component", "Allocator", "Calibrator", "Quantizer", "Method", "ModelLoader", "Task", "TaskInstance",
+    "RunConfig", "RunContext", "Budget",
+    # errors
+    "QcoreError", "MissingDependencyError", "NotImplementedMethodError",
+    # fake quantizers and wrapped layers
+    "FakeQuantizer", "UniformFakeQuant", "Observer", "QuantLayer", "quant_layers", "iter_quantizers",
+    # calibration
+    "RangeCalibrator", "RangeOptions", "WeightRangeOptions", "MSECalibrator", "PercentileCalibrator",
+    "calibrate_rows", "observe_activations", "observe_inputs", "watch_layers", "Correction", "correct_weight",
+    # model helpers
+    "discover_layers", "measure_layers", "torch_layer_info", "fold_batchnorm", "replace_module", "module_device",
+    "to_device",
+    # cost
+    "Cost", "mean_bits", "plan_cost",
+    # running
+    "run", "RunOutcome", "load_host", "track",
+    # plugin machinery
+    "PLUGIN_API", "__version__", "hookimpl",
 ]

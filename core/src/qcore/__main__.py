@@ -1,5 +1,5 @@
 """``python -m qcore`` is the ``qcore`` command."""
 
-from qcore.cli import main
+from qcore._cli import main
 
 raise SystemExit(main())

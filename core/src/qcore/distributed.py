@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+__all__ = ["init_from_env", "world", "rank", "is_main", "shard", "all_gather_object"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -28,14 +30,17 @@ def init_from_env(device: str) -> None:
 
 
 def world() -> int:
+    """Number of processes in the job (1 without torchrun)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 without torchrun)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def is_main() -> bool:
+    """True on the process that evaluates and writes outputs (rank 0)."""
     return rank() == 0
 
 

@@ -19,9 +19,9 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from qcore.components import RunContext
-    from qcore.layers import LayerInfo
-    from qcore.spec import LayerSpec
+    from qcore._components import RunContext
+    from qcore._layers import LayerInfo
+    from qcore._spec import LayerSpec
 
 hookspec = pluggy.HookspecMarker("qcore")
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
+
+__all__ = ["Allocation", "solve_dp", "solve_lagrangian", "lagrangian_for_budget"]
 
 
 @dataclass(frozen=True)

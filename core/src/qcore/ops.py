@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = ["round_ste", "int_range", "qparams_from_range", "fake_quantize", "quantize_error"]
+
 _EPS = 1e-12
 
 

@@ -12,8 +12,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
 from qcore.ops import quantize_error
+
+__all__ = ["RangeFn", "minmax_range", "percentile_range", "mse_range", "RANGE_ESTIMATORS", "get_range_estimator"]
 
 RangeFn = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]
 

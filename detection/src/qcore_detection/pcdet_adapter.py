@@ -46,16 +46,14 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
-from qcore.devices import module_device
-from qcore.errors import MissingDependencyError, QcoreError
-from qcore.progress import track
 from torch import Tensor, nn
 
+from qcore import MissingDependencyError, QcoreError, module_device, track
 from qcore_detection.setup import TARGETS, DetectionSetup
 from qcore_detection.spconv_layers import spconv_cpu_guard
 
 if TYPE_CHECKING:
-    from qcore.components import RunConfig
+    from qcore import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ _KITTI_MODERATE_3D = re.compile(r"^(?P<cls>.+)_3d/moderate_R40$")
 
 def require_pcdet() -> ModuleType:
     """Import OpenPCDet (``pcdet`` with ``pcdet.config``, ``pcdet.datasets``, ``pcdet.models``) and return
-    ``pcdet``; a :class:`~qcore.errors.QcoreError` with the install hint when that fails."""
+    ``pcdet``; a :class:`~qcore.QcoreError` with the install hint when that fails."""
     try:
         import pcdet
         import pcdet.config
@@ -276,7 +274,7 @@ def normalize_metrics(result_dict: dict[str, Any]) -> dict[str, float]:
       ``mAP`` is the mean over classes of the moderate 3D AP with 40 recall points (``<cls>_3d/moderate_R40``),
       also given as ``AP/<cls>``.
 
-    Other results raise a :class:`~qcore.errors.QcoreError` naming their keys.
+    Other results raise a :class:`~qcore.QcoreError` naming their keys.
     """
     metrics: dict[str, float] = {}
     for key, val in result_dict.items():

@@ -8,10 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from qcore import hookimpl
-from qcore.components import ModelLoader, RunConfig, RunContext
-from qcore.layers import LayerInfo
-from qcore.spec import LayerSpec
+from qcore import LayerInfo, LayerSpec, ModelLoader, RunConfig, RunContext, hookimpl
 
 
 @hookimpl

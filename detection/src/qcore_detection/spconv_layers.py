@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from qcore import LayerInfo, MissingDependencyError, QuantLayer
 from torch import nn
+
+from qcore import LayerInfo, MissingDependencyError, QuantLayer
 
 try:
     import spconv.pytorch as spconv

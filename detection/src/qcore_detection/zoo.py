@@ -11,9 +11,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from qcore.components import RunConfig
-from qcore.devices import module_device, to_device
-from qcore.errors import QcoreError
+from qcore import QcoreError, RunConfig, module_device, to_device
 from qcore_detection.model import VoxelNeXtLite, bev_dense, head_outputs, model_from_record
 from qcore_detection.setup import TARGETS, DetectionSetup
 from qcore_detection.synthetic import SyntheticSplit

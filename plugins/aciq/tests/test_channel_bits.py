@@ -5,9 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from qcore.errors import QcoreError
-from qcore_aciq.channel_bits import (allocate_channel_bits, minmax_distortion, prior_distortion,
-                                     rule_distortion)
+from qcore import QcoreError
+from qcore_aciq.channel_bits import allocate_channel_bits, minmax_distortion, prior_distortion, rule_distortion
 
 
 def _brute(dist, bits, target):

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from qcore.errors import QcoreError
+from qcore import QcoreError, quant_layers
 from qcore.testing import check_allocator, check_calibrator, make_host, run_tiny
-from qcore.wrap import quant_layers
 from qcore_aciq import plugin
 from qcore_aciq.calibrators import DynamicRange, aciq_range
 from qcore_aciq.clipping import optimal_alpha

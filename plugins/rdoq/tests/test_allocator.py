@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qcore.errors import QcoreError
+from qcore import QcoreError
 from qcore.testing import check_allocator, make_host, run_tiny
 from qcore_rdoq import plugin
 
@@ -109,7 +109,7 @@ def test_entropy_rate_budget_holds_the_entropy(host, budget):
 def test_group_entropy_is_bounded_by_the_width():
     import torch
 
-    from qcore.layers import LayerInfo
+    from qcore import LayerInfo
     from qcore_rdoq.groups import group_entropy
 
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def test_second_order_engine_allocates_activations_without_forward_passes(host):
 
 
 def test_default_adds_the_affine_output_correction_after_the_same_allocation(host):
-    from qcore.wrap import quant_layers
+    from qcore import quant_layers
 
     opts = {"group": 4, "curve_samples": 16, "first_last": "same", "cache": "off"}
     default = run_tiny(host, method="rdoq", target_bits=3.0, options=opts)

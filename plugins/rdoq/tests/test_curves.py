@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcore.layers import discover, measure_layers, torch_layer_info
+from qcore import discover_layers, measure_layers, torch_layer_info
 from qcore.testing import tiny_convnet, tiny_mlp
 from qcore_rdoq.curves import first_order_curves
 from qcore_rdoq.groups import quantize_at, weight_groups
@@ -13,7 +13,7 @@ from qcore_rdoq.groups import quantize_at, weight_groups
 def setup(model):
     torch.manual_seed(1)
     batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
-    layers = discover(model, torch_layer_info)
+    layers = discover_layers(model, torch_layer_info)
     measure_layers(model, layers, lambda m: m(batches[0]))
     return batches, layers
 
@@ -50,8 +50,7 @@ def test_untraceable_model_falls_back_to_reference():
 
 
 def test_candidate_is_what_deployment_quantizes():
-    from qcore.calibration import RangeCalibrator, RangeOptions
-    from qcore.fake_quant import UniformFakeQuant
+    from qcore import RangeCalibrator, RangeOptions, UniformFakeQuant
     from qcore_rdoq.groups import weight_spec
 
     model = tiny_convnet()
@@ -69,7 +68,7 @@ def test_candidate_is_what_deployment_quantizes():
 def test_vectorised_tables_equal_the_deployed_modules(shape, group):
     """The plain-grid tables (all bit-widths in one pass) equal the per-bit-width quantizer modules bit for bit,
     short last groups and pruned groups included."""
-    from qcore.layers import LayerInfo
+    from qcore import LayerInfo
     from qcore_rdoq.groups import _ranged, candidate_tables
 
     torch.manual_seed(0)
@@ -167,8 +166,7 @@ def test_activation_curves_fast_equals_reference():
 def test_second_order_activation_curves_track_the_measured_ones(model):
     """The Gauss-Newton expansion agrees with the measured (first-order) activation curves where the
     linearisation holds (fine grids) and stays within a small factor everywhere."""
-    from qcore.components import RunConfig
-    from qcore.fold import fold_batchnorm
+    from qcore import RunConfig, fold_batchnorm
     from qcore.testing import make_host
     from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
 
@@ -176,7 +174,7 @@ def test_second_order_activation_curves_track_the_measured_ones(model):
     inst = host.get("task", "tiny")().build(RunConfig(task="tiny", model=model, calib_size=64, batch_size=32), host)
     m = inst.model
     fold_batchnorm(m)
-    layers = discover(m, torch_layer_info)
+    layers = discover_layers(m, torch_layer_info)
     measure_layers(m, layers, lambda mm: inst.forward(mm, inst.example))
     bits = [3, 4, 6, 8]
     first, _ = activation_curves(m, inst.forward, inst.calibration, layers, bits, "reference")
@@ -190,7 +188,7 @@ def test_second_order_activation_curves_separate_layers_that_share_an_input():
     """Two layers reading one tensor (q/k/v, a conv and its shortcut) each get their own sensitivity."""
     from torch import nn
 
-    from qcore.layers import LayerInfo
+    from qcore import LayerInfo
     from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
 
     class Fork(nn.Module):

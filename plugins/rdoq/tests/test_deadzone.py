@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcore.errors import QcoreError
-from qcore.fake_quant import UniformFakeQuant
-from qcore.spec import Plan, QuantSpec
+from qcore import Plan, QcoreError, QuantSpec, UniformFakeQuant
 from qcore.testing import make_host, run_tiny
 from qcore_rdoq import plugin
 from qcore_rdoq.deadzone import DeadZoneFakeQuant, deadzone_quantize, fit_deadzone, magnitudes, row_quantile
@@ -25,7 +23,7 @@ def _fitted(w: torch.Tensor, bits: list[int], ratios: list[float], group: int = 
     fq = DeadZoneFakeQuant(spec, w.shape[0], 0)
     rows = fq.rows_of(w)
     fq.set_range(rows.amin(dim=1), rows.amax(dim=1))
-    fq.fit_rows(rows)
+    fq.fit(rows)
     return fq
 
 
@@ -133,12 +131,12 @@ def test_deadzone_search_needs_the_deadzone_quantizer(host):
 
 def _measured(build, seed: int, batches: int, size: int):
     """A tiny model, seeded random batches and its measured layers."""
-    from qcore.layers import discover, measure_layers, torch_layer_info
+    from qcore import discover_layers, measure_layers, torch_layer_info
 
     model = build()
     torch.manual_seed(seed)
     data = [torch.randn(size, 1, 8, 8) for _ in range(batches)]
-    layers = discover(model, torch_layer_info)
+    layers = discover_layers(model, torch_layer_info)
     measure_layers(model, layers, lambda m: m(data[0]))
     return model, data, layers
 

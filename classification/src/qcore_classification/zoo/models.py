@@ -61,7 +61,7 @@ def fmnist_resnet(num_classes: int = 10) -> nn.Module:
 
 def fmnist_vit(num_classes: int = 10) -> nn.Module:
     """A timm VisionTransformer for 28x28: patch 4 (49 tokens + class token), dim 96, depth 6, 4 heads."""
-    from qcore.errors import MissingDependencyError
+    from qcore import MissingDependencyError
 
     try:
         from timm.models.vision_transformer import VisionTransformer

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from qcore import hookimpl
-from qcore.components import Allocator
-from qcore.errors import QcoreError
-from qcore.spec import Plan
-from qcore.layers import LayerInfo, torch_layer_info
-from qcore.wrap import QuantLayer
+from qcore._components import Allocator
+from qcore._errors import QcoreError
+from qcore._layers import LayerInfo, torch_layer_info
+from qcore._spec import Plan
+from qcore._wrap import QuantLayer
 
 if TYPE_CHECKING:
-    from qcore.components import RunContext
-    from qcore.spec import LayerSpec
+    from qcore._components import RunContext
+    from qcore._spec import LayerSpec
 
 
 @hookimpl(trylast=True)

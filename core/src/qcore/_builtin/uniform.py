@@ -13,17 +13,17 @@ from typing import Any
 from torch import nn
 
 from qcore import hookimpl
-from qcore.allocation import layer_spec
-from qcore.calibration import MSECalibrator, PercentileCalibrator, RangeCalibrator
-from qcore.components import Allocator, Method, Quantizer, RunContext
-from qcore.errors import QcoreError
-from qcore.fake_quant import UniformFakeQuant
-from qcore.layers import LayerInfo
-from qcore.spec import Plan, QuantSpec
+from qcore._allocation import layer_spec
+from qcore._calibration import MSECalibrator, PercentileCalibrator, RangeCalibrator
+from qcore._components import Allocator, Method, Quantizer, RunContext
+from qcore._errors import QcoreError
+from qcore._fake_quant import UniformFakeQuant
+from qcore._layers import LayerInfo
+from qcore._spec import Plan, QuantSpec
 
 
 class UniformQuantizer(Quantizer):
-    """Uniform integer grid: :class:`qcore.fake_quant.UniformFakeQuant`."""
+    """Uniform integer grid: :class:`qcore._fake_quant.UniformFakeQuant`."""
 
     name = "uniform"
     description = "uniform integer grid, symmetric or affine, per tensor / channel / group, per-group bits"

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from qcore.components import RunConfig
-from qcore.pipeline import RunOutcome, run
-from qcore.plugins import Host
-from qcore.wrap import iter_quantizers
+from qcore._components import RunConfig
+from qcore._pipeline import RunOutcome, run
+from qcore._plugins import Host
+from qcore._wrap import iter_quantizers
 
 
 def run_tiny(host: Host, model: str = "tiny:convnet", **config: Any) -> RunOutcome:

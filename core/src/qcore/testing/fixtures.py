@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from qcore.plugins import Host
+from qcore._plugins import Host
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from qcore import hookimpl
-from qcore.components import RunConfig, Task, TaskInstance
-from qcore.devices import module_device
-from qcore.errors import QcoreError
-from qcore.plugins import Host, load_host
+from qcore._components import RunConfig, Task, TaskInstance
+from qcore._devices import module_device
+from qcore._errors import QcoreError
+from qcore._plugins import Host, load_host
 
 
 def tiny_convnet(seed: int = 0, classes: int = 4) -> nn.Module:

@@ -18,12 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from qcore.allocation import layer_spec
-from qcore.calibration import observe_inputs
-from qcore.components import Allocator, RunContext
-from qcore.errors import QcoreError
-from qcore.progress import track
-from qcore.spec import LayerSpec, Plan, QuantSpec
+from qcore import Allocator, LayerSpec, Plan, QcoreError, QuantSpec, RunContext, layer_spec, observe_inputs, track
 from qcore_aciq.channel_bits import allocate_channel_bits, minmax_distortion, prior_distortion, rule_distortion
 from qcore_aciq.stats import BEstimator, row_stats
 

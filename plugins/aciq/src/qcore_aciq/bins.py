@@ -28,29 +28,35 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qcore.calibration import observe_activations
-from qcore.components import Quantizer, RunContext
-from qcore.errors import QcoreError
-from qcore.fake_quant import UniformFakeQuant
-from qcore.layers import LayerInfo
+from qcore import (
+    FakeQuantizer,
+    LayerInfo,
+    QcoreError,
+    Quantizer,
+    QuantSpec,
+    RunContext,
+    observe_activations,
+    quant_layers,
+)
 from qcore.ops import round_ste
-from qcore.spec import QuantSpec
-from qcore.wrap import quant_layers
 from qcore_aciq.clipping import midrise_alpha_bins
 from qcore_aciq.stats import row_stats
 
 
-class MidTreadFakeQuant(UniformFakeQuant):
+class MidTreadFakeQuant(FakeQuantizer):
     """Per-row mid-tread grid ``clamp(round(x / step), qlo, qhi) * step`` with any integer number of bins.
 
-    Set by :func:`calibrate_bins`; until then it refuses to run (as every qcore quantizer does).
+    Set by :func:`calibrate_bins`; until then it refuses to run (as every qcore quantizer does). It has no clip
+    range (``uses_range = False``): range calibrators cannot set it.
     """
+
+    uses_range = False
 
     def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
         if spec.granularity == "group":
             raise QcoreError("the mid-tread quantizer has per-tensor or per-channel bins, not channel groups")
         super().__init__(spec, channels, axis)
-        n = self.lo.numel()
+        n = self.rows
         self.register_buffer("step", torch.ones(n))
         self.register_buffer("qlo", torch.zeros(n))
         self.register_buffer("qhi", torch.zeros(n))
@@ -63,9 +69,13 @@ class MidTreadFakeQuant(UniformFakeQuant):
         if not torch.isfinite(self.step).all():
             raise QcoreError("a mid-tread step is not finite (NaN or inf in the data); check the model and data")
         self.set_prune_value(self.channel_values(torch.as_tensor(mean, dtype=torch.float32).reshape(-1)))
-        self.calibrated = True
+        self.mark_calibrated()
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        raise QcoreError("the mid-tread quantizer is set by bin allocation: use --calibrator aciq with "
+                         "--quantizer midtread")
+
+    def fit(self, rows: Tensor) -> None:
         raise QcoreError("the mid-tread quantizer is set by bin allocation: use --calibrator aciq with "
                          "--quantizer midtread")
 
@@ -81,12 +91,7 @@ class MidTreadFakeQuant(UniformFakeQuant):
         step, qlo, qhi, bins = self._params(x.dim())
         return torch.where(bins > 0, torch.clamp(torch.round(x / step), qlo, qhi), torch.zeros_like(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.observer is not None:
-            self.observer.update(self.rows_of(x))
-            return x
-        if not self.calibrated:
-            raise RuntimeError("MidTreadFakeQuant used before calibration: run the aciq calibrator first")
+    def quantize(self, x: Tensor) -> Tensor:
         if self.recorder is not None:
             self.recorder(self.codes(x.detach()))
         step, qlo, qhi, bins = self._params(x.dim())

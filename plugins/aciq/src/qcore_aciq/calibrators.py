@@ -20,12 +20,17 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from qcore.calibration import RangeCalibrator, WeightRangeOptions, uniform_quantizer
-from qcore.components import RunContext
-from qcore.errors import QcoreError
-from qcore.fake_quant import UniformFakeQuant
+from qcore import (
+    FakeQuantizer,
+    QcoreError,
+    RangeCalibrator,
+    RunContext,
+    WeightRangeOptions,
+    calibrate_rows,
+    iter_quantizers,
+    quant_layers,
+)
 from qcore.ranges import RangeFn
-from qcore.wrap import iter_quantizers, quant_layers
 from qcore_aciq.bins import MidTreadFakeQuant, calibrate_bins
 from qcore_aciq.clipping import MAX_TABLE_BITS, optimal_alpha
 from qcore_aciq.kl import kl_range
@@ -106,9 +111,9 @@ def nstd_range(x: Tensor, bits: Tensor, symmetric: bool, nstd: float = 2.0) -> t
 
 
 class DynamicRange(nn.Module):
-    """Recomputes its quantizer's range from every batch it sees (test-time statistics; the seed's default)."""
+    """Recalibrates its quantizer from every batch it sees (test-time statistics; the seed's default)."""
 
-    def __init__(self, quantizer: UniformFakeQuant, estimator: RangeFn) -> None:
+    def __init__(self, quantizer: FakeQuantizer, estimator: RangeFn) -> None:
         super().__init__()
         self.quantizer = quantizer
         self.estimator = estimator
@@ -117,8 +122,7 @@ class DynamicRange(nn.Module):
         q = self.quantizer
         with torch.no_grad():
             rows = q.rows_of(x.detach()).float()
-            lo, hi = self.estimator(rows.cpu(), q.row_bits().cpu(), q.spec.symmetric)
-            q.set_range(lo, hi)
+            calibrate_rows(q, rows.cpu(), self.estimator)
             q.set_prune_value(q.channel_values(rows.mean(dim=1)))
         return q(x)
 
@@ -139,7 +143,7 @@ class ClippingCalibrator(RangeCalibrator):
         self.calibrate_weights(model)
         for layer in quant_layers(model).values():
             if layer.act_quantizer is not None:
-                layer.act_quantizer = DynamicRange(uniform_quantizer(layer.act_quantizer, self.name),
+                layer.act_quantizer = DynamicRange(layer.act_quantizer,
                                                    self.act_estimator())
 
 

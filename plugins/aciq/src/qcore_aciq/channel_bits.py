@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qcore.errors import QcoreError
+from qcore import QcoreError
 from qcore.knapsack import solve_dp
 from qcore_aciq.clipping import optimal_mse
 

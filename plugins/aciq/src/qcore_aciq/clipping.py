@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from qcore.errors import QcoreError
+from qcore import QcoreError
 from qcore.ops import qparams_from_range
 
 Prior = Literal["laplace", "gauss"]

@@ -2,7 +2,7 @@
 the extremes, and whether a row is non-negative (the input of a layer that follows a ReLU).
 
 Rows are ``[rows, values]`` samples: one row per tensor or per channel (see
-:meth:`qcore.fake_quant.UniformFakeQuant.rows_of`). Signed rows fit the prior to all values; non-negative rows
+:meth:`qcore.UniformFakeQuant.rows_of`). Signed rows fit the prior to all values; non-negative rows
 fit its positive half (exponential or half-normal) to the positive values, because the zeros a ReLU makes are
 exactly representable and cost nothing.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from qcore.errors import QcoreError
+from qcore import QcoreError
 
 BEstimator = Literal["mean", "median"]
 

@@ -21,11 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qcore import LayerInfo, observe_inputs, track
 from qcore import distributed as qdist
-from qcore.calibration import observe_inputs
-from qcore.layers import LayerInfo
 from qcore.ops import fake_quantize, qparams_from_range
-from qcore.progress import track
 from qcore.ranges import get_range_estimator
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
 from qcore_rdoq.second_order import output_directions

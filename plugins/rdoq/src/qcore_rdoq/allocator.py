@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from qcore import Allocator, LayerSpec, Plan, RunContext, layer_spec
-from qcore.cost import mean_bits
-from qcore.devices import module_device, to_device
-from qcore.errors import NotImplementedMethodError, QcoreError
+from qcore import (
+    Allocator,
+    LayerSpec,
+    NotImplementedMethodError,
+    Plan,
+    QcoreError,
+    RunContext,
+    layer_spec,
+    mean_bits,
+    module_device,
+    to_device,
+)
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
 from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprints

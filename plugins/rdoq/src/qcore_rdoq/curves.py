@@ -24,11 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from qcore import Correction, LayerInfo, QcoreError, track
 from qcore import distributed as qdist
-from qcore.bias_correction import Correction
-from qcore.errors import QcoreError
-from qcore.layers import LayerInfo
-from qcore.progress import track
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.downstream import Split
 from qcore_rdoq.groups import WeightGroup, candidate_table, weight_groups

@@ -10,7 +10,7 @@ rounds instead of flooring, which puts weights half a step above their nearest l
 ``phi`` is the ``ratio`` quantile of the group's ``|w|`` (so about that fraction of the weights is zeroed; the
 seed's bisection bracketed by ``max(w)`` instead of ``max|w|``), and ``delta`` minimises the group's weight MSE
 over 100 candidate steps, as core's MSE range estimator does for the plain grid. A group with ratio 0, or with
-fewer than 2 bits (``K = 0``), uses the plain symmetric grid of :class:`~qcore.fake_quant.UniformFakeQuant`.
+fewer than 2 bits (``K = 0``), uses the plain symmetric grid of :class:`~qcore.UniformFakeQuant`.
 A short last group is fitted on its padded row (its last channel repeated, as for the plain grid's range), so
 its zeroed share can differ from the ratio; curves and deployment fit it the same way.
 
@@ -23,11 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qcore import Quantizer
-from qcore.errors import QcoreError
-from qcore.fake_quant import UniformFakeQuant
-from qcore.layers import LayerInfo
-from qcore.spec import QuantSpec
+from qcore import LayerInfo, QcoreError, Quantizer, QuantSpec, UniformFakeQuant
 
 
 def magnitudes(bits: Tensor) -> Tensor:
@@ -109,7 +105,7 @@ class DeadZoneFakeQuant(UniformFakeQuant):
     """Weights on the dead-zone grid, one ``(phi, delta)`` per group (see module docstring).
 
     ``spec.group_params`` holds each group's dead-zone ratio. The range set by a calibrator serves the groups
-    on the plain grid; :meth:`fit_rows` (called by weight calibration) fits the others.
+    on the plain grid; :meth:`fit` (called by weight calibration) fits the others.
     """
 
     def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
@@ -130,7 +126,7 @@ class DeadZoneFakeQuant(UniformFakeQuant):
         """Rows on the dead-zone grid: a positive ratio and at least 2 bits."""
         return (self.ratio > 0) & (magnitudes(self.row_bits()).to(self.ratio.device) >= 1)
 
-    def fit_rows(self, rows: Tensor) -> None:
+    def fit(self, rows: Tensor) -> None:
         fit_layers([(self, rows)])
 
     def forward(self, x: Tensor) -> Tensor:

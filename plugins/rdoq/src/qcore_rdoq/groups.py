@@ -2,7 +2,7 @@
 
 A weight group is ``group_size`` consecutive output channels of one layer (the last may be smaller). Its
 candidate at ``b`` bits is exactly what deployment produces for a layer whose groups all carry ``b`` bits:
-core's :class:`~qcore.fake_quant.UniformFakeQuant` with one symmetric scale per group, the clip chosen by
+core's :class:`~qcore.UniformFakeQuant` with one symmetric scale per group, the clip chosen by
 core's MSE range estimator. Curves and the deployed model therefore use the same quantizer.
 """
 
@@ -16,13 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qcore.bias_correction import Correction, correct_weight
-from qcore.errors import QcoreError
-from qcore.fake_quant import UniformFakeQuant
-from qcore.layers import LayerInfo
+from qcore import Correction, LayerInfo, QcoreError, QuantSpec, UniformFakeQuant, correct_weight
 from qcore.ops import fake_quantize, qparams_from_range
 from qcore.ranges import get_range_estimator
-from qcore.spec import QuantSpec
 from qcore_rdoq.deadzone import DeadZoneFakeQuant, fit_layers
 
 
@@ -103,12 +99,12 @@ def _quantizers(info: LayerInfo, group_size: int, rows: Tensor, ranges: dict[int
                 deadzones: Sequence[float]) -> dict[float, dict[int, UniformFakeQuant]]:
     """The deployed per-group quantizer of the layer at each dead-zone ratio and bit-width of ``ranges``, its
     clip ranges set and, on the dead-zone grid, its dead zones fitted (the dead-zone grid keeps the plain range
-    for its plain groups; the fit is row-independent, so each equals what ``fit_rows`` gives it alone)."""
+    for its plain groups; the fit is row-independent, so each equals what ``fit`` gives it alone)."""
     fqs = {d: {b: _fake_quant(info, group_size, b, rows.device, d) for b in ranges} for d in deadzones}
     for by_bits in fqs.values():
         for b, fq in by_bits.items():
             fq.set_range(*ranges[b])
-    # every ratio's and bit-width's dead zones in one search (what fit_rows does one quantizer at a time)
+    # every ratio's and bit-width's dead zones in one search (what fit does one quantizer at a time)
     fit_layers([(fq, rows) for by_bits in fqs.values() for fq in by_bits.values()
                 if isinstance(fq, DeadZoneFakeQuant)])
     return fqs
@@ -126,7 +122,7 @@ def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict
                   ) -> dict[int, Tensor]:
     """Every bit-width's weight on the plain grid in one vectorised pass, bit-width as a leading axis.
 
-    The arithmetic of :meth:`UniformFakeQuant.forward <qcore.fake_quant.UniformFakeQuant.forward>` (per-channel
+    The arithmetic of :meth:`UniformFakeQuant.forward <qcore.UniformFakeQuant.forward>` (per-channel
     scales from the group ranges, :func:`~qcore.ops.fake_quantize`, 0 for pruned groups) without building one
     module per bit-width, which cost more than the quantization itself on small layers; the tests check it equals
     the modules bit for bit.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qcore.errors import MissingDependencyError
+from qcore import MissingDependencyError
 from qcore_rdoq.groups import WeightGroup
 
 

@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qcore.bias_correction import Correction
-from qcore.layers import LayerInfo
-from qcore.progress import track
+from qcore import Correction, LayerInfo, track
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Curves, exact_math
 from qcore_rdoq.groups import candidate_tables, weight_groups

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
 
 
 def _serialise(value: Any) -> str | bytes:

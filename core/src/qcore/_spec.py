@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
 
 Granularity = Literal["tensor", "channel", "group"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")

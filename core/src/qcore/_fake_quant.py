@@ -1,6 +1,6 @@
 """The uniform fake-quantizer module and the statistics observer calibrators attach to it.
 
-A :class:`UniformFakeQuant` quantizes one tensor as its :class:`~qcore.spec.QuantSpec` says. Its clip range
+A :class:`UniformFakeQuant` quantizes one tensor as its :class:`~qcore._spec.QuantSpec` says. Its clip range
 is held per *row*: one row per tensor, channel or channel group (whatever shares a scale). Calibrators set
 the range with :meth:`UniformFakeQuant.set_range`; until then the module refuses to run, so an
 uncalibrated model can never produce numbers that look like results.
@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
+from qcore._spec import QuantSpec
 from qcore.ops import fake_quantize, qparams_from_range
-from qcore.spec import QuantSpec
 
 
 class Observer:
@@ -57,14 +57,34 @@ class Observer:
         return torch.cat([self.buf, self.lo[:, None], self.hi[:, None]], dim=1)
 
 
-class UniformFakeQuant(nn.Module):
-    """Fake-quantizes a tensor on a uniform grid (symmetric or affine), per tensor / channel / group.
+class FakeQuantizer(nn.Module):
+    """Base of every fake-quantizer module: the protocol calibrators, allocators and core use.
+
+    A fake quantizer maps a tensor to the values its numeric format can represent (in floating point, with
+    straight-through gradients). Whatever the format, its parameters are held per *row*: the values that
+    share them (the whole tensor, one channel, or a group of ``spec.group_size`` channels along ``axis``).
+    This class owns that layout and the calibration state; a format implements:
+
+    * :meth:`quantize` -- the fake-quantized tensor (parameters are set; called by ``forward``);
+    * :meth:`set_range` -- when ``uses_range`` is True (the default): take one clip range ``[lo, hi]`` per row;
+    * :meth:`fit` -- refine or fit its parameters from the tensor's own rows (weights) or an observed sample
+      (activations), after any :meth:`set_range`. A format with ``uses_range = False`` (a lattice, a learned
+      codebook) is calibrated by ``fit`` alone.
+
+    A calibrator uses only :meth:`rows_of`, :meth:`row_bits`, :meth:`channel_values`, :meth:`set_range` (where
+    ``uses_range``), :meth:`fit`, :meth:`set_prune_value` and :attr:`observer`; it never needs the concrete class.
+    Until :meth:`mark_calibrated` (``set_range`` calls it) the module refuses to run, so an uncalibrated model
+    can never produce numbers that look like results. While :attr:`observer` is set, ``forward`` records its
+    input's rows and passes the input through unchanged.
 
     :param spec: what to do; ``spec.group_bits`` gives each group of ``spec.group_size`` channels its own
         bit-width.
     :param channels: size of the channel axis (needed for any granularity but ``tensor``).
     :param axis: the channel axis of the tensors this module will see.
     """
+
+    #: True when the format is parametrised by a clip range per row (range calibrators call ``set_range``)
+    uses_range: bool = True
 
     def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
         super().__init__()
@@ -84,9 +104,7 @@ class UniformFakeQuant(nn.Module):
                                  f"{spec.group_size} make {groups}")
             bits = torch.tensor(spec.group_bits, dtype=torch.float32).repeat_interleave(spec.group_size)[:n]
         self.register_buffer("bits", bits)  # per channel (or one value)
-        rows = {"tensor": 1, "channel": n, "group": math.ceil(n / (spec.group_size or 1))}[spec.granularity]
-        self.register_buffer("lo", torch.zeros(rows))
-        self.register_buffer("hi", torch.zeros(rows))
+        self.rows = {"tensor": 1, "channel": n, "group": math.ceil(n / (spec.group_size or 1))}[spec.granularity]
         self.register_buffer("prune_value", torch.zeros(n))
         self.calibrated = False
         self.observer: Observer | None = None
@@ -95,18 +113,17 @@ class UniformFakeQuant(nn.Module):
     def _row_index(self) -> Tensor:
         """Channel indices of each row, ``[rows, width]``; a short last group repeats its own last channel."""
         g = self.spec.group_size or 1
-        rows = self.lo.numel()
-        idx = torch.arange(rows)[:, None] * g + torch.arange(g)[None, :]
+        idx = torch.arange(self.rows)[:, None] * g + torch.arange(g)[None, :]
         return torch.clamp(idx, max=self.channels - 1)
 
     def rows_of(self, x: Tensor) -> Tensor:
-        """``x`` rearranged to ``[rows, values]``: each row holds every value that shares one scale."""
+        """``x`` rearranged to ``[rows, values]``: each row holds every value that shares one set of parameters."""
         if self.spec.granularity == "tensor":
             return x.reshape(1, -1)
         per_channel = x.movedim(self.axis, 0).reshape(self.channels, -1)
         if self.spec.granularity == "channel":
             return per_channel
-        return per_channel[self._row_index()].reshape(self.lo.numel(), -1)
+        return per_channel[self._row_index()].reshape(self.rows, -1)
 
     def row_bits(self) -> Tensor:
         """The bit-width of each row."""
@@ -124,6 +141,7 @@ class UniformFakeQuant(nn.Module):
         return row_values
 
     def _shape(self, v: Tensor, ndim: int) -> Tensor:
+        """Per-channel values ``v`` shaped to broadcast against an ``ndim``-dimensional input."""
         if v.numel() == 1:
             return v.reshape([])
         shape = [1] * ndim
@@ -133,6 +151,51 @@ class UniformFakeQuant(nn.Module):
     # -- calibration -----------------------------------------------------------------------------------------
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
         """Set the clip range of every row (shape ``[rows]`` or a scalar) and mark the module calibrated."""
+        raise QcoreError(f"the {type(self).__name__} format has no clip range (uses_range is False); calibrate it "
+                         "with a calibrator that calls fit(), or the calibrator its plugin recommends")
+
+    def fit(self, rows: Tensor) -> None:
+        """Fit the parameters from ``rows`` (``rows_of`` of the weight, or an activation sample), after
+        :meth:`set_range` when the format uses one. The default does nothing; formats with parameters beyond
+        a range (dead-zone thresholds, lattice bases) fit them here and call :meth:`mark_calibrated`."""
+
+    def mark_calibrated(self) -> None:
+        """Declare every parameter set: ``forward`` quantizes from now on."""
+        self.calibrated = True
+
+    def set_prune_value(self, per_channel: Tensor) -> None:
+        """The constant that 0-bit channels take (default 0)."""
+        self.prune_value.copy_(torch.as_tensor(per_channel, dtype=torch.float32).reshape(-1)
+                               .expand(self.prune_value.numel()))
+
+    # -- quantization ------------------------------------------------------------------------------------------
+    def quantize(self, x: Tensor) -> Tensor:
+        """The fake-quantized ``x`` (called once calibrated); formats implement this."""
+        raise NotImplementedError(f"{type(self).__name__} must implement quantize()")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.update(self.rows_of(x))
+            return x
+        if not self.calibrated:
+            raise QcoreError(f"{type(self).__name__} used before calibration: the run's calibrator set no "
+                             "parameters for it; choose a calibrator that supports this quantizer")
+        return self.quantize(x)
+
+
+class UniformFakeQuant(FakeQuantizer):
+    """Fake-quantizes a tensor on a uniform grid (symmetric or affine), per tensor / channel / group.
+
+    Parameters: one clip range ``[lo, hi]`` per row (:meth:`set_range`).
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
+        super().__init__(spec, channels, axis)
+        self.register_buffer("lo", torch.zeros(self.rows))
+        self.register_buffer("hi", torch.zeros(self.rows))
+
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Set the clip range of every row (shape ``[rows]`` or a scalar) and mark the module calibrated."""
         lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1).expand(self.lo.numel())
         hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).expand(self.hi.numel())
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
@@ -140,19 +203,7 @@ class UniformFakeQuant(nn.Module):
                              "check the model and the calibration data")
         self.lo.copy_(lo.to(self.lo.device))
         self.hi.copy_(hi.to(self.hi.device))
-        self.calibrated = True
-
-    def fit_rows(self, rows: Tensor) -> None:
-        """Refine the parameters from the tensor's own rows (``rows_of(weight)``), after :meth:`set_range`.
-
-        Weight calibration calls this; the uniform grid needs nothing more than its range, while a subclass
-        with extra per-group parameters (qcore-rdoq's dead-zone grid) fits them here.
-        """
-
-    def set_prune_value(self, per_channel: Tensor) -> None:
-        """The constant that 0-bit channels take (default 0)."""
-        self.prune_value.copy_(torch.as_tensor(per_channel, dtype=torch.float32).reshape(-1)
-                               .expand(self.prune_value.numel()))
+        self.mark_calibrated()
 
     def qparams(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-channel ``(scale, zero_point, qmin, qmax, bits)`` as 1-D tensors."""
@@ -160,12 +211,7 @@ class UniformFakeQuant(nn.Module):
         scale, zero, qmin, qmax = qparams_from_range(lo, hi, self.bits, self.spec.symmetric)
         return scale, zero, qmin, qmax, self.bits
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.observer is not None:
-            self.observer.update(self.rows_of(x))
-            return x
-        if not self.calibrated:
-            raise RuntimeError("UniformFakeQuant used before calibration: run a calibrator first")
+    def quantize(self, x: Tensor) -> Tensor:
         scale, zero, qmin, qmax, bits = (self._shape(t, x.dim()) for t in self.qparams())
         pv = self._shape(self.prune_value, x.dim())
         return fake_quantize(x, scale, zero, qmin, qmax, bits=bits, prune_value=pv).to(x.dtype)

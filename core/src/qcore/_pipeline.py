@@ -20,18 +20,18 @@ import torch
 
 from qcore import __version__
 from qcore import distributed as qdist
-from qcore.act_correction import correct_outputs
-from qcore.allocation import PipelineOptions, apply_pins, pinned_layers
-from qcore.apply import apply_plan, check_finite, freeze
-from qcore.components import Budget, Method, RunConfig, RunContext
-from qcore.cost import Cost, plan_cost
-from qcore.errors import QcoreError
-from qcore.fold import fold_batchnorm
-from qcore.layers import LayerInfo, discover, measure_layers
-from qcore.options import build_options, check_known
-from qcore.outputs import write_outputs
-from qcore.plugins import Host, load_host
-from qcore.spec import MAX_BITS, Plan
+from qcore._act_correction import correct_outputs
+from qcore._allocation import PipelineOptions, apply_pins, pinned_layers
+from qcore._apply import apply_plan, check_finite, freeze
+from qcore._components import Budget, Method, RunConfig, RunContext
+from qcore._cost import Cost, plan_cost
+from qcore._errors import QcoreError
+from qcore._fold import fold_batchnorm
+from qcore._layers import LayerInfo, discover_layers, measure_layers
+from qcore._options import build_options, check_known
+from qcore._outputs import write_outputs
+from qcore._plugins import Host, load_host
+from qcore._spec import MAX_BITS, Plan
 
 log = logging.getLogger(__name__)
 BUDGET_KEYS = ("w_bits", "a_bits", "target_bits")
@@ -137,7 +137,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
 
     work = copy.deepcopy(fp_model)
     folded = fold_batchnorm(work) if pipeline.fold_bn else []
-    layers = discover(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n),
+    layers = discover_layers(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n),
                       pipeline.include, pipeline.exclude)
     if not layers:
         raise QcoreError(f"model {inst.model_name!r} has no quantizable layer (Conv1d, Conv2d, Linear, or a type a "

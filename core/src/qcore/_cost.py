@@ -1,4 +1,4 @@
-"""Model size, BOPs and average bits from a :class:`~qcore.spec.Plan`, computed the same way for every method.
+"""Model size, BOPs and average bits from a :class:`~qcore._spec.Plan`, computed the same way for every method.
 
 Conventions (also written into result.json):
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qcore.layers import LayerInfo
-from qcore.spec import Plan, QuantSpec
+from qcore._layers import LayerInfo
+from qcore._spec import Plan, QuantSpec
 
 FP_BITS = 32
 MIB = 2**20

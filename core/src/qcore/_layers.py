@@ -31,7 +31,7 @@ class LayerInfo:
     :param macs_per_out: multiply-accumulates per output element (``in/groups * kernel volume``).
     :param macs: MACs for one sample, filled by :func:`measure_layers`.
     :param act_numel: input elements for one sample, filled by :func:`measure_layers`.
-    :param weight_numel: weight elements, filled by :func:`discover`.
+    :param weight_numel: weight elements, filled by :func:`discover_layers`.
     :param quantize_input: how to apply an activation quantizer to this layer's first argument
         (default: call it on the tensor; spconv layers quantize the features of a sparse tensor).
     :param map_output: how to apply a tensor function to this layer's output (default: call it on the tensor;
@@ -85,7 +85,7 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def discover(model: nn.Module, describe: Callable[[nn.Module, str], LayerInfo | None],
+def discover_layers(model: nn.Module, describe: Callable[[nn.Module, str], LayerInfo | None],
              include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> dict[str, LayerInfo]:
     """Find the quantizable layers of ``model`` in forward-definition order.
 

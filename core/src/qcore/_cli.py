@@ -1,6 +1,6 @@
 """The ``qcore`` command line: ``qcore run``, ``qcore plugins``, ``qcore list``, ``qcore --version``.
 
-A thin layer over :mod:`qcore.pipeline`. User mistakes end with one line ``qcore: error: ...`` on stderr and
+A thin layer over :mod:`qcore._pipeline`. User mistakes end with one line ``qcore: error: ...`` on stderr and
 exit status 2; nothing is written for a run that failed.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
 
 from qcore import __version__
-from qcore.components import RunConfig
-from qcore.errors import QcoreError
-from qcore.options import convert_value, describe_options, parse_assignments
-from qcore.plugins import KINDS, Host, load_host
+from qcore._components import RunConfig
+from qcore._errors import QcoreError
+from qcore._options import convert_value, describe_options, parse_assignments
+from qcore._plugins import KINDS, Host, load_host
 
 log = logging.getLogger("qcore")
 
@@ -212,7 +212,7 @@ def _cmd_list(host: Host, kind: str, with_options: bool) -> None:
             row.update(quantizer=obj.quantizer, calibrator=obj.calibrator, allocator=obj.allocator,
                        default=obj.default, defaults=dict(obj.defaults), description=obj.description)
             if with_options:
-                from qcore.allocation import PipelineOptions
+                from qcore._allocation import PipelineOptions
 
                 opts: dict[str, Any] = {}
                 for k in ("quantizer", "calibrator", "allocator"):
@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "list":
             _cmd_list(host, args.kind, args.options)
         else:
-            from qcore.pipeline import run
-
+            from qcore._pipeline import run
             from qcore.distributed import is_main
 
             outcome = run(config_from_args(args), host)

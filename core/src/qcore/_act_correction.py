@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.layers import LayerInfo, run_hooked, watch_layers
-from qcore.progress import track
-from qcore.wrap import quant_layers
+from qcore._layers import LayerInfo, run_hooked, watch_layers
+from qcore._progress import track
+from qcore._wrap import quant_layers
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 * :class:`Quantizer`: the numeric format: builds the fake-quant module for a tensor.
 * :class:`Calibrator`: sets ranges / rounding / steps of a wrapped model from calibration data.
 * :class:`Allocator`: chooses bits per layer (and per channel group) under a budget: returns a
-  :class:`~qcore.spec.Plan`.
+  :class:`~qcore._spec.Plan`.
 * :class:`Method`: a named recipe: one of each, plus default options. ``--plugin X`` runs X's default.
 * :class:`Task`: brings a model, calibration batches, a forward function and an evaluation.
 * :class:`ModelLoader`: resolves ``--model PREFIX:NAME`` for a task.
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from qcore.options import NoOptions
+from qcore._options import NoOptions
 
 if TYPE_CHECKING:
-    from qcore.layers import LayerInfo
-    from qcore.spec import LayerSpec, Plan, QuantSpec
+    from qcore._layers import LayerInfo
+    from qcore._spec import LayerSpec, Plan, QuantSpec
 
 
 class Component:
@@ -55,12 +55,12 @@ class Calibrator(Component):
     """Chooses quantization parameters of an already wrapped model from calibration data."""
 
     def calibrate(self, model: nn.Module, ctx: RunContext) -> None:
-        """Set the parameters of every quantizer in ``model`` (see :func:`qcore.wrap.iter_quantizers`)."""
+        """Set the parameters of every quantizer in ``model`` (see :func:`qcore._wrap.iter_quantizers`)."""
         raise NotImplementedError
 
 
 class Allocator(Component):
-    """Chooses a :class:`~qcore.spec.LayerSpec` for every layer in ``ctx.layers`` under ``ctx.budget``."""
+    """Chooses a :class:`~qcore._spec.LayerSpec` for every layer in ``ctx.layers`` under ``ctx.budget``."""
 
     def allocate(self, ctx: RunContext) -> Plan:
         raise NotImplementedError
@@ -181,7 +181,7 @@ class RunContext:
         them out of the optimisation; core applies them over any plan.
     :param options: all option values of this run (validated), by key.
     :param pipeline: the pipeline options (granularity, first/last, ...) as a
-        :class:`qcore.allocation.PipelineOptions`.
+        :class:`qcore._allocation.PipelineOptions`.
     :param measured: facts components measured during the run, copied into result.json's ``measured``.
     :param artifacts: files (``{"plots/rd.png": b"..."}``) written next to result.json when the run succeeds.
     """

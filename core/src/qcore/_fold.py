@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from qcore.wrap import replace_module
+from qcore._wrap import replace_module
 
 log = logging.getLogger(__name__)
 

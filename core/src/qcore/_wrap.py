@@ -3,7 +3,7 @@
 The wrapper is generic: it runs the original module through ``torch.func.functional_call`` with the
 quantized weight substituted, so any layer whose forward reads ``self.weight`` works (torch convs and
 linears, spconv's sparse convolutions). How the input is quantized comes from the layer's
-:class:`~qcore.layers.LayerInfo` (a dense tensor by default; a plugin can quantize only a sparse tensor's
+:class:`~qcore._layers.LayerInfo` (a dense tensor by default; a plugin can quantize only a sparse tensor's
 features).
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.bias_correction import Correction, correct_weight
-from qcore.layers import LayerInfo
-from qcore.spec import LayerSpec
+from qcore._bias_correction import Correction, correct_weight
+from qcore._layers import LayerInfo
+from qcore._spec import LayerSpec
 
 
 class QuantLayer(nn.Module):
@@ -40,7 +40,7 @@ class QuantLayer(nn.Module):
         self.act_quantizer = act_quantizer
         self._wq: Tensor | None = None
         #: static output correction per output channel, added to the output (see
-        #: :func:`qcore.act_correction.correct_outputs`); with ``out_scale`` set, the output is first multiplied
+        #: :func:`qcore._act_correction.correct_outputs`); with ``out_scale`` set, the output is first multiplied
         #: by it (the ``affine`` correction). Both fold into the layer's per-channel weight scale and bias.
         self.register_buffer("out_correction", None)
         self.register_buffer("out_scale", None)

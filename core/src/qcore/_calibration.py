@@ -12,25 +12,37 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qcore.components import Calibrator, RunContext
-from qcore.errors import QcoreError
-from qcore.fake_quant import Observer, UniformFakeQuant
-from qcore.layers import LayerInfo, watch_layers
-from qcore.progress import track
+from qcore._components import Calibrator, RunContext
+from qcore._errors import QcoreError
+from qcore._fake_quant import FakeQuantizer, Observer
+from qcore._layers import LayerInfo, watch_layers
+from qcore._progress import track
+from qcore._wrap import quant_layers
 from qcore.ranges import RangeFn, get_range_estimator
-from qcore.wrap import quant_layers
 
 log = logging.getLogger(__name__)
 
 RangeName = Literal["minmax", "percentile", "mse"]
 
 
-def uniform_quantizer(q: nn.Module, who: str) -> UniformFakeQuant:
-    """``q`` as a :class:`UniformFakeQuant`, or an error saying the calibrator cannot handle its type."""
-    if not isinstance(q, UniformFakeQuant):
-        raise QcoreError(f"calibrator {who!r} sets uniform-grid ranges and cannot calibrate {type(q).__name__}; "
-                         "choose the calibrator that belongs to that quantizer")
+def fake_quantizer(q: nn.Module, who: str) -> FakeQuantizer:
+    """``q`` as a :class:`FakeQuantizer`, or an error saying the calibrator cannot handle it."""
+    if not isinstance(q, FakeQuantizer):
+        raise QcoreError(f"calibrator {who!r} calibrates qcore.FakeQuantizer modules and cannot calibrate "
+                         f"{type(q).__name__}; its quantizer must subclass qcore.FakeQuantizer")
     return q
+
+
+def calibrate_rows(q: FakeQuantizer, rows: torch.Tensor, estimator: RangeFn) -> None:
+    """Calibrate ``q`` from ``rows`` (``[rows, values]``, its tensor's :meth:`~FakeQuantizer.rows_of` or a sample):
+    a clip range per row from ``estimator`` when the format uses one, then the format's own :meth:`fit`."""
+    if q.uses_range:
+        lo, hi = estimator(rows, q.row_bits().to(rows.device), q.spec.symmetric)
+        q.set_range(lo, hi)
+    q.fit(rows)
+    if not q.calibrated:
+        raise QcoreError(f"{type(q).__name__} was not calibrated by a clip range and its fit(): its format needs "
+                         "another calibrator (see its plugin's README)")
 
 
 @torch.no_grad()
@@ -71,7 +83,7 @@ def observe_inputs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], b
 
     Returns, per layer, ``[rows, n]`` values (one row per tensor, or per input channel when ``per_channel``):
     a uniform sample of at most ``samples`` values per row plus the exact extremes (see
-    :class:`~qcore.fake_quant.Observer`). The input is read the way the layer's activation quantizer would see
+    :class:`~qcore._fake_quant.Observer`). The input is read the way the layer's activation quantizer would see
     it (``LayerInfo.quantize_input``: a sparse tensor's active features, not a dense view).
     """
     obs = {n: Observer(samples, seed + i) for i, n in enumerate(layers)}
@@ -103,8 +115,10 @@ class RangeOptions(WeightRangeOptions):
 class RangeCalibrator(Calibrator):
     """Clip ranges from weight values and observed activations with a range estimator.
 
-    Subclasses change how activations are clipped by overriding :meth:`act_estimator` (ACIQ's analytical
-    clipping, KL thresholds), and set ``prune_to_mean`` to make 0-bit channels their mean instead of zero.
+    Works with any :class:`~qcore.FakeQuantizer`: a clip range per row where the format ``uses_range``, then the
+    format's own ``fit`` on the same rows. Subclasses change how activations are clipped by overriding
+    :meth:`act_estimator` (ACIQ's analytical clipping, KL thresholds), and set ``prune_to_mean`` to make 0-bit
+    channels their mean instead of zero.
     """
 
     name = "minmax"
@@ -130,12 +144,10 @@ class RangeCalibrator(Calibrator):
         west = self.weight_estimator()
         for layer in quant_layers(model).values():
             if layer.weight_quantizer is not None:
-                q = uniform_quantizer(layer.weight_quantizer, self.name)
+                q = fake_quantizer(layer.weight_quantizer, self.name)
                 with torch.no_grad():
                     rows = q.rows_of(layer.module.weight.detach())
-                    lo, hi = west(rows, q.row_bits(), q.spec.symmetric)
-                q.set_range(lo, hi)
-                q.fit_rows(rows)
+                    calibrate_rows(q, rows, west)
                 if self.prune_to_mean:
                     q.set_prune_value(q.channel_values(rows.mean(dim=1)))
 
@@ -145,10 +157,10 @@ class RangeCalibrator(Calibrator):
         layers = quant_layers(model)
         observers = observe_activations(model, ctx, self.options.act_samples)
         for name, obs in observers.items():
-            q = uniform_quantizer(layers[name].act_quantizer, self.name)
+            q = fake_quantizer(layers[name].act_quantizer, self.name)
             sample = obs.sample()
-            lo, hi = aest(sample, q.row_bits().cpu(), q.spec.symmetric)
-            q.set_range(lo, hi)
+            with torch.no_grad():
+                calibrate_rows(q, sample, aest)
             if self.prune_to_mean:
                 q.set_prune_value(q.channel_values(sample.mean(dim=1)))
 
@@ -164,12 +176,16 @@ class MSEOptions(RangeOptions):
 
 
 class PercentileCalibrator(RangeCalibrator):
+    """:class:`RangeCalibrator` with activation ranges at a percentile of the observed values."""
+
     name = "percentile"
     description = "activation ranges at a percentile of observed values (weights: min/max)"
     Options = PercentileOptions
 
 
 class MSECalibrator(RangeCalibrator):
+    """:class:`RangeCalibrator` with the activation ranges that minimise the quantization MSE."""
+
     name = "mse"
     description = "activation ranges that minimise quantization MSE on calibration data (weights: min/max)"
     Options = MSEOptions

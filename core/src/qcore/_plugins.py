@@ -25,8 +25,8 @@ from typing import Any
 import pluggy
 
 from qcore import hookspecs
-from qcore.components import Allocator, Calibrator, Method, ModelLoader, Quantizer, Task
-from qcore.errors import QcoreError
+from qcore._components import Allocator, Calibrator, Method, ModelLoader, Quantizer, Task
+from qcore._errors import QcoreError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Apply a :class:`~qcore.spec.Plan` to a model: every planned layer is replaced through ``qcore_wrap_module``."""
+"""Apply a :class:`~qcore._spec.Plan` to a model: every planned layer is replaced through ``qcore_wrap_module``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import copy
 import torch
 from torch import nn
 
-from qcore.components import RunContext
-from qcore.errors import QcoreError
-from qcore.spec import Plan
-from qcore.wrap import QuantLayer, quant_layers, replace_module
+from qcore._components import RunContext
+from qcore._errors import QcoreError
+from qcore._spec import Plan
+from qcore._wrap import QuantLayer, quant_layers, replace_module
 
 
 def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = False) -> nn.Module:

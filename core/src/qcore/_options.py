@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from qcore.errors import QcoreError
+from qcore._errors import QcoreError
 
 
 @dataclasses.dataclass(frozen=True)

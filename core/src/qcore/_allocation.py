@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qcore.errors import QcoreError
-from qcore.layers import LayerInfo
-from qcore.spec import MAX_BITS, LayerSpec, Plan, QuantSpec
+from qcore._errors import QcoreError
+from qcore._layers import LayerInfo
+from qcore._spec import MAX_BITS, LayerSpec, Plan, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,13 @@ class PipelineOptions:
         "help": "activation scales per tensor (deployable) or per channel (simulation only)"})
     act_symmetric: bool = field(default=False, metadata={"help": "symmetric activation grid (default affine)"})
     weight_correction: Literal["none", "mean", "mean+var"] = field(default="none", metadata={
-        "help": "data-free weight bias correction per output channel (see qcore.bias_correction)"})
+        "help": "data-free weight bias correction per output channel (see qcore._bias_correction)"})
     act_correction: Literal["none", "static", "affine", "local"] = field(default="none", metadata={
         "help": "correct each quantized layer's output channels on the calibration data, one layer at a time in "
                 "forward order (deployable: folds into weight scale and bias): 'static' = add FP minus quantized "
                 "mean; 'affine' = gain and shift that give FP's channel mean and std (undoes what MSE clipping "
                 "shrinks; best from 3 bits down, see BENCHMARKS.md); 'local' = remove only the mean shift each "
-                "layer's own quantization adds (see qcore.act_correction)"})
+                "layer's own quantization adds (see qcore._act_correction)"})
     def __post_init__(self) -> None:
         if self.first_last not in ("same", "fp"):
             try:
