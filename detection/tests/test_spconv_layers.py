@@ -158,7 +158,7 @@ def test_wrap_hook_inside_sparse_sequential() -> None:
     info = spconv_layer_info(conv, "0")
     spec = LayerSpec(weight=QuantSpec(16, granularity="channel"), act=None)
     ctx = SimpleNamespace(quantizer=SimpleNamespace(make=lambda s, role, i: UniformFakeQuant(s, i.out_channels, 0)),
-                          pipeline=SimpleNamespace(weight_correction="none"))
+                          weight_correction=None)
     wrapped = spconv_wrap_module(conv, info, spec, ctx)
     assert isinstance(wrapped, SparseQuantLayer)
     wrapped.weight_quantizer.set_range(*minmax_range(wrapped.weight_quantizer.rows_of(conv.weight.detach()),

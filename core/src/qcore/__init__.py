@@ -34,7 +34,6 @@ hookimpl = pluggy.HookimplMarker("qcore")
 
 # The public names, grouped in __all__ below; the modules they come from are private.
 from qcore._allocation import Pin, PipelineOptions, layer_spec  # noqa: E402
-from qcore._bias_correction import Correction, correct_weight  # noqa: E402
 from qcore._calibration import (  # noqa: E402
     MSECalibrator,
     PercentileCalibrator,
@@ -50,13 +49,16 @@ from qcore._components import (  # noqa: E402
     Budget,
     Calibrator,
     Component,
+    Correction,
     Method,
     ModelLoader,
+    OutputCorrection,
     Quantizer,
     RunConfig,
     RunContext,
     Task,
     TaskInstance,
+    WeightCorrection,
 )
 from qcore._cost import Cost, mean_bits, plan_cost  # noqa: E402
 from qcore._devices import module_device, to_device  # noqa: E402
@@ -74,7 +76,7 @@ __all__ = [
     # values
     "MAX_BITS", "LayerSpec", "Plan", "QuantSpec", "LayerInfo", "Pin", "PipelineOptions", "layer_spec",
     # roles
-    "Component", "Allocator", "Calibrator", "Quantizer", "Method", "ModelLoader", "Task", "TaskInstance",
+    "Component", "Allocator", "Calibrator", "Quantizer", "Correction", "WeightCorrection", "OutputCorrection", "Method", "ModelLoader", "Task", "TaskInstance",
     "RunConfig", "RunContext", "Budget",
     # errors
     "QcoreError", "MissingDependencyError", "NotImplementedMethodError",
@@ -82,7 +84,7 @@ __all__ = [
     "FakeQuantizer", "UniformFakeQuant", "Observer", "QuantLayer", "quant_layers", "iter_quantizers",
     # calibration
     "RangeCalibrator", "RangeOptions", "WeightRangeOptions", "MSECalibrator", "PercentileCalibrator",
-    "calibrate_rows", "observe_activations", "observe_inputs", "watch_layers", "Correction", "correct_weight",
+    "calibrate_rows", "observe_activations", "observe_inputs", "watch_layers",
     # model helpers
     "discover_layers", "measure_layers", "torch_layer_info", "fold_batchnorm", "replace_module", "module_device",
     "to_device",

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcore._components import OutputCorrection, RunContext
 from qcore._layers import LayerInfo, run_hooked, watch_layers
 from qcore._progress import track
 from qcore._wrap import quant_layers
@@ -228,3 +229,30 @@ def correct_outputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[n
         log.warning("no calibration data reached %d layer(s); they get no activation correction: %s", len(missing),
                     ", ".join(missing[:5]))
     return corrected
+
+
+class StaticCorrection(OutputCorrection):
+    """``-o act_correction=static``: each quantized layer's output channels get FP's mean (a constant)."""
+
+    name = "static"
+    description = "output correction: per-channel constant giving FP's channel mean on calibration data"
+    summary = "a per-output-channel constant from the calibration data"
+
+    def correct(self, qmodel: nn.Module, fp_model: nn.Module, ctx: RunContext) -> None:
+        correct_outputs(qmodel, fp_model, ctx.task.forward, list(ctx.calibration_batches()), mode=self.name)
+
+
+class AffineCorrection(StaticCorrection):
+    """``-o act_correction=affine``: each quantized layer's output channels get FP's mean and std."""
+
+    name = "affine"
+    description = "output correction: per-channel gain and shift giving FP's channel mean and std (folds into scale)"
+    summary = "a per-output-channel gain and constant from the calibration data"
+
+
+class LocalCorrection(StaticCorrection):
+    """``-o act_correction=local``: removes only the mean shift each layer's own quantization adds."""
+
+    name = "local"
+    description = "output correction: per-channel constant removing the shift each layer's own quantization adds"
+    summary = "a per-output-channel constant from the calibration data"

@@ -32,14 +32,16 @@ class PipelineOptions:
     act_granularity: Literal["tensor", "channel"] = field(default="tensor", metadata={
         "help": "activation scales per tensor (deployable) or per channel (simulation only)"})
     act_symmetric: bool = field(default=False, metadata={"help": "symmetric activation grid (default affine)"})
-    weight_correction: Literal["none", "mean", "mean+var"] = field(default="none", metadata={
-        "help": "data-free weight bias correction per output channel (see qcore._bias_correction)"})
-    act_correction: Literal["none", "static", "affine", "local"] = field(default="none", metadata={
-        "help": "correct each quantized layer's output channels on the calibration data, one layer at a time in "
-                "forward order (deployable: folds into weight scale and bias): 'static' = add FP minus quantized "
-                "mean; 'affine' = gain and shift that give FP's channel mean and std (undoes what MSE clipping "
-                "shrinks; best from 3 bits down, see BENCHMARKS.md); 'local' = remove only the mean shift each "
-                "layer's own quantization adds (see qcore._act_correction)"})
+    weight_correction: str = field(default="none", metadata={
+        "help": "registered weight correction applied to every quantized weight, or 'none' (core: 'mean' keeps each "
+                "output channel's FP mean, 'mean+var' its mean and std; data-free; `qcore list corrections`)"})
+    act_correction: str = field(default="none", metadata={
+        "help": "registered output correction run after calibration, or 'none'. Core's correct each quantized "
+                "layer's output channels on the calibration data, one layer at a time in forward order (deployable: "
+                "folds into weight scale and bias): 'static' = add FP minus quantized mean; 'affine' = gain and "
+                "shift that give FP's channel mean and std (undoes what MSE clipping shrinks; best from 3 bits "
+                "down, see BENCHMARKS.md); 'local' = remove only the mean shift each layer's own quantization adds"})
+
     def __post_init__(self) -> None:
         if self.first_last not in ("same", "fp"):
             try:

@@ -18,10 +18,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Correction = Literal["none", "mean", "mean+var"]
+from qcore._components import WeightCorrection
+
+Mode = Literal["none", "mean", "mean+var"]
 
 
-def correct_weight(w: Tensor, wq: Tensor, mode: Correction, axis: int = 0) -> Tensor:
+def correct_weight(w: Tensor, wq: Tensor, mode: Mode, axis: int = 0) -> Tensor:
     """``wq`` with each channel along ``axis`` matched to ``w``'s mean (and std for ``mean+var``)."""
     if mode == "none":
         return wq
@@ -35,3 +37,24 @@ def correct_weight(w: Tensor, wq: Tensor, mode: Correction, axis: int = 0) -> Te
         centred = centred * torch.where(sd_q > 0, sd_w / sd_q.clamp_min(1e-12), torch.ones_like(sd_q))
     out = centred + mu_w
     return out.reshape(wq.movedim(axis, 0).shape).movedim(0, axis)
+
+
+class MeanCorrection(WeightCorrection):
+    """``-o weight_correction=mean``: each output channel of the quantized weight gets the FP channel's mean."""
+
+    name = "mean"
+    description = "data-free weight bias correction: each output channel keeps its FP mean"
+    summary = "mean per output channel (a fractional weight zero point)"
+    mode: Mode = "mean"
+
+    def correct(self, w: Tensor, wq: Tensor, axis: int) -> Tensor:
+        return correct_weight(w, wq, self.mode, axis)
+
+
+class MeanVarCorrection(MeanCorrection):
+    """``-o weight_correction=mean+var``: each output channel keeps its FP mean and standard deviation."""
+
+    name = "mean+var"
+    description = "data-free weight bias correction: each output channel keeps its FP mean and std"
+    summary = "mean and std per output channel (a fractional zero point and a scale factor)"
+    mode: Mode = "mean+var"

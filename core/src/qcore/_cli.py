@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import traceback
 import time
 from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
@@ -80,6 +82,8 @@ def _add_run(sub: Any) -> None:
     g.add_argument("--seed", type=int, help="seed for calibration sampling and methods (default 0)")
     g.add_argument("--out", type=Path, help="output folder (default qcore-runs/<method>-<model>-<time>)")
     g.add_argument("-v", "--verbose", action="store_true", help="log progress of each stage")
+    g.add_argument("--traceback", action="store_true",
+                   help="on an error, print the full Python traceback too (also QCORE_DEBUG=1); for bug reports")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,12 +256,25 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run(config_from_args(args), host)
             if is_main():
                 print(summary_table(outcome.result, outcome.out))
-    except QcoreError as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
         sys.stderr.write("qcore: interrupted\n")
         return 130
+    except Exception as exc:
+        _report(exc, getattr(args, "traceback", False) or os.environ.get("QCORE_DEBUG", "") not in ("", "0"))
     return 0
+
+
+def _report(exc: Exception, traceback_wanted: bool) -> NoReturn:
+    """One line for any error (a :class:`QcoreError` as it is; anything else named with the stage it broke in and
+    a bug-report hint), after the full traceback when asked for."""
+    if traceback_wanted:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, QcoreError):
+        _fail(str(exc))
+    stage = getattr(exc, "qcore_stage", None)
+    first = (str(exc).splitlines() or [""])[0][:300]
+    _fail(f"internal error{f' in stage {stage!r}' if stage else ''}: {type(exc).__name__}: {first or '(no message)'}"
+          + ("" if traceback_wanted else "; rerun with --traceback and report it with the command line"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,8 @@
 * :class:`Calibrator`: sets ranges / rounding / steps of a wrapped model from calibration data.
 * :class:`Allocator`: chooses bits per layer (and per channel group) under a budget: returns a
   :class:`~qcore._spec.Plan`.
+* :class:`WeightCorrection`, :class:`OutputCorrection` (role ``correction``): fix what quantization shifts in
+  each channel (data-free on weights; from calibration data on outputs).
 * :class:`Method`: a named recipe: one of each, plus default options. ``--plugin X`` runs X's default.
 * :class:`Task`: brings a model, calibration batches, a forward function and an evaluation.
 * :class:`ModelLoader`: resolves ``--model PREFIX:NAME`` for a task.
@@ -63,6 +65,38 @@ class Allocator(Component):
     """Chooses a :class:`~qcore._spec.LayerSpec` for every layer in ``ctx.layers`` under ``ctx.budget``."""
 
     def allocate(self, ctx: RunContext) -> Plan:
+        raise NotImplementedError
+
+
+class Correction(Component):
+    """Base of the ``correction`` role: fixes a systematic error quantization leaves (a channel's mean or
+    spread). Subclass :class:`WeightCorrection` or :class:`OutputCorrection`; select one of each per run
+    (``-o weight_correction=NAME``, ``-o act_correction=NAME``).
+
+    :cvar summary: what the correction does, in words, for result.json's ``quantized.summary``.
+    """
+
+    summary: ClassVar[str] = ""
+
+
+class WeightCorrection(Correction):
+    """A data-free correction of each quantized weight, applied wherever the quantized weight is computed
+    (deployment, and allocators that model it, such as RDOQ's curves)."""
+
+    def correct(self, w: Tensor, wq: Tensor, axis: int) -> Tensor:
+        """``wq`` (the quantized ``w``) corrected; ``axis`` is the weight's output-channel axis."""
+        raise NotImplementedError
+
+
+class OutputCorrection(Correction):
+    """A correction of the calibrated quantized model from calibration data, run after calibration.
+
+    It may set each :class:`~qcore.QuantLayer`'s ``out_scale`` / ``out_correction`` (per output channel; they
+    fold into the weight scale and the bias, so the model stays deployable) or anything else it documents.
+    """
+
+    def correct(self, qmodel: nn.Module, fp_model: nn.Module, ctx: RunContext) -> None:
+        """Correct ``qmodel`` in place, comparing with ``fp_model`` (the FP model it was quantized from)."""
         raise NotImplementedError
 
 
@@ -202,6 +236,11 @@ class RunContext:
     measured: dict[str, Any] = field(default_factory=dict)
     #: extra files written with the run's outputs (atomically, only if the run succeeds), by relative path
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    #: the run's weight correction (``-o weight_correction``), None for none: wrapped layers apply it, allocators
+    #: that price candidate weights apply it too
+    weight_correction: WeightCorrection | None = None
+    #: the run's output correction (``-o act_correction``), run after calibration; None for none
+    output_correction: OutputCorrection | None = None
 
     def calibration_batches(self) -> Iterable[Any]:
         return self.task.calibration

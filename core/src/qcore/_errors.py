@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class QcoreError(Exception):
     """A problem with the user's input or environment, stated with the fix. Never a bug in qcore."""
@@ -19,3 +22,28 @@ class MissingDependencyError(QcoreError):
 
 class NotImplementedMethodError(QcoreError):
     """A method or option that is named but not implemented yet: raised instead of returning numbers."""
+
+
+class ComponentError(QcoreError):
+    """An unexpected exception inside a plugin's component (a bug there, not the user's input), named with the
+    component and the plugin that registered it. The original exception is its ``__cause__``."""
+
+
+class ContractError(QcoreError):
+    """A component broke its contract (returned the wrong type, left a layer out, went over budget, left a
+    quantizer uncalibrated): named with the component and its plugin."""
+
+
+@contextmanager
+def blame(kind: str, name: str, owner: str) -> Iterator[None]:
+    """Run a component's code; an exception that is not a :class:`QcoreError` becomes a :class:`ComponentError`
+    that reads ``allocator 'x' (plugin 'y'): TypeError: ...``, with a hint to ``--traceback``."""
+    try:
+        yield
+    except QcoreError:
+        raise
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise ComponentError(f"{kind} {name!r} (plugin {owner!r}): {type(exc).__name__}: {first or '(no message)'}"
+                             "; this is a bug in that plugin: rerun with --traceback (or QCORE_DEBUG=1) and report "
+                             "it to the plugin's authors") from exc

@@ -20,18 +20,27 @@ import torch
 
 from qcore import __version__
 from qcore import distributed as qdist
-from qcore._act_correction import correct_outputs
 from qcore._allocation import PipelineOptions, apply_pins, pinned_layers
 from qcore._apply import apply_plan, check_finite, freeze
-from qcore._components import Budget, Method, RunConfig, RunContext
-from qcore._cost import Cost, plan_cost
-from qcore._errors import QcoreError
+from qcore._components import (
+    Budget,
+    Correction,
+    Method,
+    OutputCorrection,
+    RunConfig,
+    RunContext,
+    TaskInstance,
+    WeightCorrection,
+)
+from qcore._cost import Cost, mean_bits, plan_cost
+from qcore._errors import ContractError, QcoreError, blame
 from qcore._fold import fold_batchnorm
 from qcore._layers import LayerInfo, discover_layers, measure_layers
 from qcore._options import build_options, check_known
 from qcore._outputs import write_outputs
 from qcore._plugins import Host, load_host
 from qcore._spec import MAX_BITS, Plan
+from qcore._wrap import iter_quantizers
 
 log = logging.getLogger(__name__)
 BUDGET_KEYS = ("w_bits", "a_bits", "target_bits")
@@ -46,6 +55,10 @@ class RunOutcome:
     model: torch.nn.Module
     out: Path | None
     stages: dict[str, float] = field(default_factory=dict)
+    #: the FP model the quantized one was made from (BN folded as the quantized model's layers are)
+    fp_model: torch.nn.Module | None = None
+    #: what the components saw (layers, options, corrections)
+    ctx: RunContext | None = None
 
 
 class _Stages:
@@ -58,7 +71,12 @@ class _Stages:
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         log.info("stage %s ...", name)
-        yield
+        try:
+            yield
+        except Exception as exc:
+            if not hasattr(exc, "qcore_stage"):
+                exc.qcore_stage = name  # type: ignore[attr-defined]  # the CLI names the stage that failed
+            raise
         self.seconds[name] = round(time.perf_counter() - t0, 3)
         if self.ctx is not None:
             self.hooks.qcore_stage_done(ctx=self.ctx, stage=name, seconds=self.seconds[name])
@@ -92,6 +110,19 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
+def _correction(host: Host, name: str, base: type[Correction]) -> type[Correction] | None:
+    """The registered correction class ``name`` (None for ``none``), checked to be of the ``base`` stage."""
+    if name == "none":
+        return None
+    cls = host.get("correction", name)
+    if not issubclass(cls, base):
+        key = "weight_correction" if base is WeightCorrection else "act_correction"
+        raise QcoreError(f"correction {name!r} is not a {base.__name__}; -o {key} takes "
+                         + ", ".join(sorted(n for n, e in host.tables["correction"].items()
+                                            if issubclass(e.obj, base))) + " or none")
+    return cls
+
+
 def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     """Run one quantization job as ``config`` says and return its outcome (writing ``config.out`` if set)."""
     host = host or load_host()
@@ -103,11 +134,16 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
         config, calib_size=task_cls.default_calib_size if config.calib_size is None else config.calib_size,
         batch_size=task_cls.default_batch_size if config.batch_size is None else config.batch_size)
     values = {k: v for k, v in method.defaults.items() if k not in BUDGET_KEYS} | dict(config.options)
-    check_known(values, [PipelineOptions, task_cls.Options] + [c.Options for c in classes.values()])
     if getattr(classes["allocator"], "saved_plan", False) and "first_last" not in values:
         values["first_last"] = "same"  # a saved plan already holds its first/last bits: do not pin over it
     pipeline = build_options(PipelineOptions, values, "pipeline")
+    corrections = {"weight_correction": _correction(host, pipeline.weight_correction, WeightCorrection),
+                   "output_correction": _correction(host, pipeline.act_correction, OutputCorrection)}
+    check_known(values, [PipelineOptions, task_cls.Options] + [c.Options for c in classes.values()]
+                + [c.Options for c in corrections.values() if c is not None])
     comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
+    correctors = {k: None if cls is None else cls(build_options(cls.Options, values, f"correction {cls.name!r}"))
+                  for k, cls in corrections.items()}
     defaults = method.defaults
     budget = Budget(
         w_bits=config.w_bits if config.w_bits is not None else defaults.get("w_bits"),
@@ -129,52 +165,144 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     stages = _Stages(host.hook)
     with stages("load"):
         task = task_cls(build_options(task_cls.Options, values, f"task {config.task!r}"))
-        inst = task.build(config, host)
-        fp_model = inst.model.eval().to(device)
-        check_finite(fp_model)
-    with stages("fp_eval"):
-        fp_metrics = inst.evaluate(fp_model) if qdist.is_main() else {}  # other ranks only help allocate
+        with blame("task", config.task, host.owner_of("task", config.task)):
+            inst = task.build(config, host)
+    return execute(Prepared(config=config, host=host, method=method, plugin=plugin, comps=comps,
+                            correctors=correctors, pipeline=pipeline, values=values, budget=budget, device=device),
+                   inst, stages)
+
+
+@dataclass
+class Prepared:
+    """A run's resolved components and checked settings, ready to :func:`execute` on a task instance."""
+
+    config: RunConfig
+    host: Host
+    method: Method
+    plugin: str
+    comps: dict[str, Any]
+    correctors: dict[str, Any]
+    pipeline: PipelineOptions
+    values: dict[str, Any]
+    budget: Budget
+    device: torch.device
+
+    def blame(self, kind: str, comp: Any) -> Any:
+        """:func:`qcore._errors.blame` for this run's component ``comp`` of ``kind``."""
+        return blame(kind, comp.name, self.host.owner_of("correction" if kind.endswith("correction") else kind,
+                                                         comp.name))
+
+
+def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -> RunOutcome:
+    """The pipeline after the task is built: FP evaluation, layers, allocate, apply, calibrate, correct,
+    evaluate, result. ``inst.evaluate`` may be None (no metric: the Python API without ``evaluate``)."""
+    config, host, comps, pipeline, budget = prep.config, prep.host, prep.comps, prep.pipeline, prep.budget
+    stages = stages or _Stages(host.hook)
+    task_owner = host.owner_of("task", config.task) if config.task in host.tables["task"] else "python"
+
+    def task_blame() -> Any:
+        return blame("task", config.task, task_owner)
+
+    fp_model = inst.model.eval().to(prep.device)
+    check_finite(fp_model)
+    with stages("fp_eval"), task_blame():
+        fp_metrics = inst.evaluate(fp_model) if qdist.is_main() and inst.evaluate is not None else {}
 
     work = copy.deepcopy(fp_model)
     folded = fold_batchnorm(work) if pipeline.fold_bn else []
     layers = discover_layers(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n),
-                      pipeline.include, pipeline.exclude)
+                             pipeline.include, pipeline.exclude)
     if not layers:
         raise QcoreError(f"model {inst.model_name!r} has no quantizable layer (Conv1d, Conv2d, Linear, or a type a "
                          "plugin knows) matching include/exclude; check --model and -o include/exclude")
-    measure_layers(work, layers, lambda m: inst.forward(m, inst.example))
+    with task_blame():
+        measure_layers(work, layers, lambda m: inst.forward(m, inst.example))
     pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits)
     ctx = RunContext(config=config, task=inst, model=work, layers=layers, budget=budget, pinned=dict(pins),
-                     options=values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
-                     cache_dir=(config.out / "cache") if config.out else None)
+                     options=prep.values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
+                     cache_dir=(config.out / "cache") if config.out else None, **prep.correctors)
     stages.ctx = ctx
     host.hook.qcore_run_start(ctx=ctx)
 
     with stages("allocate"):
-        plan = comps["allocator"].allocate(ctx)
+        with prep.blame("allocator", comps["allocator"]):
+            plan = comps["allocator"].allocate(ctx)
+        check_plan(plan, ctx, comps["allocator"], host)
         plan = apply_pins(plan, pins, pipeline, layers, comps["quantizer"].name)
-    with stages("apply"):
+    with stages("apply"), prep.blame("quantizer", comps["quantizer"]):
         qmodel = apply_plan(work, plan, ctx)
     with stages("calibrate"):
-        comps["calibrator"].calibrate(qmodel, ctx)
+        with prep.blame("calibrator", comps["calibrator"]):
+            comps["calibrator"].calibrate(qmodel, ctx)
+        check_calibrated(qmodel, comps["calibrator"], host)
         freeze(qmodel)
-        if pipeline.act_correction != "none":
-            correct_outputs(qmodel, work, inst.forward, list(ctx.calibration_batches()), mode=pipeline.act_correction)
-    with stages("quant_eval"):
-        quant_metrics = inst.evaluate(qmodel) if qdist.is_main() else {}
+        if ctx.output_correction is not None:
+            with prep.blame("correction", ctx.output_correction):
+                ctx.output_correction.correct(qmodel, work, ctx)
+    with stages("quant_eval"), task_blame():
+        quant_metrics = inst.evaluate(qmodel) if qdist.is_main() and inst.evaluate is not None else {}
 
     cost = plan_cost(work, layers, plan)
-    result = build_result(config, plugin, method, comps, inst.model_name, inst.metric, fp_metrics, quant_metrics,
-                          cost, plan, layers, pipeline, folded, stages.seconds, values, inst.data, budget)
+    result = build_result(config, prep.plugin, prep.method, comps, inst.model_name, inst.metric, fp_metrics,
+                          quant_metrics, cost, plan, layers, pipeline, folded, stages.seconds, prep.values, inst.data,
+                          budget, prep.correctors)
     if ctx.measured:
+        bad = {k: type(v).__name__ for k, v in ctx.measured.items() if not isinstance(v, dict)}
+        if bad:
+            raise ContractError(f"ctx.measured values must be dicts of facts; got {bad} (a component of this run "
+                                "wrote them: fix it to store {'what': value, ...})")
         result["measured"] = dict(ctx.measured)
-    plan = dataclasses.replace(plan, meta={**plan.meta, "method": method.name, "model": inst.model_name,
+    plan = dataclasses.replace(plan, meta={**plan.meta, "method": prep.method.name, "model": inst.model_name,
                                            "task": config.task, "qcore_version": __version__})
     host.hook.qcore_run_finish(ctx=ctx, result=result)
     out = config.out if qdist.is_main() else None
     if out is not None:
         write_outputs(out, {"result.json": result, "plan.json": plan, **ctx.artifacts})
-    return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds)
+    return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds, fp_model=work,
+                      ctx=ctx)
+
+
+def _owner(host: Host, kind: str, comp: Any) -> str:
+    return host.owner_of(kind, comp.name) if comp.name in host.tables[kind] else "?"
+
+
+def check_plan(plan: Any, ctx: RunContext, allocator: Any, host: Host) -> None:
+    """What every allocator owes: a :class:`Plan` covering every layer that is not pinned (an entry with no
+    weight and no activation spec keeps a layer in FP), naming only the run's layers, and (unless the allocator
+    measures its budget its own way, ``weight_budget_checked`` False) an element-weighted average of weight bits
+    over the unpinned layers within ``--target-bits``."""
+    who = f"allocator {allocator.name!r} (plugin {_owner(host, 'allocator', allocator)!r})"
+    if not isinstance(plan, Plan):
+        raise ContractError(f"{who} returned {type(plan).__name__}, not a qcore.Plan")
+    if getattr(allocator, "saved_plan", False):
+        return  # a saved plan is checked against the model by apply_plan
+    missing = [n for n in ctx.layers if n not in ctx.pinned and n not in plan.layers]
+    if missing:
+        raise ContractError(f"{who} left {len(missing)} layer(s) out of its plan: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}; a plan must give every unpinned layer a spec "
+                            "(LayerSpec(None, None) keeps it in floating point)")
+    target = ctx.budget.target_bits
+    if target is None or not getattr(allocator, "weight_budget_checked", True):
+        return
+    num = den = 0.0
+    for name, spec in plan.layers.items():
+        if name in ctx.pinned or spec.weight is None or name not in ctx.layers:
+            continue
+        n = ctx.layers[name].weight_numel
+        num += mean_bits(spec.weight, ctx.layers[name].out_channels) * n
+        den += n
+    if den and num / den > target + 1e-6:
+        raise ContractError(f"{who} went over the budget: its unpinned layers average {num / den:.3f} weight bits, "
+                            f"more than --target-bits {target:g}")
+
+
+def check_calibrated(qmodel: torch.nn.Module, calibrator: Any, host: Host) -> None:
+    """Every fake quantizer must be calibrated after ``calibrate``: name the ones that are not."""
+    left = [f"{layer}.{role}" for layer, role, q in iter_quantizers(qmodel) if not getattr(q, "calibrated", True)]
+    if left:
+        raise ContractError(f"calibrator {calibrator.name!r} (plugin {_owner(host, 'calibrator', calibrator)!r}) left "
+                            f"{len(left)} quantizer(s) uncalibrated: {', '.join(left[:5])}; it does not support this "
+                            "quantizer (choose the calibrator its plugin recommends)")
 
 
 def _describe_specs(specs: list[Any]) -> str:
@@ -188,7 +316,8 @@ def _describe_specs(specs: list[Any]) -> str:
 
 
 def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
-                       folded: list[tuple[str, str]], integer_grid: bool) -> dict[str, Any]:
+                       folded: list[tuple[str, str]], integer_grid: bool,
+                       corrections: dict[str, Correction | None] | None = None) -> dict[str, Any]:
     """What was quantized, in words and lists (the ``quantized`` entry of result.json), read off the plan."""
     names = list(layers)
     wl = [n for n in names if n in plan.layers and plan.layers[n].weight is not None]
@@ -199,6 +328,7 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
     aspecs = [plan.layers[n].act for n in al]
     act_gran = sorted({s.granularity for s in aspecs})  # type: ignore[union-attr]
     deployable = integer_grid and set(act_gran) <= {"tensor"}
+    wc, oc = (corrections or {}).get("weight_correction"), (corrections or {}).get("output_correction")
     first_last = {"same": "quantized like the other layers", "fp": "kept in floating point"}.get(
         pipeline.first_last, f"weights and inputs at {pipeline.first_last} bits")
     summary = (f"weights of {len(wl)} of {len(names)} quantizable layers ({', '.join(kinds)}; "
@@ -206,11 +336,8 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
                + (f"input activations of {len(al)} layers ({_describe_specs(aspecs)})" if al else "no activations")
                + f"; first ({names[0]}) and last ({names[-1]}) layer: {first_last}"
                + f"; {len(folded)} BatchNorm layers folded"
-               + (f"; weight bias correction: {pipeline.weight_correction} per output channel (a fractional "
-                  "weight zero point)" if pipeline.weight_correction != "none" else "")
-               + (f"; {pipeline.act_correction} output correction: a per-output-channel "
-                  + ("gain and constant" if pipeline.act_correction == "affine" else "constant")
-                  + " from the calibration data" if pipeline.act_correction != "none" else "")
+               + (f"; weight bias correction: {wc.summary}" if wc is not None else "")
+               + (f"; {oc.name} output correction: {oc.summary}" if oc is not None else "")
                + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",
@@ -227,7 +354,8 @@ def build_result(config: RunConfig, plugin: str, method: Method, comps: dict[str
                  metric: str, fp_metrics: dict[str, float], quant_metrics: dict[str, float], cost: Cost,
                  plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
                  folded: list[tuple[str, str]], seconds: dict[str, float], options: dict[str, Any],
-                 data: dict[str, str], budget: Budget) -> dict[str, Any]:
+                 data: dict[str, str], budget: Budget,
+                 corrections: dict[str, Correction | None] | None = None) -> dict[str, Any]:
     """The result.json document."""
     integer_grid = bool(getattr(comps["quantizer"], "integer_grid", True))
     return {
@@ -238,7 +366,7 @@ def build_result(config: RunConfig, plugin: str, method: Method, comps: dict[str
         "w_bits_avg": cost.w_bits_avg, "a_bits_avg": cost.a_bits_avg,
         "size_mb": cost.size_mb, "fp_size_mb": cost.fp_size_mb, "bops": cost.bops, "fp_bops": cost.fp_bops,
         "budget": dataclasses.asdict(budget),
-        "quantized": describe_quantized(plan, layers, pipeline, folded, integer_grid),
+        "quantized": describe_quantized(plan, layers, pipeline, folded, integer_grid, corrections),
         "data": data, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "conventions": {"size_mb": "MiB; quantized weights at their bits, scales/zero points and all other "
                                    "parameters at 32 bits; after BN folding",

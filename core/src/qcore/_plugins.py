@@ -25,7 +25,7 @@ from typing import Any
 import pluggy
 
 from qcore import hookspecs
-from qcore._components import Allocator, Calibrator, Method, ModelLoader, Quantizer, Task
+from qcore._components import Allocator, Calibrator, Correction, Method, ModelLoader, Quantizer, Task
 from qcore._errors import QcoreError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "quantizer": ("qcore_register_quantizers", Quantizer),
     "calibrator": ("qcore_register_calibrators", Calibrator),
     "allocator": ("qcore_register_allocators", Allocator),
+    "correction": ("qcore_register_corrections", Correction),
     "method": ("qcore_register_methods", Method),
     "task": ("qcore_register_tasks", Task),
     "model_loader": ("qcore_register_model_loaders", ModelLoader),
@@ -55,12 +56,15 @@ class PluginRecord:
     module: ModuleType | None = None
     error: str | None = None
     provides: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    #: names this plugin registers that another plugin registered too (unusable until one is disabled)
+    clashes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "version": self.version, "source": self.source,
                              "provides": {k + "s": v for k, v in self.provides.items()}}
-        if self.error:
-            d["error"] = self.error
+        problems = ([self.error] if self.error else []) + self.clashes
+        if problems:
+            d["error"] = "; ".join(problems)
         return d
 
 
@@ -114,7 +118,13 @@ class Host:
     def load_entry_points(self) -> None:
         only = _csv(os.environ.get("QCORE_LOAD_PLUGINS"))
         blocked = set(_csv(os.environ.get("QCORE_DISABLE_PLUGINS")) or [])
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+        known = {ep.name for ep in points} | set(BUILTINS)
+        for var, names in (("QCORE_LOAD_PLUGINS", only or []), ("QCORE_DISABLE_PLUGINS", blocked)):
+            for name in sorted(set(names) - known):
+                log.warning("%s names %r, which is no installed plugin%s; installed: %s", var, name,
+                            _did_you_mean(name, known), ", ".join(sorted(known)))
+        for ep in points:
             if ep.name in blocked or (only is not None and ep.name not in only):
                 continue
             dist = getattr(ep, "dist", None)
@@ -166,7 +176,11 @@ class Host:
             for kind, name, obj in items:
                 table = self.tables[kind]
                 if name in table and table[name].owner != owner:
-                    self.conflicts.setdefault((kind, name), [table[name].owner]).append(owner)
+                    first = table[name].owner
+                    self.conflicts.setdefault((kind, name), [first]).append(owner)
+                    for a, b in ((owner, first), (first, owner)):
+                        self.plugins[a].clashes.append(f"{kind} {name!r} is also registered by {b!r}; disable one "
+                                                       f"with QCORE_DISABLE_PLUGINS")
                     continue
                 table[name] = Entry(name, obj, owner)
                 self.plugins[owner].provides[kind].append(name)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore._bias_correction import Correction, correct_weight
+from qcore._components import WeightCorrection
 from qcore._layers import LayerInfo
 from qcore._spec import LayerSpec
 
@@ -30,7 +30,7 @@ class QuantLayer(nn.Module):
 
     def __init__(self, module: nn.Module, info: LayerInfo, spec: LayerSpec,
                  weight_quantizer: nn.Module | None, act_quantizer: nn.Module | None,
-                 weight_correction: Correction = "none") -> None:
+                 weight_correction: WeightCorrection | None = None) -> None:
         super().__init__()
         self.weight_correction = weight_correction
         self.module = module
@@ -52,7 +52,10 @@ class QuantLayer(nn.Module):
         w = self.module.weight
         if self.weight_quantizer is None:
             return w
-        return correct_weight(w, self.weight_quantizer(w), self.weight_correction, self.info.weight_axis)
+        wq = self.weight_quantizer(w)
+        if self.weight_correction is None:
+            return wq
+        return self.weight_correction.correct(w, wq, self.info.weight_axis)
 
     def freeze(self) -> None:
         """Cache the quantized weight (no gradient) for fast evaluation."""

@@ -58,6 +58,16 @@ def qcore_register_allocators(register: Any) -> None:
 
 
 @hookspec
+def qcore_register_corrections(register: Any) -> None:
+    """Register :class:`qcore.WeightCorrection` / :class:`qcore.OutputCorrection` subclasses (weight bias
+    correction, per-channel output correction, ...). ``register(cls)``. A run selects at most one of each by
+    name: ``-o weight_correction=NAME``, ``-o act_correction=NAME`` (``none``: no correction).
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
 def qcore_register_methods(register: Any) -> None:
     """Register :class:`qcore.Method` recipes: quantizer + calibrator + allocator + default options.
 

@@ -122,7 +122,7 @@ def spconv_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx:
         return None
     wq = ctx.quantizer.make(spec.weight, "weight", info) if spec.weight is not None else None
     aq = ctx.quantizer.make(spec.act, "act", info) if spec.act is not None else None
-    return SparseQuantLayer(module, info, spec, wq, aq, weight_correction=ctx.pipeline.weight_correction)
+    return SparseQuantLayer(module, info, spec, wq, aq, weight_correction=ctx.weight_correction)
 
 
 @contextlib.contextmanager

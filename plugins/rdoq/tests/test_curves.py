@@ -146,7 +146,7 @@ def test_candidate_with_bias_correction_is_what_deployment_runs():
     wq = layer.quantized_weight()
     assert torch.allclose(wq.mean(dim=(1, 2, 3)), w.mean(dim=(1, 2, 3)), atol=1e-6)
     for g, b in enumerate(spec.group_bits):  # each group equals its curve candidate at the chosen bits
-        cand = quantize_at(w, layer.info, 4, b, correction="mean")
+        cand = quantize_at(w, layer.info, 4, b, correction=host.get("correction", "mean")())
         assert torch.allclose(wq[4 * g:4 * g + 4], cand[4 * g:4 * g + 4], atol=1e-6)
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from qcore import hookimpl
+from qcore._act_correction import AffineCorrection, LocalCorrection, StaticCorrection
+from qcore._bias_correction import MeanCorrection, MeanVarCorrection
 from qcore._components import Allocator
 from qcore._errors import QcoreError
 from qcore._layers import LayerInfo, torch_layer_info
@@ -33,7 +35,7 @@ def qcore_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
 def qcore_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: RunContext) -> nn.Module:
     wq = ctx.quantizer.make(spec.weight, "weight", info) if spec.weight is not None else None
     aq = ctx.quantizer.make(spec.act, "act", info) if spec.act is not None else None
-    return QuantLayer(module, info, spec, wq, aq, weight_correction=ctx.pipeline.weight_correction)
+    return QuantLayer(module, info, spec, wq, aq, weight_correction=ctx.weight_correction)
 
 
 @dataclass(frozen=True)
@@ -60,3 +62,9 @@ class PlanFileAllocator(Allocator):
 @hookimpl
 def qcore_register_allocators(register: Any) -> None:
     register(PlanFileAllocator)
+
+
+@hookimpl
+def qcore_register_corrections(register: Any) -> None:
+    for cls in (MeanCorrection, MeanVarCorrection, StaticCorrection, AffineCorrection, LocalCorrection):
+        register(cls)

@@ -115,6 +115,12 @@ class RDOQAllocator(Allocator):
     description = "RD curves per weight channel group (first order) + DP or Lagrangian solver to --target-bits"
     Options = RDOQOptions
 
+    @property
+    def weight_budget_checked(self) -> bool:  # type: ignore[override]
+        """Core checks the weight average only for the ``weights`` budget on fixed-length codes; the joint and
+        separate budgets and entropy rates are checked here against their own convention."""
+        return self.options.budget == "weights" and self.options.rate == "fixed"
+
     def curves(self, ctx: RunContext, free: list[str], group: int, batches: list[Any],
                engine: Engine | None) -> tuple[Curves, np.ndarray | None]:
         """Weight curves of the ``free`` layers (``engine``: the first-order engine, None for second-order).
@@ -125,8 +131,8 @@ class RDOQAllocator(Allocator):
         o = self.options
         ratios = self._deadzone_ratios(ctx)
         bits = list(range(o.min_bits, o.max_bits + 1))
-        corr = ctx.pipeline.weight_correction  # curves see the weights exactly as deployment corrects them
-        caches = self._caches(ctx, batches, group, bits, corr, ratios)
+        corr = ctx.weight_correction  # curves see the weights exactly as deployment corrects them
+        caches = self._caches(ctx, batches, group, bits, corr.name if corr else "none", ratios)
         layers = {n: ctx.layers[n] for n in free}
         if engine is None:
             from qcore_rdoq.second_order import second_order_curve_set

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from qcore import Correction, LayerInfo, QcoreError, track
+from qcore import WeightCorrection, LayerInfo, QcoreError, track
 from qcore import distributed as qdist
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.downstream import Split
@@ -304,7 +304,7 @@ Engine = ReferenceEngine | FastEngine
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
                        group_size: int, bits: Sequence[int], engine: str | Engine = "fast", chunk: int = 0,
                        weight_range: str = "mse", cache: CurveCache | None = None,
-                       correction: Correction = "none", deadzone: float = 0.0) -> Curves:
+                       correction: WeightCorrection | None = None, deadzone: float = 0.0) -> Curves:
     """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring); ``deadzone`` > 0 puts
     the candidates on the dead-zone grid with that ratio.
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qcore import Correction, LayerInfo, QcoreError, QuantSpec, UniformFakeQuant, correct_weight
+from qcore import WeightCorrection, LayerInfo, QcoreError, QuantSpec, UniformFakeQuant
 from qcore.ops import fake_quantize, qparams_from_range
 from qcore.ranges import get_range_estimator
 from qcore_rdoq.deadzone import DeadZoneFakeQuant, fit_layers
@@ -67,7 +67,7 @@ def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.devic
 
 @torch.no_grad()
 def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse",
-                correction: Correction = "none", deadzone: float = 0.0) -> Tensor:
+                correction: WeightCorrection | None = None, deadzone: float = 0.0) -> Tensor:
     """``weight`` with every group quantized at ``bits`` exactly as deployment would (see module docstring)."""
     return candidate_table(weight, info, group_size, [bits], weight_range, correction, deadzone)[bits]
 
@@ -141,7 +141,7 @@ def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict
 
 @torch.no_grad()
 def candidate_tables(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                     weight_range: str = "mse", correction: Correction = "none",
+                     weight_range: str = "mse", correction: WeightCorrection | None = None,
                      deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, Tensor]]:
     """Quantized weight of the whole layer at each dead-zone ratio and candidate bit-width (groups are sliced
     out later).
@@ -155,12 +155,13 @@ def candidate_tables(weight: Tensor, info: LayerInfo, group_size: int, bits: lis
                  for d, by_bits in _quantizers(info, group_size, rows, ranges, fitted).items()}
     if len(fitted) < len(deadzones):
         quantized[0.0] = _plain_tables(weight, info, group_size, ranges)
-    return {d: {b: correct_weight(weight, q, correction, info.weight_axis) for b, q in quantized[d].items()}
+    return {d: {b: q if correction is None else correction.correct(weight, q, info.weight_axis)
+                for b, q in quantized[d].items()}
             for d in deadzones}
 
 
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                    weight_range: str = "mse", correction: Correction = "none", deadzone: float = 0.0
+                    weight_range: str = "mse", correction: WeightCorrection | None = None, deadzone: float = 0.0
                     ) -> dict[int, Tensor]:
     """:func:`candidate_tables` at one dead-zone ratio (0: the plain grid)."""
     return candidate_tables(weight, info, group_size, bits, weight_range, correction, [deadzone])[deadzone]

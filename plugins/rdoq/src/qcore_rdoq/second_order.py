@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qcore import Correction, LayerInfo, track
+from qcore import WeightCorrection, LayerInfo, track
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Curves, exact_math
 from qcore_rdoq.groups import candidate_tables, weight_groups
@@ -83,7 +83,7 @@ def _output_count(model: nn.Module, batch: Tensor) -> int:
 
 def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
                         bits: Sequence[int], sub_batch: int = 0, weight_range: str = "mse",
-                        cache: CurveCache | None = None, correction: Correction = "none", projections: int = 0,
+                        cache: CurveCache | None = None, correction: WeightCorrection | None = None, projections: int = 0,
                         seed: int = 0, deadzone: float = 0.0) -> Curves:
     """Gauss-Newton estimates of ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
@@ -102,7 +102,7 @@ _CANDIDATE_BYTES = 2**31  # candidate differences held at once; more dead-zone r
 def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo],
                            group_size: int, bits: Sequence[int], deadzones: Sequence[float], sub_batch: int = 0,
                            weight_range: str = "mse", caches: Sequence[CurveCache | None] | None = None,
-                           correction: Correction = "none", projections: int = 0, seed: int = 0) -> list[Curves]:
+                           correction: WeightCorrection | None = None, projections: int = 0, seed: int = 0) -> list[Curves]:
     """:func:`second_order_curves` for several dead-zone ratios at once, one :class:`Curves` per ratio.
 
     The candidates of as many ratios as fit in about 2 GiB are projected through one set of Jacobians; further
@@ -140,7 +140,7 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
 
 def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
                        bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, weight_range: str,
-                       correction: Correction, projections: int, seed: int) -> list[np.ndarray]:
+                       correction: WeightCorrection | None, projections: int, seed: int) -> list[np.ndarray]:
     """``[groups, bits]`` distortions per ratio of ``deadzones``, from one set of Jacobians."""
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
