@@ -34,6 +34,7 @@ hookimpl = pluggy.HookimplMarker("qcore")
 
 # The public names, grouped in __all__ below; the modules they come from are private.
 from qcore._allocation import Pin, PipelineOptions, layer_spec  # noqa: E402
+from qcore._api import Quantized, default_forward, load, quantize  # noqa: E402
 from qcore._calibration import (  # noqa: E402
     MSECalibrator,
     PercentileCalibrator,
@@ -75,8 +76,11 @@ from qcore._wrap import QuantLayer, iter_quantizers, quant_layers, replace_modul
 __all__ = [
     # values
     "MAX_BITS", "LayerSpec", "Plan", "QuantSpec", "LayerInfo", "Pin", "PipelineOptions", "layer_spec",
+    # the Python API
+    "quantize", "load", "Quantized", "default_forward",
     # roles
-    "Component", "Allocator", "Calibrator", "Quantizer", "Correction", "WeightCorrection", "OutputCorrection", "Method", "ModelLoader", "Task", "TaskInstance",
+    "Component", "Allocator", "Calibrator", "Quantizer", "Correction", "WeightCorrection", "OutputCorrection",
+    "Method", "ModelLoader", "Task", "TaskInstance",
     "RunConfig", "RunContext", "Budget",
     # errors
     "QcoreError", "MissingDependencyError", "NotImplementedMethodError",

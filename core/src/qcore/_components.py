@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from qcore._options import NoOptions
 
 if TYPE_CHECKING:
+    from qcore._allocation import Pin
     from qcore._layers import LayerInfo
     from qcore._spec import LayerSpec, Plan, QuantSpec
 
@@ -211,11 +212,12 @@ class RunContext:
 
     :param model: the FP model (BN folded when the pipeline folds), never modified by allocators.
     :param layers: the quantizable layers, by name, with shapes measured.
-    :param pinned: layers whose spec the user fixed (first/last, per-layer overrides): allocators keep
-        them out of the optimisation; core applies them over any plan.
+    :param pinned: layers whose bits the user fixed (first/last, per-layer overrides), as :class:`qcore.Pin`
+        (``w_bits``/``a_bits``, None = floating point): allocators keep them out of the optimisation (and may
+        count their bits against the budget); core applies them over any plan.
     :param options: all option values of this run (validated), by key.
     :param pipeline: the pipeline options (granularity, first/last, ...) as a
-        :class:`qcore._allocation.PipelineOptions`.
+        :class:`qcore.PipelineOptions`.
     :param measured: facts components measured during the run, copied into result.json's ``measured``.
     :param artifacts: files (``{"plots/rd.png": b"..."}``) written next to result.json when the run succeeds.
     """
@@ -225,7 +227,7 @@ class RunContext:
     model: nn.Module
     layers: dict[str, LayerInfo]
     budget: Budget
-    pinned: dict[str, LayerSpec]
+    pinned: dict[str, Pin]
     options: dict[str, Any]
     quantizer: Quantizer
     pipeline: Any = None

@@ -85,6 +85,9 @@ class FakeQuantizer(nn.Module):
 
     #: True when the format is parametrised by a clip range per row (range calibrators call ``set_range``)
     uses_range: bool = True
+    #: boolean attributes saved with the module's state (``state_dict``, ``.qcore`` files); a format with more
+    #: flags than ``calibrated`` extends this
+    state_flags: tuple[str, ...] = ("calibrated",)
 
     def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
         super().__init__()
@@ -167,6 +170,14 @@ class FakeQuantizer(nn.Module):
         """The constant that 0-bit channels take (default 0)."""
         self.prune_value.copy_(torch.as_tensor(per_channel, dtype=torch.float32).reshape(-1)
                                .expand(self.prune_value.numel()))
+
+    def get_extra_state(self) -> Tensor:
+        """The :attr:`state_flags` as a ``uint8`` tensor (what ``state_dict`` and ``.qcore`` files store)."""
+        return torch.tensor([bool(getattr(self, f)) for f in self.state_flags], dtype=torch.uint8)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        for f, v in zip(self.state_flags, torch.as_tensor(state).tolist(), strict=True):
+            setattr(self, f, bool(v))
 
     # -- quantization ------------------------------------------------------------------------------------------
     def quantize(self, x: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from qcore._components import (
     OutputCorrection,
     RunConfig,
     RunContext,
+    Task,
     TaskInstance,
     WeightCorrection,
 )
@@ -123,23 +124,23 @@ def _correction(host: Host, name: str, base: type[Correction]) -> type[Correctio
     return cls
 
 
-def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
-    """Run one quantization job as ``config`` says and return its outcome (writing ``config.out`` if set)."""
-    host = host or load_host()
+def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepared:
+    """Resolve the method's components and check every setting before anything expensive runs (``task_cls``:
+    the registered task, None for a model and data handed over by the Python API)."""
     method, plugin = resolve_method(host, config)
     classes = {kind: host.get(kind, getattr(config, kind) or getattr(method, kind))
                for kind in ("quantizer", "calibrator", "allocator")}
-    task_cls = host.get("task", config.task)
-    config = dataclasses.replace(
-        config, calib_size=task_cls.default_calib_size if config.calib_size is None else config.calib_size,
-        batch_size=task_cls.default_batch_size if config.batch_size is None else config.batch_size)
+    if task_cls is not None:
+        config = dataclasses.replace(
+            config, calib_size=task_cls.default_calib_size if config.calib_size is None else config.calib_size,
+            batch_size=task_cls.default_batch_size if config.batch_size is None else config.batch_size)
     values = {k: v for k, v in method.defaults.items() if k not in BUDGET_KEYS} | dict(config.options)
     if getattr(classes["allocator"], "saved_plan", False) and "first_last" not in values:
         values["first_last"] = "same"  # a saved plan already holds its first/last bits: do not pin over it
     pipeline = build_options(PipelineOptions, values, "pipeline")
     corrections = {"weight_correction": _correction(host, pipeline.weight_correction, WeightCorrection),
                    "output_correction": _correction(host, pipeline.act_correction, OutputCorrection)}
-    check_known(values, [PipelineOptions, task_cls.Options] + [c.Options for c in classes.values()]
+    check_known(values, [PipelineOptions] + ([task_cls.Options] if task_cls else []) + [c.Options for c in classes.values()]
                 + [c.Options for c in corrections.values() if c is not None])
     comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
     correctors = {k: None if cls is None else cls(build_options(cls.Options, values, f"correction {cls.name!r}"))
@@ -152,7 +153,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     _check_bits("--w-bits", budget.w_bits, 0, MAX_BITS)
     _check_bits("--a-bits", budget.a_bits, 0, MAX_BITS)
     _check_bits("--target-bits", budget.target_bits, 0, MAX_BITS)
-    if config.calib_size < 1 or config.batch_size < 1:
+    if (config.calib_size or 1) < 1 or (config.batch_size or 1) < 1:
         raise QcoreError("--calib-size and --batch-size must be at least 1")
     if config.seed < 0:
         raise QcoreError(f"--seed {config.seed} must be 0 or more")
@@ -161,15 +162,23 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     device = _check_device(config.device)
     torch.manual_seed(config.seed)
     qdist.init_from_env(config.device)
+    return Prepared(config=config, host=host, method=method, plugin=plugin, comps=comps, correctors=correctors,
+                    pipeline=pipeline, values=values, budget=budget, device=device)
+
+
+def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
+    """Run one quantization job as ``config`` says and return its outcome (writing ``config.out`` if set)."""
+    host = host or load_host()
+    task_cls = host.get("task", config.task)
+    prep = prepare(config, host, task_cls)
+    config, values = prep.config, prep.values
 
     stages = _Stages(host.hook)
     with stages("load"):
         task = task_cls(build_options(task_cls.Options, values, f"task {config.task!r}"))
         with blame("task", config.task, host.owner_of("task", config.task)):
             inst = task.build(config, host)
-    return execute(Prepared(config=config, host=host, method=method, plugin=plugin, comps=comps,
-                            correctors=correctors, pipeline=pipeline, values=values, budget=budget, device=device),
-                   inst, stages)
+    return execute(prep, inst, stages)
 
 
 @dataclass
@@ -257,7 +266,10 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     host.hook.qcore_run_finish(ctx=ctx, result=result)
     out = config.out if qdist.is_main() else None
     if out is not None:
-        write_outputs(out, {"result.json": result, "plan.json": plan, **ctx.artifacts})
+        from qcore._saved import saved_bytes
+
+        write_outputs(out, {"result.json": result, "plan.json": plan,
+                            "model.qcore": saved_bytes(qmodel, plan, ctx), **ctx.artifacts})
     return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds, fp_model=work,
                       ctx=ctx)
 

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qcore"
 BUILTINS: dict[str, str] = {"core": "qcore._builtin.core", "uniform": "qcore._builtin.uniform"}
-#: The papers' plugins that have no distribution yet: asking for one says so instead of "install qcore-NAME".
-_NOT_RELEASED = frozenset({"ompq", "ptmq", "latticeq"})
 #: kind -> (registry hook, required base class or value type)
 KINDS: dict[str, tuple[str, type]] = {
     "quantizer": ("qcore_register_quantizers", Quantizer),
@@ -234,13 +232,12 @@ class Host:
     def plugin(self, name: str) -> PluginRecord:
         """A loaded, working plugin by name, or a :class:`QcoreError` saying why it cannot be used."""
         record = self.plugins.get(name)
-        if record is None and name in _NOT_RELEASED:
-            raise QcoreError(f"plugin {name!r} is not implemented yet: qcore-{name} is being built and has no release "
-                             f"to install; installed: {', '.join(sorted(self.plugins))} (README.md, 'Status')")
         if record is None:
             raise QcoreError(f"unknown plugin {name!r}{_did_you_mean(name, self.plugins)}; installed: "
-                             f"{', '.join(sorted(self.plugins))} (install qcore-{name}, or check "
-                             "QCORE_LOAD_PLUGINS / QCORE_DISABLE_PLUGINS)")
+                             f"{', '.join(sorted(self.plugins))}. Plugins are separate distributions: install it "
+                             "(from a qcore checkout: pip install -e plugins/NAME, or -e ./classification / "
+                             "./detection for tasks; README 'Status' lists what is implemented), or check "
+                             "QCORE_LOAD_PLUGINS / QCORE_DISABLE_PLUGINS")
         if record.error:
             raise QcoreError(f"plugin {name!r} is broken: {record.error}; reinstall or fix it, or run another "
                              "plugin")

@@ -108,6 +108,8 @@ class DeadZoneFakeQuant(UniformFakeQuant):
     on the plain grid; :meth:`fit` (called by weight calibration) fits the others.
     """
 
+    state_flags = ("calibrated", "fitted")  # saved with the buffers, so a loaded model needs no refit
+
     def __init__(self, spec: QuantSpec, channels: int | None, axis: int) -> None:
         super().__init__(spec, channels, axis)
         rows = self.lo.numel()

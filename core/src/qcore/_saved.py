@@ -1,0 +1,124 @@
+"""The ``.qcore`` file: one safetensors file holding a quantized model's plan, quantizer parameters and weights.
+
+Tensors: the quantized model's ``state_dict`` (weights after BN folding, every quantizer's buffers and flags,
+output corrections). Metadata (JSON strings): the plan, the quantizer and weight correction by name with their
+options, and the pipeline options that shaped the model (BN folding, include/exclude). Nothing is pickled, so
+loading a file runs no code from it. :func:`load_quantized` re-applies the file to a freshly built FP model
+through the same plugins, and reproduces the saved model's outputs exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcore import __version__
+from qcore._allocation import PipelineOptions
+from qcore._apply import apply_plan, freeze
+from qcore._components import Budget, RunConfig, RunContext
+from qcore._errors import QcoreError
+from qcore._fold import fold_batchnorm
+from qcore._layers import discover_layers
+from qcore._options import build_options
+from qcore._plugins import Host, load_host
+from qcore._spec import Plan
+
+FORMAT = "qcore-model"
+FORMAT_VERSION = 1
+
+
+def _options(component: Any) -> dict[str, Any]:
+    return dataclasses.asdict(component.options) if dataclasses.is_dataclass(component.options) else {}
+
+
+def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
+    """``qmodel`` (as the run ``ctx`` made it from ``plan``) as the bytes of a ``.qcore`` file."""
+    from safetensors.torch import save
+
+    wc = ctx.weight_correction
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "qcore_version": __version__,
+            "plan": plan.to_json(), "quantizer": ctx.quantizer.name,
+            "quantizer_options": json.dumps(_options(ctx.quantizer)),
+            "weight_correction": wc.name if wc is not None else "none",
+            "weight_correction_options": json.dumps(_options(wc) if wc is not None else {}),
+            "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline))}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
+    return save(tensors, metadata=meta)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise QcoreError(f"quantized model file {path} does not exist; pass a .qcore file written by qcore")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise QcoreError(f"cannot read {path} ({exc}); it is not a .qcore file or it is corrupt") from None
+    if meta.get("format") != FORMAT:
+        raise QcoreError(f"{path} is a safetensors file but not a qcore model (no qcore metadata)")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise QcoreError(f"{path} has qcore model format {meta.get('format_version')}; this qcore reads "
+                         f"{FORMAT_VERSION}: upgrade qcore")
+    return tensors, meta
+
+
+def _component(host: Host, kind: str, name: str, options: str) -> Any:
+    cls = host.get(kind, name)
+    return cls(build_options(cls.Options, json.loads(options), f"{kind} {name!r}"))
+
+
+def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None, device: str = "cpu"
+                   ) -> nn.Module:
+    """Re-apply the ``.qcore`` file ``path`` to ``model`` (a freshly built FP model of the same architecture;
+    it is copied, not changed) and return the quantized model in eval mode."""
+    tensors, meta = _read(Path(path))
+    host = host or load_host()
+    plan = Plan.from_json(meta["plan"])
+    pipeline = build_options(PipelineOptions, json.loads(meta["pipeline"]), "pipeline")
+    quantizer = _component(host, "quantizer", meta["quantizer"], meta["quantizer_options"])
+    wc = None if meta["weight_correction"] == "none" else _component(
+        host, "correction", meta["weight_correction"], meta["weight_correction_options"])
+    work = _copy(model).eval()
+    if pipeline.fold_bn:
+        fold_batchnorm(work)
+    layers = discover_layers(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n), pipeline.include,
+                             pipeline.exclude)
+    ctx = RunContext(config=RunConfig(), task=None, model=work, layers=layers, budget=Budget(),  # type: ignore[arg-type]
+                     pinned={}, options={}, quantizer=quantizer, pipeline=pipeline, hooks=host.hook,
+                     weight_correction=wc)
+    qmodel = apply_plan(work, plan, ctx, inplace=True)
+    _restore(qmodel, tensors, path)
+    freeze(qmodel)
+    return qmodel.to(device).eval()
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _restore(qmodel: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load ``tensors`` into ``qmodel``; buffers that are None until a run sets them (output corrections) are
+    created from the file first."""
+    modules = dict(qmodel.named_modules())
+    for key, value in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        module = modules.get(owner)
+        if module is not None and attr in module._buffers and module._buffers[attr] is None:
+            module._buffers[attr] = torch.empty_like(value)
+    try:
+        qmodel.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise QcoreError(f"{path} does not fit this model ({first[:200]}); build the same architecture the file "
+                         "was saved from") from None
