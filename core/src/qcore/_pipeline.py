@@ -146,7 +146,7 @@ def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
     pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits)
     ctx = RunContext(config=config, task=inst, model=work, layers=layers, budget=budget, pinned=dict(pins),
                      options=values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
-                     cache_dir=(config.out / "cache") if config.out else None)
+                     cache_dir=(config.out / "cache") if config.out else None, calibrator=comps["calibrator"])
     stages.ctx = ctx
     host.hook.qcore_run_start(ctx=ctx)
 
