@@ -124,3 +124,19 @@ def test_cli_refusal_is_one_line_and_exit_2(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qcore: error: calibrator 'kl' clips activations"), p.stderr
     assert "--calibrator mse, minmax or percentile" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_context_without_a_calibrator_reads_the_range_options():
+    """A context built by hand (no pipeline, so no calibrator) models what a range calibrator would deploy under
+    its options; an unknown estimator name is a one-line error listing the valid ones."""
+    from types import SimpleNamespace
+
+    from qcore import PipelineOptions
+    from qcore_rdoq.deployment import Deployment, deployment
+
+    ctx = SimpleNamespace(pipeline=PipelineOptions(act_symmetric=True), calibrator=None,
+                          options={"weight_range": "percentile", "percentile": "99.5"})
+    assert deployment(ctx, 0, True, False) == Deployment(Clip("percentile", True, 99.5), Clip("mse", True, 99.5))
+    ctx.options = {"weight_range": "kl"}
+    with pytest.raises(QcoreError, match="unknown range estimator 'kl'; use one of minmax, percentile, mse"):
+        deployment(ctx, 0, False, False)
