@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import sys
-import traceback
 import time
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
 

@@ -218,6 +218,8 @@ class RunContext:
     :param options: all option values of this run (validated), by key.
     :param pipeline: the pipeline options (granularity, first/last, ...) as a
         :class:`qcore.PipelineOptions`.
+    :param calibrator: the calibrator that will calibrate the allocated plan (None when a context is built
+        without one): allocators that model deployment read its estimators and options from it.
     :param measured: facts components measured during the run, copied into result.json's ``measured``.
     :param artifacts: files (``{"plots/rd.png": b"..."}``) written next to result.json when the run succeeds.
     """
@@ -233,6 +235,7 @@ class RunContext:
     pipeline: Any = None
     hooks: Any = None
     cache_dir: Path | None = None
+    calibrator: Calibrator | None = None
     #: measurements components add to the run's result (written to result.json under ``"measured"``), e.g. a
     #: calibrator's entropy of the quantized codes; keys should name the component
     measured: dict[str, Any] = field(default_factory=dict)

@@ -140,8 +140,8 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     pipeline = build_options(PipelineOptions, values, "pipeline")
     corrections = {"weight_correction": _correction(host, pipeline.weight_correction, WeightCorrection),
                    "output_correction": _correction(host, pipeline.act_correction, OutputCorrection)}
-    check_known(values, [PipelineOptions] + ([task_cls.Options] if task_cls else []) + [c.Options for c in classes.values()]
-                + [c.Options for c in corrections.values() if c is not None])
+    check_known(values, [PipelineOptions] + ([task_cls.Options] if task_cls else [])
+                + [c.Options for c in classes.values()] + [c.Options for c in corrections.values() if c is not None])
     comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
     correctors = {k: None if cls is None else cls(build_options(cls.Options, values, f"correction {cls.name!r}"))
                   for k, cls in corrections.items()}
@@ -229,7 +229,8 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits)
     ctx = RunContext(config=config, task=inst, model=work, layers=layers, budget=budget, pinned=dict(pins),
                      options=prep.values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
-                     cache_dir=(config.out / "cache") if config.out else None, **prep.correctors)
+                     cache_dir=(config.out / "cache") if config.out else None, calibrator=comps["calibrator"],
+                     **prep.correctors)
     stages.ctx = ctx
     host.hook.qcore_run_start(ctx=ctx)
 

@@ -52,8 +52,7 @@ def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise QcoreError(f"quantized model file {path} does not exist; pass a .qcore file written by qcore")

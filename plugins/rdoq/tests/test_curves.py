@@ -7,6 +7,7 @@ import torch
 from qcore import discover_layers, measure_layers, torch_layer_info
 from qcore.testing import tiny_convnet, tiny_mlp
 from qcore_rdoq.curves import first_order_curves
+from qcore_rdoq.deployment import Clip
 from qcore_rdoq.groups import quantize_at, weight_groups
 
 
@@ -76,7 +77,7 @@ def test_vectorised_tables_equal_the_deployed_modules(shape, group):
     info = LayerInfo("l", "conv", shape[0], shape[1], weight_numel=w.numel())
     bits = list(range(11))
     tables = candidate_tables(w, info, group, bits, deadzones=[0.0, 0.3])
-    modules = _ranged(w, info, group, bits, "mse", [0.0, 0.3])
+    modules = _ranged(w, info, group, bits, deadzones=[0.0, 0.3])
     for d in (0.0, 0.3):
         for b in bits:
             assert torch.equal(tables[d][b], modules[d][b](w)), (d, b)
@@ -208,3 +209,113 @@ def test_second_order_activation_curves_separate_layers_that_share_an_input():
     second, _ = second_order_activation_curves(model, fwd, batches, layers, [2, 4])
     assert second[1, 0] > 1000 * second[0, 0]  # b matters 10^4 times more than a
     np.testing.assert_allclose(second, first, rtol=0.05)  # linear model: the expansion is exact
+
+
+# -- curves = deployment under the run's clip: estimator (percentile included) and grid symmetry -----------------
+
+#: weight clips other than the default (mse, symmetric): each changes the candidates
+WEIGHT_CLIPS = [Clip("minmax"), Clip("percentile", percentile=99.0), Clip("mse", symmetric=False)]
+
+
+def _deployed_weight(w: torch.Tensor, info, group: int, bits: int, clip: Clip) -> torch.Tensor:
+    """The weight as core's range calibrator deploys it with every group at ``bits``: the plan's per-group
+    quantizer, its ranges set by ``RangeCalibrator.weight_estimator`` under the run's options."""
+    from qcore import RangeCalibrator, RangeOptions, UniformFakeQuant, calibrate_rows
+    from qcore_rdoq.groups import weight_spec
+
+    groups = len(weight_groups(info, group))
+    fq = UniformFakeQuant(weight_spec(group, [bits] * groups, info.out_channels, symmetric=clip.symmetric),
+                          info.out_channels, info.weight_axis)
+    cal = RangeCalibrator(RangeOptions(weight_range=clip.estimator, percentile=clip.percentile))
+    calibrate_rows(fq, fq.rows_of(w), cal.weight_estimator())
+    return fq(w)
+
+
+def _output_mse(model, batches, ref) -> float:
+    with torch.no_grad():
+        sse = sum(float((model(b) - r).pow(2).sum()) for b, r in zip(batches, ref, strict=True))
+    return sse / sum(r.numel() for r in ref)
+
+
+@pytest.mark.parametrize("clip", WEIGHT_CLIPS, ids=lambda c: c.describe())
+def test_weight_curves_are_the_distortion_of_the_deployed_group(clip):
+    """Slow reference: each group deployed alone at each bit-width by core's calibrator (other groups FP), the
+    whole model rerun; both first-order engines give exactly that, and it is not what the default clip gives."""
+    model = tiny_convnet()
+    batches, layers = setup(model)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    bits, size = [0, 2, 4], 4
+    curves = [first_order_curves(model, fwd, batches, layers, size, bits, engine=e, clip=clip)
+              for e in ("fast", "reference")]
+    with torch.no_grad():
+        ref = [model(b) for b in batches]
+    expected = []
+    for name, info in layers.items():
+        module = model.get_submodule(name)
+        w = module.weight.detach().clone()
+        deployed = {b: _deployed_weight(w, info, size, b, clip) for b in bits}
+        for g in weight_groups(info, size):
+            row = []
+            for b in bits:
+                with torch.no_grad():
+                    module.weight.copy_(w)
+                    module.weight[g.start:g.stop] = deployed[b][g.start:g.stop]
+                row.append(_output_mse(model, batches, ref))
+            expected.append(row)
+        with torch.no_grad():
+            module.weight.copy_(w)
+    for c in curves:
+        np.testing.assert_allclose(c.dist, np.array(expected), rtol=1e-4, atol=1e-12)
+    default = first_order_curves(model, fwd, batches, layers, size, bits, engine="fast")
+    assert not np.allclose(default.dist[:, 1:], np.array(expected)[:, 1:], rtol=1e-3)
+
+
+@pytest.mark.parametrize("clip", WEIGHT_CLIPS, ids=lambda c: c.describe())
+def test_second_order_candidates_follow_the_clip(clip):
+    """On a linear model the Gauss-Newton expansion is exact, so the second-order curves equal the measured ones
+    (= deployment, above) only if they quantize with the same clip; with the default clip they do not."""
+    from qcore_rdoq.second_order import second_order_curves
+
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)).eval()
+    batches, layers = setup(lin)
+    bits = [1, 2, 4]
+    first = first_order_curves(lin, lambda m, b: m(b), batches, layers, 2, bits, engine="reference", clip=clip)
+    second = second_order_curves(lin, batches, layers, 2, bits, clip=clip)
+    np.testing.assert_allclose(second.dist, first.dist, rtol=1e-5)
+    assert not np.allclose(second_order_curves(lin, batches, layers, 2, bits).dist, first.dist, rtol=1e-3)
+
+
+@pytest.mark.parametrize("clip", [Clip("minmax", symmetric=False), Clip("percentile", True, 99.0),
+                                  Clip("mse", symmetric=True)], ids=lambda c: c.describe())
+def test_activation_curves_are_the_distortion_of_the_deployed_input(clip):
+    """Slow reference: each layer's input quantized alone by a per-tensor quantizer that core's range calibrator
+    set (``act_range``, percentile, symmetry) from the observed sample; both engines give exactly that."""
+    from qcore import QuantSpec, RangeCalibrator, RangeOptions, UniformFakeQuant, calibrate_rows, observe_inputs
+    from qcore_rdoq.act_curves import activation_curves
+
+    model = tiny_convnet()
+    batches, layers = setup(model)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    bits = [2, 4]
+    curves = [activation_curves(model, fwd, batches, layers, bits, e, clip)[0] for e in ("fast", "reference")]
+    samples = observe_inputs(model, fwd, batches, layers)
+    estimator = RangeCalibrator(RangeOptions(act_range=clip.estimator, percentile=clip.percentile)).act_estimator()
+    with torch.no_grad():
+        ref = [model(b) for b in batches]
+    expected = []
+    for name, info in layers.items():
+        row = []
+        for b in bits:
+            q = UniformFakeQuant(QuantSpec(bits=b, symmetric=clip.symmetric, granularity="tensor"), info.in_channels,
+                                 info.act_axis)
+            calibrate_rows(q, samples[name], estimator)
+            h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a, q=q: (q(a[0]), *a[1:]))
+            try:
+                row.append(_output_mse(model, batches, ref))
+            finally:
+                h.remove()
+        expected.append(row)
+    for c in curves:
+        np.testing.assert_allclose(c, np.array(expected), rtol=1e-4, atol=1e-12)
+    default, _ = activation_curves(model, fwd, batches, layers, bits, "fast")  # mse, affine: differs from each
+    assert not np.allclose(default, np.array(expected), rtol=1e-3)

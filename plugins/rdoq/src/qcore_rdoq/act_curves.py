@@ -2,9 +2,11 @@
 input activation of layer ``L`` is fake-quantized at ``b`` bits (per tensor, as deployed), over the curve
 calibration set.
 
-The clip range of each candidate comes from the same estimator the deployment calibrator uses (MSE by
-default), applied to a sample of the activation observed on the curve samples; the deployed range is then
-recomputed on the full calibration set, so the two agree up to that sampling. Engines as for weights:
+The clip range of each candidate comes from the estimator and grid symmetry the deployment calibrator uses (a
+:class:`~qcore_rdoq.deployment.Clip`: ``-o act_range`` with ``-o percentile``, and ``act_symmetric``; the rdoq
+method's default is MSE on the affine grid), applied to a sample of the activation observed on the curve
+samples; the deployed range is then recomputed on the full calibration set, so the two agree up to that
+sampling. Engines as for weights:
 ``reference`` quantizes the input with a forward pre-hook and reruns the whole model, ``fast`` runs only the
 layer and its downstream part with the candidates stacked along the batch.
 """
@@ -24,21 +26,21 @@ from torch import Tensor, nn
 from qcore import LayerInfo, observe_inputs, track
 from qcore import distributed as qdist
 from qcore.ops import fake_quantize, qparams_from_range
-from qcore.ranges import get_range_estimator
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
+from qcore_rdoq.deployment import ACT_CLIP, Clip
 from qcore_rdoq.second_order import output_directions
 
 log = logging.getLogger(__name__)
 
 
-def _quantizers(sample: Tensor, bits: Sequence[int], symmetric: bool, estimator: str
-                ) -> list[Callable[[Tensor], Tensor]]:
-    est = get_range_estimator(estimator)
+def _quantizers(sample: Tensor, bits: Sequence[int], clip: Clip) -> list[Callable[[Tensor], Tensor]]:
+    """The per-tensor activation quantizer at each of ``bits``, its range set from ``sample`` (``[1, values]``)
+    as the deployment calibrator sets it."""
     rows = sample.expand(len(bits), -1)
-    lo, hi = est(rows, torch.tensor(bits, dtype=torch.float32), symmetric)
+    lo, hi = clip.fn()(rows, torch.tensor(bits, dtype=torch.float32), clip.symmetric)
     out = []
     for i, b in enumerate(bits):
-        s, z, qmin, qmax = qparams_from_range(lo[i], hi[i], torch.tensor(float(b)), symmetric)
+        s, z, qmin, qmax = qparams_from_range(lo[i], hi[i], torch.tensor(float(b)), clip.symmetric)
         out.append(lambda x, s=s, z=z, qmin=qmin, qmax=qmax: fake_quantize(
             x, s.to(x.device), z.to(x.device), qmin.to(x.device), qmax.to(x.device)).to(x.dtype))
     return out
@@ -65,9 +67,10 @@ def _fast_layer(eng: FastEngine, name: str, quants: list[Callable[[Tensor], Tens
 
 @torch.no_grad()
 def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
-                      bits: Sequence[int], engine: str | Engine = "fast", symmetric: bool = False,
-                      estimator: str = "mse", seed: int = 0) -> tuple[np.ndarray, float]:
-    """``[layers, bits]`` activation distortions (rows in ``layers`` order) and the seconds it took.
+                      bits: Sequence[int], engine: str | Engine = "fast", clip: Clip = ACT_CLIP,
+                      seed: int = 0) -> tuple[np.ndarray, float]:
+    """``[layers, bits]`` activation distortions (rows in ``layers`` order) and the seconds it took; ``clip``
+    is the deployed activation range estimator and grid symmetry.
 
     ``engine`` is a kind or an engine already built on ``batches`` (the weight curves' one can be reused).
     """
@@ -77,7 +80,7 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
     eng = make_engine(engine, model, forward, batches) if isinstance(engine, str) else engine
     done: dict[str, np.ndarray] = {}
     for name in track(qdist.shard(names), desc=f"activation RD curves ({eng.name})", unit="layer"):
-        quants = _quantizers(samples[name], bits, symmetric, estimator)
+        quants = _quantizers(samples[name], bits, clip)
         if isinstance(eng, FastEngine) and eng.serves(name):
             done[name] = _fast_layer(eng, name, quants)
         else:
@@ -88,9 +91,8 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
 
 
 def second_order_activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any],
-                                   layers: dict[str, LayerInfo], bits: Sequence[int], symmetric: bool = False,
-                                   estimator: str = "mse", seed: int = 0, projections: int = 0
-                                   ) -> tuple[np.ndarray, float]:
+                                   layers: dict[str, LayerInfo], bits: Sequence[int], clip: Clip = ACT_CLIP,
+                                   seed: int = 0, projections: int = 0) -> tuple[np.ndarray, float]:
     """``[layers, bits]`` activation distortions from the Gauss-Newton expansion, no forward per candidate.
 
     ``D_L(b) ~ (1 / (N C)) sum_n sum_c (J_{n,c} . dx_{n,b})^2`` with ``dx_{n,b}`` the quantization error of layer
@@ -105,7 +107,7 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
     t0 = time.perf_counter()
     names = list(layers)
     samples = observe_inputs(model, forward, batches, layers, seed=seed)
-    quants = {n: _quantizers(samples[n], bits, symmetric, estimator) for n in names}
+    quants = {n: _quantizers(samples[n], bits, clip) for n in names}
     dist = np.zeros((len(names), len(bits)))
     count = 0
     gen = torch.Generator().manual_seed(seed)

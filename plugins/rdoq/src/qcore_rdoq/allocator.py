@@ -34,6 +34,7 @@ from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
 from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprints
 from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
+from qcore_rdoq.deployment import WEIGHT_CLIP, Clip, deployment
 from qcore_rdoq.groups import group_entropy, weight_spec
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,9 @@ class RDOQAllocator(Allocator):
         return self.options.budget == "weights" and self.options.rate == "fixed"
 
     def curves(self, ctx: RunContext, free: list[str], group: int, batches: list[Any],
-               engine: Engine | None) -> tuple[Curves, np.ndarray | None]:
-        """Weight curves of the ``free`` layers (``engine``: the first-order engine, None for second-order).
+               engine: Engine | None, clip: Clip = WEIGHT_CLIP) -> tuple[Curves, np.ndarray | None]:
+        """Weight curves of the ``free`` layers (``engine``: the first-order engine, None for second-order),
+        the candidates clipped and gridded as ``clip`` (the deployed weight quantizer) says.
 
         With several dead-zone ratios, each curve entry is the best over the ratios, and the second value gives
         the ratio that achieved it (``[groups, bits]``); otherwise it is None.
@@ -132,7 +134,7 @@ class RDOQAllocator(Allocator):
         ratios = self._deadzone_ratios(ctx)
         bits = list(range(o.min_bits, o.max_bits + 1))
         corr = ctx.weight_correction  # curves see the weights exactly as deployment corrects them
-        caches = self._caches(ctx, batches, group, bits, corr.name if corr else "none", ratios)
+        caches = self._caches(ctx, batches, group, bits, corr.name if corr else "none", ratios, clip)
         layers = {n: ctx.layers[n] for n in free}
         if engine is None:
             from qcore_rdoq.second_order import second_order_curve_set
@@ -140,11 +142,12 @@ class RDOQAllocator(Allocator):
             if not all(isinstance(b, torch.Tensor) for b in batches):
                 raise NotImplementedMethodError("rdoq engine 'second-order' needs tensor batches (classification-"
                                                 "style tasks); use engine=fast or engine=reference")
-            per_ratio = second_order_curve_set(ctx.model, batches, layers, group, bits, ratios, caches=caches,
-                                               correction=corr, projections=o.projections, seed=ctx.config.seed)
+            per_ratio = second_order_curve_set(ctx.model, batches, layers, group, bits, ratios, clip=clip,
+                                               caches=caches, correction=corr, projections=o.projections,
+                                               seed=ctx.config.seed)
         else:
             per_ratio = [first_order_curves(ctx.model, ctx.task.forward, batches, layers, group, bits, engine,
-                                            cache=c, correction=corr, deadzone=r)
+                                            clip=clip, cache=c, correction=corr, deadzone=r)
                          for r, c in zip(ratios, caches, strict=True)]
         if len(per_ratio) == 1:
             return per_ratio[0], None
@@ -166,17 +169,25 @@ class RDOQAllocator(Allocator):
                              "(or --method rdoq-deadzone)")
         return [i / n for i in range(n)]
 
+    def _cache_settings(self, ctx: RunContext, group: int, bits: list[int], corr: str, clip: Clip = WEIGHT_CLIP
+                       ) -> dict[str, Any]:
+        """The settings in the weight curves' cache key besides the model and the data: whatever changes a
+        candidate or its measurement, the deployed clip (estimator, percentile, symmetry) included."""
+        o = self.options
+        settings: dict[str, Any] = {"engine": o.engine, "group": group, "bits": bits, "weight_clip": clip.key(),
+                                    "correction": corr, "version": 2}
+        if o.engine == "second-order" and o.projections:
+            settings |= {"projections": o.projections, "seed": ctx.config.seed}
+        return settings
+
     def _caches(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
-                deadzones: list[float]) -> list[CurveCache | None]:
+                deadzones: list[float], clip: Clip = WEIGHT_CLIP) -> list[CurveCache | None]:
         """The curve cache of each dead-zone ratio's setting (Nones with ``-o cache=off``)."""
         o = self.options
         if o.cache == "off":
             return [None] * len(deadzones)
         root = default_cache_root() if o.cache == "auto" else Path(o.cache)
-        settings: dict[str, Any] = {"engine": o.engine, "group": group, "bits": bits, "weight_range": "mse",
-                                    "correction": corr, "version": 1}
-        if o.engine == "second-order" and o.projections:
-            settings |= {"projections": o.projections, "seed": ctx.config.seed}
+        settings = self._cache_settings(ctx, group, bits, corr, clip)
         # bump deadzone_fit when fit_deadzone's result changes
         per_ratio = [settings | ({"deadzone": d, "deadzone_fit": 2} if d else {}) for d in deadzones]
         return [CurveCache(root, key) for key in fingerprints(ctx.model, batches, per_ratio)]
@@ -207,6 +218,8 @@ class RDOQAllocator(Allocator):
                              "activation; use budget=weights")
         if acts and ctx.budget.a_bits is None and o.budget == "separate":
             raise QcoreError("budget=separate needs --a-bits (the average activation budget)")
+        # the quantizers the calibrator will deploy, which the curves price (or a refusal, before any work)
+        dep = deployment(ctx, o.min_bits, acts, ctx.quantizer.name == "deadzone")
         info = ctx.layers
         pin_w = {n: p.w_bits for n, p in ctx.pinned.items() if n in info and p.w_bits is not None}
         pin_a = {n: p.a_bits for n, p in ctx.pinned.items() if n in info and p.a_bits is not None} if acts else {}
@@ -233,10 +246,11 @@ class RDOQAllocator(Allocator):
         tensors = all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches)
         engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
                   if o.engine != "second-order" or (acts and not tensors) else None)
-        curves, dz_ratio = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None)
+        curves, dz_ratio = self.curves(ctx, free, group, batches, engine if o.engine != "second-order" else None,
+                                       dep.weights)
         rates = np.array(curves.bits, dtype=np.float64)
         w_sizes = np.array([g.size for g in curves.groups], dtype=np.float64)
-        w_rates = self._entropy_rates(ctx, free, group, curves) if o.rate == "entropy" else rates
+        w_rates = self._entropy_rates(ctx, free, group, curves, dep.weights) if o.rate == "entropy" else rates
         a_bits_list = list(range(o.min_act_bits, o.max_bits + 1))
         act_dist = np.zeros((0, len(rates)))
         act_seconds = 0.0
@@ -244,13 +258,13 @@ class RDOQAllocator(Allocator):
             if o.engine == "second-order" and tensors:
                 a_d, act_seconds = second_order_activation_curves(
                     ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
-                    ctx.pipeline.act_symmetric, seed=ctx.config.seed, projections=o.projections)
+                    dep.acts, seed=ctx.config.seed, projections=o.projections)
                 act_engine = "second-order"
             else:
                 a_d, act_seconds = activation_curves(
                     ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
                     engine,  # type: ignore[arg-type]  # built above whenever activations are allocated
-                    ctx.pipeline.act_symmetric, seed=ctx.config.seed)
+                    dep.acts, seed=ctx.config.seed)
                 act_engine = engine.name if engine is not None else first_order
             act_dist = np.full((len(free), len(rates)), np.inf)
             for j, b in enumerate(a_bits_list):
@@ -288,7 +302,8 @@ class RDOQAllocator(Allocator):
                       [float(dz_ratio[k + j, curves.bits.index(b)]) for j, b in enumerate(wb)])
             k += n_groups
             ab = int(a_alloc[i]) if a_alloc is not None else ctx.budget.a_bits
-            layers[name] = LayerSpec(weight=weight_spec(group, wb, info[name].out_channels, dz),
+            layers[name] = LayerSpec(weight=weight_spec(group, wb, info[name].out_channels, dz,
+                                                        symmetric=dep.weights.symmetric),
                                      act=layer_spec(ctx.pipeline, None, ab, ctx.quantizer.name).act)
         w_avg = (float((w_sizes * w_bits).sum()) + w_pinned) / w_total
         log.info("rdoq: %d weight groups%s, weights %.3f bits (target %s, budget %s), curves %.1fs (%s)",
@@ -298,6 +313,7 @@ class RDOQAllocator(Allocator):
                 "group": group, "groups": len(w_sizes), "target_bits": target, "w_bits_avg": w_avg,
                 "predicted_distortion": sol.distortion, "curve_seconds": round(curves.seconds + act_seconds, 3),
                 "curve_samples": o.curve_samples, "candidate_bits": curves.bits,
+                "weight_clip": dep.weights.describe(),
                 "fallback_layers": sorted(n for n, e in curves.layer_engines.items()
                                           if e not in (curves.engine, "cache")),
                 "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
@@ -308,6 +324,7 @@ class RDOQAllocator(Allocator):
             meta["deadzone_ratios"] = len(self._deadzone_ratios(ctx))
             meta["deadzone_groups"] = int((chosen_dz > 0).sum())
         if acts:
+            meta["act_clip"] = dep.acts.describe()
             meta["act_engine"] = act_engine
             meta["act_candidate_bits"] = a_bits_list
         if lam is not None:
@@ -327,11 +344,13 @@ class RDOQAllocator(Allocator):
         return Plan(layers=layers, meta=meta)
 
     @staticmethod
-    def _entropy_rates(ctx: RunContext, free: list[str], group: int, curves: Curves) -> np.ndarray:
-        """``[groups, bits]`` entropy rates, rows in the curves' group order."""
+    def _entropy_rates(ctx: RunContext, free: list[str], group: int, curves: Curves, clip: Clip = WEIGHT_CLIP
+                       ) -> np.ndarray:
+        """``[groups, bits]`` entropy rates, rows in the curves' group order, of the codes ``clip`` deploys."""
         by_group: dict[tuple[str, int], np.ndarray] = {}
         for n in free:
-            ent = group_entropy(ctx.model.get_submodule(n).weight.detach(), ctx.layers[n], group, curves.bits)
+            ent = group_entropy(ctx.model.get_submodule(n).weight.detach(), ctx.layers[n], group, curves.bits,
+                                clip)
             by_group.update({(n, i): row for i, row in enumerate(ent)})
         return np.stack([by_group[(g.layer, g.index)] for g in curves.groups])
 

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from qcore import WeightCorrection, LayerInfo, QcoreError, track
+from qcore import LayerInfo, QcoreError, WeightCorrection, track
 from qcore import distributed as qdist
 from qcore_rdoq.cache import CurveCache
+from qcore_rdoq.deployment import WEIGHT_CLIP, Clip
 from qcore_rdoq.downstream import Split
 from qcore_rdoq.groups import WeightGroup, candidate_table, weight_groups
 
@@ -303,10 +304,11 @@ Engine = ReferenceEngine | FastEngine
 
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
                        group_size: int, bits: Sequence[int], engine: str | Engine = "fast", chunk: int = 0,
-                       weight_range: str = "mse", cache: CurveCache | None = None,
+                       clip: Clip = WEIGHT_CLIP, cache: CurveCache | None = None,
                        correction: WeightCorrection | None = None, deadzone: float = 0.0) -> Curves:
-    """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring); ``deadzone`` > 0 puts
-    the candidates on the dead-zone grid with that ratio.
+    """Measure ``D_g(b)`` for every weight group of ``layers`` (see module docstring); the candidates are
+    clipped and gridded as ``clip`` says (the deployed estimator and symmetry); ``deadzone`` > 0 puts them on
+    the dead-zone grid with that ratio.
 
     With ``cache``, layers already measured are read back and every new layer is written as soon as it is done,
     so an interrupted run resumes where it stopped. Under torchrun, layers are sharded over the processes and
@@ -325,7 +327,7 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
             done[name] = (cached, "cache")
             continue
         weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
-        table = candidate_table(weight, layers[name], group_size, list(bits), weight_range, correction, deadzone)
+        table = candidate_table(weight, layers[name], group_size, list(bits), clip, correction, deadzone)
         cands = Candidates(weight, table, gs, bits)
         layer_eng = eng.reference() if isinstance(eng, FastEngine) and not eng.serves(name) else eng
         d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))

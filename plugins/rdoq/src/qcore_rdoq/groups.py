@@ -2,8 +2,9 @@
 
 A weight group is ``group_size`` consecutive output channels of one layer (the last may be smaller). Its
 candidate at ``b`` bits is exactly what deployment produces for a layer whose groups all carry ``b`` bits:
-core's :class:`~qcore.UniformFakeQuant` with one symmetric scale per group, the clip chosen by
-core's MSE range estimator. Curves and the deployed model therefore use the same quantizer.
+core's :class:`~qcore.UniformFakeQuant` with one scale per group, the clip chosen by the range estimator and
+the grid symmetry the run deploys (a :class:`~qcore_rdoq.deployment.Clip`; the rdoq method's default is core's
+MSE estimator on the symmetric grid). Curves and the deployed model therefore use the same quantizer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qcore import WeightCorrection, LayerInfo, QcoreError, QuantSpec, UniformFakeQuant
+from qcore import LayerInfo, QcoreError, QuantSpec, UniformFakeQuant, WeightCorrection
 from qcore.ops import fake_quantize, qparams_from_range
-from qcore.ranges import get_range_estimator
 from qcore_rdoq.deadzone import DeadZoneFakeQuant, fit_layers
+from qcore_rdoq.deployment import WEIGHT_CLIP, Clip
 
 
 @dataclass(frozen=True)
@@ -43,36 +44,38 @@ def weight_groups(info: LayerInfo, group_size: int) -> list[WeightGroup]:
 
 
 def weight_spec(group_size: int, bits: list[int] | tuple[int, ...], out_channels: int,
-                deadzones: list[float] | tuple[float, ...] | None = None) -> QuantSpec:
-    """The plan spec of a layer whose groups carry ``bits`` (one symmetric scale per group); with
-    ``deadzones`` (one ratio per group), on the ``deadzone`` quantizer's grid."""
+                deadzones: list[float] | tuple[float, ...] | None = None, symmetric: bool = True) -> QuantSpec:
+    """The plan spec of a layer whose groups carry ``bits`` (one scale per group, on the symmetric grid unless
+    ``symmetric`` is False); with ``deadzones`` (one ratio per group), on the ``deadzone`` quantizer's grid
+    (always symmetric)."""
     bits = tuple(int(b) for b in bits)
     assert len(bits) == math.ceil(out_channels / group_size)
     mean = round(sum(bits) / len(bits))
     if deadzones is None:
-        return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits)
+        return QuantSpec(bits=mean, symmetric=symmetric, granularity="group", group_size=group_size,
+                         group_bits=bits)
     return QuantSpec(bits=mean, symmetric=True, granularity="group", group_size=group_size, group_bits=bits,
                      quantizer="deadzone", group_params=tuple(float(d) for d in deadzones))
 
 
-def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.device, deadzone: float
-                ) -> UniformFakeQuant:
+def _fake_quant(info: LayerInfo, group_size: int, bits: int, device: torch.device, deadzone: float,
+                symmetric: bool = True) -> UniformFakeQuant:
     n = math.ceil(info.out_channels / group_size)
     if deadzone > 0:
         spec = weight_spec(group_size, [bits] * n, info.out_channels, [deadzone] * n)
         return DeadZoneFakeQuant(spec, info.out_channels, info.weight_axis).to(device)
-    spec = weight_spec(group_size, [bits] * n, info.out_channels)
+    spec = weight_spec(group_size, [bits] * n, info.out_channels, symmetric=symmetric)
     return UniformFakeQuant(spec, info.out_channels, info.weight_axis).to(device)
 
 
 @torch.no_grad()
-def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, weight_range: str = "mse",
+def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, clip: Clip = WEIGHT_CLIP,
                 correction: WeightCorrection | None = None, deadzone: float = 0.0) -> Tensor:
     """``weight`` with every group quantized at ``bits`` exactly as deployment would (see module docstring)."""
-    return candidate_table(weight, info, group_size, [bits], weight_range, correction, deadzone)[bits]
+    return candidate_table(weight, info, group_size, [bits], clip, correction, deadzone)[bits]
 
 
-def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str
+def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], clip: Clip
                  ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
     """The layer's rows (one per group, as the deployed quantizer sees them) and each bit-width's clip range
     per row.
@@ -81,12 +84,12 @@ def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[in
     so each range equals what deployment computes for that bit-width alone. A pruned (0-bit) group has no range
     to search and keeps its min/max.
     """
-    rows = _fake_quant(info, group_size, max(bits), weight.device, 0.0).rows_of(weight)
+    rows = _fake_quant(info, group_size, max(bits), weight.device, 0.0, clip.symmetric).rows_of(weight)
     ranges = {0: (rows.amin(dim=1), rows.amax(dim=1))}
     searched = [b for b in bits if b > 0]
     if searched:
         row_bits = torch.cat([torch.full((rows.shape[0],), float(b), device=rows.device) for b in searched])
-        lo, hi = get_range_estimator(weight_range)(torch.cat([rows] * len(searched)), row_bits, True)
+        lo, hi = clip.fn()(torch.cat([rows] * len(searched)), row_bits, clip.symmetric)
         r = rows.shape[0]
         ranges |= {b: (lo[k * r:(k + 1) * r], hi[k * r:(k + 1) * r]) for k, b in enumerate(searched)}
     if not all(bool(torch.isfinite(t).all()) for pair in ranges.values() for t in pair):
@@ -96,11 +99,11 @@ def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[in
 
 
 def _quantizers(info: LayerInfo, group_size: int, rows: Tensor, ranges: dict[int, tuple[Tensor, Tensor]],
-                deadzones: Sequence[float]) -> dict[float, dict[int, UniformFakeQuant]]:
+                deadzones: Sequence[float], symmetric: bool = True) -> dict[float, dict[int, UniformFakeQuant]]:
     """The deployed per-group quantizer of the layer at each dead-zone ratio and bit-width of ``ranges``, its
     clip ranges set and, on the dead-zone grid, its dead zones fitted (the dead-zone grid keeps the plain range
     for its plain groups; the fit is row-independent, so each equals what ``fit`` gives it alone)."""
-    fqs = {d: {b: _fake_quant(info, group_size, b, rows.device, d) for b in ranges} for d in deadzones}
+    fqs = {d: {b: _fake_quant(info, group_size, b, rows.device, d, symmetric) for b in ranges} for d in deadzones}
     for by_bits in fqs.values():
         for b, fq in by_bits.items():
             fq.set_range(*ranges[b])
@@ -110,16 +113,16 @@ def _quantizers(info: LayerInfo, group_size: int, rows: Tensor, ranges: dict[int
     return fqs
 
 
-def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str,
+def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], clip: Clip = WEIGHT_CLIP,
             deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, UniformFakeQuant]]:
     """The deployed quantizer at each dead-zone ratio and bit-width, ranged and fitted (see
     :func:`_clip_ranges` and :func:`_quantizers`)."""
-    rows, ranges = _clip_ranges(weight, info, group_size, bits, weight_range)
-    return _quantizers(info, group_size, rows, ranges, deadzones)
+    rows, ranges = _clip_ranges(weight, info, group_size, bits, clip)
+    return _quantizers(info, group_size, rows, ranges, deadzones, clip.symmetric)
 
 
-def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict[int, tuple[Tensor, Tensor]]
-                  ) -> dict[int, Tensor]:
+def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict[int, tuple[Tensor, Tensor]],
+                  symmetric: bool = True) -> dict[int, Tensor]:
     """Every bit-width's weight on the plain grid in one vectorised pass, bit-width as a leading axis.
 
     The arithmetic of :meth:`UniformFakeQuant.forward <qcore.UniformFakeQuant.forward>` (per-channel
@@ -134,37 +137,39 @@ def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict
     nbits = torch.tensor(bits, dtype=torch.float32, device=weight.device)[:, None].expand(len(bits), c)
     shape = [len(bits)] + [1] * weight.dim()
     shape[1 + axis] = c
-    scale, zero, qmin, qmax = (t.reshape(shape) for t in qparams_from_range(lo, hi, nbits, True))
+    scale, zero, qmin, qmax = (t.reshape(shape) for t in qparams_from_range(lo, hi, nbits, symmetric))
     out = fake_quantize(weight.unsqueeze(0), scale, zero, qmin, qmax, bits=nbits.reshape(shape), prune_value=0.0)
     return dict(zip(bits, out.to(weight.dtype).unbind(0), strict=True))
 
 
 @torch.no_grad()
 def candidate_tables(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                     weight_range: str = "mse", correction: WeightCorrection | None = None,
+                     clip: Clip = WEIGHT_CLIP, correction: WeightCorrection | None = None,
                      deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, Tensor]]:
     """Quantized weight of the whole layer at each dead-zone ratio and candidate bit-width (groups are sliced
     out later).
 
-    ``correction`` is the run's weight bias correction, applied per output channel as deployment applies it.
-    A ratio > 0 puts every group on the dead-zone grid with that ratio (:mod:`qcore_rdoq.deadzone`).
+    ``clip`` is the deployed range estimator and grid symmetry (the dead-zone grid is symmetric: callers refuse
+    an asymmetric ``clip`` with it). ``correction`` is the run's weight bias correction, applied per output
+    channel as deployment applies it. A ratio > 0 puts every group on the dead-zone grid with that ratio
+    (:mod:`qcore_rdoq.deadzone`).
     """
-    rows, ranges = _clip_ranges(weight, info, group_size, bits, weight_range)
+    rows, ranges = _clip_ranges(weight, info, group_size, bits, clip)
     fitted = [d for d in deadzones if d > 0]
     quantized = {d: {b: fq(weight) for b, fq in by_bits.items()}
-                 for d, by_bits in _quantizers(info, group_size, rows, ranges, fitted).items()}
+                 for d, by_bits in _quantizers(info, group_size, rows, ranges, fitted, clip.symmetric).items()}
     if len(fitted) < len(deadzones):
-        quantized[0.0] = _plain_tables(weight, info, group_size, ranges)
+        quantized[0.0] = _plain_tables(weight, info, group_size, ranges, clip.symmetric)
     return {d: {b: q if correction is None else correction.correct(weight, q, info.weight_axis)
                 for b, q in quantized[d].items()}
             for d in deadzones}
 
 
 def candidate_table(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int],
-                    weight_range: str = "mse", correction: WeightCorrection | None = None, deadzone: float = 0.0
+                    clip: Clip = WEIGHT_CLIP, correction: WeightCorrection | None = None, deadzone: float = 0.0
                     ) -> dict[int, Tensor]:
     """:func:`candidate_tables` at one dead-zone ratio (0: the plain grid)."""
-    return candidate_tables(weight, info, group_size, bits, weight_range, correction, [deadzone])[deadzone]
+    return candidate_tables(weight, info, group_size, bits, clip, correction, [deadzone])[deadzone]
 
 
 def _entropy(codes: Tensor) -> float:
@@ -174,14 +179,14 @@ def _entropy(codes: Tensor) -> float:
 
 
 @torch.no_grad()
-def group_entropy(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], weight_range: str = "mse"
+def group_entropy(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], clip: Clip = WEIGHT_CLIP
                   ) -> np.ndarray:
     """``[groups, len(bits)]``: the empirical entropy (bits per weight) of each group's integer codes at each
     candidate bit-width — the rate an ideal entropy coder would spend (0 for a pruned group)."""
     groups = weight_groups(info, group_size)
     out = np.zeros((len(groups), len(bits)))
     per_channel = weight.movedim(info.weight_axis, 0).reshape(info.out_channels, -1)
-    for j, (b, fq) in enumerate(_ranged(weight, info, group_size, bits, weight_range)[0.0].items()):
+    for j, (b, fq) in enumerate(_ranged(weight, info, group_size, bits, clip)[0.0].items()):
         if b == 0:
             continue
         scale, zero, qmin, qmax, _ = fq.qparams()

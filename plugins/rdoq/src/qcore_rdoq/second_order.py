@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qcore import WeightCorrection, LayerInfo, track
+from qcore import LayerInfo, WeightCorrection, track
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Curves, exact_math
+from qcore_rdoq.deployment import WEIGHT_CLIP, Clip
 from qcore_rdoq.groups import candidate_tables, weight_groups
 
 log = logging.getLogger(__name__)
@@ -82,16 +83,18 @@ def _output_count(model: nn.Module, batch: Tensor) -> int:
 
 
 def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
-                        bits: Sequence[int], sub_batch: int = 0, weight_range: str = "mse",
-                        cache: CurveCache | None = None, correction: WeightCorrection | None = None, projections: int = 0,
+                        bits: Sequence[int], sub_batch: int = 0, clip: Clip = WEIGHT_CLIP,
+                        cache: CurveCache | None = None, correction: WeightCorrection | None = None,
+                        projections: int = 0,
                         seed: int = 0, deadzone: float = 0.0) -> Curves:
     """Gauss-Newton estimates of ``D_g(b)`` for every weight group of ``layers`` (see module docstring).
 
     ``projections``: 0 for the exact expansion, else ``K`` random output directions per sample (drawn from
     ``seed``, so a run is reproducible). ``deadzone`` > 0 puts the candidates on the dead-zone grid with that
-    ratio. All layers come from one set of Jacobians, so ``cache`` is used all or nothing.
+    ratio; ``clip`` is the deployed range estimator and grid symmetry of the candidates. All layers come from one
+    set of Jacobians, so ``cache`` is used all or nothing.
     """
-    return second_order_curve_set(model, batches, layers, group_size, bits, [deadzone], sub_batch, weight_range,
+    return second_order_curve_set(model, batches, layers, group_size, bits, [deadzone], sub_batch, clip,
                                   [cache], correction, projections, seed)[0]
 
 
@@ -101,8 +104,9 @@ _CANDIDATE_BYTES = 2**31  # candidate differences held at once; more dead-zone r
 @torch.no_grad()
 def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo],
                            group_size: int, bits: Sequence[int], deadzones: Sequence[float], sub_batch: int = 0,
-                           weight_range: str = "mse", caches: Sequence[CurveCache | None] | None = None,
-                           correction: WeightCorrection | None = None, projections: int = 0, seed: int = 0) -> list[Curves]:
+                           clip: Clip = WEIGHT_CLIP, caches: Sequence[CurveCache | None] | None = None,
+                           correction: WeightCorrection | None = None, projections: int = 0,
+                           seed: int = 0) -> list[Curves]:
     """:func:`second_order_curves` for several dead-zone ratios at once, one :class:`Curves` per ratio.
 
     The candidates of as many ratios as fit in about 2 GiB are projected through one set of Jacobians; further
@@ -124,7 +128,7 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
     dists: list[np.ndarray] = []
     for lo in range(0, len(deadzones), per_pass):
         dists += _second_order_pass(model, batches, layers, group_size, bits, deadzones[lo:lo + per_pass],
-                                    sub_batch, weight_range, correction, projections, seed)
+                                    sub_batch, clip, correction, projections, seed)
     seconds = (time.perf_counter() - t0) / len(deadzones)
     out = []
     for dist, cache in zip(dists, caches, strict=True):
@@ -139,7 +143,7 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
 
 
 def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
-                       bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, weight_range: str,
+                       bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, clip: Clip,
                        correction: WeightCorrection | None, projections: int, seed: int) -> list[np.ndarray]:
     """``[groups, bits]`` distortions per ratio of ``deadzones``, from one set of Jacobians."""
     names = list(layers)
@@ -148,7 +152,7 @@ def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[st
     deltas: dict[str, Tensor] = {}  # per layer: [groups, ratios * bits, group elements]
     for n in names:
         w = model.get_submodule(n).weight.detach()
-        tables = candidate_tables(w, layers[n], group_size, list(bits), weight_range, correction, deadzones)
+        tables = candidate_tables(w, layers[n], group_size, list(bits), clip, correction, deadzones)
         deltas[n] = _by_group(torch.stack([tables[d][b] for d in deadzones for b in bits]) - w, group_size)
     sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
     count = 0
