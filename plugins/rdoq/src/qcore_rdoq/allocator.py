@@ -171,6 +171,8 @@ class RDOQAllocator(Allocator):
                                     "correction": corr, "version": 1}
         if o.engine == "second-order" and o.projections:
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
+        if ctx.config.model_args:  # e.g. another activation or pooling: the same weights, another model
+            settings["model_args"] = ctx.config.model_args
         # bump deadzone_fit when fit_deadzone's result changes
         per_ratio = [settings | ({"deadzone": d, "deadzone_fit": 2} if d else {}) for d in deadzones]
         return [CurveCache(root, key) for key in fingerprints(ctx.model, batches, per_ratio)]
