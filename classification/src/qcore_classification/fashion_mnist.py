@@ -56,7 +56,7 @@ def _read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # frombuffer views the read-only bytes; torch wants a writable array
 
 
 def _find(directory: Path, stem: str) -> Path | None:

@@ -20,4 +20,5 @@ def qcore_register_model_loaders(register: Any) -> None:
 
     for prefix, (fn, description) in LOADERS.items():
         register(ModelLoader(prefix=prefix, task="classification",
-                             load=lambda name, weights, config, fn=fn: fn(name, weights), description=description))
+                             load=lambda name, weights, config, fn=fn: fn(name, weights, config.model_args),
+                             description=description))

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, get_type_hints
 from qcore import __version__
 from qcore._components import RunConfig
 from qcore._errors import QcoreError
-from qcore._options import convert_value, describe_options, parse_assignments
+from qcore._options import convert_value, describe_options, parse_assignments, parse_scalar
 from qcore._plugins import KINDS, Host, load_host
 
 log = logging.getLogger("qcore")
@@ -30,6 +30,9 @@ EPILOG = """examples:
   qcore run --plugin uniform --w-bits 8 --a-bits 8 --model zoo:fmnist_vit
   qcore run --plugin uniform --calibrator mse -o first_last=same
   qcore run --model tv:resnet18 --weights r18.pth --data /data/imagenet --w-bits 4 --a-bits 8
+  qcore run --model timm:vit_tiny_patch16_224 --model-arg img_size=32 --model-arg patch_size=4 \\
+      --weights vit.safetensors --data /usr/share/datasets/fashion-mnist --input-size 32 --mean 0.2860 --std 0.3530
+  qcore run --model py:mynet.py:build --weights mynet.pth --input-size 32 --channels 1   # runs mynet.py
   qcore plugins                                    # installed plugins and what they provide, as JSON
   qcore list methods --options                     # every method and the -o options it takes
 """
@@ -65,7 +68,24 @@ def _add_run(sub: Any) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--task", help="task plugin (default: classification)")
     g.add_argument("--model", help="PREFIX:NAME, e.g. zoo:fmnist_resnet (default), zoo:fmnist_vit, tv:resnet18, "
-                   "timm:deit_tiny_patch16_224")
+                   "timm:deit_tiny_patch16_224, or py:path/to/file.py:function to build your own model: this RUNS "
+                   "that Python file (only use files you trust); the function gets the --model-arg values as "
+                   "keyword arguments and returns a torch.nn.Module")
+    g.add_argument("--model-arg", dest="model_arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="keyword argument for the model's constructor (repeatable; YAML model_args:), passed to "
+                   "the torchvision/timm builder or the py: function, e.g. --model-arg img_size=32; values are "
+                   "read as int, float, true/false, none, else text")
+    g.add_argument("--input-size", dest="input_size", type=int, metavar="N",
+                   help="square input size the model takes, in pixels; images are resized to it (default: the "
+                   "model's own, e.g. 224 for tv: and timm:, 28 for zoo:; YAML input: {size: N})")
+    g.add_argument("--mean", metavar="A[,B,C]",
+                   help="mean of [0, 1] pixels to normalise with: one value for every channel or one per channel "
+                   "(default: the model's own, ImageNet for tv:/timm:; YAML input: {mean: ...})")
+    g.add_argument("--std", metavar="A[,B,C]",
+                   help="standard deviation to normalise with, like --mean (YAML input: {std: ...})")
+    g.add_argument("--channels", type=int, metavar="C",
+                   help="input channels the model takes (1 or 3): grey images are repeated to 3 channels, colour "
+                   "ones averaged to 1 (default: the model's own; YAML input: {channels: C})")
     g.add_argument("--weights", type=Path, help="weights file (safetensors or a torch state dict)")
     g.add_argument("--data", help="data: an ImageNet-style folder with train/ and val/, a folder with the "
                    "Fashion-MNIST IDX files, or 'embedded' (default for zoo models)")
@@ -117,6 +137,10 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+#: ``RunConfig.input`` key -> the argparse destination of its flag
+INPUT_DESTS = {"size": "input_size", "mean": "mean", "std": "std", "channels": "channels"}
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Merge the YAML recipe (if any) and the flags (flags win) into a :class:`RunConfig`."""
     values: dict[str, Any] = _load_yaml(args.config) if args.config else {}
@@ -142,6 +166,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             values[name] = v
     if args.options:
         options.update(parse_assignments(args.options))
+    flag_input = {key: getattr(args, dest, None) for key, dest in INPUT_DESTS.items()}
+    flag_input = {k: v for k, v in flag_input.items() if v is not None}
+    flag_args = {k: parse_scalar(v) for k, v in parse_assignments(getattr(args, "model_arg", None) or [],
+                                                                  "--model-arg").items()}
+    for key, flagged in (("input", flag_input), ("model_args", flag_args)):
+        if flagged:  # flags win key by key over the recipe's mapping
+            recipe = values.get(key) or {}
+            if not isinstance(recipe, dict):
+                raise QcoreError(f"in {args.config}: '{key}' must be a mapping (key: value)")
+            values[key] = {**recipe, **flagged}
     plan = values.pop("plan", None)
     if plan is not None:
         values["allocator"] = "plan"

@@ -16,6 +16,7 @@ constructed with an instance of its ``Options``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from qcore._options import NoOptions
+from qcore._errors import QcoreError
+from qcore._options import NoOptions, convert_value
 
 if TYPE_CHECKING:
     from qcore._allocation import Pin
@@ -148,6 +150,10 @@ class Task(Component):
 
     default_calib_size: ClassVar[int] = 512
     default_batch_size: ClassVar[int] = 256
+    #: The model settings of :class:`RunConfig` this task interprets: ``"input"`` (``--input-size``, ``--mean``,
+    #: ``--std``, ``--channels``) and/or ``"model_args"`` (``--model-arg``). Core refuses a run that sets one
+    #: the task does not take, instead of silently ignoring it.
+    accepts: ClassVar[frozenset[str]] = frozenset()
 
     def build(self, config: RunConfig, host: Any) -> TaskInstance:
         """Load model and data as ``config`` says; ``host`` resolves model loaders
@@ -204,6 +210,77 @@ class RunConfig:
     allocator: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: overrides of the model's preprocessing, keys of :data:`INPUT_FLAGS`: ``size`` and ``channels`` (ints),
+    #: ``mean`` and ``std`` (tuples of floats, one per channel or one for all); the task interprets them
+    input: dict[str, Any] = field(default_factory=dict)
+    #: keyword arguments for the model's constructor (``--model-arg key=value``); the model loader passes them on
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input = check_input(self.input)
+        self.model_args = check_model_args(self.model_args)
+
+
+#: ``RunConfig.input`` keys and the command-line flags that set them (the YAML recipe's ``input:`` takes the keys).
+INPUT_FLAGS = {"size": "--input-size", "mean": "--mean", "std": "--std", "channels": "--channels"}
+
+
+def _where(key: str) -> str:
+    return f"{INPUT_FLAGS[key]} (input.{key})"
+
+
+def check_input(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate and convert preprocessing overrides: ``size``/``channels`` to positive ints, ``mean``/``std`` to
+    non-empty tuples of finite floats (``std`` positive). A number or a ``"a,b,c"`` string is accepted for
+    ``mean``/``std``; None values are dropped. Raises a :class:`QcoreError` naming the flag."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise QcoreError(f"input must be a mapping with keys {', '.join(INPUT_FLAGS)} "
+                         f"(e.g. input: {{size: 32, mean: 0.286, std: 0.353}}), got {values!r}")
+    unknown = sorted(str(k) for k in values if k not in INPUT_FLAGS)
+    if unknown:
+        raise QcoreError(f"unknown input key(s) {', '.join(unknown)}; valid: {', '.join(INPUT_FLAGS)}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in ("size", "channels"):
+            try:
+                number = convert_value(key, value, int) if not isinstance(value, bool) else None
+            except QcoreError:
+                number = None
+            if number is None or number < 1:
+                raise QcoreError(f"{_where(key)} {value!r} must be a whole number of at least 1, e.g. "
+                                 f"{INPUT_FLAGS[key]} {32 if key == 'size' else 3}")
+            out[key] = number
+            continue
+        items = (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        try:
+            if isinstance(items, bool) or not isinstance(items, (str, list, tuple)):
+                raise QcoreError("not a list")
+            floats = convert_value(key, items, tuple[float, ...])
+        except QcoreError:
+            floats = ()
+        if not floats or not all(math.isfinite(f) for f in floats) or (key == "std" and min(floats) <= 0):
+            raise QcoreError(f"{_where(key)} {value!r} must be {'positive ' if key == 'std' else ''}numbers "
+                             f"separated by commas, one per channel or one for all, e.g. {INPUT_FLAGS[key]} "
+                             + ("0.485,0.456,0.406" if key == "mean" else "0.229,0.224,0.225"))
+        out[key] = floats
+    return out
+
+
+def check_model_args(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check constructor arguments: a mapping whose keys are Python identifiers (values are passed as given)."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise QcoreError(f"model_args must be a mapping of constructor arguments (e.g. model_args: {{img_size: 32}}), "
+                         f"got {values!r}")
+    bad = [str(k) for k in values if not str(k).isidentifier()]
+    if bad:
+        raise QcoreError(f"model argument {bad[0]!r} is not a valid keyword argument name; use --model-arg name=value")
+    return {str(k): v for k, v in values.items()}
 
 
 @dataclass

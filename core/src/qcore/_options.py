@@ -105,15 +105,35 @@ def check_known(values: Mapping[str, Any], option_classes: Iterable[type]) -> No
                          f"{', '.join(sorted(valid)) or '(none)'}")
 
 
-def parse_assignments(items: Iterable[str]) -> dict[str, str]:
-    """Parse ``key=value`` strings from ``-o``."""
+def parse_assignments(items: Iterable[str], flag: str = "-o") -> dict[str, str]:
+    """Parse ``key=value`` strings from ``-o`` (or another repeatable ``flag``); ``-`` in keys becomes ``_``."""
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise QcoreError(f"-o expects key=value, got {item!r}")
+            raise QcoreError(f"{flag} expects key=value, got {item!r}")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
+
+
+def parse_scalar(text: str) -> bool | int | float | str | None:
+    """The Python value a command-line string stands for when no type is declared (``--model-arg``):
+    ``true``/``false`` -> bool, ``none``/``null`` -> None, ``32`` -> int, ``0.5``/``1e-3`` -> float, else str."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(text, 10)
+    except ValueError:
+        pass
+    if any(c.isdigit() for c in text):  # "nan"/"inf" stay strings; "1e-3", ".5" are numbers
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return text
 
 
 def describe_options(cls: type) -> dict[str, dict[str, Any]]:

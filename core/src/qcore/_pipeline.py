@@ -131,6 +131,10 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     classes = {kind: host.get(kind, getattr(config, kind) or getattr(method, kind))
                for kind in ("quantizer", "calibrator", "allocator")}
     if task_cls is not None:
+        for key, flags in (("input", "--input-size/--mean/--std/--channels"), ("model_args", "--model-arg")):
+            if getattr(config, key) and key not in task_cls.accepts:
+                raise QcoreError(f"task {config.task!r} does not take {flags} (YAML {key}:); remove them, its "
+                                 "models set their own input and construction")
         config = dataclasses.replace(
             config, calib_size=task_cls.default_calib_size if config.calib_size is None else config.calib_size,
             batch_size=task_cls.default_batch_size if config.batch_size is None else config.batch_size)

@@ -140,3 +140,25 @@ def test_default_adds_the_affine_output_correction_after_the_same_allocation(hos
     corrected = quant_layers(default.model).values()
     assert corrected and all(q.out_scale is not None and q.out_correction is not None for q in corrected)
     assert all(q.out_scale is None and q.out_correction is None for q in quant_layers(alone.model).values())
+
+
+def test_curve_cache_tells_constructor_arguments_apart(tmp_path):
+    """``--model-arg`` can change what a model computes without changing its weights (an activation, the
+    pooling): its curves must not be served from the cache of the model built otherwise."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qcore import RunConfig
+    from qcore.testing import tiny_convnet
+    from qcore_rdoq.allocator import RDOQAllocator, RDOQOptions
+
+    alloc = RDOQAllocator(RDOQOptions(cache=str(tmp_path)))
+    model, batches = tiny_convnet(0), [torch.zeros(2, 1, 8, 8)]
+
+    def cache_dirs(**model_args):
+        ctx = SimpleNamespace(model=model, config=RunConfig(model_args=model_args))
+        return [c.dir for c in alloc._caches(ctx, batches, 4, [2, 4], "none", [0.0])]
+
+    assert cache_dirs() == cache_dirs() and cache_dirs(act="gelu") == cache_dirs(act="gelu")
+    assert len({cache_dirs()[0], cache_dirs(act="gelu")[0], cache_dirs(act="relu")[0]}) == 3

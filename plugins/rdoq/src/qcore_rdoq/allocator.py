@@ -178,6 +178,8 @@ class RDOQAllocator(Allocator):
                                     "correction": corr, "version": 2}
         if o.engine == "second-order" and o.projections:
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
+        if ctx.config.model_args:  # e.g. another activation or pooling: the same weights, another model
+            settings["model_args"] = ctx.config.model_args
         return settings
 
     def _caches(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
