@@ -1,16 +1,16 @@
-"""Cross-package fixtures: run the real ``qcore`` command, and install plugins through real entry points."""
+"""Cross-package fixtures: run the real ``qcore`` command, and install a broken plugin through a real entry point.
+
+The example plugin (``tests/example_plugin``, distribution ``qcore-example``) is pip-installed by
+``requirements-test.txt`` like any third-party plugin; only the broken one is faked here."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
 
 
 def _install(site: Path, dist: str, entry: str, module_src: str | None = None, module_name: str = "") -> None:
@@ -25,10 +25,8 @@ def _install(site: Path, dist: str, entry: str, module_src: str | None = None, m
 
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
-    """A site folder with two installed plugins: ``example`` (works) and ``broken`` (fails to import)."""
+    """A site folder with an installed plugin ``broken`` that fails to import (``example`` is installed for real)."""
     site = tmp_path_factory.mktemp("site")
-    shutil.copy(HERE / "example_plugin" / "qcore_example.py", site / "qcore_example.py")
-    _install(site, "qcore-example", "example = qcore_example")
     _install(site, "qcore-broken", "broken = qcore_broken",
              "raise ImportError('qcore_broken needs libfoo, which is not installed')\n", "qcore_broken")
     return site

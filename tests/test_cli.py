@@ -50,16 +50,27 @@ def test_plugins_json_lists_builtins_and_third_party(qcore_cli, plugin_site):
     by = {r["name"]: r for r in rows}
     assert "uniform" in by["uniform"]["provides"]["methods"]
     assert by["classification"]["provides"]["tasks"] == ["classification"]
-    assert by["example"]["provides"]["allocators"] == ["example-all8"] and "error" not in by["example"]
-    assert by["example"]["source"] == "entry point of qcore-example"
+    assert by["example"]["provides"]["allocators"] == ["example-greedy", "example-all8"]
+    assert "error" not in by["example"]
+    assert by["example"]["provides"]["quantizers"] == ["example-pow2"]
+    assert by["example"]["provides"]["calibrators"] == ["example-percentile"]
+    assert by["example"]["source"] == "entry point of qcore-example" and by["example"]["version"] == "0.1.0"
     assert "libfoo" in by["broken"]["error"]
 
 
-def test_third_party_plugin_runs_and_broken_one_fails_only_when_selected(qcore_cli, plugin_site):
+def test_third_party_plugin_runs_and_broken_one_fails_only_when_selected(qcore_cli, plugin_site, tmp_path):
     p = qcore_cli("run", "--plugin", "example", "--eval-size", "100", "--calib-size", "32", "--out", "o",
                   site=plugin_site)
     assert p.returncode == 0, p.stderr
-    assert "method example" in p.stdout and "weights 8.00" in p.stdout
+    assert ("method example-pow2 (plugin example; quantizer example-pow2, calibrator example-percentile, allocator "
+            "example-greedy)") in p.stdout
+    r = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert r["w_bits_avg"] <= 6.0 and r["budget"]["target_bits"] == 6.0  # the default method's greedy budget
+    assert abs(r["quant"] - r["fp"]) <= 3.0  # 100 images: 1 pt per image
+    p = qcore_cli("run", "--method", "example", "--eval-size", "100", "--calib-size", "32", "--out", "o8",
+                  site=plugin_site)
+    assert p.returncode == 0, p.stderr
+    assert "method example (plugin example" in p.stdout and "weights 8.00" in p.stdout
     p = qcore_cli("run", "--plugin", "broken", site=plugin_site)
     assert p.returncode == 2 and "plugin 'broken' is broken" in p.stderr and "libfoo" in p.stderr
 

@@ -36,7 +36,7 @@ def test_plugin_raising_in_register_is_broken_not_fatal():
     def boom(register):
         raise RuntimeError("kaput")
 
-    host = make_host(("bad", plugin(qcore_register_allocators=boom)))
+    host = make_host(("bad", plugin(qcore_register_allocators=boom)), allow_broken=True)
     assert "kaput" in host.plugins["bad"].error
     assert host.get("method", "uniform")  # everything else still works
     with pytest.raises(QcoreError, match="plugin 'bad' is broken: .*kaput"):
@@ -44,12 +44,12 @@ def test_plugin_raising_in_register_is_broken_not_fatal():
 
 
 def test_unknown_hook_marks_plugin_broken():
-    host = make_host(("typo", plugin(qcore_register_quantisers=lambda register: None)))
+    host = make_host(("typo", plugin(qcore_register_quantisers=lambda register: None)), allow_broken=True)
     assert "unknown hook" in host.plugins["typo"].error
 
 
 def test_wrong_registration_type_is_reported():
-    host = make_host(("wrong", plugin(qcore_register_allocators=lambda register: register(object))))
+    host = make_host(("wrong", plugin(qcore_register_allocators=lambda register: register(object))), allow_broken=True)
     assert "subclass of Allocator" in host.plugins["wrong"].error
 
 
@@ -89,7 +89,7 @@ def test_broken_plugin_does_not_block_a_healthy_one_with_the_same_name():
         raise RuntimeError("half-way")
 
     host = make_host(("bad", plugin(qcore_register_quantizers=breaks_after_registering)),
-                     ("good", plugin(qcore_register_quantizers=lambda register: register(Dup))))
+                     ("good", plugin(qcore_register_quantizers=lambda register: register(Dup))), allow_broken=True)
     assert host.get("quantizer", "dupq") is Dup and host.owner_of("quantizer", "dupq") == "good"
     assert host.plugins["bad"].provides["quantizer"] == []
 

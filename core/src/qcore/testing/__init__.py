@@ -7,12 +7,22 @@ builder, and contract checks for each component role.
         host = make_host(("mine", my_plugin_module))
         check_allocator(host, "my-allocator", target_bits=4.0)
 
+``PLUGINS.md`` (repository root) states each role's contract and what each check asserts.
+
 The ``pytest11`` entry point also provides fixtures (``qcore_host``, ``tiny_convnet``); see
 :mod:`qcore.testing.fixtures`.
 """
 
-from qcore.testing.contracts import check_allocator, check_calibrator, check_quantizer, run_tiny
-from qcore.testing.tiny import TINY_TASK_PLUGIN, TinyTask, make_host, tiny_convnet, tiny_mlp
+from qcore.testing.contracts import (
+    W8A8_AGREEMENT_FLOOR,
+    check_allocator,
+    check_calibrator,
+    check_quantizer,
+    run_tiny,
+    uniform_sqnr_floor,
+)
+from qcore.testing.tiny import TINY_TASK_PLUGIN, TinyTask, make_host, tiny_convnet, tiny_gauss, tiny_mlp
 
-__all__ = ["TINY_TASK_PLUGIN", "TinyTask", "check_allocator", "check_calibrator", "check_quantizer", "make_host",
-           "run_tiny", "tiny_convnet", "tiny_mlp"]
+__all__ = ["TINY_TASK_PLUGIN", "TinyTask", "W8A8_AGREEMENT_FLOOR", "check_allocator", "check_calibrator",
+           "check_quantizer", "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp",
+           "uniform_sqnr_floor"]

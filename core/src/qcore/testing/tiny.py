@@ -45,12 +45,24 @@ def tiny_mlp(seed: int = 0, classes: int = 4) -> nn.Module:
     return model.eval()
 
 
-_MODELS = {"convnet": tiny_convnet, "mlp": tiny_mlp}
+def tiny_gauss(seed: int = 0, classes: int = 128) -> nn.Module:
+    """Flatten-Linear(64, ``classes``) without bias whose weight is drawn from N(0, 1): one layer with a
+    Gaussian weight ``[classes, 64]``, for measuring a quantizer's SQNR through the pipeline
+    (:func:`qcore.testing.check_quantizer`)."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, classes, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(classes, 64, generator=g))
+    return model.eval()
+
+
+_MODELS = {"convnet": tiny_convnet, "mlp": tiny_mlp, "gauss": tiny_gauss}
 
 
 class TinyTask(Task):
     """Random ``[B, 1, 8, 8]`` inputs; the metric ``top1`` is agreement (%) with the FP model's own predictions,
-    so FP scores 100 and quantization damage shows as a drop. ``--model tiny:convnet`` or ``tiny:mlp``."""
+    so FP scores 100 and quantization damage shows as a drop. ``--model tiny:convnet``, ``tiny:mlp`` or
+    ``tiny:gauss`` (one Linear layer with an N(0, 1) weight)."""
 
     name = "tiny"
     description = "data-free test task: agreement with the FP model's predictions on random inputs"
@@ -59,7 +71,7 @@ class TinyTask(Task):
         spec = config.model or "tiny:convnet"
         name = spec.partition(":")[2]
         if name not in _MODELS:
-            raise QcoreError(f"unknown tiny model {spec!r}; use tiny:convnet or tiny:mlp")
+            raise QcoreError(f"unknown tiny model {spec!r}; use {', '.join('tiny:' + m for m in _MODELS)}")
         model = _MODELS[name](config.seed)
         g = torch.Generator().manual_seed(config.seed)
         calib = torch.randn(config.calib_size, 1, 8, 8, generator=g)
@@ -89,8 +101,22 @@ class TinyTask(Task):
 TINY_TASK_PLUGIN = SimpleNamespace(qcore_register_tasks=hookimpl(lambda register: register(TinyTask)))
 
 
-def make_host(*plugins: tuple[str, Any], entrypoints: bool = False, tiny: bool = True) -> Host:
+def make_host(*plugins: tuple[str, Any], entrypoints: bool = False, tiny: bool = True,
+              allow_broken: bool = False) -> Host:
     """A plugin host with the built-ins, the tiny task (unless ``tiny=False``) and ``plugins``
-    (``(name, module_or_object)`` pairs); installed entry points only when ``entrypoints=True``."""
+    (``(name, module_or_object)`` pairs); installed entry points only when ``entrypoints=True``.
+
+    A plugin that is broken (fails to import, implements an unknown hook, registers something wrong or raises
+    while registering) is an error here, naming the plugin and its error: a test of a plugin must not pass
+    while the plugin is broken. ``allow_broken=True`` keeps broken plugins listed with their error instead,
+    as ``qcore`` does at run time (for tests of how a broken plugin is reported).
+
+    :raises QcoreError: a plugin is broken and ``allow_broken`` is False.
+    """
     extra: Iterable[tuple[str, Any]] = ((("tiny", TINY_TASK_PLUGIN),) if tiny else ()) + tuple(plugins)
-    return load_host(entrypoints=entrypoints, extra=extra)
+    host = load_host(entrypoints=entrypoints, extra=extra)
+    broken = {name: record.error for name, record in host.plugins.items() if record.error}
+    if broken and not allow_broken:
+        raise QcoreError("broken plugin(s): " + "; ".join(f"{n!r}: {e}" for n, e in broken.items())
+                         + "; fix them, or pass make_host(..., allow_broken=True) to test how they are reported")
+    return host
