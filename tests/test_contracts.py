@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from qcore.testing import check_allocator, check_calibrator, check_quantizer, make_host, run_tiny
+from qcore.testing import (
+    check_allocator,
+    check_calibrator,
+    check_correction,
+    check_quantizer,
+    make_host,
+    run_tiny,
+)
 
 HOST = make_host(entrypoints=True)  # raises if an installed plugin is broken
 
@@ -93,3 +100,8 @@ def test_allocator(name, tmp_path: Path):
         path.write_text(saved.plan.to_json())
         kw["plan"] = str(path)
     check_allocator(HOST, name, **kw)
+
+
+@pytest.mark.parametrize("name", registered("correction"))
+def test_correction(name):
+    check_correction(HOST, name)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
 
 from qcore import __version__
-from qcore._components import RunConfig
+from qcore._components import RunConfig, WeightCorrection
 from qcore._errors import QcoreError
 from qcore._options import convert_value, describe_options, parse_assignments, parse_scalar
 from qcore._plugins import KINDS, Host, load_host
@@ -259,6 +259,10 @@ def _cmd_list(host: Host, kind: str, with_options: bool) -> None:
                         opts.update(describe_options(cls.obj.Options))
                 opts.update(describe_options(PipelineOptions))
                 row["options"] = opts
+        elif kind == "correction":
+            row.update(stage="weight" if issubclass(obj, WeightCorrection) else "output", description=obj.description)
+            if with_options:
+                row["options"] = describe_options(obj.Options)
         elif kind == "model_loader":
             row.update(task=obj.task, description=obj.description)
         else:
@@ -293,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("qcore: interrupted\n")
         return 130
+    except BrokenPipeError:  # `qcore plugins | head`: the reader left; not an error of qcore's
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         _report(exc, getattr(args, "traceback", False) or os.environ.get("QCORE_DEBUG", "") not in ("", "0"))
     return 0

@@ -14,15 +14,17 @@ The ``pytest11`` entry point also provides fixtures (``qcore_host``, ``tiny_conv
 """
 
 from qcore.testing.contracts import (
+    CORRECTION_TOLERANCE,
     W8A8_AGREEMENT_FLOOR,
     check_allocator,
     check_calibrator,
+    check_correction,
     check_quantizer,
     run_tiny,
     uniform_sqnr_floor,
 )
 from qcore.testing.tiny import TINY_TASK_PLUGIN, TinyTask, make_host, tiny_convnet, tiny_gauss, tiny_mlp
 
-__all__ = ["TINY_TASK_PLUGIN", "TinyTask", "W8A8_AGREEMENT_FLOOR", "check_allocator", "check_calibrator",
-           "check_quantizer", "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp",
+__all__ = ["CORRECTION_TOLERANCE", "TINY_TASK_PLUGIN", "TinyTask", "W8A8_AGREEMENT_FLOOR", "check_allocator",
+           "check_calibrator", "check_correction", "check_quantizer", "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp",
            "uniform_sqnr_floor"]
