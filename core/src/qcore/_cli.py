@@ -49,10 +49,12 @@ def _fail(message: str) -> NoReturn:
 
 
 def _add_run(sub: Any) -> None:
-    p = sub.add_parser("run", help="quantize a model and evaluate it", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("run", help="quantize a model and evaluate it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Quantize a model with a method and compare it with the FP model on the same data. "
-                       "Writes result.json and plan.json into --out and prints a summary table. With no options it "
-                       "runs the uniform baseline (W4A8, first/last layer 8-bit) on the embedded Fashion-MNIST ResNet.",
+                       "Writes result.json, plan.json and model.qcore (the quantized model, for qcore.load) into "
+                       "--out and prints a summary table. With no options it runs the uniform baseline (W4A8, "
+                       "first/last layer 8-bit) on the embedded Fashion-MNIST ResNet.",
                        epilog=EPILOG)
     g = p.add_argument_group("what to run")
     g.add_argument("--plugin", help="run this plugin's default method (see `qcore plugins`); default: uniform")

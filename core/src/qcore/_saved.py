@@ -9,6 +9,7 @@ through the same plugins, and reproduces the saved model's outputs exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -59,7 +60,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors handle)
     except (SafetensorError, OSError, ValueError) as exc:
         raise QcoreError(f"cannot read {path} ({exc}); it is not a .qcore file or it is corrupt") from None
     if meta.get("format") != FORMAT:
@@ -86,7 +87,7 @@ def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None,
     quantizer = _component(host, "quantizer", meta["quantizer"], meta["quantizer_options"])
     wc = None if meta["weight_correction"] == "none" else _component(
         host, "correction", meta["weight_correction"], meta["weight_correction_options"])
-    work = _copy(model).eval()
+    work = copy.deepcopy(model).eval()
     if pipeline.fold_bn:
         fold_batchnorm(work)
     layers = discover_layers(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n), pipeline.include,
@@ -98,12 +99,6 @@ def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None,
     _restore(qmodel, tensors, path)
     freeze(qmodel)
     return qmodel.to(device).eval()
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _restore(qmodel: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
