@@ -233,7 +233,7 @@ def summary_table(result: dict[str, Any], out: Path | None) -> str:
             lines.append(f"  measured   {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
                          + " bits/value")
     if out is not None:
-        lines.append(f"  wrote      {out / 'result.json'}, {out / 'plan.json'}")
+        lines.append(f"  wrote      {out / 'result.json'}, {out / 'plan.json'}, {out / 'model.qcore'}")
     return "\n".join(lines)
 
 
