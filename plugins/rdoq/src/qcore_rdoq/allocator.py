@@ -252,6 +252,14 @@ class RDOQAllocator(Allocator):
             raise QcoreError(f"impossible bit budget: --target-bits {target} leaves too few bits for the unpinned "
                              f"layers (minimum {o.min_bits} per weight{'' if not acts else f', {o.min_act_bits} per activation'}); "
                              "raise the target, lower the minimum bits or pin fewer layers (-o first_last=same)")
+        ceiling = (free_w + (free_a if o.budget == "joint" else 0)) * o.max_bits
+        if budget > ceiling + 1e-6 * max(ceiling, 1.0):  # said before the curves, not found in result.json
+            total = w_total + (a_total if o.budget == "joint" else 0)
+            log.warning("rdoq: --target-bits %g cannot be used up: with -o max_bits=%d (the highest bit-width a group "
+                        "may get) the %s average at most %.2f bits, pinned layers included; raise max_bits (up to 16) "
+                        "or lower --target-bits", target, o.max_bits,
+                        "weights and activations" if o.budget == "joint" else "weights",
+                        (ceiling + target * total - budget) / total)
         device = module_device(ctx.model)  # the engines call the model's parts directly: batches go where it is
         batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
         first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order
