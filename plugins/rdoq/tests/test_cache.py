@@ -173,3 +173,21 @@ def test_concurrent_runs_share_the_work_and_agree(clean, tmp_path):
     measured_b = set(FREE) - set(b["cached"])
     assert not measured_a & measured_b  # no layer measured twice
     assert measured_a | measured_b == set(FREE)
+
+
+def test_unwritable_cache_folder_is_refused_even_for_root(host):
+    """``os.access`` says yes to root: the check writes an anonymous file to be sure (/proc takes none)."""
+    with pytest.raises(QcoreError, match="-o cache=/proc/qcore-cache cannot hold the RD curve cache: cannot write in "
+                                         "/proc"):
+        run_tiny(host, method="rdoq", target_bits=3.0, options={**OPTS, "cache": "/proc/qcore-cache"})
+
+
+def test_cache_lost_mid_run_costs_warnings_not_the_run(tmp_path, caplog):
+    (tmp_path / "gone").write_text("the cache folder was replaced by a file")
+    cache = CurveCache(tmp_path / "gone", "k" * 32)
+    with caplog.at_level(logging.WARNING, logger="qcore_rdoq"):
+        with cache.locked("fc"):
+            assert cache.load("fc", (2, 3)) is None
+            cache.save("fc", np.ones((2, 3)))
+    assert "cannot lock RD curve cache entry" in caplog.text and "could not write RD curve cache entry" in caplog.text
+    assert cache.writes == 0

@@ -64,8 +64,11 @@ def cache_root_problem(root: Path) -> str | None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         return f"{probe} is a file, not a folder" if probe == root else f"{probe} is a file, so {root} cannot be a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
+    try:  # an anonymous file (O_TMPFILE: nothing appears in the folder); access() says yes to root
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"cannot write in {probe} ({exc.strerror or exc})"
     return None
 
 
@@ -169,21 +172,23 @@ class CurveCache:
     def locked(self, layer: str | None = None) -> Iterator[None]:
         """Hold the lock of ``layer``'s entry (None: of the whole folder) while the block runs: another run
         that wants the same entry waits, then finds it written."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / (".all.lock" if layer is None else self._stem(layer) + SUFFIX + ".lock")
-        if fcntl is None:  # pragma: no cover
+        with contextlib.ExitStack() as stack:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fh = stack.enter_context(open(path, "a+b"))
+            except OSError as exc:  # the cache went away or read-only mid-run: measure without it, do not fail
+                log.warning("cannot lock RD curve cache entry %s (%s); measuring without the lock", path,
+                            exc.strerror or exc)
+                fh = None
+            if fh is not None and fcntl is not None:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("RD cache: waiting for another run to finish %s", path.name[:-len(".lock")])
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                stack.callback(fcntl.flock, fh.fileno(), fcntl.LOCK_UN)
             yield
-            return
-        with open(path, "a+b") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("RD cache: waiting for another run to finish %s", path.name[:-len(".lock")])
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def load(self, layer: str, shape: tuple[int, int]) -> np.ndarray | None:
         """``layer``'s cached curves of ``shape``, or None when there is no usable entry (a damaged or
