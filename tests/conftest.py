@@ -48,3 +48,17 @@ def qcore_cli(tmp_path):
     def call(*args: str, **kw):
         return run_qcore(*args, cwd=tmp_path, **kw)
     return call
+
+
+@pytest.fixture(scope="session")
+def exiting_plugin_site(tmp_path_factory) -> Path:
+    """A site folder with an installed plugin ``exiting`` whose import calls ``sys.exit(3)``."""
+    site = tmp_path_factory.mktemp("site-exit")
+    _install(site, "qcore-exiting", "exiting = qcore_exiting", "import sys\nsys.exit(3)\n", "qcore_exiting")
+    return site
+
+
+@pytest.fixture(scope="session")
+def qcore_runner():
+    """:func:`run_qcore` itself, for module-scoped fixtures that run the command in folders of their own."""
+    return run_qcore

@@ -101,3 +101,28 @@ def test_weights_record_without_voxel_config_is_a_clear_error(host, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(record))
     with pytest.raises(QcoreError, match="corrupt or not from"):
         host.get("task", "detection")().build(RunConfig(weights=tmp_path / "m.safetensors", **SMALL), host)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7], ids=["0-byte", "7-byte"])
+def test_empty_or_tiny_weights_file_is_a_clear_error(tmp_path, content):
+    """An exception without a message (``EOFError()``) must not break the error message itself."""
+    from qcore_detection.zoo import MODELS, load_detector
+
+    bad = tmp_path / "m.safetensors"
+    bad.write_bytes(content)
+    (tmp_path / "m.json").write_text(MODELS["voxelnext_lite"].with_suffix(".json").read_text())
+    with pytest.raises(QcoreError, match="cannot load detector weights .* the file is corrupt"):
+        load_detector(bad)
+
+
+def test_exception_without_message_is_reported(tmp_path, monkeypatch):
+    from qcore_detection import zoo
+
+    def empty(*args, **kwargs):
+        raise EOFError
+
+    monkeypatch.setattr(zoo, "model_from_record", empty)
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    (tmp_path / "m.json").write_text("{}")
+    with pytest.raises(QcoreError, match=r"\(EOFError: \(no message\)\)"):
+        zoo.load_detector(tmp_path / "m.safetensors")

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,9 +88,7 @@ def _pick(n_pool: int, n: int, seed: int) -> np.ndarray:
 
 def _from_splits(calib: fm.Split, test: fm.Split, spec: InputSpec, calib_size: int, eval_size: int | None,
                  batch: int, seed: int, desc: dict[str, str]) -> ClassificationData:
-    idx = _pick(len(calib), calib_size, seed)
-    if calib_size > len(calib):
-        log.warning("calibration pool has %d images; using all of them (asked for %d)", len(calib), calib_size)
+    idx = _pick(len(calib), calib_size, seed)  # all of a smaller pool: the pipeline warns and records the count
     calib_x = adapt(_uint8_to_unit(calib.images[idx]), spec)
     n_eval = len(test) if eval_size is None else min(eval_size, len(test))
     desc = dict(desc)
@@ -147,17 +146,57 @@ def image_folder(directory: Path, spec: InputSpec, calib_size: int, eval_size: i
                              transforms.Normalize(spec.mean, spec.std)])
     if spec.channels == 1:
         tf = transforms.Compose([transforms.Grayscale(1), tf])
-    train = datasets.ImageFolder(str(directory / "train"), transform=tf)
-    val = datasets.ImageFolder(str(directory / "val"), transform=tf)
+    train, val = (_image_folder(directory / split, tf) for split in ("train", "val"))
     if train.classes != val.classes:
         raise QcoreError(f"{directory}: train/ and val/ have different class folders")
     idx = _pick(len(train), calib_size, seed)
-    calib = [x for x, _ in DataLoader(Subset(train, idx.tolist()), batch_size=batch, num_workers=workers)]
+    calib = [x for x, _ in _ReadImages(DataLoader(Subset(train, idx.tolist()), batch_size=batch,
+                                                  num_workers=workers))]
     n_eval = len(val) if eval_size is None else min(eval_size, len(val))
-    stream = DataLoader(Subset(val, list(range(n_eval))), batch_size=batch, num_workers=workers)
+    stream = _ReadImages(DataLoader(Subset(val, list(range(n_eval))), batch_size=batch, num_workers=workers))
     desc = {"calibration": f"{directory}/train: {len(idx)} images (seed {seed})",
             "evaluation": f"{directory}/val: {n_eval} images"}
     return ClassificationData(calib, stream, len(train.classes), desc)
+
+
+def _read_image(path: str) -> Any:
+    """torchvision's image loader, with an unreadable file named in a :class:`QcoreError`."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError (an OSError), cut-off files
+        raise QcoreError(f"cannot read image {path} ({type(exc).__name__}); remove or replace it") from None
+
+
+def _image_folder(root: Path, tf: Any) -> Any:
+    """An ``ImageFolder`` of ``root``, whose class sub-folders must exist and hold images."""
+    from torchvision import datasets
+
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise QcoreError(f"{root} has no class folders; an ImageNet-style --data needs one sub-folder of images per "
+                         "class in train/ and val/")
+    try:
+        return datasets.ImageFolder(str(root), transform=tf, loader=_read_image)
+    except FileNotFoundError as exc:  # torchvision: a class folder without a single image file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise QcoreError(f"{root}: {first.split('. Supported')[0].replace('Found no valid file', 'no image')} "
+                         "(.jpg, .png, ...); put images in every class folder or remove the empty ones") from None
+
+
+@dataclass
+class _ReadImages:
+    """A ``DataLoader`` whose unreadable images end in one line naming the file (a worker process re-raises
+    the :class:`QcoreError` of :func:`_read_image` with its whole traceback in the message)."""
+
+    loader: Iterable[Any]
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.loader
+        except QcoreError as exc:
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            raise QcoreError(last.split("QcoreError: ", 1)[-1]) from None
 
 
 def load_data(data: str | None, spec: InputSpec, calib_size: int, eval_size: int | None, batch: int,

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from qcore import QcoreError
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +50,26 @@ class Split:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """The array in an unsigned-byte IDX file (gzipped when its name ends in ``.gz``); anything else is a
+    :class:`QcoreError` naming the file."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut-off .gz an EOFError
+        raise QcoreError(f"cannot read {path} ({type(exc).__name__}: {exc or 'truncated'}); replace it with the "
+                         "Fashion-MNIST IDX file") from None
+    fix = "replace it with the Fashion-MNIST IDX file"
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise QcoreError(f"{path} is not an unsigned-byte IDX file; {fix}")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise QcoreError(f"{path} is truncated in its header; {fix}")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    if body.size != math.prod(dims):
+        raise QcoreError(f"{path} is damaged: its header promises {math.prod(dims)} values, the file holds "
+                         f"{body.size}; {fix}")
     return body.reshape(dims).copy()  # frombuffer views the read-only bytes; torch wants a writable array
 
 
@@ -76,10 +90,20 @@ def read_idx_split(directory: Path, split: str) -> Split:
     img_stem, lbl_stem = _FILES[split]
     img_path, lbl_path = _find(directory, img_stem), _find(directory, lbl_stem)
     if img_path is None or lbl_path is None:
-        raise FileNotFoundError(f"no Fashion-MNIST {split} IDX files in {directory}")
+        raise QcoreError(f"no Fashion-MNIST {split} IDX files in {directory}")
     images, labels = _read_idx(img_path), _read_idx(lbl_path)
+    if images.ndim != 3 or 0 in images.shape:
+        raise QcoreError(f"{img_path} holds an array of shape {list(images.shape)}; Fashion-MNIST IDX images are "
+                         "[N, rows, cols] (e.g. [10000, 28, 28]): write them with 3 dimensions")
+    if labels.ndim != 1:
+        raise QcoreError(f"{lbl_path} holds an array of shape {list(labels.shape)}; IDX labels are one number per "
+                         "image, [N]")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise QcoreError(f"{directory}: {images.shape[0]} {split} images but {labels.shape[0]} labels; the IDX "
+                         "files do not belong together")
+    if labels.size and int(labels.max()) >= len(CLASSES):
+        raise QcoreError(f"{lbl_path} has labels up to {int(labels.max())}, but Fashion-MNIST has {len(CLASSES)} "
+                         f"classes (0..{len(CLASSES) - 1}); these are not Fashion-MNIST labels")
     return Split(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))
 
 

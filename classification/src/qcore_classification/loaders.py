@@ -79,6 +79,11 @@ class LoadedModel:
     weights: str
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("(no message)" for one without: ``EOFError()``)."""
+    return (str(exc).strip().splitlines() or ["(no message)"])[0][:200]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file safely: safetensors, or a torch checkpoint with ``weights_only=True``.
 
@@ -95,8 +100,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise QcoreError(f"cannot read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                         "pass a safetensors file or a torch state dict saved with torch.save") from None
+        problem = "the file is empty" if path.stat().st_size == 0 else f"{type(exc).__name__}: {_first_line(exc)[:120]}"
+        raise QcoreError(f"cannot read weights file {path} ({problem}); pass a safetensors file or a torch state "
+                         "dict saved with torch.save") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -157,10 +163,6 @@ def _from_weights(build: Callable[[int], nn.Module], weights: Path, default_clas
 
 
 _UNEXPECTED = re.compile(r"unexpected keyword argument '([^']+)'")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def construct(build: Callable[..., Any], args: Mapping[str, Any], what: str, user_code: bool = False) -> Any:

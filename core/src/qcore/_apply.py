@@ -9,7 +9,8 @@ from torch import nn
 
 from qcore._components import RunContext
 from qcore._errors import QcoreError
-from qcore._spec import Plan
+from qcore._layers import LayerInfo
+from qcore._spec import LayerSpec, Plan
 from qcore._wrap import QuantLayer, quant_layers, replace_module
 
 
@@ -27,6 +28,8 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = Fa
             if t is not None and t.quantizer != ctx.quantizer.name:
                 raise QcoreError(f"the plan quantizes layer {name!r} with quantizer {t.quantizer!r} but this run uses "
                                  f"{ctx.quantizer.name!r}; run with --quantizer {t.quantizer}")
+    for name, spec in plan.layers.items():
+        _check_axes(model.get_submodule(name), name, spec, ctx.layers[name])
     qmodel = model if inplace else copy.deepcopy(model)
     for name, spec in plan.layers.items():
         module = qmodel.get_submodule(name)
@@ -38,6 +41,20 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = Fa
             wrapped = wrapped.to(param.device)
         replace_module(qmodel, name, wrapped)
     return qmodel
+
+
+def _check_axes(module: nn.Module, name: str, spec: LayerSpec, info: LayerInfo) -> None:
+    """A spec's ``axis`` must be the layer's own channel axis (the quantizers keep one scale per channel of it)."""
+    weight = getattr(module, "weight", None)
+    if spec.weight is not None and spec.weight.axis is not None and isinstance(weight, torch.Tensor):
+        ndim = weight.ndim
+        if not -ndim <= spec.weight.axis < ndim or spec.weight.axis % ndim != info.weight_axis % ndim:
+            raise QcoreError(f"the plan gives layer {name!r} weight axis {spec.weight.axis}, but its {ndim}-D weight "
+                             f"has its channels on axis {info.weight_axis}; remove 'axis' (or set it to "
+                             f"{info.weight_axis})")
+    if spec.act is not None and spec.act.axis is not None and spec.act.axis != info.act_axis:
+        raise QcoreError(f"the plan gives layer {name!r} activation axis {spec.act.axis}, but its input has its "
+                         f"channels on axis {info.act_axis}; remove 'axis' (or set it to {info.act_axis})")
 
 
 def freeze(model: nn.Module) -> None:

@@ -88,7 +88,7 @@ def _add_run(sub: Any) -> None:
     g.add_argument("--channels", type=int, metavar="C",
                    help="input channels the model takes (1 or 3): grey images are repeated to 3 channels, colour "
                    "ones averaged to 1 (default: the model's own; YAML input: {channels: C})")
-    g.add_argument("--weights", type=Path, help="weights file (safetensors or a torch state dict)")
+    g.add_argument("--weights", help="weights file (safetensors or a torch state dict)")
     g.add_argument("--data", help="data: an ImageNet-style folder with train/ and val/, a folder with the "
                    "Fashion-MNIST IDX files, or 'embedded' (default for zoo models)")
     g.add_argument("--calib-size", type=int,
@@ -102,7 +102,7 @@ def _add_run(sub: Any) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", help="cpu (default), cuda or cuda:N")
     g.add_argument("--seed", type=int, help="seed for calibration sampling and methods (default 0)")
-    g.add_argument("--out", type=Path, help="output folder (default qcore-runs/<method>-<model>-<time>)")
+    g.add_argument("--out", help="output folder (default qcore-runs/<method>-<model>-<time>)")
     g.add_argument("-v", "--verbose", action="store_true", help="log progress of each stage")
     g.add_argument("--traceback", action="store_true",
                    help="on an error, print the full Python traceback too (also QCORE_DEBUG=1); for bug reports")
@@ -131,9 +131,15 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise QcoreError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QcoreError(f"cannot read config file {path} ({type(exc).__name__}); --config takes a YAML text "
+                         "file") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise QcoreError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QcoreError(f"config file {path} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise QcoreError(f"config file {path} must hold a mapping of options")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -183,6 +189,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values["allocator"] = "plan"
         options["plan"] = str(plan)
     for key in ("weights", "out"):
+        if values.get(key) is not None and not str(values[key]).strip():  # Path("") would be the current folder
+            raise QcoreError(f"--{key} is empty; give a path (or leave --{key} out)")
         if values.get(key) is not None:
             values[key] = Path(values[key])
     if values.get("out") is None:

@@ -21,11 +21,23 @@ def _serialise(value: Any) -> str | bytes:
     return json.dumps(value, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)) + "\n"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(fd: int) -> None:
+    """Give a ``mkstemp`` file (created ``0600``) the mode any new file gets: ``0666`` less the umask."""
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        _usual_mode(fd)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -49,6 +61,7 @@ def write_outputs(out: Path, files: Mapping[str, Any]) -> None:
             final.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
             staged.append((tmp, final))
+            _usual_mode(fd)
             with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
                 fh.write(text)
         for tmp, final in staged:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +47,8 @@ from qcore._wrap import iter_quantizers
 
 log = logging.getLogger(__name__)
 BUDGET_KEYS = ("w_bits", "a_bits", "target_bits")
+#: the largest seed every random generator in a run takes (torch's are 64-bit)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -111,6 +115,30 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
+def check_out(out: Path) -> None:
+    """Refuse an output folder that cannot be written at the start of a run, not after all its work: a file in
+    the way, a name the file system cannot hold, or no write permission. Creates nothing."""
+    if not str(out).strip():
+        raise QcoreError("--out is empty; name the output folder (or leave --out out for qcore-runs/...)")
+    long = [part for part in out.parts if len(os.fsencode(part)) > 255]  # NAME_MAX of every common file system
+    if long:
+        raise QcoreError(f"--out has a name of {len(os.fsencode(long[0]))} bytes ({long[0][:30]}...); file systems "
+                         "allow at most 255: choose a shorter --out")
+    if out.exists() and not out.is_dir():
+        raise QcoreError(f"--out {out} exists and is not a directory; choose another path")
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QcoreError(f"--out {out}: {probe} is a file, so it cannot hold the output folder; choose another path")
+    try:  # an anonymous file where the folder will be made (O_TMPFILE: nothing appears); access() trusts root
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise QcoreError(f"--out {out}: cannot write in {probe} ({exc.strerror or exc}); choose another --out"
+                         ) from None
+
+
 def _correction(host: Host, name: str, base: type[Correction]) -> type[Correction] | None:
     """The registered correction class ``name`` (None for ``none``), checked to be of the ``base`` stage."""
     if name == "none":
@@ -128,6 +156,7 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     """Resolve the method's components and check every setting before anything expensive runs (``task_cls``:
     the registered task, None for a model and data handed over by the Python API)."""
     method, plugin = resolve_method(host, config)
+    calib_asked = config.calib_size
     classes = {kind: host.get(kind, getattr(config, kind) or getattr(method, kind))
                for kind in ("quantizer", "calibrator", "allocator")}
     if task_cls is not None:
@@ -159,15 +188,15 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     _check_bits("--target-bits", budget.target_bits, 0, MAX_BITS)
     if (config.calib_size or 1) < 1 or (config.batch_size or 1) < 1:
         raise QcoreError("--calib-size and --batch-size must be at least 1")
-    if config.seed < 0:
-        raise QcoreError(f"--seed {config.seed} must be 0 or more")
-    if config.out is not None and config.out.exists() and not config.out.is_dir():
-        raise QcoreError(f"--out {config.out} exists and is not a directory; choose another path")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise QcoreError(f"--seed {config.seed} is out of range; use 0..{MAX_SEED} (2**63 - 1)")
+    if config.out is not None:
+        check_out(config.out)
     device = _check_device(config.device)
     torch.manual_seed(config.seed)
     qdist.init_from_env(config.device)
     return Prepared(config=config, host=host, method=method, plugin=plugin, comps=comps, correctors=correctors,
-                    pipeline=pipeline, values=values, budget=budget, device=device)
+                    pipeline=pipeline, values=values, budget=budget, device=device, calib_asked=calib_asked)
 
 
 def run(config: RunConfig, host: Host | None = None) -> RunOutcome:
@@ -199,6 +228,8 @@ class Prepared:
     values: dict[str, Any]
     budget: Budget
     device: torch.device
+    #: the --calib-size the user gave (None: the task's default, which a small task may not reach silently)
+    calib_asked: int | None = None
 
     def blame(self, kind: str, comp: Any) -> Any:
         """:func:`qcore._errors.blame` for this run's component ``comp`` of ``kind``."""
@@ -216,6 +247,12 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     def task_blame() -> Any:
         return blame("task", config.task, task_owner)
 
+    used = calibration_samples(inst.calibration)
+    if used is not None and used != config.calib_size:
+        if prep.calib_asked is not None and used < prep.calib_asked:
+            log.warning("--calib-size %d asked for, but the task's calibration data has %d samples: calibrating on "
+                        "(and recording) %d", prep.calib_asked, used, used)
+        config = prep.config = dataclasses.replace(config, calib_size=used)  # result.json records what was used
     fp_model = inst.model.eval().to(prep.device)
     check_finite(fp_model)
     with stages("fp_eval"), task_blame():
@@ -277,6 +314,21 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
                             "model.qcore": saved_bytes(qmodel, plan, ctx), **ctx.artifacts})
     return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds, fp_model=work,
                       ctx=ctx)
+
+
+def calibration_samples(batches: Any) -> int | None:
+    """How many samples the calibration batches hold: tensors (or tuples/lists starting with one) by their first
+    dimension, dicts by an integer ``batch_size`` entry (detection's batch_dict); None when that is not known."""
+    total = 0
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) and b else b
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            total += int(x.shape[0])
+        elif isinstance(x, dict) and isinstance(x.get("batch_size"), int):
+            total += x["batch_size"]
+        else:
+            return None
+    return total
 
 
 def _owner(host: Host, kind: str, comp: Any) -> str:

@@ -79,6 +79,13 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception a plugin raised; ``sys.exit(3)`` reads as such."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}) while loading"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _did_you_mean(name: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -136,10 +143,12 @@ class Host:
             source = f"entry point of {dist.metadata['Name'] if dist is not None else '?'}"
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not take qcore down
-                log.warning("plugin %r failed to load: %s", ep.name, exc)
-                self.plugins[ep.name] = PluginRecord(ep.name, version, source,
-                                                     error=f"{type(exc).__name__}: {exc}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a broken third-party plugin must not take qcore down,
+                # not even by calling sys.exit() (SystemExit) while it is imported
+                log.warning("plugin %r failed to load: %s", ep.name, _describe(exc))
+                self.plugins[ep.name] = PluginRecord(ep.name, version, source, error=_describe(exc))
                 continue
             self.add_plugin(ep.name, module, version, source)
 
@@ -165,8 +174,10 @@ class Host:
                 items = collected.setdefault(owner, [])
                 try:
                     impl.function(register=self._register_fn(kind, base, items))
-                except Exception as exc:
-                    record.error = f"{hookname} raised {type(exc).__name__}: {exc}"
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - sys.exit() in a hook breaks that plugin only
+                    record.error = f"{hookname} raised {_describe(exc)}"
                     log.warning("plugin %r is broken: %s", owner, record.error)
         for owner, items in collected.items():
             if self.plugins[owner].error:

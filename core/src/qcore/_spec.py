@@ -59,6 +59,14 @@ class QuantSpec:
         if any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b <= MAX_BITS for b in bits):
             raise QcoreError(f"bit-width {self.bits if not self.group_bits else self.group_bits} is out of range; "
                              f"use whole numbers from 0 to {MAX_BITS}")
+        if not isinstance(self.symmetric, bool):
+            raise QcoreError(f"symmetric={self.symmetric!r} must be true or false (a JSON boolean, not a string)")
+        for key in ("group_size", "axis"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise QcoreError(f"QuantSpec {key}={value!r} must be a whole number")
+        if self.group_size is not None and self.group_size < 1:
+            raise QcoreError(f"group_size={self.group_size} must be at least 1 (channels per group)")
         if self.granularity not in GRANULARITIES:
             raise QcoreError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
         if self.granularity == "group" and not self.group_size:
@@ -105,9 +113,6 @@ class QuantSpec:
         kw = dict(d)
         if kw.get("group_bits") is not None:
             kw["group_bits"] = tuple(int(b) for b in kw["group_bits"])
-        for key in ("group_size", "axis"):
-            if kw.get(key) is not None and (not isinstance(kw[key], int) or isinstance(kw[key], bool)):
-                raise QcoreError(f"QuantSpec {key}={kw[key]!r} must be a whole number")
         return cls(**kw)
 
 

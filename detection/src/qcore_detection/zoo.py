@@ -41,10 +41,10 @@ def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
         model = model_from_record(weights, record)
         record["voxel_config"] = VoxelConfig(**record["voxel_config"])
         record["class_names"] = tuple(record["model_config"]["class_names"])
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise QcoreError(f"cannot load detector weights {weights} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:120]}); the file is corrupt or not from "
-                         "qcore_detection.train: re-export it") from None
+    except (SafetensorError, OSError, EOFError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or ["(no message)"])[0][:120]  # EOFError() has none
+        raise QcoreError(f"cannot load detector weights {weights} ({type(exc).__name__}: {first}); the file is "
+                         "corrupt or not from qcore_detection.train: re-export it") from None
     return model, record
 
 

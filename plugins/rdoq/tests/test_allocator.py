@@ -162,3 +162,19 @@ def test_curve_cache_tells_constructor_arguments_apart(tmp_path):
 
     assert cache_dirs() == cache_dirs() and cache_dirs(act="gelu") == cache_dirs(act="gelu")
     assert len({cache_dirs()[0], cache_dirs(act="gelu")[0], cache_dirs(act="relu")[0]}) == 3
+
+
+def test_target_above_max_bits_is_warned_before_the_curves(host, caplog):
+    """--target-bits 12 with -o max_bits=4 cannot be used up: say so, rather than report 4.x bits without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="qcore_rdoq"):
+        out = run_tiny(host, method="rdoq", target_bits=12.0,
+                       options={"group": 4, "curve_samples": 16, "max_bits": 4, "cache": "off"})
+    warned = [r.getMessage() for r in caplog.records if "cannot be used up" in r.getMessage()]
+    assert len(warned) == 1 and "-o max_bits=4" in warned[0]
+    assert f"at most {out.result['w_bits_avg']:.2f} bits" in warned[0]  # what the run then reports
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qcore_rdoq"):
+        run_tiny(host, method="rdoq", target_bits=4.0, options={"group": 4, "curve_samples": 16, "cache": "off"})
+    assert "cannot be used up" not in caplog.text

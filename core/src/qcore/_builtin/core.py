@@ -38,9 +38,34 @@ def qcore_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: 
     return QuantLayer(module, info, spec, wq, aq, weight_correction=ctx.weight_correction)
 
 
+def read_plan_file(name: str) -> Plan:
+    """The plan saved in file ``name``; a missing, unreadable or malformed file, or a plan that quantizes no layer,
+    is a :class:`QcoreError` saying so."""
+    path = Path(name)
+    if not name or not path.is_file():
+        raise QcoreError(f"plan file {name!r} does not exist; pass --plan PATH to a plan.json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QcoreError(f"cannot read plan file {path} ({type(exc).__name__}); pass a plan.json written by "
+                         "`qcore run`") from None
+    try:
+        plan = Plan.from_json(text)
+    except QcoreError as exc:
+        raise QcoreError(f"plan file {path}: {exc}") from None
+    if not any(s.weight is not None or s.act is not None for s in plan.layers.values()):
+        raise QcoreError(f"plan file {path} quantizes no layer, so the run would be the FP model; pass a plan.json "
+                         "written by `qcore run`")
+    return plan
+
+
 @dataclass(frozen=True)
 class PlanFileOptions:
     plan: str = field(default="", metadata={"help": "path of a plan.json to apply (what `qcore run --plan` sets)"})
+
+    def __post_init__(self) -> None:
+        if self.plan:  # a bad plan file is refused with the options, before the model is loaded
+            read_plan_file(self.plan)
 
 
 class PlanFileAllocator(Allocator):
@@ -53,10 +78,7 @@ class PlanFileAllocator(Allocator):
     saved_plan = True
 
     def allocate(self, ctx: RunContext) -> Plan:
-        path = Path(self.options.plan)
-        if not self.options.plan or not path.is_file():
-            raise QcoreError(f"plan file {self.options.plan!r} does not exist; pass --plan PATH to a plan.json")
-        return Plan.from_json(path.read_text())
+        return read_plan_file(self.options.plan)
 
 
 @hookimpl

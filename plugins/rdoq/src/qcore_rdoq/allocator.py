@@ -32,7 +32,7 @@ from qcore import (
 )
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
-from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprints
+from qcore_rdoq.cache import CurveCache, cache_root_problem, default_cache_root, fingerprints
 from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
 from qcore_rdoq.deployment import WEIGHT_CLIP, Clip, deployment
 from qcore_rdoq.groups import group_entropy, weight_spec
@@ -88,6 +88,11 @@ class RDOQOptions:
         counts = (self.group, self.chunk, self.projections, self.deadzones)
         if min(counts) < 0 or self.curve_samples < 1 or self.resolution <= 0:
             raise QcoreError("group, chunk, projections and deadzones must be >= 0, curve_samples >= 1, resolution > 0")
+        if self.cache not in ("auto", "off"):  # before any curve is measured, not when the first one is written
+            problem = cache_root_problem(Path(self.cache)) if self.cache.strip() else "it is empty"
+            if problem:
+                raise QcoreError(f"-o cache={self.cache} cannot hold the RD curve cache: {problem}; pass a writable "
+                                 "folder, cache=auto or cache=off")
 
 
 def auto_group_size(out_channels: list[int]) -> int:
@@ -189,6 +194,11 @@ class RDOQAllocator(Allocator):
         if o.cache == "off":
             return [None] * len(deadzones)
         root = default_cache_root() if o.cache == "auto" else Path(o.cache)
+        problem = cache_root_problem(root) if o.cache == "auto" else None
+        if problem:  # the default location is no choice of the user's: go on without a cache
+            log.warning("rdoq: no RD curve cache in %s (%s); set QCORE_CACHE_DIR or -o cache=FOLDER to keep curves "
+                        "between runs", root, problem)
+            return [None] * len(deadzones)
         settings = self._cache_settings(ctx, group, bits, corr, clip)
         # bump deadzone_fit when fit_deadzone's result changes
         per_ratio = [settings | ({"deadzone": d, "deadzone_fit": 2} if d else {}) for d in deadzones]
@@ -242,6 +252,14 @@ class RDOQAllocator(Allocator):
             raise QcoreError(f"impossible bit budget: --target-bits {target} leaves too few bits for the unpinned "
                              f"layers (minimum {o.min_bits} per weight{'' if not acts else f', {o.min_act_bits} per activation'}); "
                              "raise the target, lower the minimum bits or pin fewer layers (-o first_last=same)")
+        ceiling = (free_w + (free_a if o.budget == "joint" else 0)) * o.max_bits
+        if budget > ceiling + 1e-6 * max(ceiling, 1.0):  # said before the curves, not found in result.json
+            total = w_total + (a_total if o.budget == "joint" else 0)
+            log.warning("rdoq: --target-bits %g cannot be used up: with -o max_bits=%d (the highest bit-width a group "
+                        "may get) the %s average at most %.2f bits, pinned layers included; raise max_bits (up to 16) "
+                        "or lower --target-bits", target, o.max_bits,
+                        "weights and activations" if o.budget == "joint" else "weights",
+                        (ceiling + target * total - budget) / total)
         device = module_device(ctx.model)  # the engines call the model's parts directly: batches go where it is
         batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
         first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order

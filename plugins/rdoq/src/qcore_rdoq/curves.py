@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,17 +322,19 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
     done: dict[str, tuple[np.ndarray, str]] = {}
     for name in track(qdist.shard(names), desc=f"RD curves ({eng.name})", unit="layer"):
         gs = groups[name]
-        cached = cache.load(name, (len(gs), len(bits))) if cache is not None else None
-        if cached is not None:
-            done[name] = (cached, "cache")
-            continue
-        weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
-        table = candidate_table(weight, layers[name], group_size, list(bits), clip, correction, deadzone)
-        cands = Candidates(weight, table, gs, bits)
-        layer_eng = eng.reference() if isinstance(eng, FastEngine) and not eng.serves(name) else eng
-        d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))
-        if cache is not None:
-            cache.save(name, d)
+        # the entry's lock: a concurrent run on the same cache waits here, then reads what this one wrote
+        with cache.locked(name) if cache is not None else nullcontext():
+            cached = cache.load(name, (len(gs), len(bits))) if cache is not None else None
+            if cached is not None:
+                done[name] = (cached, "cache")
+                continue
+            weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
+            table = candidate_table(weight, layers[name], group_size, list(bits), clip, correction, deadzone)
+            cands = Candidates(weight, table, gs, bits)
+            layer_eng = eng.reference() if isinstance(eng, FastEngine) and not eng.serves(name) else eng
+            d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))
+            if cache is not None:
+                cache.save(name, d)
         done[name] = (d, layer_eng.name)
     for part in qdist.all_gather_object(done):  # other processes' layers (a no-op in one process)
         done.update(part)

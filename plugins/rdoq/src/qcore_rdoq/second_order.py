@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -113,10 +114,22 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
     ratios take another pass (with the same random directions, so the split changes nothing beyond float rounding).
     """
     t0 = time.perf_counter()
+    caches = list(caches) if caches is not None else [None] * len(deadzones)
+    with ExitStack() as locks:  # one set of Jacobians for all layers: a concurrent run waits for the whole set
+        for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
+            locks.enter_context(folder[1].locked())
+        return _curve_set(model, batches, layers, group_size, bits, deadzones, sub_batch, clip, caches, correction,
+                          projections, seed, t0)
+
+
+def _curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
+               bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, clip: Clip,
+               caches: list[CurveCache | None], correction: WeightCorrection | None, projections: int, seed: int,
+               t0: float) -> list[Curves]:
+    """:func:`second_order_curve_set` with the caches' locks held."""
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
     flat = [g for n in names for g in groups[n]]
-    caches = list(caches) if caches is not None else [None] * len(deadzones)
     if all(c is not None for c in caches):
         hits = [[c.load(n, (len(groups[n]), len(bits))) for n in names] for c in caches]  # type: ignore[union-attr]
         if all(h is not None for hit in hits for h in hit):
