@@ -99,3 +99,30 @@ def test_per_item_rates_dp_matches_brute_force_and_lagrangian_stays_feasible(see
         np.testing.assert_allclose(got.bits, rm[np.arange(len(sizes)), got.choice])
         lg, _ = lagrangian_for_budget(sizes, dists, rm, budget)
         assert lg.total_bits <= budget + 1e-9 and lg.distortion >= want - 1e-12
+
+
+def test_lagrangian_searches_the_multipliers_where_choices_change():
+    """Distortions of 1e-20..1e-10 and an 8-bit target: a fixed log2(lambda) range of [-60, 60] stopped at 4.59
+    bits with 100x the distortion; the range now comes from the data."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(100, 1000, 50).astype(float)
+    rates = np.arange(0, 11, dtype=float)
+    dists = np.exp(-0.7 * rates)[None, :] * rng.uniform(1e-20, 1e-10, (50, 1))
+    a, _ = lagrangian_for_budget(sizes, dists, rates, 8 * sizes.sum())
+    assert 7.99 <= a.total_bits / sizes.sum() <= 8.0
+    exact = solve_dp(sizes, dists, rates, 8 * sizes.sum())
+    assert exact.solver == "dp (exact grid)" and a.solver == "lagrangian"
+    assert a.distortion <= exact.distortion * 1.01
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_answer_names_its_solver_and_respects_the_dual_bound(seed):
+    sizes, dists, rates = problem(seed, n=6)
+    sizes = sizes * 7.3  # fractional costs: the DP runs on a rounded grid and tops up
+    budget = 2.5 * sizes.sum()
+    optimum, _ = brute(sizes, dists, rates, budget)
+    for sol in (solve_dp(sizes, dists, rates, budget, max_work=10),
+                lagrangian_for_budget(sizes, dists, rates, budget)[0]):
+        assert sol.solver and sol.lower_bound is not None
+        assert sol.lower_bound <= optimum + 1e-9 <= sol.distortion + 1e-9  # a true lower bound; feasible
+        assert sol.gap == pytest.approx((sol.distortion - sol.lower_bound) / sol.distortion)

@@ -26,12 +26,27 @@ __all__ = ["Allocation", "solve_dp", "solve_lagrangian", "lagrangian_for_budget"
 
 @dataclass(frozen=True)
 class Allocation:
-    """The chosen rate index per item, with the total rate (bits) and distortion it gives."""
+    """The chosen rate index per item, with the total rate (bits) and distortion it gives.
+
+    :param solver: which algorithm's answer this is (``dp (exact grid)``, ``dp (grid of U bits, topped up)``,
+        ``lagrangian``): :func:`solve_dp` may return the Lagrangian's answer when that is better.
+    :param lower_bound: the Lagrangian dual bound on the optimal distortion for this budget (no allocation within
+        the budget can do better); ``distortion - lower_bound`` bounds how far from optimal this answer is.
+    """
 
     choice: np.ndarray  # int, index into ``rates`` per item
     bits: np.ndarray  # the chosen rate (bits per element) per item
     total_bits: float
     distortion: float
+    solver: str = ""
+    lower_bound: float | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """Relative distance to the lower bound, ``(distortion - bound) / distortion`` (0 when optimal)."""
+        if self.lower_bound is None:
+            return None
+        return 0.0 if self.distortion <= 0 else max(0.0, (self.distortion - self.lower_bound) / self.distortion)
 
 
 def _rate_matrix(sizes: np.ndarray, rates: np.ndarray) -> np.ndarray:
@@ -49,10 +64,12 @@ def _check(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> None:
         raise ValueError("item sizes must be positive")
 
 
-def _result(choice: np.ndarray, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> Allocation:
+def _result(choice: np.ndarray, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, solver: str = "",
+            lower_bound: float | None = None) -> Allocation:
     bits = _rate_matrix(sizes, rates)[np.arange(len(choice)), choice]
     return Allocation(choice=choice, bits=bits, total_bits=float((sizes * bits).sum()),
-                      distortion=float(dists[np.arange(len(choice)), choice].sum()))
+                      distortion=float(dists[np.arange(len(choice)), choice].sum()), solver=solver,
+                      lower_bound=lower_bound)
 
 
 def _dp(cost: np.ndarray, dists: np.ndarray, cap: int) -> np.ndarray | None:
@@ -138,10 +155,11 @@ def solve_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bit
     choice = _dp(cost, dists, cap)
     if choice is None:
         raise QcoreError("impossible bit budget: no allocation fits on the budget grid; raise the target bits")
+    hull, _ = lagrangian_for_budget(sizes, dists, rates, budget_bits)  # milliseconds: its bound is worth having
     if exact:
-        return _result(choice, sizes, dists, rates)
-    best = _result(_top_up(choice, true_cost, dists, budget_bits), sizes, dists, rates)
-    hull, _ = lagrangian_for_budget(sizes, dists, rates, budget_bits)
+        return _result(choice, sizes, dists, rates, "dp (exact grid)", hull.lower_bound)
+    best = _result(_top_up(choice, true_cost, dists, budget_bits), sizes, dists, rates,
+                   f"dp (grid of {unit:g} bits, topped up)", hull.lower_bound)
     return hull if hull.distortion < best.distortion else best
 
 
@@ -162,22 +180,52 @@ def solve_lagrangian(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, la
     return _result(choice, sizes, dists, rates)
 
 
+def _log2_lambda_range(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> tuple[float, float]:
+    """``log2`` bounds of the multipliers at which some item changes its choice: below the lower one every item
+    takes its lowest-distortion rate, above the upper one its lowest rate. Taken from the data, so distortions
+    of any magnitude (1e-20 as well as 1e6) are searched at full resolution."""
+    cost = sizes[:, None] * _rate_matrix(sizes, rates)
+    d = np.where(np.isfinite(dists), dists, np.nan)
+    dd = d[:, :, None] - d[:, None, :]  # [i, j, k]: d_ij - d_ik
+    dc = cost[:, None, :] - cost[:, :, None]  # c_ik - c_ij
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slopes = dd / dc
+    ok = np.isfinite(slopes) & (slopes > 0) & (dc > 0)
+    if not ok.any():
+        return -60.0, 60.0
+    return float(np.log2(slopes[ok].min())) - 2.0, float(np.log2(slopes[ok].max())) + 2.0
+
+
 def lagrangian_for_budget(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bits: float,
                           iters: int = 200) -> tuple[Allocation, float]:
-    """Bisect ``lam`` (in log space) for the lowest-distortion Lagrangian solution within ``budget_bits``.
+    """Bisect ``lam`` (in log space, over the range where choices change) for the lowest-distortion Lagrangian
+    solution within ``budget_bits``.
 
     Returns the allocation and its multiplier. Never exceeds the budget; may leave some budget unused (the
-    next hull point may not fit), which is the price of the Lagrangian relaxation.
+    next hull point may not fit), which is the price of the Lagrangian relaxation. The allocation carries the
+    dual bound ``max_lam sum_i min_k (d_ik + lam c_ik) - lam B`` over the multipliers tried.
     """
-    lo, hi = -60.0, 60.0  # log2 lam: 2^60 makes every item take its lowest rate
-    top = solve_lagrangian(sizes, dists, rates, 2.0**hi)
+    sizes = np.asarray(sizes, dtype=np.float64)
+    dists = np.asarray(dists, dtype=np.float64)
+    rates = np.asarray(rates, dtype=np.float64)
+    _check(sizes, dists, rates)
+    lo, hi = _log2_lambda_range(sizes, dists, rates)
+    bound = -np.inf
+
+    def at(log_lam: float) -> Allocation:
+        nonlocal bound
+        a = solve_lagrangian(sizes, dists, rates, 2.0**log_lam)
+        bound = max(bound, a.distortion + 2.0**log_lam * (a.total_bits - budget_bits))
+        return a
+
+    top = at(hi)
     if top.total_bits > budget_bits:
         raise QcoreError(f"impossible bit budget: even the lowest rates need {top.total_bits:.0f} bits but the "
                          f"budget is {budget_bits:.0f}")
     best, best_lam = top, 2.0**hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        a = solve_lagrangian(sizes, dists, rates, 2.0**mid)
+        a = at(mid)
         if a.total_bits <= budget_bits:
             if a.distortion <= best.distortion:
                 best, best_lam = a, 2.0**mid
@@ -186,4 +234,5 @@ def lagrangian_for_budget(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarra
             lo = mid
         if hi - lo < 1e-9:
             break
-    return best, best_lam
+    at(lo)
+    return _result(best.choice, sizes, dists, rates, "lagrangian", min(float(bound), best.distortion)), best_lam

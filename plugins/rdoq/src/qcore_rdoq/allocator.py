@@ -331,7 +331,9 @@ class RDOQAllocator(Allocator):
                  curves.seconds + act_seconds, curves.engine)
         meta = {"allocator": self.name, "engine": curves.engine, "solver": o.solver, "budget": o.budget,
                 "group": group, "groups": len(w_sizes), "target_bits": target, "w_bits_avg": w_avg,
-                "predicted_distortion": sol.distortion, "curve_seconds": round(curves.seconds + act_seconds, 3),
+                "predicted_distortion": sol.distortion, "solver_used": sol.solver,
+                "lower_bound": sol.lower_bound, "gap_to_lower_bound": sol.gap,
+                "curve_seconds": round(curves.seconds + act_seconds, 3),
                 "curve_samples": o.curve_samples, "candidate_bits": curves.bits,
                 "weight_clip": dep.weights.describe(),
                 "fallback_layers": sorted(n for n, e in curves.layer_engines.items()
