@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -119,3 +120,22 @@ def test_model_without_quantizable_layer(qcore_cli, plugin_site, tmp_path):
                   env={"QCORE_DISABLE_PLUGINS": "broken"})
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert "has no quantizable layer" in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_stage_lines_when_progress_bars_are_off(qcore_cli):
+    """Off a terminal (a log file, CI) a run reports each finished stage instead of nothing until the end."""
+    p = qcore_cli("run", "--eval-size", "200", "--calib-size", "64", "--out", "o", env={"QCORE_PROGRESS": "lines"})
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("qcore: stage ")]
+    assert [ln.split()[2] for ln in lines] == ["load", "fp_eval", "allocate", "apply", "calibrate", "quant_eval"]
+    assert all(re.fullmatch(r"qcore: stage \w+ done in \d+\.\d s", ln) for ln in lines)
+    quiet = qcore_cli("run", "--eval-size", "200", "--calib-size", "64", "--out", "q")  # QCORE_PROGRESS=0
+    assert "qcore: stage" not in quiet.stderr
+
+
+def test_list_methods_shows_what_each_method_runs_with(qcore_cli):
+    rows = {r["name"]: r for r in json.loads(qcore_cli("list", "methods", "--options").stdout)}
+    rdoq = rows["rdoq"]["options"]
+    assert rdoq["weight_range"]["default"] == "mse" and rdoq["weight_range"]["set_by"] == "method"
+    assert rdoq["act_correction"]["default"] == "affine"
+    assert rdoq["group"]["type"] == "int" and "set_by" not in rdoq["group"]

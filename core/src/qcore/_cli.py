@@ -22,6 +22,7 @@ from qcore._components import RunConfig, WeightCorrection
 from qcore._errors import QcoreError
 from qcore._options import convert_value, describe_options, parse_assignments, parse_scalar
 from qcore._plugins import KINDS, Host, load_host
+from qcore._progress import show_stage_lines, stage_lines_enabled
 
 log = logging.getLogger("qcore")
 
@@ -268,6 +269,9 @@ def _cmd_list(host: Host, kind: str, with_options: bool) -> None:
                     if cls is not None:
                         opts.update(describe_options(cls.obj.Options))
                 opts.update(describe_options(PipelineOptions))
+                for key, value in obj.defaults.items():  # what this method runs with, not the classes' defaults
+                    if key in opts:
+                        opts[key] = {**opts[key], "default": value, "set_by": "method"}
                 row["options"] = opts
         elif kind == "correction":
             row.update(stage="weight" if issubclass(obj, WeightCorrection) else "output", description=obj.description)
@@ -291,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "run" and stage_lines_enabled() and not getattr(args, "verbose", False):
+        show_stage_lines()
     try:
         host = load_host()
         if args.command == "plugins":

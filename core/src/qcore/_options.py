@@ -142,6 +142,8 @@ def describe_options(cls: type) -> dict[str, dict[str, Any]]:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out[f.name] = {"type": str(option_fields(cls)[f.name]).replace("typing.", ""), "default": default,
+        typ = option_fields(cls)[f.name]
+        out[f.name] = {"type": typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", ""),
+                       "default": default,
                        "help": f.metadata.get("help", "")}
     return out

@@ -42,6 +42,7 @@ from qcore._layers import LayerInfo, discover_layers, measure_layers
 from qcore._options import build_options, check_known
 from qcore._outputs import write_outputs
 from qcore._plugins import Host, load_host
+from qcore._progress import stage_log
 from qcore._spec import MAX_BITS, Plan
 from qcore._wrap import iter_quantizers
 
@@ -83,6 +84,7 @@ class _Stages:
                 exc.qcore_stage = name  # type: ignore[attr-defined]  # the CLI names the stage that failed
             raise
         self.seconds[name] = round(time.perf_counter() - t0, 3)
+        stage_log.info("stage %s done in %.1f s", name, self.seconds[name])
         if self.ctx is not None:
             self.hooks.qcore_stage_done(ctx=self.ctx, stage=name, seconds=self.seconds[name])
 

@@ -219,6 +219,9 @@ class Host:
         if name not in table:
             broken = [p.name for p in self.plugins.values() if p.error]
             hint = f"; broken plugins that may provide it: {', '.join(broken)} (see `qcore plugins`)" if broken else ""
+            if kind == "task" and not broken:
+                hint = ("; tasks are plugins: from a qcore checkout, pip install -e ./classification or "
+                        "-e ./detection (see README)")
             raise QcoreError(f"unknown {kind.replace('_', ' ')} {name!r}{_did_you_mean(name, table)}; available: "
                              f"{', '.join(sorted(table)) or '(none)'}{hint}")
         return table[name].obj

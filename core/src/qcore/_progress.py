@@ -1,8 +1,13 @@
-"""Progress bars for long loops (tqdm on stderr). ``QCORE_PROGRESS=0`` turns them off; they are off by
-default when stderr is not a terminal, so logs and CI output stay clean."""
+"""Progress: bars for long loops (tqdm on stderr) and one line per pipeline stage.
+
+``QCORE_PROGRESS`` chooses: ``1`` bars, ``lines`` one line per finished stage with its time (``qcore: stage
+allocate done in 24.0 s``), ``0`` nothing. Unset: bars on a terminal, lines otherwise (a log file or CI then
+shows how far a long run got instead of nothing until the end).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -11,11 +16,34 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+#: the logger of the per-stage lines (the CLI shows it as ``qcore: ...`` when stage lines are on)
+stage_log = logging.getLogger("qcore.progress")
+
+
 def progress_enabled() -> bool:
+    """True when progress bars are shown (``QCORE_PROGRESS``, default: stderr is a terminal)."""
     flag = os.environ.get("QCORE_PROGRESS")
     if flag is not None:
-        return flag not in ("0", "false", "no", "")
+        return flag not in ("0", "false", "no", "", "lines")
     return sys.stderr.isatty()
+
+
+def stage_lines_enabled() -> bool:
+    """True when each finished stage gets a line on stderr (``QCORE_PROGRESS=lines``, or unset off a terminal)."""
+    flag = os.environ.get("QCORE_PROGRESS")
+    return flag == "lines" if flag is not None else not sys.stderr.isatty()
+
+
+def show_stage_lines() -> None:
+    """Print :data:`stage_log`'s lines on stderr as ``qcore: ...`` (the CLI calls this when they are on)."""
+    if any(getattr(h, "_qcore_stage_lines", False) for h in stage_log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("qcore: %(message)s"))
+    handler._qcore_stage_lines = True  # type: ignore[attr-defined]
+    stage_log.addHandler(handler)
+    stage_log.setLevel(logging.INFO)
+    stage_log.propagate = False
 
 
 def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = None) -> Iterator[T]:
