@@ -1,4 +1,5 @@
 import torch
+from torch import nn
 
 from qcore._fold import fold_batchnorm
 from qcore.testing import tiny_convnet
@@ -56,3 +57,26 @@ def test_shared_or_reused_modules_are_not_folded():
         assert torch.allclose(net(x), ref)
     stats_free = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2, track_running_stats=False))
     assert fold_batchnorm(stats_free.eval()) == []
+
+
+class _Untraceable(nn.Module):
+    """A conv and a BN behind data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+
+def test_an_untraceable_model_is_left_unfolded_with_a_warning_unless_expected(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="qcore"):
+        assert fold_batchnorm(_Untraceable().eval()) == []
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qcore"):
+        assert fold_batchnorm(_Untraceable().eval(), untraceable="sparse tensors") == []
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "sparse tensors" in caplog.text

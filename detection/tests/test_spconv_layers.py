@@ -198,3 +198,13 @@ def test_guard_gives_correct_cpu_results() -> None:
     for _ in range(20):
         torch.testing.assert_close(_run(conv, x), ref, atol=1e-4, rtol=1e-4)
     assert torch.get_num_threads() == threads
+
+
+def test_torch_fx_notice_for_export_users_is_dropped_and_nothing_else():
+    import logging
+
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    notice = fx_log.makeRecord(fx_log.name, logging.WARNING, "f", 1, "is_fx_tracing will return true for both ...",
+                               None, None)
+    other = fx_log.makeRecord(fx_log.name, logging.WARNING, "f", 1, "a real problem", None, None)
+    assert not fx_log.filter(notice) and fx_log.filter(other)

@@ -139,6 +139,9 @@ class TaskInstance:
     calibration: Sequence[Any]
     example: Any
     data: dict[str, str] = field(default_factory=dict)
+    #: why torch.fx cannot trace this task's models, when the task knows (BatchNorm folding then skips them with
+    #: an info line instead of a warning on every run); None: a failed trace is worth a warning
+    untraceable: str | None = None
 
 
 class Task(Component):

@@ -39,17 +39,22 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(new_bias)
 
 
-def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+def fold_batchnorm(model: nn.Module, untraceable: str | None = None) -> list[tuple[str, str]]:
     """Fold every foldable BatchNorm of ``model`` into its producer, replacing the BN by ``nn.Identity``.
 
-    Returns the ``(layer, batchnorm)`` name pairs folded. The model must be in eval mode.
+    Returns the ``(layer, batchnorm)`` name pairs folded. The model must be in eval mode. A model torch.fx cannot
+    trace is left unfolded with a warning, or, when the caller expected that (``untraceable``: why), an info
+    line.
     """
     if not any(isinstance(m, _BN) for m in model.modules()):
         return []
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # fx cannot trace every model; folding is an optimisation, not a requirement
-        log.warning("BatchNorm folding skipped: model is not traceable by torch.fx (%s)", exc)
+        if untraceable:
+            log.info("BatchNorm folding skipped (%s): %s", untraceable, exc)
+        else:
+            log.warning("BatchNorm folding skipped: model is not traceable by torch.fx (%s)", exc)
         return []
     modules = dict(model.named_modules())
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")

@@ -261,7 +261,7 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
         fp_metrics = inst.evaluate(fp_model) if qdist.is_main() and inst.evaluate is not None else {}
 
     work = copy.deepcopy(fp_model)
-    folded = fold_batchnorm(work) if pipeline.fold_bn else []
+    folded = fold_batchnorm(work, inst.untraceable) if pipeline.fold_bn else []
     layers = discover_layers(work, lambda m, n: host.hook.qcore_layer_info(module=m, name=n),
                              pipeline.include, pipeline.exclude)
     if not layers:

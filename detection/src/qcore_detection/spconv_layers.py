@@ -22,6 +22,7 @@ What core needs from this module:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,12 @@ import torch
 from torch import nn
 
 from qcore import LayerInfo, MissingDependencyError, QuantLayer
+
+#: spconv asks torch.fx whether it is tracing on every forward, and torch then logs, once per process, a notice
+#: for torch.export users ("is_fx_tracing will return true for both ..."): nothing a qcore user can act on, so
+#: it is dropped here; every other record of that logger passes.
+logging.getLogger("torch.fx._symbolic_trace").addFilter(
+    lambda record: "is_fx_tracing will return true" not in record.getMessage())
 
 try:
     import spconv.pytorch as spconv
