@@ -57,9 +57,9 @@ ALLOCATORS: dict[str, tuple[dict[str, Any], str]] = {
     "plan": ({"target_bits": None, "w_bits": 4}, "re-applies a saved plan.json: here one written by 'fixed' at W4A8"),
     "rdoq": ({"group": 4, "curve_samples": 16, "cache": "off"},
              "RD curves on 16 samples and groups of 4 channels: fast on the tiny task; no curve cache on disk"),
-    "aciq-channel": ({"target_bits": 3.0, "alloc_acts": False, "pins_in_budget": False},
-                     "its target is the average of each free layer (pinned layers are not paid from it); per-channel "
-                     "activation bits need per-channel activation scales, so weights only"),
+    "aciq-channel": ({"target_bits": 3.0, "alloc_acts": False},
+                     "per-channel activation bits need per-channel activation scales, so weights only (its budget "
+                     "convention, free_layers, is declared on the class and checked by the pipeline)"),
 }
 
 

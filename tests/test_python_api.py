@@ -116,3 +116,31 @@ def test_a_dead_zone_plan_round_trips_with_its_fitted_groups(tmp_path):
     loaded = qcore.load(q.save(tmp_path / "dz.qcore"), tiny_convnet(), host=host)
     x = _data(16)
     assert torch.equal(loaded(x), q.model(x))
+
+
+def test_the_callers_model_keeps_its_mode_and_errors_of_its_own_forward_reach_it_unchanged():
+    model = tiny_convnet().train()
+    qcore.quantize(model, _data(32), w_bits=8, a_bits=8, host=make_host())
+    assert model.training  # quantize works on copies
+
+    def bad_forward(m, batch):
+        raise ValueError("my forward is broken")
+
+    with pytest.raises(ValueError, match="my forward is broken"):
+        qcore.quantize(tiny_convnet(), _data(32), w_bits=8, a_bits=8, forward=bad_forward, host=make_host())
+
+
+def test_a_model_with_test_time_ranges_is_run_but_not_saved(tmp_path, caplog):
+    """ACIQ's stats=dynamic replaces activation quantizers by wrappers a saved file could not rebuild: the run
+    writes its results without model.qcore (a warning says why) and save() refuses in one line."""
+    from qcore_aciq import plugin as aciq
+
+    host = make_host(("aciq", aciq))
+    out = run_tiny(host, calibrator="aciq", w_bits=8, a_bits=8, options={"stats": "dynamic"}, out=tmp_path / "run")
+    assert (tmp_path / "run" / "result.json").is_file() and not (tmp_path / "run" / "model.qcore").exists()
+    assert "model.qcore not written" in caplog.text
+    q = qcore.quantize(tiny_convnet(), _data(), calibrator="aciq", w_bits=8, a_bits=8, options={"stats": "dynamic"},
+                       host=host)
+    with pytest.raises(qcore.QcoreError, match="cannot be saved: 3 quantizer.s. are not qcore.FakeQuantizer"):
+        q.save(tmp_path / "m.qcore")
+    assert out.result["quant"] is not None

@@ -65,11 +65,11 @@ def test_an_over_budget_plan_is_refused_unless_the_allocator_checks_its_own_budg
     def allocate(self, ctx):
         return Plan(layers={n: layer_spec(ctx.pipeline, 8, 8) for n in ctx.layers})
 
-    with pytest.raises(QcoreError, match=r"went over the budget: its unpinned layers average 8.000 weight bits, "
-                                         r"more than --target-bits 4"):
+    with pytest.raises(QcoreError, match=r"went over the budget: its layers, pinned ones included, average 8.000 "
+                                         r"weight bits, more than --target-bits 4"):
         run_tiny(_host_with_allocator(_allocator("greedy8", allocate)), allocator="greedy8", target_bits=4.0,
                  a_bits=8, options={"first_last": "same"})
-    own = _allocator("own8", allocate, weight_budget_checked=False)
+    own = _allocator("own8", allocate, budget_convention=None)
     out = run_tiny(_host_with_allocator(own), allocator="own8", target_bits=4.0, a_bits=8,
                    options={"first_last": "same"})
     assert out.result["w_bits_avg"] == 8.0
@@ -168,3 +168,31 @@ def test_cli_one_line_for_an_internal_error_and_the_traceback_on_request(monkeyp
     with pytest.raises(SystemExit):
         main(["run", "--out", "x"])
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_pins_below_the_target_leave_more_bits_to_the_free_layers():
+    """qcore's convention pays pins from the budget: a layer pinned at 2 bits lets the others average more than
+    the target, and that plan is within budget (a check on the unpinned average alone refused it)."""
+    def allocate(self, ctx):
+        return Plan(layers={n: layer_spec(ctx.pipeline, 5, 8) for n in ctx.layers if n not in ctx.pinned})
+
+    out = run_tiny(_host_with_allocator(_allocator("spender", allocate)), allocator="spender", target_bits=4.95,
+                   a_bits=8, layers={"0": {"w_bits": 2, "a_bits": 8}}, options={"first_last": "same"})
+    assert out.result["w_bits_avg"] <= 4.95  # 4.904: the free layers at 5 bits, over the target themselves
+
+
+def test_a_fixed_allocator_is_not_held_to_a_method_default_target():
+    from qcore_rdoq import plugin as rdoq  # rdoq's method default is --target-bits 4
+
+    host = make_host(("rdoq", rdoq))
+    out = run_tiny(host, method="rdoq", allocator="fixed", w_bits=8, a_bits=8, options={"first_last": "same"})
+    assert out.result["w_bits_avg"] == 8.0
+
+
+def test_a_plan_naming_a_layer_the_run_does_not_quantize_is_named():
+    def allocate(self, ctx):
+        return Plan(layers={n: layer_spec(ctx.pipeline, 8, 8) for n in [*ctx.layers, "head.extra"]})
+
+    with pytest.raises(QcoreError, match=r"allocator 'wide' \(plugin 'bad'\) planned layer\(s\) this run does not "
+                                         r"quantize: head.extra"):
+        run_tiny(_host_with_allocator(_allocator("wide", allocate)), allocator="wide", w_bits=8, a_bits=8)

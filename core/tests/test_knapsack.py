@@ -126,3 +126,9 @@ def test_every_answer_names_its_solver_and_respects_the_dual_bound(seed):
         assert sol.solver and sol.lower_bound is not None
         assert sol.lower_bound <= optimum + 1e-9 <= sol.distortion + 1e-9  # a true lower bound; feasible
         assert sol.gap == pytest.approx((sol.distortion - sol.lower_bound) / sol.distortion)
+
+
+def test_the_dual_bound_is_exact_when_the_budget_does_not_bind():
+    sizes, dists, rates = problem(3, n=6)
+    sol, _ = lagrangian_for_budget(sizes, dists, rates, 100.0 * sizes.sum())  # every item can take its best rate
+    assert sol.distortion == pytest.approx(dists.min(axis=1).sum()) and sol.gap == 0.0

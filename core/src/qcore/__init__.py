@@ -67,6 +67,7 @@ from qcore._errors import MissingDependencyError, NotImplementedMethodError, Qco
 from qcore._fake_quant import FakeQuantizer, Observer, UniformFakeQuant  # noqa: E402
 from qcore._fold import fold_batchnorm  # noqa: E402
 from qcore._layers import LayerInfo, discover_layers, measure_layers, torch_layer_info, watch_layers  # noqa: E402
+from qcore._outputs import new_file_mode  # noqa: E402
 from qcore._pipeline import RunOutcome, run  # noqa: E402
 from qcore._plugins import load_host  # noqa: E402
 from qcore._progress import track  # noqa: E402
@@ -95,7 +96,7 @@ __all__ = [
     # cost
     "Cost", "mean_bits", "plan_cost",
     # running
-    "run", "RunOutcome", "load_host", "track",
+    "run", "RunOutcome", "load_host", "track", "new_file_mode",
     # plugin machinery
     "PLUGIN_API", "__version__", "hookimpl",
 ]

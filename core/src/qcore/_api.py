@@ -11,6 +11,7 @@ only build the model and data that you hand over here.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from qcore._components import RunConfig, TaskInstance
 from qcore._devices import module_device, to_device
 from qcore._errors import QcoreError
-from qcore._pipeline import RunOutcome, execute, prepare
+from qcore._pipeline import RunOutcome, calibration_samples, execute, prepare
 from qcore._plugins import Host, load_host
 from qcore._saved import load_quantized, saved_bytes
 from qcore._spec import Plan
@@ -87,14 +88,6 @@ def _batches(data: Any, batch_size: int) -> list[Any]:
     return batches
 
 
-def _samples(batches: list[Any]) -> int:
-    total = 0
-    for b in batches:
-        x = _first_input(b) if not isinstance(b, Mapping) else next(iter(b.values()), None)
-        total += int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
-    return total
-
-
 def quantize(model: nn.Module, calib_data: Any, method: str | None = None, *, plugin: str | None = None,
              w_bits: int | None = None, a_bits: int | None = None, target_bits: float | None = None,
              forward: Callable[[nn.Module, Any], Tensor] | None = None,
@@ -104,7 +97,7 @@ def quantize(model: nn.Module, calib_data: Any, method: str | None = None, *, pl
              device: str = "cpu", seed: int = 0, batch_size: int = 64, host: Host | None = None) -> Quantized:
     """Quantize ``model`` with a registered method, calibrated on ``calib_data``.
 
-    :param model: an FP model; it is not changed (the pipeline works on a copy, BatchNorm folded).
+    :param model: an FP model; it is not changed (the pipeline works on copies: its mode and device stay).
     :param calib_data: an iterable of batches (a DataLoader; each batch a tensor, a tuple/list whose first item is
         the input, or a dict when ``forward`` is given), or one tensor of samples (split into ``batch_size``).
         Read once; the batches are kept in memory for the run.
@@ -125,14 +118,14 @@ def quantize(model: nn.Module, calib_data: Any, method: str | None = None, *, pl
                        allocator=allocator, options=dict(options or {}), layers=dict(layers or {}))
     prep = prepare(config, host, None)  # every setting is checked before the data is read
     batches = _batches(calib_data, batch_size)
-    n = _samples(batches)
+    n = calibration_samples(batches)
     if forward is None:  # the default forward reads only the input: keep just that (labels are not needed, and
         batches = [_first_input(b) for b in batches]  # engines that batch candidates need plain tensors)
-    prep.config.calib_size = n
-    inst = TaskInstance(model=model, model_name=type(model).__name__, metric=metric or "",
+    inst = TaskInstance(model=copy.deepcopy(model), model_name=type(model).__name__, metric=metric or "",
                         forward=forward or default_forward, evaluate=None,  # type: ignore[arg-type]
                         calibration=batches, example=batches[0],
-                        data={"calibration": f"{n} samples in {len(batches)} batches handed to qcore.quantize",
+                        data={"calibration": f"{n if n is not None else 'unknown number of'} samples in "
+                                             f"{len(batches)} batches handed to qcore.quantize",
                               "evaluation": "the evaluate() given" if evaluate else "none (no evaluate given)"})
     if evaluate is not None:
         inst.evaluate = _Headline(evaluate, inst)

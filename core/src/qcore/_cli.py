@@ -234,7 +234,7 @@ def summary_table(result: dict[str, Any], out: Path | None) -> str:
               f"  BOPs       {_fmt_bops(r['bops'])} per sample (FP {_fmt_bops(r['fp_bops'])})",
               f"  quantized  {r['quantized']['summary']}",
               f"  deployable {'yes' if r['quantized']['deployable'] else 'no (simulation only)'}",
-              f"  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())]
+              "  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())]
     for key, facts in r.get("measured", {}).items():  # e.g. an entropy-coded rate next to the container bits
         rates = {k.removesuffix("_bits_per_value"): v for k, v in facts.items()
                  if k.endswith("_bits_per_value") and v is not None}

@@ -30,7 +30,7 @@ from qcore._options import NoOptions, convert_value
 if TYPE_CHECKING:
     from qcore._allocation import Pin
     from qcore._layers import LayerInfo
-    from qcore._spec import LayerSpec, Plan, QuantSpec
+    from qcore._spec import Plan, QuantSpec
 
 
 class Component:
@@ -65,7 +65,20 @@ class Calibrator(Component):
 
 
 class Allocator(Component):
-    """Chooses a :class:`~qcore._spec.LayerSpec` for every layer in ``ctx.layers`` under ``ctx.budget``."""
+    """Chooses a :class:`~qcore.LayerSpec` for every layer in ``ctx.layers`` under ``ctx.budget``.
+
+    The pipeline checks what ``allocate`` returns: a :class:`~qcore.Plan` naming only layers of ``ctx.layers``,
+    with an entry for every layer not in ``ctx.pinned`` (``LayerSpec(None, None)`` keeps one in FP; pins are
+    applied over the plan by core), and, when the run has ``--target-bits``, the average weight bits the
+    allocator's ``budget_convention`` promises.
+    """
+
+    #: what ``--target-bits`` bounds, checked by the pipeline on the final plan: ``"pins_included"`` (qcore's
+    #: convention: the element-weighted average weight bits of every quantized layer, pinned ones included, as
+    #: result.json's ``w_bits_avg``), ``"free_layers"`` (the same average over the unpinned layers: pins are not
+    #: paid from the budget), or None (the allocator does not spend ``--target-bits`` -- fixed bits -- or
+    #: measures its budget another way, jointly with activations or as an entropy, and checks it itself)
+    budget_convention: ClassVar[str | None] = "pins_included"
 
     def allocate(self, ctx: RunContext) -> Plan:
         raise NotImplementedError

@@ -34,16 +34,25 @@ class ContractError(QcoreError):
     quantizer uncalibrated): named with the component and its plugin."""
 
 
+#: exceptions that are about the machine, not a component's code: they pass through unchanged
+_ENVIRONMENT = (OSError, MemoryError)
+
+
 @contextmanager
 def blame(kind: str, name: str, owner: str) -> Iterator[None]:
-    """Run a component's code; an exception that is not a :class:`QcoreError` becomes a :class:`ComponentError`
-    that reads ``allocator 'x' (plugin 'y'): TypeError: ...``, with a hint to ``--traceback``."""
+    """Run a component's code; an exception that is not a :class:`QcoreError` (nor the machine's: an OS error,
+    memory exhausted) becomes a :class:`ComponentError` that reads ``allocator 'x' (plugin 'y'): TypeError:
+    ...``, with the original as its cause."""
     try:
         yield
     except QcoreError:
         raise
+    except _ENVIRONMENT:
+        raise
     except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's device OOM: the machine's, like MemoryError
+            raise
         first = (str(exc).splitlines() or [""])[0][:300]
         raise ComponentError(f"{kind} {name!r} (plugin {owner!r}): {type(exc).__name__}: {first or '(no message)'}"
-                             "; this is a bug in that plugin: rerun with --traceback (or QCORE_DEBUG=1) and report "
-                             "it to the plugin's authors") from exc
+                             " (raised in this component or in code it called; the full traceback: --traceback or "
+                             "QCORE_DEBUG=1 on the command line; report bugs to the plugin's authors)") from exc

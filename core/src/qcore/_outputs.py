@@ -21,15 +21,30 @@ def _serialise(value: Any) -> str | bytes:
     return json.dumps(value, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)) + "\n"
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``); elsewhere by
+    setting and restoring it (a moment in which another thread's new file would get ``022``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+def new_file_mode() -> int:
+    """The permission bits a newly created file gets in this process: ``0666`` less the umask (``mkstemp`` files
+    start at ``0600``; give them these with ``os.fchmod``)."""
+    return 0o666 & ~_read_umask()
+
+
 def _usual_mode(fd: int) -> None:
     """Give a ``mkstemp`` file (created ``0600``) the mode any new file gets: ``0666`` less the umask."""
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, new_file_mode())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

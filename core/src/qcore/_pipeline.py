@@ -6,6 +6,7 @@ run has succeeded: ``result.json`` and ``plan.json`` appear together, atomically
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -37,6 +38,7 @@ from qcore._components import (
 )
 from qcore._cost import Cost, mean_bits, plan_cost
 from qcore._errors import ContractError, QcoreError, blame
+from qcore._fake_quant import FakeQuantizer
 from qcore._fold import fold_batchnorm
 from qcore._layers import LayerInfo, discover_layers, measure_layers
 from qcore._options import build_options, check_known
@@ -244,10 +246,12 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     evaluate, result. ``inst.evaluate`` may be None (no metric: the Python API without ``evaluate``)."""
     config, host, comps, pipeline, budget = prep.config, prep.host, prep.comps, prep.pipeline, prep.budget
     stages = stages or _Stages(host.hook)
-    task_owner = host.owner_of("task", config.task) if config.task in host.tables["task"] else "python"
+    registered_task = config.task in host.tables["task"]
 
-    def task_blame() -> Any:
-        return blame("task", config.task, task_owner)
+    def task_blame() -> Any:  # the Python API's model and forward are the caller's own: their errors pass unchanged
+        if not registered_task:
+            return contextlib.nullcontext()
+        return blame("task", config.task, host.owner_of("task", config.task))
 
     used = calibration_samples(inst.calibration)
     if used is not None and used != config.calib_size:
@@ -282,6 +286,7 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
             plan = comps["allocator"].allocate(ctx)
         check_plan(plan, ctx, comps["allocator"], host)
         plan = apply_pins(plan, pins, pipeline, layers, comps["quantizer"].name)
+        check_budget(plan, ctx, comps["allocator"], host)
     with stages("apply"), prep.blame("quantizer", comps["quantizer"]):
         qmodel = apply_plan(work, plan, ctx)
     with stages("calibrate"):
@@ -310,10 +315,15 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     host.hook.qcore_run_finish(ctx=ctx, result=result)
     out = config.out if qdist.is_main() else None
     if out is not None:
-        from qcore._saved import saved_bytes
+        from qcore._saved import saved_bytes, unsaved_reason
 
-        write_outputs(out, {"result.json": result, "plan.json": plan,
-                            "model.qcore": saved_bytes(qmodel, plan, ctx), **ctx.artifacts})
+        files: dict[str, Any] = {"result.json": result, "plan.json": plan, **ctx.artifacts}
+        why = unsaved_reason(qmodel)
+        if why is None:
+            files["model.qcore"] = saved_bytes(qmodel, plan, ctx)
+        else:
+            log.warning("model.qcore not written: %s", why)
+        write_outputs(out, files)
     return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds, fp_model=work,
                       ctx=ctx)
 
@@ -338,38 +348,56 @@ def _owner(host: Host, kind: str, comp: Any) -> str:
 
 
 def check_plan(plan: Any, ctx: RunContext, allocator: Any, host: Host) -> None:
-    """What every allocator owes: a :class:`Plan` covering every layer that is not pinned (an entry with no
-    weight and no activation spec keeps a layer in FP), naming only the run's layers, and (unless the allocator
-    measures its budget its own way, ``weight_budget_checked`` False) an element-weighted average of weight bits
-    over the unpinned layers within ``--target-bits``."""
+    """What every allocator owes (before core applies the pins): a :class:`Plan` naming only the run's layers,
+    with an entry for every layer that is not pinned (an entry with no weight and no activation spec keeps a
+    layer in FP). A saved plan is checked against the model when it is applied."""
     who = f"allocator {allocator.name!r} (plugin {_owner(host, 'allocator', allocator)!r})"
     if not isinstance(plan, Plan):
         raise ContractError(f"{who} returned {type(plan).__name__}, not a qcore.Plan")
     if getattr(allocator, "saved_plan", False):
-        return  # a saved plan is checked against the model by apply_plan
+        return
+    foreign = [n for n in plan.layers if n not in ctx.layers]
+    if foreign:
+        raise ContractError(f"{who} planned layer(s) this run does not quantize: {', '.join(foreign[:5])}; a plan "
+                            "may name only layers of ctx.layers (include/exclude already applied)")
     missing = [n for n in ctx.layers if n not in ctx.pinned and n not in plan.layers]
     if missing:
         raise ContractError(f"{who} left {len(missing)} layer(s) out of its plan: {', '.join(missing[:5])}"
                             f"{' ...' if len(missing) > 5 else ''}; a plan must give every unpinned layer a spec "
                             "(LayerSpec(None, None) keeps it in floating point)")
+
+
+def check_budget(plan: Plan, ctx: RunContext, allocator: Any, host: Host) -> None:
+    """The final plan (pins applied) within ``--target-bits`` as the allocator's ``budget_convention`` says
+    (nothing to check without ``--target-bits`` or a convention)."""
+    convention = getattr(allocator, "budget_convention", None)
     target = ctx.budget.target_bits
-    if target is None or not getattr(allocator, "weight_budget_checked", True):
+    if target is None or convention is None or getattr(allocator, "saved_plan", False):
         return
-    num = den = 0.0
-    for name, spec in plan.layers.items():
-        if name in ctx.pinned or spec.weight is None or name not in ctx.layers:
-            continue
-        n = ctx.layers[name].weight_numel
-        num += mean_bits(spec.weight, ctx.layers[name].out_channels) * n
-        den += n
-    if den and num / den > target + 1e-6:
-        raise ContractError(f"{who} went over the budget: its unpinned layers average {num / den:.3f} weight bits, "
-                            f"more than --target-bits {target:g}")
+    names = [n for n in plan.layers if plan.layers[n].weight is not None and n in ctx.layers
+             and (convention == "pins_included" or n not in ctx.pinned)]
+    sizes = {n: ctx.layers[n].weight_numel for n in names}
+    total = sum(sizes.values())
+    if not total:
+        return
+    avg = sum(mean_bits(plan.layers[n].weight, ctx.layers[n].out_channels) * sizes[n] for n in names) / total
+    if avg > target + 1e-6:
+        what = "its layers, pinned ones included," if convention == "pins_included" else "its unpinned layers"
+        raise ContractError(f"allocator {allocator.name!r} (plugin {_owner(host, 'allocator', allocator)!r}) went "
+                            f"over the budget: {what} average {avg:.3f} weight bits, more than --target-bits "
+                            f"{target:g}")
+
+
+def uncalibrated(qmodel: torch.nn.Module, strict: bool = False) -> list[str]:
+    """``layer.role`` of every quantizer of ``qmodel`` not calibrated; ``strict``: every quantizer must also be a
+    :class:`FakeQuantizer` (without it, a wrapper a calibrator installed -- ACIQ's test-time ranges -- passes)."""
+    return [f"{layer}.{role}" for layer, role, q in iter_quantizers(qmodel)
+            if (strict and not isinstance(q, FakeQuantizer)) or not getattr(q, "calibrated", True)]
 
 
 def check_calibrated(qmodel: torch.nn.Module, calibrator: Any, host: Host) -> None:
     """Every fake quantizer must be calibrated after ``calibrate``: name the ones that are not."""
-    left = [f"{layer}.{role}" for layer, role, q in iter_quantizers(qmodel) if not getattr(q, "calibrated", True)]
+    left = uncalibrated(qmodel)
     if left:
         raise ContractError(f"calibrator {calibrator.name!r} (plugin {_owner(host, 'calibrator', calibrator)!r}) left "
                             f"{len(left)} quantizer(s) uncalibrated: {', '.join(left[:5])}; it does not support this "

@@ -23,11 +23,13 @@ from qcore._allocation import PipelineOptions
 from qcore._apply import apply_plan, freeze
 from qcore._components import Budget, RunConfig, RunContext
 from qcore._errors import QcoreError
+from qcore._fake_quant import FakeQuantizer
 from qcore._fold import fold_batchnorm
 from qcore._layers import discover_layers
 from qcore._options import build_options
 from qcore._plugins import Host, load_host
 from qcore._spec import Plan
+from qcore._wrap import iter_quantizers
 
 FORMAT = "qcore-model"
 FORMAT_VERSION = 1
@@ -37,17 +39,34 @@ def _options(component: Any) -> dict[str, Any]:
     return dataclasses.asdict(component.options) if dataclasses.is_dataclass(component.options) else {}
 
 
+def unsaved_reason(qmodel: nn.Module) -> str | None:
+    """Why ``qmodel`` cannot be saved as a ``.qcore`` file, or None: every quantizer must be a
+    :class:`FakeQuantizer` (a wrapper installed by a calibrator, such as ACIQ's test-time ranges, is not rebuilt
+    by :func:`load_quantized`)."""
+    odd = [f"{layer}.{role} ({type(q).__name__})" for layer, role, q in iter_quantizers(qmodel)
+           if not isinstance(q, FakeQuantizer)]
+    if odd:
+        return (f"{len(odd)} quantizer(s) are not qcore.FakeQuantizer modules, e.g. {odd[0]}: a calibrator "
+                "replaced them (test-time statistics?), and a saved file could not rebuild them")
+    return None
+
+
 def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
-    """``qmodel`` (as the run ``ctx`` made it from ``plan``) as the bytes of a ``.qcore`` file."""
+    """``qmodel`` (as the run ``ctx`` made it from ``plan``) as the bytes of a ``.qcore`` file; a
+    :class:`QcoreError` when :func:`unsaved_reason` says it cannot be saved."""
     from safetensors.torch import save
+
+    why = unsaved_reason(qmodel)
+    if why is not None:
+        raise QcoreError(f"this quantized model cannot be saved: {why}")
 
     wc = ctx.weight_correction
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "qcore_version": __version__,
             "plan": plan.to_json(), "quantizer": ctx.quantizer.name,
-            "quantizer_options": json.dumps(_options(ctx.quantizer)),
+            "quantizer_options": json.dumps(_options(ctx.quantizer), default=str),
             "weight_correction": wc.name if wc is not None else "none",
-            "weight_correction_options": json.dumps(_options(wc) if wc is not None else {}),
-            "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline))}
+            "weight_correction_options": json.dumps(_options(wc) if wc is not None else {}, default=str),
+            "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline), default=str)}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
     return save(tensors, metadata=meta)
 
@@ -110,9 +129,12 @@ def _restore(qmodel: nn.Module, tensors: dict[str, torch.Tensor], path: str | Pa
         module = modules.get(owner)
         if module is not None and attr in module._buffers and module._buffers[attr] is None:
             module._buffers[attr] = torch.empty_like(value)
-    try:
-        qmodel.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        first = (str(exc).splitlines() or [""])[0]
-        raise QcoreError(f"{path} does not fit this model ({first[:200]}); build the same architecture the file "
-                         "was saved from") from None
+    expected = set(qmodel.state_dict())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    wrong = sorted(k for k in expected & set(tensors) if qmodel.state_dict()[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                 (("missing", missing), ("not in the model", unexpected), ("another shape", wrong)) if keys]
+        raise QcoreError(f"{path} does not fit this model ({'; '.join(parts)}); build the same architecture the file "
+                         "was saved from")
+    qmodel.load_state_dict(tensors, strict=True)

@@ -183,17 +183,20 @@ def solve_lagrangian(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, la
 def _log2_lambda_range(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> tuple[float, float]:
     """``log2`` bounds of the multipliers at which some item changes its choice: below the lower one every item
     takes its lowest-distortion rate, above the upper one its lowest rate. Taken from the data, so distortions
-    of any magnitude (1e-20 as well as 1e6) are searched at full resolution."""
+    of any magnitude (1e-20 as well as 1e6) are searched at full resolution. Memory: ``[items, choices]``."""
     cost = sizes[:, None] * _rate_matrix(sizes, rates)
     d = np.where(np.isfinite(dists), dists, np.nan)
-    dd = d[:, :, None] - d[:, None, :]  # [i, j, k]: d_ij - d_ik
-    dc = cost[:, None, :] - cost[:, :, None]  # c_ik - c_ij
+    lo, hi = np.inf, -np.inf
     with np.errstate(divide="ignore", invalid="ignore"):
-        slopes = dd / dc
-    ok = np.isfinite(slopes) & (slopes > 0) & (dc > 0)
-    if not ok.any():
+        for j in range(d.shape[1]):  # slopes between choice j and every other choice of each item
+            dc = cost - cost[:, j:j + 1]
+            slopes = (d[:, j:j + 1] - d) / dc
+            ok = np.isfinite(slopes) & (slopes > 0) & (dc > 0)
+            if ok.any():
+                lo, hi = min(lo, float(slopes[ok].min())), max(hi, float(slopes[ok].max()))
+    if not np.isfinite(lo):
         return -60.0, 60.0
-    return float(np.log2(slopes[ok].min())) - 2.0, float(np.log2(slopes[ok].max())) + 2.0
+    return float(np.log2(lo)) - 2.0, float(np.log2(hi)) + 2.0
 
 
 def lagrangian_for_budget(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bits: float,
@@ -210,7 +213,8 @@ def lagrangian_for_budget(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarra
     rates = np.asarray(rates, dtype=np.float64)
     _check(sizes, dists, rates)
     lo, hi = _log2_lambda_range(sizes, dists, rates)
-    bound = -np.inf
+    finite = np.where(np.isfinite(dists), dists, np.inf)
+    bound = float(finite.min(axis=1).sum())  # the dual at lam = 0: exact when the budget does not bind
 
     def at(log_lam: float) -> Allocation:
         nonlocal bound

@@ -69,7 +69,7 @@ def test_calibrator_contract(host, name, floor):
 
 def test_allocator_contract(host):
     # the target is each free layer's average: pinned layers are not paid from it
-    check_allocator(host, "aciq-channel", target_bits=3.0, alloc_acts=False, pins_in_budget=False)
+    check_allocator(host, "aciq-channel", target_bits=3.0, alloc_acts=False)
 
 
 def test_dynamic_statistics_are_explicit(host):

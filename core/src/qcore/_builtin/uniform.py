@@ -40,6 +40,7 @@ class FixedAllocator(Allocator):
     """Every layer gets the run's ``--w-bits`` / ``--a-bits``."""
 
     name = "fixed"
+    budget_convention = None  # fixed bits: it does not spend --target-bits
     description = "the same weight and activation bits for every layer (--w-bits, --a-bits)"
 
     def allocate(self, ctx: RunContext) -> Plan:

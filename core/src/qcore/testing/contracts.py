@@ -18,15 +18,14 @@ from typing import Any, Literal
 import torch
 
 from qcore._components import OutputCorrection, RunConfig, RunContext, WeightCorrection
-from qcore._cost import mean_bits
 from qcore._errors import ContractError, QcoreError
 from qcore._fake_quant import FakeQuantizer
 from qcore._layers import torch_layer_info
 from qcore._options import build_options
-from qcore._pipeline import RunOutcome, run
+from qcore._pipeline import RunOutcome, run, uncalibrated
 from qcore._plugins import Host
 from qcore._spec import LayerSpec, Plan, QuantSpec
-from qcore._wrap import iter_quantizers, quant_layers
+from qcore._wrap import quant_layers
 from qcore.testing.tiny import _MODELS
 
 _RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
@@ -82,8 +81,7 @@ def _check_outcome(outcome: RunOutcome, who: str) -> None:
 
 def _uncalibrated(model: torch.nn.Module) -> list[str]:
     """``layer.role`` of every quantizer in ``model`` that is not a calibrated :class:`qcore.FakeQuantizer`."""
-    return [f"{layer}.{role}" for layer, role, q in iter_quantizers(model)
-            if not (isinstance(q, FakeQuantizer) and q.calibrated)]
+    return uncalibrated(model, strict=True)
 
 
 def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -239,22 +237,21 @@ def _first_layer(model: str) -> str:
 
 def check_allocator(host: Host, name: str, target_bits: float | None = 4.0, *, w_bits: int | None = None,
                     a_bits: int = 8, model: str = "tiny:convnet", pin: str | None = "first", pin_bits: int = 8,
-                    pins_in_budget: bool = True, **options: Any) -> RunOutcome:
+                    **options: Any) -> RunOutcome:
     """An allocator must return a :class:`qcore.Plan` that covers every free layer, keep the pins and stay
     within the budget.
 
     One run on ``model`` with the layer ``pin`` (default: the first) pinned at ``pin_bits`` through the YAML
-    ``layers:`` override (first/last pinning off), then:
+    ``layers:`` override (first/last pinning off). The pipeline itself refuses a plan that is not a
+    :class:`qcore.Plan`, names a layer the run does not quantize, leaves an unpinned layer out, or (with
+    ``target_bits``) goes over the budget as the allocator's ``budget_convention`` defines it; here those are
+    assertion failures. This check adds:
 
-    * ``allocate`` returned a :class:`qcore.Plan` (anything else fails, naming the type);
-    * every layer of ``ctx.layers`` not in ``ctx.pinned`` has a weight spec in the allocator's own plan
-      (before core applies the pins; a missing layer is named);
+    * every unpinned layer gets a weight spec in the allocator's own plan (before core applies the pins): a
+      plan that keeps a free layer in FP passes the pipeline but not a check of an allocator that quantizes;
     * the pinned layer ends at ``pin_bits`` and the run's outputs are finite;
-    * budget, with ``target_bits`` (``--target-bits``): the average weight bits of the run, pinned layers
-      included (README's convention: pins are paid from the budget), are at most ``target_bits``; with
-      ``pins_in_budget=False`` (an allocator whose target is the average of the free layers) the average over
-      the free layers is. Without ``target_bits`` (a fixed-bits allocator) no free layer's weight exceeds
-      ``w_bits`` bits and no activation ``a_bits``.
+    * an allocator that spends ``--target-bits`` declares a ``budget_convention``; without ``target_bits`` (a
+      fixed-bits allocator) no free layer's weight exceeds ``w_bits`` bits and no activation ``a_bits``.
 
     :param options: ``-o`` options of the run (allocator or pipeline options).
     """
@@ -272,9 +269,8 @@ def check_allocator(host: Host, name: str, target_bits: float | None = 4.0, *, w
     assert calls, f"{who}: allocate() was not called"
     ctx, plan = calls[-1]
     free = [n for n in ctx.layers if n not in ctx.pinned]
-    missing = [n for n in free if n not in plan.layers or plan.layers[n].weight is None]
-    assert not missing, (f"{who} left unpinned layer(s) {', '.join(missing)} out of its plan (or without a weight "
-                         "spec): allocate() must cover every layer of ctx.layers that is not in ctx.pinned")
+    unquantized = [n for n in free if plan.layers[n].weight is None]
+    assert not unquantized, f"{who} keeps unpinned layer(s) {', '.join(unquantized)} in floating point"
     if pinned_name:
         assert pinned_name in ctx.pinned, f"{who}: the pin of layer {pinned_name!r} did not reach ctx.pinned"
         spec = out.plan.layers.get(pinned_name)
@@ -282,16 +278,11 @@ def check_allocator(host: Host, name: str, target_bits: float | None = 4.0, *, w
             f"{who}: pinned layer {pinned_name!r} should be at {pin_bits} bits, got {spec}")
     _check_outcome(out, who)
     final = out.plan.layers
+    allocator = host.get("allocator", name)
     if target_bits is not None:
-        if pins_in_budget:
-            avg = out.result["w_bits_avg"]
-            what = "average weight bits (pinned layers included)"
-        else:
-            sizes = {n: ctx.layers[n].weight_numel for n in free}
-            avg = sum(mean_bits(final[n].weight, ctx.layers[n].out_channels) * sizes[n] for n in free) \
-                / max(1, sum(sizes.values()))
-            what = "average weight bits of the free layers"
-        assert avg is not None and avg <= target_bits + 1e-6, f"{who}: {what} {avg} exceed the budget {target_bits}"
+        convention = getattr(allocator(build_options(allocator.Options, options, who)), "budget_convention", None)
+        assert convention is not None, (f"{who} spends --target-bits but declares no budget_convention, so nothing "
+                                        "checks its plans against the budget")
     else:
         over = [n for n in free if max(final[n].weight.group_bits or (final[n].weight.bits,)) > w_bits
                 or (final[n].act is not None and max(final[n].act.group_bits or (final[n].act.bits,)) > a_bits)]

@@ -122,10 +122,11 @@ class RDOQAllocator(Allocator):
     Options = RDOQOptions
 
     @property
-    def weight_budget_checked(self) -> bool:  # type: ignore[override]
-        """Core checks the weight average only for the ``weights`` budget on fixed-length codes; the joint and
-        separate budgets and entropy rates are checked here against their own convention."""
-        return self.options.budget == "weights" and self.options.rate == "fixed"
+    def budget_convention(self) -> str | None:  # type: ignore[override]
+        """``--target-bits`` is qcore's pins-included weight average for the ``weights`` budget on fixed-length
+        codes, which core checks; the joint and separate budgets and entropy rates are checked here, against
+        their own convention."""
+        return "pins_included" if self.options.budget == "weights" and self.options.rate == "fixed" else None
 
     def curves(self, ctx: RunContext, free: list[str], group: int, batches: list[Any],
                engine: Engine | None, clip: Clip = WEIGHT_CLIP) -> tuple[Curves, np.ndarray | None]:

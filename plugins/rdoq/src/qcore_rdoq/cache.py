@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcore import new_file_mode
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Linux: no locking, concurrent runs may measure a layer twice
@@ -70,12 +72,6 @@ def cache_root_problem(root: Path) -> str | None:
     except OSError as exc:
         return f"cannot write in {probe} ({exc.strerror or exc})"
     return None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _update(h: Any, t: torch.Tensor) -> None:
@@ -216,7 +212,7 @@ class CurveCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=self.dir)
             with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o666 & ~_umask())
+                os.fchmod(fh.fileno(), new_file_mode())
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

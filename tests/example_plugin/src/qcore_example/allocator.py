@@ -99,6 +99,7 @@ class AllEight(qcore.Allocator):
     """Every unpinned layer at W8A8, whatever the budget says (the smallest allocator there is)."""
 
     name = "example-all8"
+    budget_convention = None  # W8A8 whatever the budget says: it does not spend --target-bits
     description = "every layer W8A8"
 
     def allocate(self, ctx: qcore.RunContext) -> qcore.Plan:
