@@ -61,7 +61,7 @@ class ChannelBitAllocator(Allocator):
     """Per-channel bits inside every free layer at the layer's average budget."""
 
     name = "aciq-channel"
-    budget_convention = "free_layers"  # the target is each unpinned layer's average; pinned layers are not paid from it
+    budget_convention = "free_layers"  # its target is each unpinned layer's average: pins are not paid from it
     description = "ACIQ per-channel bit allocation of weights and activations (eq. 10-11, solved exactly)"
     Options = ChannelAllocOptions
 
