@@ -202,12 +202,49 @@ def test_brecq_runs_two_stages(host):
     assert facts["iters_per_unit"] == 30 and "20000" in facts["iters_note"]
 
 
-def test_methods_by_plugin_name(host):
-    result = run_tiny(host, plugin="qdrop", options={"iters": 5}).result
-    assert result["method"] == "qdrop" if "method" in result else True
+@pytest.mark.parametrize("name, calibrator", [("qdrop", "qdrop"), ("brecq", "brecq"), ("recon", "qdrop")])
+def test_each_method_runs_by_plugin_name(host, name, calibrator):
+    result = run_tiny(host, plugin=name, options={"iters": 5}).result
+    assert result["method"] == name and result["components"]["calibrator"] == calibrator
+    assert result["options"]["weight_symmetric"] is False  # the papers' per-channel affine weights
+    assert calibrator in result["measured"]
 
 
 @pytest.mark.parametrize("bad", [{"iters": -1}, {"drop_prob": 1.5}, {"warmup": 1.0}, {"recon_batch": 0}])
 def test_bad_options_are_user_errors(host, bad):
     with pytest.raises(qcore.QcoreError):
         run_tiny(host, plugin="qdrop", options=bad)
+
+
+# -- blocks of torchvision and timm models ---------------------------------------------------------------------------
+def test_torchvision_resnet_and_mobilenet_blocks_are_recognised():
+    tv = pytest.importorskip("torchvision")
+    from qcore_recon import is_block
+
+    r18, r50 = tv.models.resnet18(), tv.models.resnet50()
+    assert is_block(r18.layer1[0]) and is_block(r50.layer1[0])  # BasicBlock, Bottleneck
+    assert is_block(tv.models.mobilenet_v2().features[1])  # InvertedResidual
+    assert not is_block(r18.layer1) and not is_block(r18)
+
+
+def test_mobilenet_blocks_are_depthwise_and_get_lambda_0_1(host):
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.mobilenet_v2(width_mult=0.25, num_classes=4).eval()
+    qmodel = qcore.quantize(model, torch.randn(8, 3, 32, 32), "uniform", w_bits=8, a_bits=8, batch_size=8,
+                            host=host).model
+    units = find_units(qmodel)
+    blocks = [u for u in units if u.kind == "block"]
+    assert len(blocks) == 17 and all(u.depthwise for u in blocks)
+    assert [u.name for u in units if u.kind == "layer"] == ["features.0.0", "features.18.0", "classifier.1"]
+    assert ReconSettings().lam(blocks[0]) == 0.1 and ReconSettings().lam(units[0]) == 0.01
+
+
+def test_timm_vit_blocks_are_reconstructed(host):
+    timm = pytest.importorskip("timm")
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0).eval()
+    out = qcore.quantize(model, torch.randn(16, 1, 8, 8), "qdrop", w_bits=4, a_bits=8, batch_size=8, host=host,
+                         options={"iters": 3})
+    facts = out.report["measured"]["qdrop"]
+    assert facts["blocks"] == ["blocks.0", "blocks.1"]
+    assert facts["layerwise"] == ["patch_embed.proj", "head"]

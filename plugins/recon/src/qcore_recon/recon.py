@@ -129,8 +129,6 @@ class ReconReport:
             "seconds_per_unit": {u.name: round(u.seconds, 2) for u in self.units},
             "loss_start_per_unit": {u.name: round(u.loss_start, 6) for u in self.units},
             "loss_end_per_unit": {u.name: round(u.loss_end, 6) for u in self.units},
-            "blocks": [u.name for u in self.units if u.kind == "block"],
-            "layerwise": [u.name for u in self.units if u.kind == "layer"],
         }
 
 
