@@ -134,7 +134,7 @@ CALIB = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(5))
 
 def quantize_tiny(host, method: str = "qdrop", seed: int = 0, **options):
     if method != "uniform":
-        options = {"iters": 30, **options}
+        options = {"iters": 30, "cache": "off", **options}
     return qcore.quantize(tiny_resnet(), CALIB, method, w_bits=4, a_bits=4, seed=seed, batch_size=32, host=host,
                           options=options)
 
@@ -202,15 +202,31 @@ def test_brecq_runs_two_stages(host):
     assert facts["iters_per_unit"] == 30 and "20000" in facts["iters_note"]
 
 
+def test_a_killed_run_resumes_block_by_block(host, tmp_path):
+    full = quantize_tiny(host, cache=str(tmp_path))
+    assert full.report["measured"]["qdrop"]["joint"]["resumed_units"] == []
+    entries = sorted(tmp_path.rglob("*.pt"))
+    assert [p.name for p in entries] == ["000-stem.0.pt", "001-blocks.0.pt", "002-blocks.1.pt", "003-fc.pt"]
+    for p in entries[2:]:  # killed while reconstructing the third unit
+        p.unlink()
+    again = quantize_tiny(host, cache=str(tmp_path))
+    assert again.report["measured"]["qdrop"]["joint"]["resumed_units"] == ["stem.0", "blocks.0"]
+    a, b = full.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    other_seed = quantize_tiny(host, seed=1, cache=str(tmp_path))  # another key: nothing restored
+    assert other_seed.report["measured"]["qdrop"]["joint"]["resumed_units"] == []
+
+
 @pytest.mark.parametrize("name, calibrator", [("qdrop", "qdrop"), ("brecq", "brecq"), ("recon", "qdrop")])
 def test_each_method_runs_by_plugin_name(host, name, calibrator):
-    result = run_tiny(host, plugin=name, options={"iters": 5}).result
+    result = run_tiny(host, plugin=name, options={"iters": 5, "cache": "off"}).result
     assert result["method"] == name and result["components"]["calibrator"] == calibrator
     assert result["options"]["weight_symmetric"] is False  # the papers' per-channel affine weights
     assert calibrator in result["measured"]
 
 
-@pytest.mark.parametrize("bad", [{"iters": -1}, {"drop_prob": 1.5}, {"warmup": 1.0}, {"recon_batch": 0}])
+@pytest.mark.parametrize("bad", [{"iters": -1}, {"drop_prob": 1.5}, {"warmup": 1.0}, {"recon_batch": 0},
+                                 {"cache": ""}])
 def test_bad_options_are_user_errors(host, bad):
     with pytest.raises(qcore.QcoreError):
         run_tiny(host, plugin="qdrop", options=bad)
@@ -244,7 +260,7 @@ def test_timm_vit_blocks_are_reconstructed(host):
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0).eval()
     out = qcore.quantize(model, torch.randn(16, 1, 8, 8), "qdrop", w_bits=4, a_bits=8, batch_size=8, host=host,
-                         options={"iters": 3})
+                         options={"iters": 3, "cache": "off"})
     facts = out.report["measured"]["qdrop"]
     assert facts["blocks"] == ["blocks.0", "blocks.1"]
     assert facts["layerwise"] == ["patch_embed.proj", "head"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
@@ -14,6 +15,7 @@ import qcore
 from qcore import RangeCalibrator, RangeOptions
 
 from qcore_recon.blocks import find_units
+from qcore_recon.cache import default_cache_root
 from qcore_recon.recon import ReconSettings, reconstruct
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class ReconOptions(RangeOptions):
     warmup: float = field(default=0.2, metadata={"help": "fraction of steps before the rounding regulariser starts"})
     recon_granularity: Literal["block", "layer"] = field(default="block", metadata={
         "help": "reconstruct residual blocks as units ('block'; other layers layer-wise) or every layer alone"})
+    cache: str = field(default="auto", metadata={
+        "help": "per-block resume cache: 'auto' ($QCORE_CACHE_DIR or ~/.cache/qcore/recon), 'off', or a folder"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +60,8 @@ class ReconOptions(RangeOptions):
             raise qcore.QcoreError(f"reg_weight={self.reg_weight} must be 0 or more (the papers: 0.01, MobileNet 0.1)")
         if not 0.0 <= self.warmup < 1.0:
             raise qcore.QcoreError(f"warmup={self.warmup} must be in [0, 1) (the papers use 0.2)")
+        if not self.cache.strip():
+            raise qcore.QcoreError("cache='' names no folder: use 'auto', 'off' or a folder")
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,10 @@ class _ReconCalibrator(RangeCalibrator):
             log.info("%s: %d steps per block/layer (the papers use %d; -o iters=%d for their setting)", self.name,
                      o.iters, PAPER_ITERS, PAPER_ITERS)
         start = time.perf_counter()
+        root = None if o.cache == "off" else default_cache_root() if o.cache == "auto" else Path(o.cache)
         for stage, settings in self.passes(ctx):
             report = reconstruct(model, ctx.model, ctx, settings=settings, units=units,
-                                 desc=f"{self.name} {stage}")
+                                 desc=f"{self.name} {stage}", cache=root)
             facts[stage] = report.as_dict()
         facts["seconds"] = round(time.perf_counter() - start, 2)
         ctx.measured[self.name] = facts

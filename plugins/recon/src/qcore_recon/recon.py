@@ -12,11 +12,13 @@ three methods differ in is only :class:`ReconSettings`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,6 +28,7 @@ import qcore
 
 from qcore_recon.act import ActQuant, act_quant_for
 from qcore_recon.blocks import Unit, _Stop, call_order, find_units
+from qcore_recon.cache import UnitCache, fingerprint
 from qcore_recon.rounding import RoundingFactory, WeightRounding, rounding_for
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ class UnitReport:
     loss_start: float
     loss_end: float
     samples: int
+    resumed: bool = False  # restored from the per-unit cache instead of recomputed
 
 
 @dataclass
@@ -129,6 +133,7 @@ class ReconReport:
             "seconds_per_unit": {u.name: round(u.seconds, 2) for u in self.units},
             "loss_start_per_unit": {u.name: round(u.loss_start, 6) for u in self.units},
             "loss_end_per_unit": {u.name: round(u.loss_end, 6) for u in self.units},
+            "resumed_units": [u.name for u in self.units if u.resumed],
         }
 
 
@@ -220,7 +225,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
                 settings: ReconSettings | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
                 blocks: Sequence[str] | None = None, units: Sequence[Unit] | None = None,
                 loss: LossFn | None = None, weight_rounding: RoundingFactory | None = None,
-                act_quant: ActFactory | None = None, desc: str = "recon") -> ReconReport:
+                act_quant: ActFactory | None = None, desc: str = "recon", cache: Path | str | None = None
+                ) -> ReconReport:
     """Reconstruct ``model`` (wrapped by qcore, every quantizer calibrated) towards ``fp_model`` unit by unit.
 
     :param model: the quantized model; its weights and input quantizers are updated in place.
@@ -234,6 +240,9 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     :param weight_rounding: ``(quantizer, weight) -> WeightRounding`` (default :func:`rounding_for`: AdaRound on
         the uniform grid, the quantizer's own ``recon_rounding`` or a straight-through rounding otherwise).
     :param act_quant: ``(quantizer, learn) -> ActQuant`` (default: LSQ steps on the uniform grid).
+    :param desc: names the pass in logs, progress bars and the cache key.
+    :param cache: a folder for per-unit resume (:mod:`qcore_recon.cache`); None for none. Custom ``loss``,
+        ``weight_rounding`` and ``act_quant`` enter the key by their qualified names only.
     :returns: per unit, the seconds and the loss before and after.
     """
     s = settings or ReconSettings()
@@ -255,9 +264,24 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     off = contextlib.nullcontext() if s.acts else acts_disabled(model)
     with off, _frozen_params(model, fp_model):
         todo = call_order(model, forward, batches[0], todo)
+        store = None
+        if cache is not None:
+            key = {"settings": dataclasses.asdict(s), "units": [(u.name, u.layers) for u in todo], "pass": desc,
+                   "fns": [getattr(f, "__qualname__", repr(f)) for f in (loss, make_rounding, make_act)]}
+            store = UnitCache(Path(cache), fingerprint(model, fp_model, batches, key))
         for i, unit in enumerate(todo):
-            report.units.append(_reconstruct_unit(model, fp_model, batches, forward, unit, s, i, loss, make_rounding,
-                                                  make_act, desc))
+            entry = store.load(i, unit.name) if store is not None else None
+            if entry is not None:
+                model.get_submodule(unit.name).load_state_dict(entry["state"])
+                report.units.append(UnitReport(**{**entry["report"], "resumed": True}))
+                log.info("%s %s: restored from %s", desc, unit.name, store.dir)
+                continue
+            rep = _reconstruct_unit(model, fp_model, batches, forward, unit, s, i, loss, make_rounding, make_act,
+                                    desc)
+            report.units.append(rep)
+            if store is not None:
+                state = {k: v.detach().cpu() for k, v in model.get_submodule(unit.name).state_dict().items()}
+                store.save(i, unit.name, {"state": state, "report": dataclasses.asdict(rep)})
     return report
 
 
