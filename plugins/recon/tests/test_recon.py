@@ -148,6 +148,21 @@ def test_blocks_are_units_and_the_rest_is_layerwise(host):
     assert [u.kind for u in find_units(qmodel, blocks=[])] == ["layer"] * 6
 
 
+class DeclaresBlocks:
+    """A plugin that names the blocks of TinyResNet (as a task would for an architecture qcore-recon does not know)."""
+
+    @staticmethod
+    @qcore.hookimpl
+    def qcore_blocks(model):
+        return ["blocks"] if isinstance(model, TinyResNet) else None
+
+
+def test_a_plugin_declares_blocks_through_the_hook():
+    host = make_host(("recon", plugin), ("qdrop", plugin_qdrop), ("blocks", DeclaresBlocks))
+    facts = quantize_tiny(host, iters=2).report["measured"]["qdrop"]
+    assert facts["blocks"] == ["blocks"] and facts["layerwise"] == ["stem.0", "fc"]
+
+
 def test_fc_input_is_8_bit_with_first_last_pinned(host):
     """BRECQ's bug: its FC-input quantizer setting has no effect on ResNet. Here the FC's own input quantizer is
     at 8 bits after reconstruction, and its learned step keeps 8-bit levels."""

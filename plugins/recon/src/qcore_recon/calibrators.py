@@ -105,7 +105,7 @@ class _ReconCalibrator(RangeCalibrator):
     def calibrate(self, model: nn.Module, ctx: qcore.RunContext) -> None:
         super().calibrate(model, ctx)  # weight scales and activation ranges: the starting point, frozen z/s
         o = self.options
-        units = find_units(model, blocks=[] if self.layerwise or o.recon_granularity == "layer" else None)
+        units = find_units(model, blocks=self.declared_blocks(ctx))
         facts: dict[str, Any] = {
             "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS,
             "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 gives "
@@ -125,6 +125,17 @@ class _ReconCalibrator(RangeCalibrator):
             facts[stage] = report.as_dict()
         facts["seconds"] = round(time.perf_counter() - start, 2)
         ctx.measured[self.name] = facts
+
+    def declared_blocks(self, ctx: qcore.RunContext) -> list[str] | None:
+        """None (recognise blocks by type), [] (layer-wise) or the blocks a plugin declares (``qcore_blocks``)."""
+        if self.layerwise or self.options.recon_granularity == "layer":
+            return []
+        hook = getattr(ctx.hooks, "qcore_blocks", None)  # None when a context is built without a host
+        declared = hook(model=ctx.model) if hook is not None else None
+        if declared is not None:
+            log.info("%s: blocks declared by a plugin (qcore_blocks): %s", self.name, ", ".join(declared) or "none")
+            return list(declared)
+        return None
 
     def _base(self, ctx: qcore.RunContext, **kw: Any) -> ReconSettings:
         o = self.options
