@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 import qcore
 from qcore.ops import fake_quantize
-
 from qcore_recon.rounding import broadcast, grad_scale, lsq_grad_factor, scale_of
 
 

@@ -13,7 +13,6 @@ from torch import nn
 
 import qcore
 from qcore import RangeCalibrator, RangeOptions
-
 from qcore_recon.blocks import find_units
 from qcore_recon.cache import default_cache_root
 from qcore_recon.recon import ReconSettings, reconstruct

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from qcore import hookimpl
-
 from qcore_recon.plugin import _method
 
 
 @hookimpl
 def qcore_register_methods(register: Any) -> None:
-    register(_method("brecq", "BRECQ block reconstruction (AdaRound weights with acts off, then LSQ act steps), uniform grid, W4A4", True))
+    register(_method("brecq", "BRECQ block reconstruction (AdaRound weights with acts off, then LSQ act steps), "
+                             "uniform grid, W4A4", True))

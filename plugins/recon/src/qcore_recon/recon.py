@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 import qcore
-
 from qcore_recon.act import ActQuant, act_quant_for
 from qcore_recon.blocks import Unit, _Stop, call_order, find_units
 from qcore_recon.cache import UnitCache, fingerprint
@@ -207,10 +206,8 @@ def capture(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches:
     try:
         for batch in batches:
             n = len(ins)
-            try:
+            with contextlib.suppress(_Stop):
                 forward(model, batch)
-            except _Stop:
-                pass
             if len(ins) == n:
                 raise qcore.QcoreError(f"the calibration data never reached unit {name!r}")
             del ins[n + 1:]
