@@ -279,3 +279,15 @@ def test_timm_vit_blocks_are_reconstructed(host):
     facts = out.report["measured"]["qdrop"]
     assert facts["blocks"] == ["blocks.0", "blocks.1"]
     assert facts["layerwise"] == ["patch_embed.proj", "head"]
+
+
+def test_the_reconstructed_model_is_deployable_and_saves(host, tmp_path):
+    """The learned rounding is stored as grid points of each layer's own quantizer and the learned steps as its
+    ranges: the .qcore file reloads onto a fresh FP model with identical outputs."""
+    out = quantize_tiny(host)
+    for name, layer in qcore.quant_layers(out.model).items():
+        w = layer.module.weight.detach()
+        assert torch.allclose(layer.weight_quantizer(w), w, atol=1e-6), name
+    loaded = qcore.load(out.save(tmp_path / "m.qcore"), tiny_resnet(), host=host)
+    with torch.no_grad():
+        assert torch.equal(loaded(CALIB), out.model(CALIB))

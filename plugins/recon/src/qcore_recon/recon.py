@@ -330,7 +330,8 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
     losses: list[float] = []
     iters = s.iters if opts else 0
     try:
-        for it in qcore.track(range(iters), desc=f"{desc} {unit.name}", unit="it"):
+        for it in qcore.track(range(iters), desc=f"{desc} {unit.name}", unit="it",
+                              postfix=lambda: f"loss {losses[-1]:.4g}" if losses else ""):
             idx = torch.randint(n_samples, (min(s.batch_size, n_samples),), generator=gen)
             x = q_in[idx]
             if mixed:
