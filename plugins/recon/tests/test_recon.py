@@ -215,6 +215,7 @@ def test_brecq_runs_two_stages(host):
     facts = quantize_tiny(host, "brecq").report["measured"]["brecq"]
     assert facts["weights"]["units"] == facts["acts"]["units"] == 4
     assert facts["iters_per_unit"] == 30 and "20000" in facts["iters_note"]
+    assert facts["calibration_samples"] == 64
 
 
 def test_a_killed_run_resumes_block_by_block(host, tmp_path):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 import qcore
@@ -109,7 +110,7 @@ class _ReconCalibrator(RangeCalibrator):
             "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS,
             "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 gives "
                            "the paper's setting") if o.iters < PAPER_ITERS else "the papers' setting",
-            "calibration_samples": sum(int(getattr(b, "shape", [len(b)])[0]) for b in ctx.calibration_batches()),
+            "calibration_samples": _samples(ctx.calibration_batches()),
             "blocks": [u.name for u in units if u.kind == "block"],
             "layerwise": [u.name for u in units if u.kind == "layer"],
         }
@@ -184,3 +185,13 @@ class AdaRoundCalibrator(_ReconCalibrator):
     def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings]]:
         return [("weights", self._base(ctx, learn_acts=False, keep_prob=None, inputs="quantized"))]
 
+
+def _samples(batches: Any) -> int | None:
+    """Samples in the calibration batches (tensors, or tuples/lists led by one); None for other batch types."""
+    n = 0
+    for b in batches:
+        x = b[0] if isinstance(b, (list, tuple)) and b else b
+        if not isinstance(x, torch.Tensor):
+            return None
+        n += int(x.shape[0]) if x.dim() else 1
+    return n
