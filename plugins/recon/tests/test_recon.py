@@ -192,9 +192,7 @@ def test_qdrop_with_keep_prob_1_is_brecqs_activation_in_the_loop_block(host):
     models = []
     for settings in (ReconSettings(iters=25, keep_prob=1.0, inputs="mixed", act_lr=1e-3),
                      ReconSettings(iters=25, keep_prob=None, inputs="quantized", act_lr=1e-3)):
-        qmodel = copy.deepcopy(base.model)
-        for layer in qcore.quant_layers(qmodel).values():
-            layer.unfreeze()
+        qmodel = copy.deepcopy(base.model)  # frozen by the pipeline: reconstruct unfreezes it
         reconstruct(qmodel, ctx.model, ctx, settings=settings)
         models.append(qmodel.state_dict())
     a, b = models

@@ -256,6 +256,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     make_act = act_quant or act_quant_for
     model.eval()
     fp_model.eval()
+    for layer in qcore.quant_layers(model).values():
+        layer.unfreeze()  # a frozen layer would keep serving its cached weight while its rounding changes
     todo = list(units) if units is not None else find_units(model, blocks)
     report = ReconReport()
     off = contextlib.nullcontext() if s.acts else acts_disabled(model)
