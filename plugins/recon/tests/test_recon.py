@@ -201,6 +201,22 @@ def test_qdrop_with_keep_prob_1_is_brecqs_activation_in_the_loop_block(host):
     assert changed  # the activation steps were learned
 
 
+def test_a_caller_supplies_the_whole_objective(host):
+    """PTMQ-style: the objective runs the unit itself (here twice, as a multi-bit loss would at two bit-widths)."""
+    base = qcore.quantize(tiny_resnet(), CALIB, "uniform", w_bits=4, a_bits=4, calibrator="mse", batch_size=32,
+                          host=host)
+    calls: dict[str, int] = {}
+
+    def two_runs(module, x, target, unit):
+        calls[unit.name] = calls.get(unit.name, 0) + 1
+        return sum(((module(x) - target) ** 2).mean() for _ in range(2))
+
+    report = reconstruct(base.model, base.outcome.ctx.model, base.outcome.ctx, objective=two_runs,
+                         settings=ReconSettings(iters=7))
+    assert calls == {"stem.0": 7, "blocks.0": 7, "blocks.1": 7, "fc": 7}
+    assert [u.name for u in report.units] == list(calls)
+
+
 def test_reconstruction_lowers_the_block_loss(host):
     out = quantize_tiny(host, iters=80)
     facts = out.report["measured"]["qdrop"]["joint"]

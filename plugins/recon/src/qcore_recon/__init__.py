@@ -4,6 +4,7 @@ Other plugins reconstruct with their own quantizers and losses through :func:`re
 
     from qcore_recon import ReconSettings, reconstruct
     reconstruct(qmodel, ctx.model, ctx, settings=ReconSettings(iters=500), loss=my_loss)
+    reconstruct(qmodel, ctx.model, ctx, objective=multi_bit)   # runs each unit itself, e.g. at several bit-widths
 
 A weight quantizer supplies its own differentiable rounding by defining ``recon_rounding(weight)`` returning a
 :class:`WeightRounding` (or the caller passes ``weight_rounding=``); an activation quantizer its own learned
@@ -14,11 +15,20 @@ from __future__ import annotations
 
 from qcore_recon.act import ActQuant, LSQAct, act_quant_for
 from qcore_recon.blocks import Unit, find_units, is_block
-from qcore_recon.recon import ReconReport, ReconSettings, UnitReport, acts_disabled, mse_loss, reconstruct
+from qcore_recon.recon import (
+    LossFn,
+    Objective,
+    ReconReport,
+    ReconSettings,
+    UnitReport,
+    acts_disabled,
+    mse_loss,
+    reconstruct,
+)
 from qcore_recon.rounding import AdaRound, STERounding, WeightRounding, rectified_sigmoid, rounding_for
 
 __all__ = [
-    "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "acts_disabled",
+    "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "acts_disabled", "LossFn", "Objective",
     "Unit", "find_units", "is_block",
     "WeightRounding", "AdaRound", "STERounding", "rounding_for", "rectified_sigmoid",
     "ActQuant", "LSQAct", "act_quant_for",

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: ``loss(prediction, target) -> scalar``: the reconstruction loss of one unit's output
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: ``objective(module, x, target, unit) -> scalar``: one step's loss computed by the caller, who runs the unit
+#: itself (PTMQ runs it at several bit-widths and sums the losses); the default is ``loss(module(x), target)``
+Objective = Callable[[nn.Module, Tensor, Tensor, "Unit"], Tensor]
 #: ``(quantizer, learn_steps) -> ActQuant``: how an input quantizer takes part in reconstruction
 ActFactory = Callable[[qcore.FakeQuantizer, bool], ActQuant]
 
@@ -221,7 +224,8 @@ def capture(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches:
 def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | Sequence[Any], *,
                 settings: ReconSettings | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
                 blocks: Sequence[str] | None = None, units: Sequence[Unit] | None = None,
-                loss: LossFn | None = None, weight_rounding: RoundingFactory | None = None,
+                loss: LossFn | None = None, objective: Objective | None = None,
+                weight_rounding: RoundingFactory | None = None,
                 act_quant: ActFactory | None = None, desc: str = "recon", cache: Path | str | None = None
                 ) -> ReconReport:
     """Reconstruct ``model`` (wrapped by qcore, every quantizer calibrated) towards ``fp_model`` unit by unit.
@@ -233,13 +237,15 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     :param forward: ``forward(model, batch)`` (default: the context's task forward, or ``qcore.default_forward``).
     :param blocks: names of the submodules to reconstruct as blocks (default: the recognised block types).
     :param units: the units themselves (overrides ``blocks``), e.g. ``find_units(model, ...)`` filtered.
-    :param loss: ``loss(prediction, target)`` (default :func:`mse_loss`); a multi-bit or task loss goes here.
+    :param loss: ``loss(prediction, target)`` (default :func:`mse_loss`): another distance between outputs.
+    :param objective: ``objective(module, x, target, unit)``: the whole step's loss, running the unit ``module``
+        on the (mixed) input ``x`` itself, e.g. at several bit-widths for a multi-bit loss; overrides ``loss``.
     :param weight_rounding: ``(quantizer, weight) -> WeightRounding`` (default :func:`rounding_for`: AdaRound on
         the uniform grid, the quantizer's own ``recon_rounding`` or a straight-through rounding otherwise).
     :param act_quant: ``(quantizer, learn) -> ActQuant`` (default: LSQ steps on the uniform grid).
     :param desc: names the pass in logs, progress bars and the cache key.
     :param cache: a folder for per-unit resume (:mod:`qcore_recon.cache`); None for none. Custom ``loss``,
-        ``weight_rounding`` and ``act_quant`` enter the key by their qualified names only.
+        ``objective``, ``weight_rounding`` and ``act_quant`` enter the key by their qualified names only.
     :returns: per unit, the seconds and the loss before and after.
     """
     s = settings or ReconSettings()
@@ -251,7 +257,13 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     forward = forward or qcore.default_forward
     if not batches:
         raise qcore.QcoreError("reconstruction needs calibration data; pass --calib-size above 0")
-    loss = loss or mse_loss
+    if objective is None:
+        dist = loss or mse_loss
+
+        def objective(module: nn.Module, x: Tensor, target: Tensor, unit: Unit) -> Tensor:
+            return dist(module(x), target)
+
+        objective.__qualname__ = f"loss:{getattr(dist, '__qualname__', repr(dist))}"
     make_rounding = weight_rounding or rounding_for
     make_act = act_quant or act_quant_for
     model.eval()
@@ -266,7 +278,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
         store = None
         if cache is not None:
             key = {"settings": dataclasses.asdict(s), "units": [(u.name, u.layers) for u in todo], "pass": desc,
-                   "fns": [getattr(f, "__qualname__", repr(f)) for f in (loss, make_rounding, make_act)]}
+                   "fns": [getattr(f, "__qualname__", repr(f)) for f in (objective, make_rounding, make_act)]}
             store = UnitCache(Path(cache), fingerprint(model, fp_model, batches, key))
         for i, unit in enumerate(todo):
             entry = store.load(i, unit.name) if store is not None else None
@@ -275,8 +287,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
                 report.units.append(UnitReport(**{**entry["report"], "resumed": True}))
                 log.info("%s %s: restored from %s", desc, unit.name, store.dir)
                 continue
-            rep = _reconstruct_unit(model, fp_model, batches, forward, unit, s, i, loss, make_rounding, make_act,
-                                    desc)
+            rep = _reconstruct_unit(model, fp_model, batches, forward, unit, s, i, objective, make_rounding,
+                                    make_act, desc)
             report.units.append(rep)
             if store is not None:
                 state = {k: v.detach().cpu() for k, v in model.get_submodule(unit.name).state_dict().items()}
@@ -286,7 +298,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
 
 def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[Any],
                       forward: Callable[[nn.Module, Any], Any], unit: Unit, s: ReconSettings, index: int,
-                      loss: LossFn, make_rounding: RoundingFactory, make_act: ActFactory, desc: str) -> UnitReport:
+                      objective: Objective, make_rounding: RoundingFactory, make_act: ActFactory, desc: str
+                      ) -> UnitReport:
     start = time.perf_counter()
     fp_in, target = capture(fp_model, forward, batches, unit.name, output=True)
     assert target is not None
@@ -339,7 +352,7 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
             if mixed:
                 u = torch.rand(x.shape, generator=drop_gen).to(x.device)
                 x = torch.where(u < s.keep_prob, x, fp_in[idx])
-            rec = loss(module(x), target[idx])
+            rec = objective(module, x, target[idx], unit)
             total = rec
             beta = s.beta_at(it)
             if beta is not None and roundings:
