@@ -86,6 +86,27 @@ def test_regulariser_alone_drives_rounding_to_nearest():
         assert torch.equal(r.final_weight(), q(w))  # and the rounding kept is round-to-nearest
 
 
+class DeadZoneLike(qcore.UniformFakeQuant):
+    """A uniform grid with its own mapping (as RDOQ's dead-zone grid): small values go to zero."""
+
+    def quantize(self, x):
+        return torch.where(x.abs() < 0.3, torch.zeros_like(x), super().quantize(x))
+
+
+def test_a_uniform_subclass_with_its_own_mapping_learns_through_it():
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    q = DeadZoneLike(qcore.QuantSpec(4, symmetric=False, granularity="channel"), 4, 0)
+    qcore.calibrate_rows(q, q.rows_of(w), minmax_range)
+    r = rounding_for(q, w)
+    assert isinstance(r, STERounding)  # AdaRound's plain-grid arithmetic would learn for a grid not deployed
+    with torch.no_grad():
+        assert torch.equal(r.soft(), q(w))
+    from qcore_recon import LSQAct, act_quant_for
+
+    assert not isinstance(act_quant_for(q, learn=True), LSQAct)
+    assert isinstance(act_quant_for(uniform_weight_quantizer(w), learn=True), LSQAct)
+
+
 def test_a_quantizer_may_supply_its_own_rounding():
     w = torch.randn(4, 8)
     q = uniform_weight_quantizer(w)

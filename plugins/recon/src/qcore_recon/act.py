@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import qcore
 from qcore.ops import fake_quantize
-from qcore_recon.rounding import broadcast, grad_scale, lsq_grad_factor, scale_of
+from qcore_recon.rounding import broadcast, grad_scale, lsq_grad_factor, plain_uniform, scale_of
 
 
 class ActQuant(nn.Module):
@@ -84,7 +84,8 @@ class LSQAct(ActQuant):
 
 def act_quant_for(quantizer: qcore.FakeQuantizer, learn: bool) -> ActQuant:
     """The reconstruction wrapper of an activation quantizer: its own ``recon_act()`` if it has one, LSQ steps
-    on core's uniform grid when ``learn``, else the quantizer as calibrated."""
+    on core's uniform grid when ``learn`` (not on a subclass with its own ``quantize``), else the quantizer as
+    calibrated."""
     own = getattr(quantizer, "recon_act", None)
     if callable(own):
         act = own()
@@ -92,6 +93,6 @@ def act_quant_for(quantizer: qcore.FakeQuantizer, learn: bool) -> ActQuant:
             raise qcore.QcoreError(f"{type(quantizer).__name__}.recon_act() returned {type(act).__name__}, not a "
                                    "qcore_recon.ActQuant")
         return act
-    if learn and isinstance(quantizer, qcore.UniformFakeQuant):
+    if learn and plain_uniform(quantizer):
         return LSQAct(quantizer)
     return ActQuant(quantizer)

@@ -147,7 +147,7 @@ class STERounding(WeightRounding):
 
 def rounding_for(quantizer: qcore.FakeQuantizer, weight: Tensor) -> WeightRounding:
     """The rounding a quantizer learns with: its own ``recon_rounding(weight)`` if it has one, AdaRound on
-    core's uniform grid, else a straight-through rounding through its ``quantize``."""
+    core's uniform grid (:func:`plain_uniform`), else a straight-through rounding through its ``quantize``."""
     own = getattr(quantizer, "recon_rounding", None)
     if callable(own):
         rounding = own(weight)
@@ -155,9 +155,17 @@ def rounding_for(quantizer: qcore.FakeQuantizer, weight: Tensor) -> WeightRoundi
             raise qcore.QcoreError(f"{type(quantizer).__name__}.recon_rounding() returned {type(rounding).__name__}, "
                                    "not a qcore_recon.WeightRounding")
         return rounding
-    if isinstance(quantizer, qcore.UniformFakeQuant):
+    if plain_uniform(quantizer):
         return AdaRound(quantizer, weight)
     return STERounding(quantizer, weight)
+
+
+def plain_uniform(quantizer: qcore.FakeQuantizer) -> bool:
+    """Whether ``quantizer`` quantizes exactly as core's uniform grid does: a :class:`qcore.UniformFakeQuant` whose
+    ``quantize`` is not overridden (a subclass such as RDOQ's dead-zone grid maps values differently, so AdaRound's
+    and LSQ's own uniform arithmetic would learn for a grid that is not deployed)."""
+    return (isinstance(quantizer, qcore.UniformFakeQuant)
+            and type(quantizer).quantize is qcore.UniformFakeQuant.quantize)
 
 
 def scale_of(quantizer: qcore.UniformFakeQuant) -> tuple[Tensor, Tensor, Tensor, Tensor]:
