@@ -246,11 +246,21 @@ def test_reconstruction_lowers_the_block_loss(host):
     assert sum(ends.values()) < sum(starts.values())
 
 
-def test_brecq_runs_two_stages(host):
-    facts = quantize_tiny(host, "brecq").report["measured"]["brecq"]
+def test_brecq_runs_two_stages(host, tmp_path):
+    facts = quantize_tiny(host, "brecq", cache=str(tmp_path)).report["measured"]["brecq"]
     assert facts["weights"]["units"] == facts["acts"]["units"] == 4
     assert facts["iters_per_unit"] == 30 and "20000" in facts["iters_note"]
     assert facts["calibration_samples"] == 64
+    again = quantize_tiny(host, "brecq", cache=str(tmp_path)).report["measured"]["brecq"]
+    assert len(again["weights"]["resumed_units"]) == len(again["acts"]["resumed_units"]) == 4  # stable cache keys
+
+
+def test_lp_loss_sums_channels_and_averages_the_rest():
+    from qcore_recon import lp_loss, mse_loss
+
+    pred, target = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 2.0)
+    assert float(lp_loss(pred, target, p=2.4)) == pytest.approx(3 * 2.0 ** 2.4)
+    assert float(mse_loss(pred[:, :, 0, 0], target[:, :, 0, 0])) == pytest.approx(3 * 4.0)
 
 
 def test_a_killed_run_resumes_block_by_block(host, tmp_path):

@@ -22,13 +22,15 @@ from qcore_recon.recon import (
     ReconSettings,
     UnitReport,
     acts_disabled,
+    lp_loss,
     mse_loss,
     reconstruct,
 )
 from qcore_recon.rounding import AdaRound, STERounding, WeightRounding, rectified_sigmoid, rounding_for
 
 __all__ = [
-    "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "acts_disabled", "LossFn", "Objective",
+    "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "lp_loss", "acts_disabled",
+    "LossFn", "Objective",
     "Unit", "find_units", "is_block",
     "WeightRounding", "AdaRound", "STERounding", "rounding_for", "rectified_sigmoid",
     "ActQuant", "LSQAct", "act_quant_for",

@@ -3,6 +3,7 @@ reconstruction (:func:`qcore_recon.reconstruct`) with each method's settings."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import qcore
 from qcore import RangeCalibrator, RangeOptions
 from qcore_recon.blocks import find_units
 from qcore_recon.cache import default_cache_root
-from qcore_recon.recon import ReconSettings, reconstruct
+from qcore_recon.recon import LossFn, ReconSettings, lp_loss, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class BRECQOptions(ReconOptions):
     iters_act: int | None = field(default=None, metadata={
         "help": "activation-stage steps per block; default iters/4 (the paper: 5000 after 20000)"})
     act_lr: float = field(default=4e-4, metadata={"help": "Adam learning rate of the LSQ activation steps"})
+    act_loss_p: float = field(default=2.4, metadata={
+        "help": "exponent of the activation stage's loss, |error|^p summed over channels (the paper: 2.4)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +93,8 @@ class BRECQOptions(ReconOptions):
             raise qcore.QcoreError(f"iters_act={self.iters_act} must be 0 or more (the paper uses 5000)")
         if self.act_lr < 0:
             raise qcore.QcoreError(f"act_lr={self.act_lr} must be 0 or more (the paper uses 4e-4)")
+        if not self.act_loss_p > 0:
+            raise qcore.QcoreError(f"act_loss_p={self.act_loss_p} must be positive (the paper uses 2.4)")
 
 
 class _ReconCalibrator(RangeCalibrator):
@@ -99,7 +104,8 @@ class _ReconCalibrator(RangeCalibrator):
     #: every quantized layer is its own unit, whatever -o recon_granularity says (AdaRound)
     layerwise: bool = False
 
-    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings]]:
+    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings, LossFn | None]]:
+        """``(name, settings, loss)`` of each reconstruction pass, in order (loss None: the squared error)."""
         raise NotImplementedError
 
     def calibrate(self, model: nn.Module, ctx: qcore.RunContext) -> None:
@@ -119,8 +125,8 @@ class _ReconCalibrator(RangeCalibrator):
                      o.iters, PAPER_ITERS, PAPER_ITERS)
         start = time.perf_counter()
         root = None if o.cache == "off" else default_cache_root() if o.cache == "auto" else Path(o.cache)
-        for stage, settings in self.passes(ctx):
-            report = reconstruct(model, ctx.model, ctx, settings=settings, units=units,
+        for stage, settings, loss in self.passes(ctx):
+            report = reconstruct(model, ctx.model, ctx, settings=settings, units=units, loss=loss,
                                  desc=f"{self.name} {stage}", cache=root)
             facts[stage] = report.as_dict()
         facts["seconds"] = round(time.perf_counter() - start, 2)
@@ -152,9 +158,9 @@ class QDropCalibrator(_ReconCalibrator):
                    "dropped (-o iters, drop_prob)")
     Options = QDropOptions
 
-    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings]]:
+    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings, LossFn | None]]:
         o = self.options
-        return [("joint", self._base(ctx, act_lr=o.scale_lr, keep_prob=o.drop_prob, inputs="mixed"))]
+        return [("joint", self._base(ctx, act_lr=o.scale_lr, keep_prob=o.drop_prob, inputs="mixed"), None)]
 
 
 class BRECQCalibrator(_ReconCalibrator):
@@ -165,13 +171,13 @@ class BRECQCalibrator(_ReconCalibrator):
     description = "BRECQ: block reconstruction in two stages, AdaRound weights (acts off), then LSQ act steps"
     Options = BRECQOptions
 
-    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings]]:
+    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings, LossFn | None]]:
         o = self.options
         iters_act = o.iters_act if o.iters_act is not None else o.iters // 4
         weights = self._base(ctx, acts=False, learn_acts=False, keep_prob=None, inputs="quantized")
         acts = ReconSettings(iters=iters_act, batch_size=o.recon_batch, act_lr=o.act_lr, learn_weights=False,
                              acts=True, learn_acts=True, keep_prob=None, inputs="fp", seed=ctx.config.seed)
-        return [("weights", weights), ("acts", acts)]
+        return [("weights", weights, None), ("acts", acts, functools.partial(lp_loss, p=o.act_loss_p))]
 
 
 class AdaRoundCalibrator(_ReconCalibrator):
@@ -182,8 +188,8 @@ class AdaRoundCalibrator(_ReconCalibrator):
     description = "AdaRound: learned weight rounding, layer by layer (activation ranges: MSE)"
     layerwise = True
 
-    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings]]:
-        return [("weights", self._base(ctx, learn_acts=False, keep_prob=None, inputs="quantized"))]
+    def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings, LossFn | None]]:
+        return [("weights", self._base(ctx, learn_acts=False, keep_prob=None, inputs="quantized"), None)]
 
 
 def _samples(batches: Any) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -41,13 +42,25 @@ Objective = Callable[[nn.Module, Tensor, Tensor, "Unit"], Tensor]
 ActFactory = Callable[[qcore.FakeQuantizer, bool], ActQuant]
 
 
-def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Squared error summed over channels (dim 1 of a 4-D feature map, the last dim otherwise), averaged over
-    everything else: BRECQ's and QDrop's block loss."""
-    d = (pred - target).float().pow(2)
+def lp_loss(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
+    """|error|^p summed over channels (dim 1 of a 4-D feature map, the last dim otherwise), averaged over
+    everything else: QDrop's block loss (p = 2) and BRECQ's activation-stage loss (p = 2.4)."""
+    d = (pred - target).float().abs().pow(p)
     if d.dim() == 4:
         return d.sum(dim=1).mean()
     return d.sum(dim=-1).mean() if d.dim() > 1 else d.mean()
+
+
+def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """:func:`lp_loss` with p = 2: BRECQ's (weight stage) and QDrop's block loss."""
+    return lp_loss(pred, target, 2.0)
+
+
+def fn_name(f: Any) -> str:
+    """A stable name of a callable for cache keys: its qualified name, with a partial's arguments."""
+    if isinstance(f, functools.partial):
+        return f"{fn_name(f.func)}{f.args!r}{sorted(f.keywords.items())!r}"
+    return str(getattr(f, "__qualname__", type(f).__qualname__))
 
 
 @dataclass(frozen=True)
@@ -263,7 +276,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
         def objective(module: nn.Module, x: Tensor, target: Tensor, unit: Unit) -> Tensor:
             return dist(module(x), target)
 
-        objective.__qualname__ = f"loss:{getattr(dist, '__qualname__', repr(dist))}"
+        objective.__qualname__ = f"loss:{fn_name(dist)}"
     make_rounding = weight_rounding or rounding_for
     make_act = act_quant or act_quant_for
     model.eval()
@@ -278,7 +291,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
         store = None
         if cache is not None:
             key = {"settings": dataclasses.asdict(s), "units": [(u.name, u.layers) for u in todo], "pass": desc,
-                   "fns": [getattr(f, "__qualname__", repr(f)) for f in (objective, make_rounding, make_act)]}
+                   "fns": [fn_name(f) for f in (objective, make_rounding, make_act)]}
             store = UnitCache(Path(cache), fingerprint(model, fp_model, batches, key))
         for i, unit in enumerate(todo):
             entry = store.load(i, unit.name) if store is not None else None
