@@ -48,6 +48,10 @@ CALIBRATORS: dict[str, tuple[dict[str, Any], str]] = {
     "kl": ({"min_agreement": 80.0},
            "the KL threshold (TensorRT) is searched on the tiny task's 64 calibration inputs and clips hard at any "
            "bit-width: 88.3 % W8A8 agreement measured"),
+    **{name: ({"iters": 20, "cache": "off"},
+              "block reconstruction: 20 steps per unit instead of the default (sized for a real model) keeps the check "
+              "fast (what is learned still goes through the quantizer's protocol); no resume cache on disk")
+       for name in ("adaround", "brecq", "qdrop")},
 }
 
 #: allocator -> (check_allocator keywords, reason); "plan" also gets a plan file (see test_allocator)

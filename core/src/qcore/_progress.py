@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -46,11 +46,23 @@ def show_stage_lines() -> None:
     stage_log.propagate = False
 
 
-def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` with a progress bar when enabled."""
+def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = None,
+          postfix: Callable[[], str] | None = None) -> Iterator[T]:
+    """Iterate ``items`` with a progress bar when enabled.
+
+    :param postfix: called after each item is processed (only while a bar is shown); its text follows the bar,
+        e.g. the running loss of an optimisation loop.
+
+    .. versionadded:: 0.1
+       ``postfix``.
+    """
     if not progress_enabled():
         yield from items
         return
     from tqdm.auto import tqdm
 
-    yield from tqdm(items, desc=desc, unit=unit, total=total, leave=False, file=sys.stderr)
+    bar = tqdm(items, desc=desc, unit=unit, total=total, leave=False, file=sys.stderr)
+    for item in bar:
+        yield item
+        if postfix is not None:
+            bar.set_postfix_str(postfix(), refresh=False)

@@ -124,6 +124,20 @@ def qcore_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: 
     """
 
 
+@hookspec(firstresult=True)
+def qcore_blocks(model: nn.Module) -> list[str] | None:
+    """Name the blocks of ``model`` (dotted submodule paths, in forward order), or return None to let another
+    plugin (or the method's own recognition) decide.
+
+    A block is a submodule that takes one tensor and returns one tensor; block-wise methods (qcore-recon's
+    ``brecq``/``qdrop``) reconstruct each as a unit and every quantized layer outside them on its own. A task or
+    a model plugin answers for architectures whose blocks a method does not recognise by type. Core does not
+    implement it. ``model`` is the FP model of the run (``ctx.model``; the wrapped model has the same names).
+
+    .. versionadded:: 0.1
+    """
+
+
 # -- lifecycle observers: return values ignored -------------------------------------------------------------
 @hookspec
 def qcore_run_start(ctx: RunContext) -> None:
