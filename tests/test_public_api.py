@@ -18,7 +18,7 @@ import qcore
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_SUBMODULES = ("ops", "ranges", "knapsack", "distributed", "testing", "hookspecs")
-CHECKED = ("plugins", "classification", "detection", "tests", "bench")
+CHECKED = ("plugins", "classification", "detection", "cuda", "tests", "bench")
 
 
 def _exports(module: str) -> set[str]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from qcore._errors import QcoreError
 from qcore._spec import QuantSpec
-from qcore.ops import fake_quantize, qparams_from_range
+from qcore.ops import _channel_shaped, fake_quantize_channels, qparams_from_range
 
 
 class Observer:
@@ -145,11 +145,7 @@ class FakeQuantizer(nn.Module):
 
     def _shape(self, v: Tensor, ndim: int) -> Tensor:
         """Per-channel values ``v`` shaped to broadcast against an ``ndim``-dimensional input."""
-        if v.numel() == 1:
-            return v.reshape([])
-        shape = [1] * ndim
-        shape[self.axis] = v.numel()
-        return v.reshape(shape)
+        return _channel_shaped(v, ndim, self.axis)
 
     # -- calibration -----------------------------------------------------------------------------------------
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
@@ -223,9 +219,8 @@ class UniformFakeQuant(FakeQuantizer):
         return scale, zero, qmin, qmax, self.bits
 
     def quantize(self, x: Tensor) -> Tensor:
-        scale, zero, qmin, qmax, bits = (self._shape(t, x.dim()) for t in self.qparams())
-        pv = self._shape(self.prune_value, x.dim())
-        return fake_quantize(x, scale, zero, qmin, qmax, bits=bits, prune_value=pv).to(x.dtype)
+        # through the qcore::fake_quantize_channels op, so a registered device kernel (qcore-cuda) can run it
+        return fake_quantize_channels(x, *self.qparams(), self.prune_value, self.axis)
 
     def extra_repr(self) -> str:
         s = self.spec

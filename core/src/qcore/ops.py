@@ -12,14 +12,29 @@ Grids (``b`` bits, clip range ``[lo, hi]``):
 Gradients are straight-through: ``round`` passes the gradient unchanged and values clipped by the range get
 zero gradient (the usual clipped STE). Every parameter may be a tensor broadcastable against ``x``, so one
 call handles per-tensor, per-channel and per-group scales and per-group bit-widths.
+
+Kernels: :func:`fake_quantize_channels` is the entry point modules use. It calls the torch op
+``qcore::fake_quantize_channels`` (and its backward ``qcore::fake_quantize_channels_backward``), whose
+implementation on every device is this module's reference; a distribution such as ``qcore-cuda`` registers a
+faster implementation for one device (``torch.library.register_kernel``), checked against the reference in its
+tests. ``QCORE_KERNELS=reference`` skips the op and calls the reference directly.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-__all__ = ["round_ste", "int_range", "qparams_from_range", "fake_quantize", "quantize_error"]
+from qcore._errors import QcoreError
+
+__all__ = ["round_ste", "int_range", "qparams_from_range", "fake_quantize", "fake_quantize_grad",
+           "fake_quantize_channels", "fake_quantize_channels_grad", "quantize_error", "KERNELS_ENV"]
+
+#: Environment variable choosing the kernels: ``auto`` (default: the torch op, so a registered device kernel
+#: is used) or ``reference`` (always the reference arithmetic of this module, no op).
+KERNELS_ENV = "QCORE_KERNELS"
 
 _EPS = 1e-12
 
@@ -73,6 +88,138 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
         pv = torch.as_tensor(prune_value, dtype=out.dtype, device=out.device)
         out = torch.where(bits == 0, pv, out)
     return out
+
+
+def fake_quantize_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                       bits: Tensor | None = None) -> Tensor:
+    """The gradient of ``fake_quantize(x, ...).to(x.dtype)`` with respect to ``x``, given the output's ``grad``.
+
+    The straight-through estimator written out: zero where ``bits == 0`` or where ``v = round(x / scale) + zp``
+    falls outside ``[qmin, qmax]``, ``grad`` strictly inside, and half of ``grad`` where ``v`` lands exactly on
+    ``qmin`` or ``qmax`` (torch's clamp splits the gradient of a tie between the value and the bound). It
+    repeats autograd's own operations on the reference, in the same order and dtypes (``grad * scale`` from the
+    product, the clamp's weights, ``/ scale`` from the division), so the result is bit-for-bit the one
+    ``backward()`` through :func:`fake_quantize` gives; kernels reproduce this function.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    with torch.no_grad():
+        v = round_ste(x / scale) + zero_point
+        outside = (v < qmin) | (v > qmax)  # a NaN is not outside: torch's clamp passes its gradient
+        half = (v == qmin) ^ (v == qmax)
+        g = grad.to(v.dtype)
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        if bits is not None:
+            g = torch.where(bits == 0, zero, g)
+        g = g * scale
+        g = torch.where(outside, zero, torch.where(half, g * 0.5, g))
+        return (g / scale).to(x.dtype)
+
+
+# -- the torch op: one entry point that devices can implement --------------------------------------------------
+
+def _channel_shaped(v: Tensor, ndim: int, axis: int) -> Tensor:
+    """A per-channel vector (or one value) shaped to broadcast against an ``ndim``-dimensional tensor whose
+    channels lie along ``axis``; a single value becomes a 0-dim tensor (a per-tensor parameter)."""
+    if v.numel() == 1:
+        return v.reshape([])
+    shape = [1] * ndim
+    shape[axis] = v.numel()
+    return v.reshape(shape)
+
+
+def _channels_reference(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+                        prune_value: Tensor, axis: int) -> Tensor:
+    p = [_channel_shaped(t, x.dim(), axis) for t in (scale, zero_point, qmin, qmax, bits, prune_value)]
+    return fake_quantize(x, p[0], p[1], p[2], p[3], bits=p[4], prune_value=p[5]).to(x.dtype)
+
+
+@torch.library.custom_op("qcore::fake_quantize_channels", mutates_args=())
+def _fq_channels_op(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+                    prune_value: Tensor, axis: int) -> Tensor:
+    """Fake quantization with one set of parameters per channel of ``x`` along ``axis`` (1-D tensors of
+    ``x.shape[axis]`` values, or of one value for the whole tensor); the output has ``x``'s shape and dtype.
+    Implementation on every device: :func:`fake_quantize` (the reference)."""
+    return _channels_reference(x, scale, zero_point, qmin, qmax, bits, prune_value, axis)
+
+
+@_fq_channels_op.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+      prune_value: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def fake_quantize_channels_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                                qmax: Tensor, bits: Tensor, axis: int) -> Tensor:
+    """:func:`fake_quantize_grad` with the per-channel parameters of :func:`fake_quantize_channels`: the
+    reference gradient with respect to ``x`` that a device kernel for the op's backward must reproduce.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    p = [_channel_shaped(t, x.dim(), axis % max(x.dim(), 1)) for t in (scale, zero_point, qmin, qmax, bits)]
+    return fake_quantize_grad(grad, x, p[0], p[1], p[2], p[3], bits=p[4])
+
+
+@torch.library.custom_op("qcore::fake_quantize_channels_backward", mutates_args=())
+def _fq_channels_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                             qmax: Tensor, bits: Tensor, axis: int) -> Tensor:
+    """The straight-through gradient of ``qcore::fake_quantize_channels`` with respect to ``x``.
+    Implementation on every device: :func:`fake_quantize_channels_grad` (the reference)."""
+    return fake_quantize_channels_grad(grad, x, scale, zero_point, qmin, qmax, bits, axis)
+
+
+@_fq_channels_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+      axis: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's signature
+    x, scale, zero_point, qmin, qmax, bits, _prune_value, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point, qmin, qmax, bits)
+    ctx.axis = axis
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    if any(ctx.needs_input_grad[1:]):
+        raise QcoreError("qcore::fake_quantize_channels differentiates only x; parameters that need a gradient "
+                         "go through the reference (qcore.ops.fake_quantize_channels does this)")
+    x, scale, zero_point, qmin, qmax, bits = ctx.saved_tensors
+    gx = torch.ops.qcore.fake_quantize_channels_backward(grad, x, scale, zero_point, qmin, qmax, bits, ctx.axis)
+    return gx, None, None, None, None, None, None, None
+
+
+_fq_channels_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernels_mode(kernels: str | None = None) -> str:
+    mode = kernels or os.environ.get(KERNELS_ENV, "auto") or "auto"
+    if mode not in ("auto", "reference"):
+        raise QcoreError(f"{KERNELS_ENV}={mode!r} is not a kernel choice; use 'auto' (the default) or 'reference'")
+    return mode
+
+
+def fake_quantize_channels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+                           prune_value: Tensor, axis: int, *, kernels: str | None = None) -> Tensor:
+    """Fake-quantize ``x`` with per-channel parameters: :func:`fake_quantize` through the torch op.
+
+    Every parameter is a 1-D tensor with one value per channel of ``x`` along ``axis`` (per-group parameters
+    repeated over each group's channels), or a single value for the whole tensor; ``bits == 0`` channels become
+    ``prune_value``. The output has ``x``'s shape and dtype, and equals ``fake_quantize(...).to(x.dtype)`` on
+    the parameters shaped to broadcast, bit for bit, as does its gradient with respect to ``x``.
+
+    Goes through ``qcore::fake_quantize_channels`` (so a device kernel registered for it runs), except when
+    ``kernels`` (default: the ``QCORE_KERNELS`` environment variable, else ``"auto"``) is ``"reference"`` or a
+    parameter needs a gradient (the op differentiates only ``x``): then the reference runs directly. A device
+    kernel falls back to the reference with ``kernels="reference"`` for inputs it does not handle.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    axis = axis % max(x.dim(), 1)
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    if _kernels_mode(kernels) == "reference" or any(t.requires_grad for t in params):
+        return _channels_reference(x, *params, axis)
+    return torch.ops.qcore.fake_quantize_channels(x, *params, axis)
 
 
 def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: bool, dim: int = -1,

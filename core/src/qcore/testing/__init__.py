@@ -23,8 +23,10 @@ from qcore.testing.contracts import (
     run_tiny,
     uniform_sqnr_floor,
 )
+from qcore.testing.kernels import FakeQuantCase, fake_quant_case, same_bits
 from qcore.testing.tiny import TINY_TASK_PLUGIN, TinyTask, make_host, tiny_convnet, tiny_gauss, tiny_mlp
 
 __all__ = ["CORRECTION_TOLERANCE", "TINY_TASK_PLUGIN", "TinyTask", "W8A8_AGREEMENT_FLOOR", "check_allocator",
-           "check_calibrator", "check_correction", "check_quantizer", "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp",
+           "check_calibrator", "check_correction", "check_quantizer", "FakeQuantCase", "fake_quant_case", "same_bits",
+           "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp",
            "uniform_sqnr_floor"]

@@ -1,0 +1,63 @@
+"""qcore-cuda's entry point: registers the Triton kernels as the CUDA implementation of qcore's torch ops.
+
+Importing this module (qcore does when it loads plugins) registers, for CUDA tensors only:
+
+* ``qcore::fake_quantize_channels`` -> :func:`qcore_cuda.fake_quant.fake_quantize_channels`;
+* ``qcore::fake_quantize_channels_backward`` -> :func:`qcore_cuda.fake_quant.fake_quantize_channels_grad`.
+
+Inputs the kernels do not cover (see :func:`qcore_cuda.fake_quant.supports`) and machines without Triton run
+qcore's reference on the GPU instead, so registering never changes a number. Triton is imported on the first
+CUDA call, not here: loading plugins stays cheap, and tests can choose the interpreter first.
+The plugin registers no components, so it implements no hooks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from qcore import ops
+
+log = logging.getLogger(__name__)
+
+#: the ops this plugin implements on CUDA
+OPS = ("qcore::fake_quantize_channels", "qcore::fake_quantize_channels_backward")
+
+_kernels: ModuleType | None = None
+
+
+def kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.fake_quant`, imported on first use; None when Triton is not installed."""
+    global _kernels
+    if _kernels is None and importlib.util.find_spec("triton") is not None:
+        from qcore_cuda import fake_quant
+
+        _kernels = fake_quant
+        log.info("qcore-cuda: Triton kernels active for CUDA tensors (fake_quantize_channels)")
+    return _kernels
+
+
+def _forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+             prune_value: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    k = kernels()
+    if k is None or not k.supports(x, *params):
+        return ops.fake_quantize_channels(x, *params, axis, kernels="reference")
+    return k.fake_quantize_channels(x, *params, axis)
+
+
+def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+              bits: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits)
+    k = kernels()
+    if k is None or not k.supports(x, *params):
+        return ops.fake_quantize_channels_grad(grad, x, *params, axis)
+    return k.fake_quantize_channels_grad(grad, x, *params, axis)
+
+
+torch.library.register_kernel(OPS[0], "cuda", _forward)
+torch.library.register_kernel(OPS[1], "cuda", _backward)
