@@ -35,6 +35,7 @@ hookimpl = pluggy.HookimplMarker("qcore")
 # The public names, grouped in __all__ below; the modules they come from are private.
 from qcore._allocation import Pin, PipelineOptions, layer_spec  # noqa: E402
 from qcore._api import Quantized, default_forward, load, quantize  # noqa: E402
+from qcore._caching import cache_root, cache_root_problem, hash_update  # noqa: E402
 from qcore._calibration import (  # noqa: E402
     MSECalibrator,
     PercentileCalibrator,
@@ -96,7 +97,7 @@ __all__ = [
     # cost
     "Cost", "mean_bits", "plan_cost",
     # running
-    "run", "RunOutcome", "load_host", "track", "new_file_mode",
+    "run", "RunOutcome", "load_host", "track", "new_file_mode", "cache_root", "cache_root_problem", "hash_update",
     # plugin machinery
     "PLUGIN_API", "__version__", "hookimpl",
 ]

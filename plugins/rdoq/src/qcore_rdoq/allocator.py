@@ -25,6 +25,7 @@ from qcore import (
     Plan,
     QcoreError,
     RunContext,
+    cache_root_problem,
     layer_spec,
     mean_bits,
     module_device,
@@ -32,7 +33,7 @@ from qcore import (
 )
 from qcore.knapsack import Allocation, lagrangian_for_budget, solve_dp
 from qcore_rdoq.act_curves import activation_curves, second_order_activation_curves
-from qcore_rdoq.cache import CurveCache, cache_root_problem, default_cache_root, fingerprints
+from qcore_rdoq.cache import CurveCache, default_cache_root, fingerprints
 from qcore_rdoq.curves import Curves, Engine, first_order_curves, make_engine
 from qcore_rdoq.deployment import WEIGHT_CLIP, Clip, deployment
 from qcore_rdoq.groups import group_entropy, weight_spec

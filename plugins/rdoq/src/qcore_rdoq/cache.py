@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from qcore import new_file_mode
+from qcore import cache_root, hash_update, new_file_mode
 
 try:
     import fcntl
@@ -51,49 +50,7 @@ _DTYPE = np.dtype("<f8")
 
 def default_cache_root() -> Path:
     """``$QCORE_CACHE_DIR`` or ``$XDG_CACHE_HOME/qcore`` (``~/.cache/qcore``), plus ``rdoq``."""
-    base = os.environ.get("QCORE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qcore")
-    return Path(base) / "rdoq"
-
-
-def cache_root_problem(root: Path) -> str | None:
-    """Why ``root`` cannot hold the cache (a file is in the way, or the nearest existing folder is not writable),
-    or None when it can; checks without creating anything."""
-    probe = root
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"{probe} is a file, not a folder" if probe == root else f"{probe} is a file, so {root} cannot be a folder"
-    try:  # an anonymous file (O_TMPFILE: nothing appears in the folder); access() says yes to root
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        return f"cannot write in {probe} ({exc.strerror or exc})"
-    return None
-
-
-def _update(h: Any, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _update_batch(h: Any, b: Any) -> None:
-    """Hash a batch: tensors by content, nested in dicts / lists / tuples (a detection batch_dict), the rest
-    by ``repr``."""
-    if isinstance(b, torch.Tensor):
-        _update(h, b)
-    elif isinstance(b, dict):
-        for k in sorted(b, key=str):
-            h.update(str(k).encode())
-            _update_batch(h, b[k])
-    elif isinstance(b, (list, tuple)):
-        for v in b:
-            _update_batch(h, v)
-    else:
-        h.update(repr(b).encode())
+    return cache_root("rdoq")
 
 
 def fingerprints(model: nn.Module, batches: Sequence[Any], settings: Sequence[dict[str, Any]]) -> list[str]:
@@ -102,9 +59,9 @@ def fingerprints(model: nn.Module, batches: Sequence[Any], settings: Sequence[di
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        _update(h, t)
+        hash_update(h, t)
     for b in batches:
-        _update_batch(h, b)
+        hash_update(h, b)
     out = []
     for s in settings:
         hs = h.copy()

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcore import cache_root, hash_update
+
 log = logging.getLogger(__name__)
 
 #: bump when what a unit's entry holds, or how it is computed, changes
@@ -31,34 +33,15 @@ VERSION = 1
 
 def default_cache_root() -> Path:
     """``$QCORE_CACHE_DIR`` or ``$XDG_CACHE_HOME/qcore`` (``~/.cache/qcore``), plus ``recon``."""
-    base = os.environ.get("QCORE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qcore")
-    return Path(base) / "recon"
-
-
-def _hash(h: Any, value: Any) -> None:
-    """Feed tensors by content (nested in dicts, lists and tuples) and anything else by ``repr``."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(value, dict):
-        for k in sorted(value, key=str):
-            h.update(str(k).encode())
-            _hash(h, value[k])
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _hash(h, v)
-    else:
-        h.update(repr(value).encode())
+    return cache_root("recon")
 
 
 def fingerprint(model: nn.Module, fp_model: nn.Module, batches: Sequence[Any], settings: dict[str, Any]) -> str:
     """Hex digest of both models' states, the batches and ``settings``."""
     h = hashlib.sha256()
     for m in (model, fp_model):
-        _hash(h, dict(m.state_dict()))
-    _hash(h, list(batches))
+        hash_update(h, dict(m.state_dict()))
+    hash_update(h, list(batches))
     h.update(json.dumps({**settings, "version": VERSION}, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
