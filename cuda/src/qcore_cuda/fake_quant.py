@@ -52,8 +52,8 @@ def _grid_value(x, s, zp):
 
 
 @triton.jit
-def _fake_quant_fwd(x_ptr, out_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bits_ptr, prune_ptr,
-                    n, inner, channels, BLOCK: tl.constexpr):
+def _load(x_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bits_ptr, n, inner, channels, BLOCK: tl.constexpr):
+    """This program's offsets, their mask, ``x`` in float32 and each element's channel parameters."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     c = (offs // inner) % channels
@@ -63,7 +63,15 @@ def _fake_quant_fwd(x_ptr, out_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bit
     qmin = tl.load(qmin_ptr + c, mask=live, other=0.0)
     qmax = tl.load(qmax_ptr + c, mask=live, other=0.0)
     bits = tl.load(bits_ptr + c, mask=live, other=0.0)
-    prune = tl.load(prune_ptr + c, mask=live, other=0.0)
+    return offs, live, x, s, zp, qmin, qmax, bits
+
+
+@triton.jit
+def _fake_quant_fwd(x_ptr, out_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bits_ptr, prune_ptr,
+                    n, inner, channels, BLOCK: tl.constexpr):
+    offs, live, x, s, zp, qmin, qmax, bits = _load(x_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bits_ptr, n,
+                                                   inner, channels, BLOCK)
+    prune = tl.load(prune_ptr + (offs // inner) % channels, mask=live, other=0.0)
     v = _grid_value(x, s, zp)
     q = tl.minimum(tl.maximum(v, qmin, propagate_nan=tl.PropagateNan.ALL), qmax, propagate_nan=tl.PropagateNan.ALL)
     out = (q - zp) * s
@@ -74,16 +82,9 @@ def _fake_quant_fwd(x_ptr, out_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bit
 @triton.jit
 def _fake_quant_bwd(grad_ptr, x_ptr, out_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bits_ptr,
                     n, inner, channels, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < n
-    c = (offs // inner) % channels
+    offs, live, x, s, zp, qmin, qmax, bits = _load(x_ptr, scale_ptr, zero_ptr, qmin_ptr, qmax_ptr, bits_ptr, n,
+                                                   inner, channels, BLOCK)
     g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + c, mask=live, other=1.0)
-    zp = tl.load(zero_ptr + c, mask=live, other=0.0)
-    qmin = tl.load(qmin_ptr + c, mask=live, other=0.0)
-    qmax = tl.load(qmax_ptr + c, mask=live, other=0.0)
-    bits = tl.load(bits_ptr + c, mask=live, other=0.0)
     v = _grid_value(x, s, zp)
     outside = (v < qmin) | (v > qmax)  # false for NaN: torch's clamp passes a NaN's gradient
     half = (v == qmin) ^ (v == qmax)
