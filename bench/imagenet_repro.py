@@ -24,7 +24,8 @@ The table (``OUT/results.md``, rewritten after every row, also printed) has each
 top-1, wall time and the published numbers (``shared/methods/brecq_qdrop.md``). **The published numbers used
 BRECQ's own checkpoints** (ResNet-18 FP 71.08; QDrop's notes 71.06), not torchvision's (ResNet-18 69.76): compare
 the drop from FP, not the absolute top-1. qcore also differs in details (no calibration augmentation, MSE initial
-ranges, activation placement; plugins/recon/README.md). At 20,000 steps each row takes about an hour on a GPU.
+ranges, activation placement; plugins/recon/README.md). At 20,000 steps per block the papers' code needs roughly
+0.5-1.5 GPU-hours for ResNet-18 (an estimate from the method notes; qcore has not timed it on a GPU).
 """
 
 from __future__ import annotations
