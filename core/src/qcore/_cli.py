@@ -21,6 +21,7 @@ from qcore import __version__
 from qcore._components import RunConfig, WeightCorrection
 from qcore._errors import QcoreError
 from qcore._options import convert_value, describe_options, parse_assignments, parse_scalar
+from qcore._outputs import read_text_file
 from qcore._plugins import KINDS, Host, load_host
 from qcore._progress import show_stage_lines, stage_lines_enabled
 
@@ -129,13 +130,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         import yaml
     except ImportError:  # pragma: no cover - pyyaml is a dependency
         raise QcoreError("--config needs PyYAML: pip install pyyaml") from None
-    if not path.is_file():
-        raise QcoreError(f"config file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QcoreError(f"cannot read config file {path} ({type(exc).__name__}); --config takes a YAML text "
-                         "file") from None
+    text = read_text_file(path, "config file", "--config takes a YAML text file")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

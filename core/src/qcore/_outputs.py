@@ -47,6 +47,17 @@ def _usual_mode(fd: int) -> None:
     os.fchmod(fd, new_file_mode())
 
 
+def read_text_file(path: Path, what: str, fix: str) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or binary file is a :class:`QcoreError` naming ``what``
+    it should have been and the ``fix``."""
+    if not str(path) or not path.is_file():
+        raise QcoreError(f"{what} {path} does not exist; {fix}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QcoreError(f"cannot read {what} {path} ({type(exc).__name__}); {fix}") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from qcore._bias_correction import MeanCorrection, MeanVarCorrection
 from qcore._components import Allocator
 from qcore._errors import QcoreError
 from qcore._layers import LayerInfo, torch_layer_info
+from qcore._outputs import read_text_file
 from qcore._spec import Plan
 from qcore._wrap import QuantLayer
 
@@ -42,13 +43,7 @@ def read_plan_file(name: str) -> Plan:
     """The plan saved in file ``name``; a missing, unreadable or malformed file, or a plan that quantizes no layer,
     is a :class:`QcoreError` saying so."""
     path = Path(name)
-    if not name or not path.is_file():
-        raise QcoreError(f"plan file {name!r} does not exist; pass --plan PATH to a plan.json")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QcoreError(f"cannot read plan file {path} ({type(exc).__name__}); pass a plan.json written by "
-                         "`qcore run`") from None
+    text = read_text_file(path, "plan file", "pass --plan PATH to a plan.json written by `qcore run`")
     try:
         plan = Plan.from_json(text)
     except QcoreError as exc:
