@@ -129,9 +129,10 @@ def _restore(qmodel: nn.Module, tensors: dict[str, torch.Tensor], path: str | Pa
         module = modules.get(owner)
         if module is not None and attr in module._buffers and module._buffers[attr] is None:
             module._buffers[attr] = torch.empty_like(value)
-    expected = set(qmodel.state_dict())
+    current = qmodel.state_dict()
+    expected = set(current)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    wrong = sorted(k for k in expected & set(tensors) if qmodel.state_dict()[k].shape != tensors[k].shape)
+    wrong = sorted(k for k in expected & set(tensors) if current[k].shape != tensors[k].shape)
     if missing or unexpected or wrong:
         parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
                  (("missing", missing), ("not in the model", unexpected), ("another shape", wrong)) if keys]
