@@ -119,8 +119,8 @@ def quantize(model: nn.Module, calib_data: Any, method: str | None = None, *, pl
     prep = prepare(config, host, None)  # every setting is checked before the data is read
     batches = _batches(calib_data, batch_size)
     n = calibration_samples(batches)
-    if forward is None:  # the default forward reads only the input: keep just that (labels are not needed, and
-        batches = [_first_input(b) for b in batches]  # engines that batch candidates need plain tensors)
+    if forward is None:  # the default forward reads only the input: keep just that (labels are not needed);
+        batches = [_first_input(b) for b in batches]  # engines that batch candidates need plain tensors
     inst = TaskInstance(model=copy.deepcopy(model), model_name=type(model).__name__, metric=metric or "",
                         forward=forward or default_forward, evaluate=None,  # type: ignore[arg-type]
                         calibration=batches, example=batches[0],
