@@ -111,7 +111,7 @@ def test_lagrangian_searches_the_multipliers_where_choices_change():
     a, _ = lagrangian_for_budget(sizes, dists, rates, 8 * sizes.sum())
     assert 7.99 <= a.total_bits / sizes.sum() <= 8.0
     exact = solve_dp(sizes, dists, rates, 8 * sizes.sum())
-    assert exact.solver == "dp (exact grid)" and a.solver == "lagrangian"
+    assert exact.solver.startswith("dp (exact grid") and exact.optimal and a.solver == "lagrangian"
     assert a.distortion <= exact.distortion * 1.01
 
 
@@ -132,3 +132,52 @@ def test_the_dual_bound_is_exact_when_the_budget_does_not_bind():
     sizes, dists, rates = problem(3, n=6)
     sol, _ = lagrangian_for_budget(sizes, dists, rates, 100.0 * sizes.sum())  # every item can take its best rate
     assert sol.distortion == pytest.approx(dists.min(axis=1).sum()) and sol.gap == 0.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_default_dp_is_the_brute_force_optimum(seed):
+    """The default: reduced-cost fixing around the Lagrangian answer, then an exact DP over the open items."""
+    sizes, dists, rates = problem(seed)
+    for target in (0.5, 1.7, 3.0):
+        want, _ = brute(sizes, dists, rates, target * sizes.sum())
+        got = solve_dp(sizes, dists, rates, target * sizes.sum())
+        assert got.total_bits <= target * sizes.sum() and got.optimal and got.solver.startswith("dp (exact grid")
+        assert got.distortion == pytest.approx(want, rel=1e-12)
+
+
+def deit_like(seed, n=120):
+    """DeiT-B-like group sizes (multiples of 6,144 weights) and noisy exponential curves."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([49_152, 49_152, 196_608, 30_720], size=n).astype(float)
+    rates = np.arange(11, dtype=float)
+    dists = rng.uniform(1e-6, 1e-2, (n, 1)) * 2.0 ** (-2 * rates[None, :]) * rng.uniform(0.8, 1.2, (n, 11))
+    return sizes, dists, rates
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_default_dp_equals_the_full_exact_grid_and_beats_the_lagrangian(seed):
+    """Against a DP over every item on the exact (gcd) grid: the same optimum; the Lagrangian's hull point is
+    worse whenever the budget falls between two hull points, and the default DP does not return it then."""
+    sizes, dists, rates = deit_like(seed)
+    beaten = 0
+    for target in (2.3, 4.0, 5.7):
+        budget = target * sizes.sum()
+        full = solve_dp(sizes, dists, rates, budget, unit=6144.0)
+        got = solve_dp(sizes, dists, rates, budget)
+        lg, _ = lagrangian_for_budget(sizes, dists, rates, budget)
+        assert got.optimal and got.total_bits <= budget
+        assert got.distortion == pytest.approx(full.distortion, rel=1e-12)
+        assert got.lower_bound <= got.distortion <= lg.distortion
+        beaten += got.distortion < lg.distortion * (1 - 1e-9)
+    assert beaten >= 1
+
+
+def test_fractional_costs_fall_back_to_a_rounded_core_grid_and_say_so():
+    sizes, dists, rates = deit_like(0, n=40)
+    sizes = sizes * 1.37  # no common grid: the open items' costs are rounded up, then topped up
+    budget = 3.3 * sizes.sum()
+    got = solve_dp(sizes, dists, rates, budget)
+    lg, _ = lagrangian_for_budget(sizes, dists, rates, budget)
+    assert got.total_bits <= budget and not got.optimal
+    assert got.solver == "lagrangian" or "rounded up, topped up" in got.solver
+    assert got.distortion <= lg.distortion

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, get_type_hints
 
 from qcore import __version__
 from qcore._components import RunConfig, WeightCorrection
-from qcore._errors import QcoreError
+from qcore._errors import ComponentError, ContractError, QcoreError
 from qcore._options import convert_value, describe_options, parse_assignments, parse_scalar
 from qcore._outputs import read_text_file
 from qcore._plugins import KINDS, Host, load_host
@@ -45,8 +45,25 @@ class _Parser(argparse.ArgumentParser):
         _fail(message)
 
 
-def _fail(message: str) -> NoReturn:
-    sys.stderr.write(f"qcore: error: {message}\n")
+def _other_rank() -> int | None:
+    """This process's rank when it is not rank 0 of a ``torchrun`` job (from torchrun's ``RANK``/``WORLD_SIZE``,
+    set before any process group exists), else None."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return rank if world > 1 and rank != 0 else None
+
+
+def _fail(message: str, every_rank: bool = False) -> NoReturn:
+    """Print ``qcore: error: MESSAGE`` and exit 2. Under torchrun every rank reads the same command line and
+    inputs, so a user's mistake is printed by rank 0 only (the others exit 2 silently): one error per job.
+    ``every_rank``: an error that may be this rank's own (an internal one), printed with the rank."""
+    other = _other_rank()
+    if other is None:
+        sys.stderr.write(f"qcore: error: {message}\n")
+    elif every_rank:
+        sys.stderr.write(f"qcore: error: (rank {other}) {message}\n")
     raise SystemExit(2)
 
 
@@ -321,12 +338,13 @@ def _report(exc: Exception, traceback_wanted: bool) -> NoReturn:
     a bug-report hint), after the full traceback when asked for."""
     if traceback_wanted:
         traceback.print_exception(exc, file=sys.stderr)
-    if isinstance(exc, QcoreError):
-        _fail(str(exc))
+    if isinstance(exc, QcoreError):  # a component's bug may be one rank's own: every rank reports those
+        _fail(str(exc), every_rank=isinstance(exc, (ComponentError, ContractError)))
     stage = getattr(exc, "qcore_stage", None)
     first = (str(exc).splitlines() or [""])[0][:300]
     _fail(f"internal error{f' in stage {stage!r}' if stage else ''}: {type(exc).__name__}: {first or '(no message)'}"
-          + ("" if traceback_wanted else "; rerun with --traceback and report it with the command line"))
+          + ("" if traceback_wanted else "; rerun with --traceback and report it with the command line"),
+          every_rank=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

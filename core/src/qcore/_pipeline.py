@@ -198,7 +198,6 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
         check_out(config.out)
     device = _check_device(config.device)
     torch.manual_seed(config.seed)
-    qdist.init_from_env(config.device)
     return Prepared(config=config, host=host, method=method, plugin=plugin, comps=comps, correctors=correctors,
                     pipeline=pipeline, values=values, budget=budget, device=device, calib_asked=calib_asked)
 
@@ -245,6 +244,9 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     """The pipeline after the task is built: FP evaluation, layers, allocate, apply, calibrate, correct,
     evaluate, result. ``inst.evaluate`` may be None (no metric: the Python API without ``evaluate``)."""
     config, host, comps, pipeline, budget = prep.config, prep.host, prep.comps, prep.pipeline, prep.budget
+    # under torchrun, join the process group only now: every setting, the model and the data have been checked,
+    # so a bad input fails on each rank alike before any rank waits on another
+    qdist.init_from_env(config.device)
     stages = stages or _Stages(host.hook)
     registered_task = config.task in host.tables["task"]
 

@@ -3,9 +3,12 @@ list, paying ``size x rate`` bits and incurring a distortion; minimise total dis
 
 Two solvers, usable by any allocator:
 
-* :func:`solve_dp`: dynamic programming over a budget grid; exact when the grid is the greatest common
-  divisor of the item costs (the default when that grid is small enough), otherwise on a 1e-3-average-bit
-  grid with costs rounded up plus a greedy top-up. Never exceeds the budget. fp64 throughout.
+* :func:`solve_dp`: dynamic programming over a budget grid. By default it first solves the Lagrangian, then
+  fixes every item whose other choices cannot appear in any allocation better than the Lagrangian's (reduced-cost
+  fixing with the dual bound) and runs an exact DP (grid: the greatest common divisor of the remaining cost
+  differences) over the few items left: the exact optimum, in milliseconds at DeiT-B scale. When even that core
+  is too large for ``max_work``, the core's grid is rounded up and the budget left topped up greedily (never
+  worse than the Lagrangian; the answer says so). Never exceeds the budget. fp64 throughout.
 * :func:`solve_lagrangian`: for a multiplier ``lam`` every item independently minimises
   ``D_i(b) + lam * size_i * b`` (the textbook Lagrangian of the total-bit constraint); :func:`lagrangian_for_budget`
   bisects ``lam`` for the largest rate within the budget. Its solutions lie on the lower convex hull of the
@@ -14,6 +17,7 @@ Two solvers, usable by any allocator:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +36,8 @@ class Allocation:
         ``lagrangian``): :func:`solve_dp` may return the Lagrangian's answer when that is better.
     :param lower_bound: the Lagrangian dual bound on the optimal distortion for this budget (no allocation within
         the budget can do better); ``distortion - lower_bound`` bounds how far from optimal this answer is.
+    :param optimal: True when this answer is proven to be the exact optimum (an exact DP), whatever ``gap`` says
+        (the dual bound of a knapsack is not tight in general).
     """
 
     choice: np.ndarray  # int, index into ``rates`` per item
@@ -40,6 +46,7 @@ class Allocation:
     distortion: float
     solver: str = ""
     lower_bound: float | None = None
+    optimal: bool = False
 
     @property
     def gap(self) -> float | None:
@@ -65,11 +72,11 @@ def _check(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray) -> None:
 
 
 def _result(choice: np.ndarray, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, solver: str = "",
-            lower_bound: float | None = None) -> Allocation:
+            lower_bound: float | None = None, optimal: bool = False) -> Allocation:
     bits = _rate_matrix(sizes, rates)[np.arange(len(choice)), choice]
     return Allocation(choice=choice, bits=bits, total_bits=float((sizes * bits).sum()),
                       distortion=float(dists[np.arange(len(choice)), choice].sum()), solver=solver,
-                      lower_bound=lower_bound)
+                      lower_bound=lower_bound, optimal=optimal)
 
 
 def _dp(cost: np.ndarray, dists: np.ndarray, cap: int) -> np.ndarray | None:
@@ -118,18 +125,24 @@ def solve_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bit
              unit: float | None = None, resolution: float = 1e-3, max_work: float = 2e7) -> Allocation:
     """Minimise ``sum_i dists[i, k_i]`` subject to ``sum_i sizes[i] * rates[k_i] <= budget_bits``.
 
-    The budget is measured on a grid of ``unit`` bits. By default the grid is exact: the greatest common
-    divisor of the item costs, when items x grid points stays under ``max_work`` (channel groups of real
-    networks share large factors); the DP is then the exact optimum. Otherwise the grid is ``resolution`` bits
-    of average bit-width and costs are rounded *up* (so the result never exceeds the budget); the budget that
-    rounding left unused is spent by a greedy top-up, and if the Lagrangian hull point for this budget is
-    better, that is returned instead (both are feasible; the result is never worse than the Lagrangian).
+    By default (``unit=None``) the Lagrangian is solved first (:func:`lagrangian_for_budget`: a feasible answer
+    with distortion ``UB`` and the dual bound ``LB`` at multiplier ``lam``). An allocation within the budget
+    has distortion at least ``LB + sum_i r_i`` where ``r_ik = d_ik + lam c_ik - min_j (d_ij + lam c_ij) >= 0`` is
+    choice ``k``'s reduced cost; so a choice with ``r_ik > UB - LB`` is in no allocation better than the
+    Lagrangian's, and an item left with one choice is fixed. The exact DP then runs over the items left (the
+    core), on the greatest common divisor of their cost differences: the result is the exact optimum
+    (``optimal=True``, solver ``dp (exact grid, ...)``). When costs are fractional (entropy rates) or the core
+    times its grid exceeds ``max_work``, the core's costs are rounded *up* on a grid fine enough that rounding
+    wastes at most ``resolution`` average bits in total (coarser if ``max_work`` demands), the budget left is spent
+    by a greedy top-up, and the Lagrangian's answer is returned instead when it is better (both are feasible;
+    ``solver`` says which).
 
     :param sizes: elements per item, ``[N]``.
     :param dists: distortion per item and rate, ``[N, B]`` (``inf`` forbids a rate).
     :param rates: bits per element of each choice, ``[B]``, or per item and choice, ``[N, B]`` (an entropy
         rate); ``Allocation.bits`` is then each item's rate, and ``choice`` indexes the columns.
-    :param unit: force a grid step in bits (``unit=1`` with integer costs is exact).
+    :param unit: force a DP over all items on a grid of ``unit`` bits (exact when every cost is a multiple of
+        it, e.g. ``unit=1`` with integer costs; otherwise costs rounded up and topped up as above).
     """
     sizes = np.asarray(sizes, dtype=np.float64)
     dists = np.asarray(dists, dtype=np.float64)
@@ -140,27 +153,68 @@ def solve_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bit
     if not np.isfinite(dists.min(axis=1)).all() or allowed.min(axis=1).sum() > budget_bits:
         raise QcoreError(f"impossible bit budget: the smallest allowed rates need {allowed.min(axis=1).sum():.0f} "
                          f"bits but the budget is {budget_bits:.0f}; raise the target or lower the minimum bits")
-    exact = unit is not None and np.allclose(true_cost / unit, np.rint(true_cost / unit))
+    hull, _, lam, dual = _lagrangian_search(sizes, dists, rates, budget_bits)  # milliseconds: bound and core
     if unit is None:
-        ints = np.rint(true_cost).astype(np.int64)
-        integral = bool(np.allclose(true_cost, ints))
-        if integral:
-            g = int(np.gcd.reduce(ints[ints > 0])) if (ints > 0).any() else 1
-            if len(sizes) * budget_bits / g <= max_work:
-                unit, exact = float(g), True
-        if unit is None:  # whole bits when costs are whole (an exact grid), any step for fractional (entropy) costs
-            unit = max(1.0, math.floor(resolution * sizes.sum())) if integral else resolution * float(sizes.sum())
+        return _core_dp(sizes, dists, rates, true_cost, budget_bits, hull, lam, dual, resolution, max_work)
+    exact = bool(np.allclose(true_cost / unit, np.rint(true_cost / unit)))
     cost = np.rint(true_cost / unit).astype(np.int64) if exact else np.ceil(true_cost / unit - 1e-9).astype(np.int64)
     cap = int(math.floor(budget_bits / unit + 1e-9))
     choice = _dp(cost, dists, cap)
     if choice is None:
         raise QcoreError("impossible bit budget: no allocation fits on the budget grid; raise the target bits")
-    hull, _ = lagrangian_for_budget(sizes, dists, rates, budget_bits)  # milliseconds: its bound is worth having
     if exact:
-        return _result(choice, sizes, dists, rates, "dp (exact grid)", hull.lower_bound)
+        return _result(choice, sizes, dists, rates, "dp (exact grid)", hull.lower_bound, optimal=True)
     best = _result(_top_up(choice, true_cost, dists, budget_bits), sizes, dists, rates,
                    f"dp (grid of {unit:g} bits, topped up)", hull.lower_bound)
     return hull if hull.distortion < best.distortion else best
+
+
+def _core_dp(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, true_cost: np.ndarray, budget_bits: float,
+             hull: Allocation, lam: float, dual: float, resolution: float, max_work: float) -> Allocation:
+    """:func:`solve_dp`'s default: reduced-cost fixing around the Lagrangian answer ``hull``, then a DP over the
+    items whose choice is still open."""
+    n = len(sizes)
+    rows = np.arange(n)
+    obj = np.where(np.isfinite(dists), dists + lam * true_cost, np.inf)
+    best_obj = obj.min(axis=1, keepdims=True)
+    reduced = obj - best_obj
+    slack = hull.distortion - dual  # no allocation better than the hull's has reduced costs summing above this
+    tol = 1e-9 * (np.abs(dists) + lam * true_cost + np.abs(best_obj)) + 1e-12 * abs(hull.distortion)
+    open_ = np.isfinite(obj) & (reduced <= max(slack, 0.0) + tol)
+    open_[rows, hull.choice] = True
+    free = np.flatnonzero(open_.sum(axis=1) > 1)
+    if len(free) == 0:  # every other choice is provably worse: the Lagrangian's answer is the optimum
+        return dataclasses.replace(hull, solver="dp (exact grid, every item fixed by its reduced cost)",
+                                   optimal=True)
+    fixed = np.setdiff1d(rows, free)
+    c = np.where(open_[free], true_cost[free], np.inf)
+    base = c.min(axis=1, keepdims=True)
+    delta = np.where(open_[free], c - base, 0.0)
+    room = budget_bits - float(true_cost[fixed, hull.choice[fixed]].sum()) - float(base.sum())
+    d_core = np.where(open_[free], dists[free], np.inf)
+    ints = np.rint(delta).astype(np.int64)
+    grid = 0.0
+    if np.allclose(delta, ints, rtol=0, atol=1e-6) and (ints > 0).any():
+        g = int(np.gcd.reduce(ints[ints > 0]))
+        if len(free) * room / g <= max_work:
+            grid = float(g)
+    exact = grid > 0
+    if not exact:
+        # each open item wastes less than one grid step of budget: together at most `resolution` average bits
+        grid = max(resolution * float(sizes.sum()) / len(free), len(free) * room / max_work, 1e-12)
+    cost = np.rint(delta / grid).astype(np.int64) if exact else np.ceil(delta / grid - 1e-9).astype(np.int64)
+    cap = int(math.floor(room / grid + 1e-9))
+    core = _dp(cost, d_core, cap)
+    choice = hull.choice.copy()
+    if core is not None:
+        choice[free] = core
+    label = f"dp (exact grid, {len(free)} of {n} items open after reduced-cost fixing, grid {grid:g} bits)"
+    if exact and core is not None:
+        return _result(choice, sizes, dists, rates, label, hull.lower_bound, optimal=True)
+    best = _result(_top_up(choice, true_cost, dists, budget_bits), sizes, dists, rates,
+                   f"dp ({len(free)} of {n} items open after reduced-cost fixing, grid of {grid:g} bits rounded "
+                   "up, topped up)", hull.lower_bound)
+    return hull if hull.distortion < best.distortion or core is None else best
 
 
 def solve_lagrangian(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, lam: float) -> Allocation:
@@ -212,14 +266,23 @@ def lagrangian_for_budget(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarra
     dists = np.asarray(dists, dtype=np.float64)
     rates = np.asarray(rates, dtype=np.float64)
     _check(sizes, dists, rates)
+    alloc, lam, _, _ = _lagrangian_search(sizes, dists, rates, budget_bits, iters)
+    return alloc, lam
+
+
+def _lagrangian_search(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget_bits: float,
+                       iters: int = 200) -> tuple[Allocation, float, float, float]:
+    """:func:`lagrangian_for_budget`, also returning the multiplier with the best dual bound and that bound."""
     lo, hi = _log2_lambda_range(sizes, dists, rates)
     finite = np.where(np.isfinite(dists), dists, np.inf)
-    bound = float(finite.min(axis=1).sum())  # the dual at lam = 0: exact when the budget does not bind
+    bound, bound_lam = float(finite.min(axis=1).sum()), 0.0  # the dual at lam = 0: exact when the budget does not bind
 
     def at(log_lam: float) -> Allocation:
-        nonlocal bound
+        nonlocal bound, bound_lam
         a = solve_lagrangian(sizes, dists, rates, 2.0**log_lam)
-        bound = max(bound, a.distortion + 2.0**log_lam * (a.total_bits - budget_bits))
+        value = a.distortion + 2.0**log_lam * (a.total_bits - budget_bits)
+        if value > bound:
+            bound, bound_lam = value, 2.0**log_lam
         return a
 
     top = at(hi)
@@ -239,4 +302,5 @@ def lagrangian_for_budget(sizes: np.ndarray, dists: np.ndarray, rates: np.ndarra
         if hi - lo < 1e-9:
             break
     at(lo)
-    return _result(best.choice, sizes, dists, rates, "lagrangian", min(float(bound), best.distortion)), best_lam
+    bound = min(float(bound), best.distortion)
+    return (_result(best.choice, sizes, dists, rates, "lagrangian", bound), best_lam, bound_lam, bound)

@@ -28,6 +28,8 @@ def test_dp_beats_or_matches_lagrangian_prediction(host):
     dp = run_tiny(host, method="rdoq", target_bits=3.0, options={**opts, "solver": "dp"})
     lg = run_tiny(host, method="rdoq", target_bits=3.0, options={**opts, "solver": "lagrangian"})
     assert dp.plan.meta["predicted_distortion"] <= lg.plan.meta["predicted_distortion"] + 1e-12
+    assert dp.plan.meta["solver_optimal"] and dp.plan.meta["solver_used"].startswith("dp (exact grid")
+    assert lg.plan.meta["solver_used"] == "lagrangian" and not lg.plan.meta["solver_optimal"]
 
 
 def test_contract(host):

@@ -63,7 +63,8 @@ class RDOQOptions:
     curve_samples: int = field(default=64, metadata={"help": "calibration samples used for the RD curves"})
     chunk: int = field(default=0, metadata={
         "help": "candidates per batched pass (fast engine); 0 = auto (about 256 samples a pass on CPU, 16k on GPU)"})
-    resolution: float = field(default=1e-3, metadata={"help": "DP budget grid, in bits of average bit-width"})
+    resolution: float = field(default=1e-3, metadata={"help": "budget (average bits) the DP may lose to grid "
+                                                      "rounding when costs have no exact grid"})
     budget: Literal["weights", "joint", "separate"] = field(default="weights", metadata={
         "help": "weights: --target-bits averages the weights, activations uniform at --a-bits; joint: one "
                 "average over weight and activation elements (per image), as the seed; separate: weights to "
@@ -334,7 +335,7 @@ class RDOQAllocator(Allocator):
         meta = {"allocator": self.name, "engine": curves.engine, "solver": o.solver, "budget": o.budget,
                 "group": group, "groups": len(w_sizes), "target_bits": target, "w_bits_avg": w_avg,
                 "predicted_distortion": sol.distortion, "solver_used": sol.solver,
-                "lower_bound": sol.lower_bound, "gap_to_lower_bound": sol.gap,
+                "solver_optimal": sol.optimal, "lower_bound": sol.lower_bound, "gap_to_lower_bound": sol.gap,
                 "curve_seconds": round(curves.seconds + act_seconds, 3),
                 "curve_samples": o.curve_samples, "candidate_bits": curves.bits,
                 "weight_clip": dep.weights.describe(),
