@@ -5,9 +5,11 @@ The example plugin (``tests/example_plugin``, distribution ``qcore-example``) is
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,29 @@ def exiting_plugin_site(tmp_path_factory) -> Path:
 def qcore_runner():
     """:func:`run_qcore` itself, for module-scoped fixtures that run the command in folders of their own."""
     return run_qcore
+
+
+def qcore_entry_point():
+    """The function behind the installed ``qcore`` command (its console-script entry point)."""
+    (ep,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "qcore"]
+    return ep.load()
+
+
+@pytest.fixture
+def qcore_in_process(capsys):
+    """``qcore ARGV`` through the real entry point, called in this process (no torch import per call): returns
+    (exit status, stdout, stderr, the Python warnings a user would see: deprecation warnings are hidden by
+    Python's default filters outside ``__main__``). Set the environment with monkeypatch before calling."""
+    def call(*argv: str) -> tuple[int, str, str, list[str]]:
+        main = qcore_entry_point()
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                rc = main(list(argv))
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else 1
+        shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+        out = capsys.readouterr()
+        return rc, out.out, out.err, [f"{w.category.__name__}: {w.message}" for w in shown]
+    return call

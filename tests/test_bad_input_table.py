@@ -13,12 +13,9 @@ Every row fails before the model is evaluated (the table runs in seconds); rows 
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import json
-import os
 import pickle
 import struct
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 CUDA = torch.cuda.is_available()
@@ -56,7 +54,9 @@ ROWS = [
     # --- what to run: plugins, methods, components, tasks
     R("unknown plugin", ["--plugin", "nosuch"], "unknown plugin 'nosuch'"),
     R("plugin not installed", ["--plugin", "ptmq"], "install it (from a qcore checkout"),
-    R("empty plugin name", ["--plugin", ""], "unknown plugin ''"),
+    R("empty plugin name", ["--plugin", ""], "--plugin is empty"),
+    R("empty method name", ["--method", ""], "--method is empty"),
+    R("empty task name", ["--task", ""], "--task is empty"),
     R("unknown method", ["--method", "nosuch"], "unknown method 'nosuch'"),
     R("unknown quantizer", ["--quantizer", "nosuch"], "unknown quantizer 'nosuch'"),
     R("unknown calibrator", ["--calibrator", "nosuch"], "unknown calibrator 'nosuch'"),
@@ -68,12 +68,16 @@ ROWS = [
       "correction 'affine' is not a WeightCorrection"),
     R("broken third-party plugin", ["--plugin", "broken"], "plugin 'broken' is broken", site="broken"),
     R("plugin that calls sys.exit", ["--plugin", "exiting"], "plugin 'exiting' is broken", site="exiting"),
-    R("disabled plugin", ["--plugin", "aciq"], "plugin 'aciq' is disabled", env={"QCORE_DISABLE_PLUGINS": "aciq"}),
-    R("default plugin disabled", [], "uniform", env={"QCORE_DISABLE_PLUGINS": "uniform"}),
+    R("disabled plugin", ["--plugin", "aciq"], "plugin 'aciq' is not loaded; it is disabled by QCORE_DISABLE_PLUGINS",
+      env={"QCORE_DISABLE_PLUGINS": "aciq"}),
+    R("default plugin disabled", [], "plugin 'uniform' is not loaded; it is disabled by QCORE_DISABLE_PLUGINS",
+      env={"QCORE_DISABLE_PLUGINS": "uniform"}),
     R("task plugin disabled", [], "unknown task 'classification'",
       env={"QCORE_DISABLE_PLUGINS": "classification"}),
-    R("misspelt QCORE_LOAD_PLUGINS", [], "QCORE_LOAD_PLUGINS", env={"QCORE_LOAD_PLUGINS": "clasification"}),
-    R("QCORE_LOAD_PLUGINS without the method's plugin", ["--plugin", "rdoq"], "unknown plugin 'rdoq'",
+    R("misspelt QCORE_LOAD_PLUGINS", [], "unknown task 'classification'; available: (none); "
+      "QCORE_LOAD_PLUGINS=clasification loads only the plugins it names", env={"QCORE_LOAD_PLUGINS": "clasification"}),
+    R("QCORE_LOAD_PLUGINS without the method's plugin", ["--plugin", "rdoq"],
+      "plugin 'rdoq' is not loaded; QCORE_LOAD_PLUGINS=classification loads only the plugins it names",
       env={"QCORE_LOAD_PLUGINS": "classification"}),
     # --- method options
     R("unknown option", ["-o", "colour=red"], "unknown option colour; valid options"),
@@ -87,7 +91,10 @@ ROWS = [
     R("zero curve samples", ["--plugin", "rdoq", "-o", "curve_samples=0"], "curve_samples"),
     R("unknown solver", ["--plugin", "rdoq", "-o", "solver=simplex"], "solver"),
     R("zero DP resolution", ["--plugin", "rdoq", "-o", "resolution=0"], "resolution > 0"),
-    R("NaN option value", ["--plugin", "rdoq", "-o", "resolution=nan"], "resolution"),
+    R("NaN option value", ["--plugin", "rdoq", "-o", "resolution=nan"], "option resolution='nan' must be a finite"),
+    R("inf option value", ["--calibrator", "percentile", "-o", "percentile=inf"], "must be a finite number"),
+    R("YAML true as a number", ["--plugin", "rdoq", "--config", "booloption.yaml"], "option group=True is not an "
+      "integer"),
     R("unknown weight range", ["--plugin", "rdoq", "-o", "weight_range=nosuch"], "weight_range"),
     R("cache path is a file", ["--plugin", "rdoq", "-o", "cache=afile"], "-o cache=afile cannot hold the RD curve "
       "cache: afile is a file"),
@@ -109,20 +116,20 @@ ROWS = [
     R("--target-bits NaN", ["--plugin", "rdoq", "--target-bits", "nan"], "--target-bits nan is out of range"),
     R("--target-bits inf", ["--plugin", "rdoq", "--target-bits", "inf"], "--target-bits inf is out of range"),
     R("--target-bits text", ["--plugin", "rdoq", "--target-bits", "four"], "invalid float value: 'four'"),
-    R("target below the minimum bits", ["--plugin", "rdoq", "--target-bits", "1", "-o", "min_bits=4"],
+    R("target below the minimum bits", ["--plugin", "rdoq", "--target-bits", "1", "-o", "min_bits=4", *SMALL],
       "impossible bit budget"),
     # --- sizes, seed, device
-    R("--calib-size 0", ["--calib-size", "0"], "--calib-size and --batch-size must be at least 1"),
-    R("--calib-size negative", ["--calib-size", "-5"], "--calib-size and --batch-size must be at least 1"),
+    R("--calib-size 0", ["--calib-size", "0"], "--calib-size 0 is out of range; use 1 or more"),
+    R("--calib-size negative", ["--calib-size", "-5"], "--calib-size -5 is out of range"),
     R("--calib-size text", ["--calib-size", "all"], "invalid int value: 'all'"),
-    R("--batch-size 0", ["--batch-size", "0"], "--calib-size and --batch-size must be at least 1"),
+    R("--batch-size 0", ["--batch-size", "0"], "--batch-size 0 is out of range"),
     R("--eval-size 0", ["--eval-size", "0"], "--eval-size must be at least 1"),
     R("--eval-size negative", ["--eval-size", "-1"], "--eval-size must be at least 1"),
     R("--seed negative", ["--seed", "-1"], "--seed -1 is out of range"),
     R("--seed huge", ["--seed", "1180591620717411303424"], "--seed 1180591620717411303424 is out of range"),
     R("--seed text", ["--seed", "abc"], "invalid int value: 'abc'"),
     R("unknown device", ["--device", "tpu"], "device 'tpu'"),
-    R("empty device", ["--device", ""], "device ''"),
+    R("empty device", ["--device", ""], "--device is empty"),
     R("unsupported device", ["--device", "meta"], "device 'meta' is not supported"),
     R("CUDA device out of range", ["--device", "cuda:99"],
       "only" if CUDA else "PyTorch sees no CUDA device"),
@@ -181,6 +188,7 @@ ROWS = [
     R("config missing", ["--config", "missing.yaml"], "config file missing.yaml does not exist"),
     R("binary config", ["--config", "binary.yaml"], "cannot read config file binary.yaml (UnicodeDecodeError)"),
     R("config a folder", ["--config", "emptydir"], "emptydir"),
+    R("config empty path", ["--config", ""], "config file"),
     R("config with a syntax error", ["--config", "syntax.yaml"], "is not valid YAML"),
     R("config holding a list", ["--config", "list.yaml"], "must hold a mapping of options"),
     R("config with an unknown key", ["--config", "unknown.yaml"], "unknown key(s) in unknown.yaml: colour"),
@@ -194,6 +202,7 @@ ROWS = [
     R("plan missing", ["--plan", "missing.json"], "missing.json does not exist"),
     R("plan not JSON", ["--plan", "notjson.json"], "notjson.json"),
     R("binary plan", ["--plan", "binary.yaml"], "binary.yaml"),
+    R("plan empty path", ["--plan", ""], "plan"),
     R("plan a JSON list", ["--plan", "list.json"], "list.json"),
     R("plan of another version", ["--plan", "version99.json"], "version"),
     R("plan without layers key", ["--plan", "nolayerskey.json"], "layers"),
@@ -274,7 +283,9 @@ def make_inputs(tmp: Path) -> None:
                 (tmp / "emptyclass" / split / cls / "x.png").write_bytes(content)
         (tmp / "corrupt" / split / "a").mkdir(parents=True)
         (tmp / "corrupt" / split / "a" / "x.png").write_bytes(b"garbage, not an image")
-        (tmp / "otherclasses" / split / ("a" if split == "train" else "b")).mkdir(parents=True)
+        other = tmp / "otherclasses" / split / ("a" if split == "train" else "b")
+        other.mkdir(parents=True)
+        Image.new("L", (4, 4)).save(other / "x.png")
     for name, gz in (("idxrand", False), ("idxrandgz", True)):
         (tmp / name).mkdir()
         for pair in IDX.values():
@@ -320,6 +331,7 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "inputscalar.yaml").write_text("input: 28\n")
     (tmp / "evil.yaml").write_text("w_bits: !!python/object/apply:builtins.open ['pwned', 'w']\n")
     (tmp / "badoption.yaml").write_text("options: {colour: red}\n")
+    (tmp / "booloption.yaml").write_text("options: {group: true}\n")
     # plans
     (tmp / "notjson.json").write_text("{not json")
     (tmp / "list.json").write_text("[1, 2]")
@@ -363,31 +375,12 @@ def sites(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def qcore_entry_point():
-    """The function behind the installed ``qcore`` command (the console-script entry point)."""
-    (ep,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "qcore"]
-    return ep.load()
-
-
-def run_in_process(argv: list[str], capsys) -> tuple[int, str, list[str]]:
-    """``qcore ARGV`` through its entry point in this process: (exit status, stderr, Python warnings raised)."""
-    main = qcore_entry_point()
-    capsys.readouterr()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            rc = main(argv)
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-    return rc, capsys.readouterr().err, [f"{w.category.__name__}: {w.message}" for w in caught]
-
-
 def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
-def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(row, inputs, sites, capsys, monkeypatch):
+def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(row, inputs, sites, qcore_in_process, monkeypatch):
     monkeypatch.chdir(inputs)
     for var in ("QCORE_LOAD_PLUGINS", "QCORE_DISABLE_PLUGINS", "QCORE_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -399,7 +392,7 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(row, inputs, site
         monkeypatch.syspath_prepend(str(sites[row.site]))
     before = _listing(inputs)
     argv = [row.command, *row.args] + ([] if row.out is None else ["--out", row.out])
-    rc, err, caught = run_in_process(argv, capsys)
+    rc, _, err, caught = qcore_in_process(*argv)
     assert rc == 2, (rc, err)
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("qcore: error: ")]

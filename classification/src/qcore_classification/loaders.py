@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -98,7 +99,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a raw pickle is refused below; torch's note on its protocol is noise
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         problem = "the file is empty" if path.stat().st_size == 0 else f"{type(exc).__name__}: {_first_line(exc)[:120]}"
         raise QcoreError(f"cannot read weights file {path} ({problem}); pass a safetensors file or a torch state "

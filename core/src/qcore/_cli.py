@@ -201,6 +201,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if plan is not None:
         values["allocator"] = "plan"
         options["plan"] = str(plan)
+    for key in ("plugin", "method", "quantizer", "calibrator", "allocator", "task", "model", "data", "device"):
+        if values.get(key) is not None and not str(values[key]).strip():  # "" would silently mean the default
+            raise QcoreError(f"--{key} is empty; give a name (or leave --{key} out for the default)")
     for key in ("weights", "out"):
         if values.get(key) is not None and not str(values[key]).strip():  # Path("") would be the current folder
             raise QcoreError(f"--{key} is empty; give a path (or leave --{key} out)")

@@ -4,6 +4,7 @@ dataclass; ``-o key=value`` strings and YAML values are checked and converted ag
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -59,11 +60,14 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
         raise QcoreError(f"option {key}={value!r} is not a boolean (use true or false)")
     if typ in (int, float):
         try:
-            if typ is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return typ(value) if typ is float else int(str(value), 0) if isinstance(value, str) else int(value)
-        except (TypeError, ValueError):
+            if isinstance(value, bool) or (typ is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError  # YAML's `true` is no number
+            number = typ(value) if typ is float else int(str(value), 0) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError, OverflowError):
             raise QcoreError(f"option {key}={value!r} is not a{'n integer' if typ is int else ' number'}") from None
+        if typ is float and not math.isfinite(number):  # NaN passes every `x <= 0` check downstream
+            raise QcoreError(f"option {key}={value!r} must be a finite number")
+        return number
     if typ is str:
         if isinstance(value, (dict, list, tuple)):
             raise QcoreError(f"option {key}={value!r} must be a single value")

@@ -190,8 +190,10 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     _check_bits("--w-bits", budget.w_bits, 0, MAX_BITS)
     _check_bits("--a-bits", budget.a_bits, 0, MAX_BITS)
     _check_bits("--target-bits", budget.target_bits, 0, MAX_BITS)
-    if (config.calib_size or 1) < 1 or (config.batch_size or 1) < 1:
-        raise QcoreError("--calib-size and --batch-size must be at least 1")
+    for flag, value in (("--calib-size", config.calib_size), ("--batch-size", config.batch_size)):
+        if value is not None and value < 1:  # 0 too: not "the default"
+            raise QcoreError(f"{flag} {value} is out of range; use 1 or more (--calib-size and --batch-size must "
+                             "be at least 1)")
     if not 0 <= config.seed <= MAX_SEED:
         raise QcoreError(f"--seed {config.seed} is out of range; use 0..{MAX_SEED} (2**63 - 1)")
     if config.out is not None:

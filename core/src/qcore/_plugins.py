@@ -91,6 +91,22 @@ def _did_you_mean(name: str, options: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _switch_hint(name: str | None = None) -> str:
+    """Why a plugin (``name``, or any for a missing component) may be absent because of the environment switches:
+    "" when neither switch is set or neither explains it."""
+    only = _csv(os.environ.get("QCORE_LOAD_PLUGINS"))
+    blocked = _csv(os.environ.get("QCORE_DISABLE_PLUGINS")) or []
+    if name is not None and name in blocked:
+        return (f"; it is disabled by QCORE_DISABLE_PLUGINS={os.environ['QCORE_DISABLE_PLUGINS']}: remove {name} "
+                "from it to use it")
+    if only is not None and (name is None or name not in only):
+        return (f"; QCORE_LOAD_PLUGINS={os.environ['QCORE_LOAD_PLUGINS']} loads only the plugins it names (and the "
+                "built-ins): add the plugin to it or unset it")
+    if name is None and blocked:
+        return f"; QCORE_DISABLE_PLUGINS={os.environ['QCORE_DISABLE_PLUGINS']} is set: check it"
+    return ""
+
+
 class Host:
     """The loaded plugins, their hook relay and the registries of their components."""
 
@@ -222,6 +238,7 @@ class Host:
             if kind == "task" and not broken:
                 hint = ("; tasks are plugins: from a qcore checkout, pip install -e ./classification or "
                         "-e ./detection (see README)")
+            hint = _switch_hint() or hint  # a switch that hides plugins explains a missing component first
             raise QcoreError(f"unknown {kind.replace('_', ' ')} {name!r}{_did_you_mean(name, table)}; available: "
                              f"{', '.join(sorted(table)) or '(none)'}{hint}")
         return table[name].obj
@@ -246,6 +263,8 @@ class Host:
     def plugin(self, name: str) -> PluginRecord:
         """A loaded, working plugin by name, or a :class:`QcoreError` saying why it cannot be used."""
         record = self.plugins.get(name)
+        if record is None and _switch_hint(name):
+            raise QcoreError(f"plugin {name!r} is not loaded{_switch_hint(name)}")
         if record is None:
             raise QcoreError(f"unknown plugin {name!r}{_did_you_mean(name, self.plugins)}; installed: "
                              f"{', '.join(sorted(self.plugins))}. Plugins are separate distributions: install it "

@@ -4,6 +4,10 @@ torch.distributed is initialised from torchrun's environment (gloo on CPU, nccl 
 curve layers, for instance) are sharded by rank and gathered, so every process ends with the same data and
 computes the same plan; only rank 0 evaluates, prints and writes outputs. Without torchrun every helper
 here behaves as a single process.
+
+``qcore run`` joins the process group only after every setting, the model and the data have been checked, so
+a bad input fails on every rank alike before any rank waits on another; the CLI prints a user error on rank 0
+only (the other ranks exit 2 silently), and errors that may be one rank's own on every rank, with its number.
 """
 
 from __future__ import annotations

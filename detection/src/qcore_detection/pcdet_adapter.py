@@ -35,10 +35,10 @@ import copy
 import logging
 import math
 import os
-import pickle
 import random
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -425,8 +425,10 @@ def load_weights(model: nn.Module, weights: Path) -> None:
     strict=False)`` (what ``load_params_from_file`` does after its unrestricted ``torch.load``) or, for models
     without it, ``load_state_dict(state)``."""
     try:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        with warnings.catch_warnings():  # a raw pickle is refused below; torch's note on its protocol is noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals, corrupt archives, random bytes: all one error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QcoreError(f"cannot load {weights} with torch.load(weights_only=True) ({first}); qcore loads weights "
                          f"only: re-save them with torch.save({{'model_state': model.state_dict()}}, path)") from exc
