@@ -207,6 +207,9 @@ def load_data(data: str | None, spec: InputSpec, calib_size: int, eval_size: int
     if data.startswith("torchvision:"):
         return fashion_mnist_download(Path(data.split(":", 1)[1]), spec, calib_size, eval_size, batch, seed)
     path = Path(data)
+    if path.exists() and not path.is_dir():
+        raise QcoreError(f"--data {path} is a file, not a folder; pass an ImageNet-style folder (train/, val/), a "
+                         "folder with the Fashion-MNIST IDX files, or omit --data for the embedded set")
     if not path.is_dir():
         raise QcoreError(f"data folder {path} does not exist; pass an ImageNet-style folder (train/, val/), a folder "
                          "with the Fashion-MNIST IDX files, or omit --data for the embedded set")

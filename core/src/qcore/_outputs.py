@@ -50,7 +50,11 @@ def _usual_mode(fd: int) -> None:
 def read_text_file(path: Path, what: str, fix: str) -> str:
     """The UTF-8 text of ``path``; a missing, unreadable or binary file is a :class:`QcoreError` naming ``what``
     it should have been and the ``fix``."""
-    if not str(path) or not path.is_file():
+    if not str(path) or str(path) == ".":  # Path("") is "."
+        raise QcoreError(f"the {what} path is empty; {fix}")
+    if path.is_dir():
+        raise QcoreError(f"{what} {path} is a folder, not a file; {fix}")
+    if not path.is_file():
         raise QcoreError(f"{what} {path} does not exist; {fix}")
     try:
         return path.read_text(encoding="utf-8")

@@ -87,9 +87,14 @@ class RDOQOptions:
             raise QcoreError(f"need 1 <= min_act_bits <= max_bits, got {self.min_act_bits}")
         if self.projections and self.engine != "second-order":
             raise QcoreError("-o projections applies to the second-order engine; add -o engine=second-order")
-        counts = (self.group, self.chunk, self.projections, self.deadzones)
-        if min(counts) < 0 or self.curve_samples < 1 or self.resolution <= 0:
-            raise QcoreError("group, chunk, projections and deadzones must be >= 0, curve_samples >= 1, resolution > 0")
+        for key, value, lowest in (("group", self.group, 0), ("chunk", self.chunk, 0),
+                                   ("projections", self.projections, 0), ("deadzones", self.deadzones, 0),
+                                   ("curve_samples", self.curve_samples, 1)):
+            if value < lowest:
+                raise QcoreError(f"-o {key}={value} is out of range; use {lowest} or more (group, chunk, projections "
+                                 "and deadzones must be >= 0, curve_samples >= 1, resolution > 0)")
+        if self.resolution <= 0:
+            raise QcoreError(f"-o resolution={self.resolution} is out of range; resolution must be > 0")
         if self.cache not in ("auto", "off"):  # before any curve is measured, not when the first one is written
             problem = cache_root_problem(Path(self.cache)) if self.cache.strip() else "it is empty"
             if problem:
