@@ -238,7 +238,7 @@ class Host:
             if kind == "task" and not broken:
                 hint = ("; tasks are plugins: from a qcore checkout, pip install -e ./classification or "
                         "-e ./detection (see README)")
-            hint = _switch_hint() or hint  # a switch that hides plugins explains a missing component first
+            hint = _switch_hint() + hint  # a switch that hides plugins may explain a missing component first
             raise QcoreError(f"unknown {kind.replace('_', ' ')} {name!r}{_did_you_mean(name, table)}; available: "
                              f"{', '.join(sorted(table)) or '(none)'}{hint}")
         return table[name].obj
