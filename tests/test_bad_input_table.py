@@ -366,24 +366,11 @@ def inputs(tmp_path_factory) -> Path:
     return tmp
 
 
-def _install(site: Path, name: str, source: str) -> None:
-    info = site / f"qcore_{name}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: qcore-{name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[qcore]\n{name} = qcore_{name}\n")
-    (site / f"qcore_{name}.py").write_text(source)
-
-
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> dict[str, Path]:
-    """Site folders with a third-party plugin installed through an entry point: one whose import fails, one whose
-    import calls ``sys.exit(3)``."""
-    out = {}
-    for name, source in (("broken", "raise ImportError('qcore_broken needs libfoo, which is not installed')\n"),
-                         ("exiting", "import sys\nsys.exit(3)\n")):
-        out[name] = tmp_path_factory.mktemp(f"site-{name}")
-        _install(out[name], name, source)
-    return out
+def sites(plugin_site, exiting_plugin_site) -> dict[str, Path]:
+    """Site folders with a third-party plugin installed through an entry point (conftest.py): ``broken``, whose
+    import fails, and ``exiting``, whose import calls ``sys.exit(3)``."""
+    return {"broken": plugin_site, "exiting": exiting_plugin_site}
 
 
 def _listing(root: Path) -> list[str]:
