@@ -1,4 +1,4 @@
-"""The bad-input regression table: ~100 inputs a hostile user tried (issue "Hardening"), each of which must end
+"""The bad-input regression table: 156 inputs a hostile user would try (issue "Hardening"), each of which must end
 as exactly one line ``qcore: error: ...`` naming the problem, exit status 2, no traceback, no Python warning and
 nothing written (no --out, no cache, no file a payload would create).
 
@@ -6,8 +6,8 @@ The command is the real one: the ``qcore`` console-script entry point, called as
 (one subprocess per row would cost ~3 s of importing torch each). ``tests/test_bad_inputs.py`` runs a few of
 these rows as real processes too, so the in-process harness cannot hide what a user would see.
 
-Every row fails before the model is evaluated (the table runs in seconds); rows that need the model built use
-``--eval-size 8 --calib-size 8``.
+Most rows fail before the model is built (the table runs in seconds); rows that fail only after the FP model is
+evaluated use ``--eval-size 8 --calib-size 8``.
 """
 
 from __future__ import annotations
@@ -175,6 +175,17 @@ ROWS = [
     R("--mean with 2 values for 1 channel", ["--mean", "0.1,0.2"], "--mean has 2 values but the model takes 1"),
     R("--std zero", ["--std", "0"], "--std (input.std) '0' must be positive numbers"),
     R("--channels 2", ["--channels", "2"], "--channels 2: images can be fed to 1-channel (grey) or 3-channel"),
+    # --- the detection task's loader
+    R("detection: unknown zoo model", ["--task", "detection", "--model", "zoo:nope"],
+      "unknown detection zoo model 'nope'"),
+    R("detection: weights missing", ["--task", "detection", "--weights", "missing.safetensors"],
+      "--weights missing.safetensors does not exist"),
+    R("detection: weights without their record", ["--task", "detection", "--weights", "corrupt.safetensors"],
+      "corrupt.json (the model record written next to corrupt.safetensors by training) is missing"),
+    R("detection: 0-byte weights", ["--task", "detection", "--weights", "det/empty.safetensors"],
+      "cannot load detector weights det/empty.safetensors"),
+    R("detection: real data for the embedded detector", ["--task", "detection", "--data", "emptydir"],
+      "the embedded detector runs on synthetic LiDAR"),
     # --- data
     R("data folder missing", ["--data", "no/such/dir"], "data folder no/such/dir does not exist"),
     R("data is a file", ["--data", "afile"], "--data afile is a file, not a folder"),
@@ -317,6 +328,9 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "syntax.py").write_text("def build(:\n")
     # weights
     (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "det").mkdir()
+    (tmp / "det" / "empty.safetensors").write_bytes(b"")
+    (tmp / "det" / "empty.json").write_text("{}")
     (tmp / "random.pt").write_bytes(rng.bytes(4096))
     (tmp / "corrupt.safetensors").write_bytes(b"\x00garbage")
     (tmp / "payload.pt").write_bytes(pickle.dumps(_Payload()))
