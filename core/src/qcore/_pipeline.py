@@ -273,7 +273,8 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
                          "plugin knows) matching include/exclude; check --model and -o include/exclude")
     with task_blame():
         measure_layers(work, layers, lambda m: inst.forward(m, inst.example))
-    pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits)
+    pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits,
+                         last=inst.last_layers)
     ctx = RunContext(config=config, task=inst, model=work, layers=layers, budget=budget, pinned=dict(pins),
                      options=prep.values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
                      cache_dir=(config.out / "cache") if config.out else None, calibrator=comps["calibrator"],

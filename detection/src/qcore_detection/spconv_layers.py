@@ -42,7 +42,8 @@ try:
     import spconv.pytorch as spconv
     import spconv.pytorch.ops as spconv_ops
 except ImportError as exc:  # pragma: no cover - spconv is a dependency of qcore-detection
-    raise MissingDependencyError("spconv", "pip install spconv (CPU) or spconv-cu126 (CUDA 12.6)",
+    raise MissingDependencyError("spconv", "pip install 'qcore-detection[cpu]' (spconv's CPU wheel) or "
+                                 "'qcore-detection[cu126]' (its CUDA 12.6 build; one spconv build only)",
                                  "sparse convolutions") from exc
 
 if TYPE_CHECKING:
@@ -101,6 +102,46 @@ def spconv_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
                      quantize_input=map_sparse_features, map_output=map_sparse_features)
 
 
+#: name under which :func:`move_bias_outside` keeps a spconv layer's bias (``bias`` itself is set to None)
+OUTSIDE_BIAS = "bias_outside"
+
+
+def add_bias(out: Any, bias: torch.Tensor | None) -> Any:
+    """A spconv layer's output with ``bias`` added to its active features (unchanged when ``bias`` is None): how
+    every bias of a spconv convolution is applied in this package (the embedded head's learnt biases,
+    :class:`SparseQuantLayer`, :func:`move_bias_outside`), because spconv's CPU kernels refuse one in eval mode."""
+    return out if bias is None else out.replace_feature(out.features + bias)
+
+
+def _add_outside_bias(module: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook of :func:`move_bias_outside` (a plain function, so deep copies use their own bias)."""
+    return add_bias(out, getattr(module, OUTSIDE_BIAS))
+
+
+def move_bias_outside(model: nn.Module) -> list[str]:
+    """Make every spconv layer of ``model`` that has a bias run bias-free, with the bias added to its output
+    features by a forward hook: the handling the embedded model builds in (bias-free spconv convs, biases added
+    outside), applied to models built elsewhere (OpenPCDet builds ``SparseBasicBlock`` convs and head output convs
+    with ``bias=True``, which spconv's CPU kernels refuse in eval mode: "cpu don't support act and bias").
+
+    The bias stays a parameter of the layer, renamed ``bias_outside`` (:data:`OUTSIDE_BIAS`; state-dict keys
+    change accordingly), so load checkpoints before calling this. Quantized, the layer's
+    :class:`SparseQuantLayer` runs it through ``functional_call``, which runs the hook too. Outputs are those of
+    the biased convolution (up to float rounding). Returns the names of the layers changed.
+    """
+    moved = []
+    for name, module in model.named_modules():
+        if not is_spconv_layer(module) or getattr(module, "bias", None) is None:
+            continue
+        bias = module.bias
+        del module._parameters["bias"]
+        module.register_parameter("bias", None)
+        module.register_parameter(OUTSIDE_BIAS, bias)
+        module.register_forward_hook(_add_outside_bias)
+        moved.append(name)
+    return moved
+
+
 class SparseQuantLayer(QuantLayer, spconv.SparseModule):
     """:class:`qcore.QuantLayer` for spconv layers.
 
@@ -115,8 +156,7 @@ class SparseQuantLayer(QuantLayer, spconv.SparseModule):
         bias = self.module.bias
         params = {"weight": self.quantized_weight(), "bias": None}
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
-        if bias is not None:
-            out = out.replace_feature(out.features + bias)
+        out = add_bias(out, bias)
         if self.out_correction is not None or self.out_scale is not None:
             out = self.info.output_tensor(out, self._add_correction)
         return out
