@@ -9,6 +9,9 @@ What core needs from this module:
   forward does). The weight layout is ``[out, k..., in]``, so the output-channel axis is 0. The input
   activation is a ``SparseConvTensor``; :func:`map_sparse_features` fake-quantizes its ``features``
   (``[N_active, C]``, channel axis 1) only, so statistics cover active sites and never a dense view.
+* MACs (hence BOPs) of a spconv layer are counted from its rule book, measured on the example batch:
+  input/output neighbour pairs x C_in/groups x C_out (:func:`neighbour_pairs`), not kernel volume x active
+  outputs, which counts every empty neighbour of a sparse site.
 * :func:`spconv_wrap_module` (for the ``qcore_wrap_module`` hook) wraps spconv layers in
   :class:`SparseQuantLayer`, a :class:`qcore.QuantLayer` that is also a spconv ``SparseModule`` (so
   ``spconv.SparseSequential`` still hands it the sparse tensor, not its features) and that adds a bias (e.g.
@@ -86,6 +89,75 @@ def map_sparse_features(x: Any, fn: Any) -> Any:
     return x.replace_feature(fn(features))
 
 
+def _keys(coords: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """One int64 key per (b, *spatial) row (mixed radix over ``shape``, batch outermost)."""
+    key = coords[:, 0].clone()
+    for d in range(1, coords.shape[1]):
+        key = key * shape[d - 1] + coords[:, d]
+    return key
+
+
+def neighbour_pairs(indices: torch.Tensor, spatial_shape: Any, out_spatial_shape: Any, kernel: Any, stride: Any,
+                    padding: Any, dilation: Any, subm: bool) -> int:
+    """The number of (input site, output site) pairs a sparse convolution's rule book holds: the products its
+    gather-GEMM-scatter computes (per pair ``C_in x C_out`` MACs), counted from the active ``indices`` (b, *spatial).
+
+    * submanifold (``subm``): outputs are the inputs; a pair per input site and kernel offset whose neighbour
+      (site + (offset - k // 2) * dilation) is active;
+    * strided/regular: a pair per input site and kernel offset that lands on an output position
+      ((p + padding - offset * dilation) divisible by the stride and inside ``out_spatial_shape``); every such
+      position is an active output, so the count factorises over the spatial dimensions.
+    """
+    coords = indices.long()
+    n_dim = coords.shape[1] - 1
+    if subm:
+        shape = torch.tensor([int(v) for v in spatial_shape], device=coords.device)
+        keys, _ = torch.sort(_keys(coords, shape))
+        total = 0
+        ranges = [range(int(k)) for k in kernel]
+        for offset in torch.cartesian_prod(*(torch.tensor(list(r)) for r in ranges)).reshape(-1, n_dim):
+            shift = (offset - torch.tensor([int(k) // 2 for k in kernel])) * torch.tensor([int(d) for d in dilation])
+            moved = coords[:, 1:] + shift.to(coords.device)
+            inside = ((moved >= 0) & (moved < shape)).all(dim=1)
+            probe = _keys(torch.cat([coords[inside, :1], moved[inside]], dim=1), shape)
+            pos = torch.searchsorted(keys, probe).clamp(max=len(keys) - 1)
+            total += int((keys[pos] == probe).sum())
+        return total
+    per_site = torch.ones(len(coords), dtype=torch.long, device=coords.device)
+    for d in range(n_dim):
+        p = coords[:, 1 + d]
+        hits = torch.zeros_like(p)
+        for o in range(int(kernel[d])):
+            t = p + int(padding[d]) - o * int(dilation[d])
+            q = torch.div(t, int(stride[d]), rounding_mode="floor")
+            hits += ((t % int(stride[d]) == 0) & (q >= 0) & (q < int(out_spatial_shape[d]))).long()
+        per_site *= hits
+    return int(per_site.sum())
+
+
+def _pair_counter(module: nn.Module, kind: str) -> Any:
+    """``count_macs(input, output)`` of a spconv layer: rule-book pairs x C_in/groups x C_out. Inverse convs reuse
+    the rule book of the conv they invert (their ``indice_key``), read from spconv's stored indice data; where
+    it is not available their MACs are counted as for dense kernels (kernel volume x active outputs)."""
+    kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+    padding, dilation = tuple(module.padding), tuple(module.dilation)
+    per_pair = int(module.in_channels) // int(getattr(module, "groups", 1) or 1) * int(module.out_channels)
+    key = getattr(module, "indice_key", None)
+    kvol = math.prod(int(k) for k in kernel)
+
+    def count(x: Any, out: Any) -> int:
+        if kind == "spinv3d":
+            data = getattr(out, "indice_dict", {}).get(key)
+            pair_num = getattr(data, "indice_pair_num", None)
+            pairs = int(pair_num.sum()) if isinstance(pair_num, torch.Tensor) else kvol * len(out.indices)
+        else:
+            pairs = neighbour_pairs(x.indices, x.spatial_shape, out.spatial_shape, kernel, stride, padding,
+                                    dilation, subm=kind.startswith("subm"))
+        return pairs * per_pair
+
+    return count
+
+
 def spconv_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
     """Describe a spconv convolution as a quantizable layer (None for any other module).
 
@@ -99,7 +171,8 @@ def spconv_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
     return LayerInfo(name=name, kind=kind, out_channels=int(module.out_channels),
                      in_channels=int(module.in_channels), weight_axis=0, act_axis=1,
                      macs_per_out=int(module.in_channels) // groups * kvol,
-                     quantize_input=map_sparse_features, map_output=map_sparse_features)
+                     quantize_input=map_sparse_features, map_output=map_sparse_features,
+                     count_macs=_pair_counter(module, kind))
 
 
 #: name under which :func:`move_bias_outside` keeps a spconv layer's bias (``bias`` itself is set to None)
