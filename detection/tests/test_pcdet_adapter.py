@@ -760,6 +760,9 @@ def test_the_double_fails_where_a_real_pcdet_model_did(tree: tuple[Path, Path, P
         copy.deepcopy(raw)
     with pytest.raises(AssertionError, match="cpu don't support act and bias"):
         pa.bev_target(raw, setup.calibration[0])
+    assert len(pa.adapt_model(raw)) == 17 and pa.adapt_model(raw) == []  # what load_pcdet does, for load_quantized
+    copy.deepcopy(raw)
+    assert pa.bev_target(raw, setup.calibration[0]).shape == (2, 8, 32, 32)
     dup = copy.deepcopy(setup.model)
     assert dup.dataset is setup.model.dataset  # shared, not copied
     assert dup.backbone_3d.conv1[0].conv1.bias_outside is not setup.model.backbone_3d.conv1[0].conv1.bias_outside

@@ -466,6 +466,21 @@ def share_in_copies(obj: Any) -> Any:
     return obj
 
 
+def adapt_model(model: nn.Module) -> list[str]:
+    """What :func:`load_pcdet` does to a built OpenPCDet detector, after loading its weights, so that qcore can
+    copy it and run it on CPU: its ``dataset`` is shared by copies (:func:`share_in_copies`) and the biases of
+    its spconv layers move outside the convolutions (:func:`~qcore_detection.spconv_layers.move_bias_outside`).
+    Apply it to a freshly built FP model before ``qcore.load_quantized(path, model)`` of a ``.qcore`` file
+    written from a ``pcdet:`` run. Returns the layers whose bias moved (none the second time)."""
+    if getattr(model, "dataset", None) is not None:
+        share_in_copies(model.dataset)
+    moved = move_bias_outside(model)
+    if moved:
+        log.info("%d spconv layers with a bias run bias-free, the bias added to their outputs (e.g. %s)",
+                 len(moved), moved[0])
+    return moved
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -654,13 +669,8 @@ def load_pcdet(cfg_file: Path, weights: Path | None, data_dir: Path | None, cali
     calibration = PcdetBatches(calib_set, chosen, batch_size, seed)
 
     model = pcdet.models.build_network(model_cfg=cfg.MODEL, num_class=len(class_names), dataset=eval_set)
-    if getattr(model, "dataset", None) is not None:
-        share_in_copies(model.dataset)
     load_weights(model, weights)
-    moved = move_bias_outside(model)
-    if moved:
-        log.info("%d spconv layers with a bias run bias-free, the bias added to their outputs (e.g. %s)",
-                 len(moved), moved[0])
+    adapt_model(model)
     model = model.to(device).eval()
     check_device(model, calibration[0], device)
     last_layers = head_output_layers(quantizable_names(model))
