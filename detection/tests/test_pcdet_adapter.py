@@ -7,8 +7,16 @@ seed=None, logger=None, training=True, ...) -> (dataset, loader, sampler)``, dat
 follow ``'train' if training else 'test'``, that augment only when ``training`` and draw from numpy's global RNG
 even in test mode, whose ``collate_batch`` gives numpy batch dicts and which implement
 ``generate_prediction_dicts`` and ``evaluation`` (nuScenes-style fractions ``mAP``/``NDS``), and
-``pcdet.models.build_network(model_cfg, num_class, dataset)`` returning qcore's ``VoxelNeXtLite`` with pcdet's
+``pcdet.models.build_network(model_cfg, num_class, dataset)`` returning a small VoxelNeXt with pcdet's
 ``_load_state_dict``.
+
+Where a real OpenPCDet model failed in qcore (issue 19) the fake behaves like it: the detector keeps its dataset
+(``self.dataset``, holding an unpicklable voxel generator), builds ``SparseBasicBlock`` and head output convs with
+``bias=True`` (spconv's CPU kernels refuse them in eval mode), names its modules ``backbone_3d.*`` and
+``dense_head.heads_list.<i>.<branch>.*`` (one head per class group), and predicts through ``nms_gpu(boxes,
+scores, thresh) -> (keep, None)`` (``pcdet.ops.iou3d_nms.iou3d_nms_utils``), whose compiled op refuses CPU
+tensors and whose result is moved with ``.cuda()``; the module's fixture lets that op run on CPU, as the real
+one runs on a GPU machine.
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ from torch import nn
 
 from qcore import QcoreError, RunConfig
 from qcore_detection import pcdet_adapter as pa
-from qcore_detection.metric import detection_ap
 from qcore_detection.head import decode_boxes
+from qcore_detection.metric import detection_ap
 from qcore_detection.model import sparse_height_compression
 from qcore_detection.setup import DetectionSetup
 from qcore_detection.spconv_layers import OUTSIDE_BIAS, spconv_cpu_guard
@@ -270,9 +278,11 @@ class Backbone3D(nn.Module):
         self.conv_input = _post_act(spconv.SubMConv3d(4, c[0], 3, padding=1, bias=False, indice_key="subm1"), c[0])
         self.conv1 = spconv.SparseSequential(SparseBasicBlock(c[0], "res1"))
         self.conv2 = spconv.SparseSequential(_post_act(spconv.SparseConv3d(
-            c[0], c[1], 3, stride=2, padding=1, bias=False, indice_key="spconv2"), c[1]), SparseBasicBlock(c[1], "res2"))
+            c[0], c[1], 3, stride=2, padding=1, bias=False, indice_key="spconv2"), c[1]),
+            SparseBasicBlock(c[1], "res2"))
         self.conv3 = spconv.SparseSequential(_post_act(spconv.SparseConv3d(
-            c[1], c[2], 3, stride=2, padding=1, bias=False, indice_key="spconv3"), c[2]), SparseBasicBlock(c[2], "res3"))
+            c[1], c[2], 3, stride=2, padding=1, bias=False, indice_key="spconv3"), c[2]),
+            SparseBasicBlock(c[2], "res3"))
         self.conv_out = _post_act(spconv.SparseConv2d(c[2], c[3], 3, padding=1, bias=False, indice_key="out"), c[3])
         self.shared_conv = _post_act(spconv.SubMConv2d(c[3], c[3], 3, padding=1, bias=True, indice_key="bev"), c[3])
 
@@ -836,8 +846,9 @@ def test_unsupported_evaluations_fail_before_any_data_is_read(fake_pcdet: None, 
     pa.check_eval_metric("KittiDataset", "waymo")
     pa.check_eval_metric("NuScenesDataset", "kitti")
     pa.check_eval_metric("WaymoDataset", "kitti")
-    for dataset, metric, message in [("WaymoDataset", "waymo", "EVAL_METRIC 'waymo' is not supported.*EVAL_METRIC: kitti"),
-                                     ("Argo2Dataset", "kitti", "Argo2Dataset's evaluation is not supported")]:
+    for dataset, metric, message in [
+            ("WaymoDataset", "waymo", "EVAL_METRIC 'waymo' is not supported.*EVAL_METRIC: kitti"),
+            ("Argo2Dataset", "kitti", "Argo2Dataset's evaluation is not supported")]:
         tree_cfg = yaml.safe_load(cfg_file.read_text())
         tree_cfg["DATA_CONFIG"]["DATASET"] = dataset
         tree_cfg["MODEL"]["POST_PROCESSING"]["EVAL_METRIC"] = metric
