@@ -97,6 +97,11 @@ def _keys(coords: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     return key
 
 
+#: the last few submanifold pair counts, by input indices (compared by value) and geometry: the submanifold
+#: layers of a stage share one active set
+_SUBM_CACHE: list[tuple[torch.Tensor, tuple[Any, ...], int]] = []
+
+
 def neighbour_pairs(indices: torch.Tensor, spatial_shape: Any, out_spatial_shape: Any, kernel: Any, stride: Any,
                     padding: Any, dilation: Any, subm: bool) -> int:
     """The number of (input site, output site) pairs a sparse convolution's rule book holds: the products its
@@ -111,18 +116,26 @@ def neighbour_pairs(indices: torch.Tensor, spatial_shape: Any, out_spatial_shape
     coords = indices.long()
     n_dim = coords.shape[1] - 1
     if subm:
-        shape = torch.tensor([int(v) for v in spatial_shape], device=coords.device)
+        geometry = (tuple(int(v) for v in spatial_shape), tuple(int(k) for k in kernel),
+                    tuple(int(d) for d in dilation))
+        for held, key, pairs in _SUBM_CACHE:
+            if key == geometry and held.shape == indices.shape and (held is indices or torch.equal(held, indices)):
+                return pairs
+        shape = torch.tensor(geometry[0], device=coords.device)
         keys, _ = torch.sort(_keys(coords, shape))
-        total = 0
-        ranges = [range(int(k)) for k in kernel]
-        for offset in torch.cartesian_prod(*(torch.tensor(list(r)) for r in ranges)).reshape(-1, n_dim):
-            shift = (offset - torch.tensor([int(k) // 2 for k in kernel])) * torch.tensor([int(d) for d in dilation])
-            moved = coords[:, 1:] + shift.to(coords.device)
-            inside = ((moved >= 0) & (moved < shape)).all(dim=1)
-            probe = _keys(torch.cat([coords[inside, :1], moved[inside]], dim=1), shape)
+        grid = torch.cartesian_prod(*(torch.arange(k) for k in geometry[1])).reshape(-1, n_dim)
+        shifts = ((grid - torch.tensor([k // 2 for k in geometry[1]])) * torch.tensor(geometry[2])).to(coords.device)
+        pairs = 0
+        for chunk in torch.split(coords, max(1, 2**22 // len(shifts))):  # bounded memory on large sweeps
+            moved = chunk[:, None, 1:] + shifts[None]  # [n, kvol, D]
+            inside = ((moved >= 0) & (moved < shape)).all(dim=2)
+            flat = torch.cat([chunk[:, None, :1].expand(-1, len(shifts), 1), moved], dim=2)[inside]
+            probe = _keys(flat, shape)
             pos = torch.searchsorted(keys, probe).clamp(max=len(keys) - 1)
-            total += int((keys[pos] == probe).sum())
-        return total
+            pairs += int((keys[pos] == probe).sum())
+        _SUBM_CACHE.append((indices, geometry, pairs))
+        del _SUBM_CACHE[:-8]
+        return pairs
     per_site = torch.ones(len(coords), dtype=torch.long, device=coords.device)
     for d in range(n_dim):
         p = coords[:, 1 + d]
