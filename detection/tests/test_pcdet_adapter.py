@@ -837,7 +837,7 @@ def test_pipeline_runs_the_pcdet_model_with_every_head_output_at_8_bits(fake_pcd
                                                    for b in ("hm", "center", "center_z", "dim", "rot"))}
     assert len(plan) == 31 and all(plan[n].weight.bits == 4 for n in set(plan) - eight)
     assert out.result["quant"] is not None and 0.0 <= out.result["quant"] <= 100.0
-    assert "last (10 head outputs: dense_head.heads_list.0.hm.1," in out.result["quantized"]["summary"]
+    assert "last (10 layers: dense_head.heads_list.0.hm.1," in out.result["quantized"]["summary"]
 
 
 def test_unsupported_evaluations_fail_before_any_data_is_read(fake_pcdet: None, tree: tuple[Path, Path, Path]

@@ -431,7 +431,7 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
     deployable = integer_grid and set(act_gran) <= {"tensor"}
     wc, oc = (corrections or {}).get("weight_correction"), (corrections or {}).get("output_correction")
     lasts = [n for n in names if n in set(last_layers)] or names[-1:]
-    last = lasts[0] if len(lasts) == 1 else f"{len(lasts)} head outputs: {', '.join(lasts[:3])}, ..."
+    last = lasts[0] if len(lasts) == 1 else f"{len(lasts)} layers: {', '.join(lasts[:3])}, ..."
     first_last = {"same": "quantized like the other layers", "fp": "kept in floating point"}.get(
         pipeline.first_last, f"weights and inputs at {pipeline.first_last} bits")
     summary = (f"weights of {len(wl)} of {len(names)} quantizable layers ({', '.join(kinds)}; "
