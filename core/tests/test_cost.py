@@ -27,3 +27,19 @@ def test_size_bops_and_average_bits_by_hand():
     assert c.bops == conv.macs * 4 * 8 + fc.macs * 8 * 32
     assert c.w_bits_avg == (72 * 4 + 300 * 8) / 372
     assert c.a_bits_avg == 8.0
+
+
+def test_layers_may_count_their_own_macs():
+    """A layer info with ``count_macs`` (sparse convolutions: rule-book pairs) gets its count, per sample."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    layers = discover_layers(model, torch_layer_info)
+    seen = []
+
+    def count(x, out):
+        seen.append((tuple(x.shape), tuple(out.shape)))
+        return 1000
+
+    layers["0"].count_macs = count
+    measure_layers(model, layers, lambda m: m(torch.zeros(2, 2, 5, 5)))
+    assert layers["0"].macs == 500 and seen == [((2, 2, 5, 5), (2, 4, 5, 5))]
+    assert layers["2"].macs == 3 * 100

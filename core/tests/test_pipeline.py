@@ -38,6 +38,19 @@ def test_first_last_pins_and_override(host):
     assert out.plan.layers["3"].weight.bits == 6 and out.plan.layers["3"].act.bits == 4
 
 
+def test_task_last_layers_are_all_pinned():
+    """A task naming several last layers (a detector's head outputs) gets each pinned by first_last; names that
+    are not quantizable/included are ignored, and with none of them left the last layer counts as before."""
+    from qcore._allocation import Pin, PipelineOptions, pinned_layers
+
+    names = ["in", "mid", "head.a", "head.b", "tail"]
+    pins = pinned_layers(names, PipelineOptions(), {}, 3, 4, last=("head.a", "head.b", "excluded"))
+    assert pins == {"in": Pin(8, 8), "head.a": Pin(8, 8), "head.b": Pin(8, 8)}
+    assert set(pinned_layers(names, PipelineOptions(), {}, 3, 4, last=("excluded",))) == {"in", "tail"}
+    assert set(pinned_layers(names, PipelineOptions(), {}, 3, 4)) == {"in", "tail"}
+    assert pinned_layers(names, PipelineOptions(first_last="same"), {}, 3, 4, last=("head.a",)) == {}
+
+
 def test_weight_only_and_per_channel_activations(host):
     out = run_tiny(host, w_bits=4, a_bits=8, options={"act_targets": "none"})
     assert out.result["a_bits_avg"] is None and all(s.act is None for s in out.plan.layers.values())

@@ -7,8 +7,16 @@ seed=None, logger=None, training=True, ...) -> (dataset, loader, sampler)``, dat
 follow ``'train' if training else 'test'``, that augment only when ``training`` and draw from numpy's global RNG
 even in test mode, whose ``collate_batch`` gives numpy batch dicts and which implement
 ``generate_prediction_dicts`` and ``evaluation`` (nuScenes-style fractions ``mAP``/``NDS``), and
-``pcdet.models.build_network(model_cfg, num_class, dataset)`` returning qcore's ``VoxelNeXtLite`` with pcdet's
+``pcdet.models.build_network(model_cfg, num_class, dataset)`` returning a small VoxelNeXt with pcdet's
 ``_load_state_dict``.
+
+Where a real OpenPCDet model failed in qcore (issue 19) the fake behaves like it: the detector keeps its dataset
+(``self.dataset``, holding an unpicklable voxel generator), builds ``SparseBasicBlock`` and head output convs with
+``bias=True`` (spconv's CPU kernels refuse them in eval mode), names its modules ``backbone_3d.*`` and
+``dense_head.heads_list.<i>.<branch>.*`` (one head per class group), and predicts through ``nms_gpu(boxes,
+scores, thresh) -> (keep, None)`` (``pcdet.ops.iou3d_nms.iou3d_nms_utils``), whose compiled op refuses CPU
+tensors and whose result is moved with ``.cuda()``; the module's fixture lets that op run on CPU, as the real
+one runs on a GPU machine.
 """
 
 from __future__ import annotations
@@ -26,15 +34,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import spconv.pytorch as spconv
 import torch
 import yaml
 from torch import nn
 
 from qcore import QcoreError, RunConfig
 from qcore_detection import pcdet_adapter as pa
+from qcore_detection.head import decode_boxes
 from qcore_detection.metric import detection_ap
-from qcore_detection.model import ModelConfig, VoxelNeXtLite, bev_dense, build_model, head_outputs
+from qcore_detection.model import sparse_height_compression
 from qcore_detection.setup import DetectionSetup
+from qcore_detection.spconv_layers import OUTSIDE_BIAS, spconv_cpu_guard
 from qcore_detection.synthetic import CLASS_NAMES, Scene, SceneConfig, SensorConfig, SyntheticSplit
 from qcore_detection.voxelize import VoxelConfig, voxel_indices, voxelize
 
@@ -113,6 +124,7 @@ class FakeDataset:
             if path.exists():  # as pcdet: missing info files are skipped
                 self.infos += json.loads(path.read_text())
         self.voxel_cfg = VoxelConfig(tuple(dataset_cfg.POINT_CLOUD_RANGE), tuple(dataset_cfg.VOXEL_SIZE))
+        self.data_processor = types.SimpleNamespace(voxel_generator=_VoxelGenerator())  # as pcdet's DataProcessor
         self.evaluations: list[dict] = []
         FakeDataset.created.append(self)
 
@@ -184,8 +196,187 @@ class FakeDataset:
         return f"mAP: {m:.4f}", {"mAP": m, "NDS": 0.5 * m + 0.1, "mATE": np.float64(0.7)}
 
 
-class FakeDetector(VoxelNeXtLite):
-    """``VoxelNeXtLite`` with ``Detector3DTemplate``'s checkpoint methods."""
+class _VoxelGenerator:
+    """Stands for spconv's compiled ``Point2VoxelCPU3d`` that pcdet's DataProcessor keeps: cannot be pickled or
+    deep-copied (a pybind object)."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("cannot pickle 'cumm.core_cc.spconv.Point2VoxelCPU3d' object")
+
+
+class FakeCompiledNms:
+    """Stands for pcdet's compiled ``iou3d_nms_cuda`` extension: ``nms_gpu(boxes, keep, thresh) -> int`` fills
+    ``keep`` with the rows kept (boxes sorted by falling score) and returns how many; its kernels are CUDA only,
+    so CPU tensors are refused as the real extension's input check does. ``cpu_kernel`` lets tests run the
+    pipeline on CPU as it would run on a GPU machine."""
+
+    cpu_kernel = False
+    calls = 0
+
+    def nms_gpu(self, boxes: torch.Tensor, keep: torch.Tensor, thresh: float) -> int:
+        if not boxes.is_cuda and not self.cpu_kernel:
+            raise RuntimeError("boxes must be a CUDAtensor ")
+        FakeCompiledNms.calls += 1
+        lo, hi = boxes[:, :2] - boxes[:, 3:5] / 2, boxes[:, :2] + boxes[:, 3:5] / 2  # axis-aligned BEV IoU
+        inter = (torch.minimum(hi[:, None], hi[None]) - torch.maximum(lo[:, None], lo[None])).clamp(min=0).prod(-1)
+        area = (hi - lo).prod(-1)
+        iou = inter / (area[:, None] + area[None] - inter).clamp(min=1e-6)
+        removed = torch.zeros(len(boxes), dtype=torch.bool)
+        n = 0
+        for i in range(len(boxes)):
+            if not removed[i]:
+                keep[n] = i
+                n += 1
+                removed |= iou[i].cpu() > thresh
+        return n
+
+
+iou3d_nms_cuda = FakeCompiledNms()
+
+
+def nms_gpu(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre_maxsize: int | None = None
+            ) -> tuple[torch.Tensor, None]:
+    """``pcdet.ops.iou3d_nms.iou3d_nms_utils.nms_gpu``'s documented contract: boxes (N, 7), scores (N) -> (indices
+    of the kept boxes by falling score, None); runs the compiled op and moves its result with ``.cuda()``."""
+    order = torch.argsort(scores, descending=True)[:pre_maxsize]
+    keep = torch.zeros(len(order), dtype=torch.long)
+    n = iou3d_nms_cuda.nms_gpu(boxes[order].contiguous(), keep, thresh)
+    kept = keep[:n] if iou3d_nms_cuda.cpu_kernel else keep[:n].cuda()
+    return order[kept], None
+
+
+class SparseBasicBlock(spconv.SparseModule):
+    """pcdet's residual block: its convolutions have ``bias=True`` when a norm follows (``bias = norm_fn is not
+    None``), which spconv's CPU kernels refuse in eval mode."""
+
+    def __init__(self, channels: int, indice_key: str) -> None:
+        super().__init__()
+        self.conv1 = spconv.SubMConv3d(channels, channels, 3, padding=1, bias=True, indice_key=indice_key)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = spconv.SubMConv3d(channels, channels, 3, padding=1, bias=True, indice_key=indice_key)
+        self.bn2 = nn.BatchNorm1d(channels)
+
+    def forward(self, x: Any) -> Any:
+        out = self.conv1(x)
+        out = out.replace_feature(self.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(self.relu(self.bn2(out.features) + x.features))
+
+
+def _post_act(conv: nn.Module, channels: int) -> spconv.SparseSequential:
+    return spconv.SparseSequential(conv, nn.BatchNorm1d(channels), nn.ReLU())
+
+
+class Backbone3D(nn.Module):
+    """A small ``VoxelResBackBone8xVoxelNeXt``: conv_input, conv1 (a block), conv2/conv3 (strided conv + block),
+    height compression to BEV, conv_out and shared_conv; pcdet's module names."""
+
+    def __init__(self, c: list[int], spatial_shape: list[int]) -> None:
+        super().__init__()
+        self.sparse_shape = spatial_shape
+        self.conv_input = _post_act(spconv.SubMConv3d(4, c[0], 3, padding=1, bias=False, indice_key="subm1"), c[0])
+        self.conv1 = spconv.SparseSequential(SparseBasicBlock(c[0], "res1"))
+        self.conv2 = spconv.SparseSequential(_post_act(spconv.SparseConv3d(
+            c[0], c[1], 3, stride=2, padding=1, bias=False, indice_key="spconv2"), c[1]),
+            SparseBasicBlock(c[1], "res2"))
+        self.conv3 = spconv.SparseSequential(_post_act(spconv.SparseConv3d(
+            c[1], c[2], 3, stride=2, padding=1, bias=False, indice_key="spconv3"), c[2]),
+            SparseBasicBlock(c[2], "res3"))
+        self.conv_out = _post_act(spconv.SparseConv2d(c[2], c[3], 3, padding=1, bias=False, indice_key="out"), c[3])
+        self.shared_conv = _post_act(spconv.SubMConv2d(c[3], c[3], 3, padding=1, bias=True, indice_key="bev"), c[3])
+
+    def forward(self, batch_dict: dict) -> dict:
+        x = spconv.SparseConvTensor(batch_dict["voxel_features"], batch_dict["voxel_coords"].int(), self.sparse_shape,
+                                    batch_dict["batch_size"])
+        x3 = self.conv3(self.conv2(self.conv1(self.conv_input(x))))
+        bev = sparse_height_compression([(x3, 1)], tuple(x3.spatial_shape[1:]), batch_dict["batch_size"])
+        batch_dict["encoded_spconv_tensor"] = self.shared_conv(self.conv_out(bev))
+        batch_dict["encoded_spconv_tensor_stride"] = 4
+        return batch_dict
+
+
+class SeparateHead(nn.Module):
+    """One head group: a branch per output (``hm``, ``center``, ``center_z``, ``dim``, ``rot``), each
+    SubMConv2d + BN + ReLU then an output SubMConv2d with ``bias=True``; modules named as pcdet's."""
+
+    def __init__(self, channels: int, num_cls: int, key: str) -> None:
+        super().__init__()
+        self.names = {"hm": num_cls, "center": 2, "center_z": 1, "dim": 3, "rot": 2}
+        for name, out in self.names.items():
+            self.__setattr__(name, spconv.SparseSequential(
+                _post_act(spconv.SubMConv2d(channels, channels, 3, padding=1, bias=False, indice_key=key), channels),
+                spconv.SubMConv2d(channels, out, 1, bias=True, indice_key=f"{key}_out")))
+
+    def forward(self, x: Any) -> dict[str, torch.Tensor]:
+        return {name: self.__getattr__(name)(x).features for name in self.names}
+
+
+class DenseHead(nn.Module):
+    """A ``VoxelNeXtHead``: one :class:`SeparateHead` per class group (``CLASS_NAMES_EACH_HEAD``), raw outputs kept
+    in ``forward_ret_dict["pred_dicts"]``, predictions through top-k and the compiled NMS (``nms_gpu``)."""
+
+    def __init__(self, channels: int, class_names: list[str], groups: list[list[str]], cell: float,
+                 origin: tuple[float, float]) -> None:
+        super().__init__()
+        self.class_names, self.groups, self.cell, self.origin = class_names, groups, cell, origin
+        self.heads_list = nn.ModuleList(SeparateHead(channels, len(g), f"head{i}") for i, g in enumerate(groups))
+        self.forward_ret_dict: dict[str, Any] = {}
+
+    def forward(self, batch_dict: dict) -> dict:
+        x = batch_dict["encoded_spconv_tensor"]
+        pred_dicts = [head(x) for head in self.heads_list]
+        self.forward_ret_dict["pred_dicts"] = pred_dicts
+        if not self.training:
+            batch_dict["final_box_dicts"] = self.predict(pred_dicts, x.indices, batch_dict["batch_size"])
+        return batch_dict
+
+    def predict(self, pred_dicts: list[dict], indices: torch.Tensor, batch_size: int) -> list[dict]:
+        out = []
+        for b in range(batch_size):
+            rows = torch.nonzero(indices[:, 0] == b).squeeze(1)
+            boxes, scores, labels = [], [], []
+            for group, pred in zip(self.groups, pred_dicts):
+                hm = torch.sigmoid(pred["hm"][rows])
+                score, cls = hm.max(dim=1)
+                top = torch.topk(score, min(20, len(score))).indices
+                box = decode_boxes({k: v[rows][top] for k, v in pred.items()}, indices[rows][top],
+                                   (self.cell, self.cell), self.origin)
+                keep, _ = nms_gpu(box, score[top], thresh=0.1)
+                boxes.append(box[keep])
+                scores.append(score[top][keep])
+                labels.append(torch.tensor([self.class_names.index(group[c]) + 1 for c in cls[top][keep].tolist()],
+                                           dtype=torch.long))
+            out.append({"pred_boxes": torch.cat(boxes), "pred_scores": torch.cat(scores),
+                        "pred_labels": torch.cat(labels)})
+        return out
+
+
+class FakeDetector(nn.Module):
+    """A ``Detector3DTemplate``-like VoxelNeXt: keeps the dataset it was built from (``self.dataset``, which holds
+    an unpicklable voxel generator and a logger), modules ``vfe``, ``backbone_3d``, ``dense_head`` in
+    ``module_list``; eval forward ``(pred_dicts, ret_dict)``; pcdet's checkpoint methods."""
+
+    def __init__(self, model_cfg: AttrDict, num_class: int, dataset: FakeDataset) -> None:
+        super().__init__()
+        self.model_cfg, self.num_class, self.dataset = model_cfg, num_class, dataset
+        self.class_names = dataset.class_names
+        v = dataset.voxel_cfg
+        self.vfe = nn.Identity()  # MeanVFE has no parameters
+        self.backbone_3d = Backbone3D(list(model_cfg.CHANNELS), list(v.spatial_shape))
+        self.dense_head = DenseHead(model_cfg.CHANNELS[3], list(dataset.class_names),
+                                    list(model_cfg.CLASS_NAMES_EACH_HEAD), v.voxel_size[0] * 4,
+                                    tuple(v.point_cloud_range[:2]))
+        self.module_list = [self.vfe, self.backbone_3d, self.dense_head]
+
+    def forward(self, batch_dict: dict) -> tuple[list[dict], dict]:
+        n = batch_dict["voxel_num_points"].clamp(min=1).to(batch_dict["voxels"].dtype)[:, None]
+        batch_dict["voxel_features"] = batch_dict["voxels"].sum(dim=1) / n
+        for module in self.module_list[1:]:
+            batch_dict = module(batch_dict)
+        if self.training:  # pcdet: (ret_dict with the loss, tb_dict, disp_dict); the double has no loss
+            return {"loss": torch.zeros(())}, {}, {}
+        return batch_dict["final_box_dicts"], {}
 
     def load_params_from_file(self, filename: str, logger: Any, to_cpu: bool = False,
                               pre_trained_path: str | None = None) -> None:
@@ -199,16 +390,13 @@ class FakeDetector(VoxelNeXtLite):
         return state_dict, update
 
 
-def model_config(model_cfg: AttrDict, dataset: FakeDataset) -> ModelConfig:
-    v = dataset.voxel_cfg
-    return ModelConfig(spatial_shape=v.spatial_shape, voxel_size=v.voxel_size, point_cloud_range=v.point_cloud_range,
-                       class_names=tuple(dataset.class_names), channels=tuple(model_cfg.CHANNELS),
-                       bev_channels=model_cfg.BEV_CHANNELS, score_threshold=0.0)
+MODEL_CFG = {"NAME": "Tiny", "CHANNELS": [4, 8, 8, 8], "CLASS_NAMES_EACH_HEAD": [["car"], ["pedestrian", "cyclist"]],
+             "POST_PROCESSING": {"EVAL_METRIC": "kitti"}}
 
 
 def build_network(model_cfg: AttrDict, num_class: int, dataset: FakeDataset) -> FakeDetector:
     assert num_class == len(dataset.class_names)
-    return FakeDetector(model_config(model_cfg, dataset))
+    return FakeDetector(model_cfg, num_class, dataset)
 
 
 BUILD_CALLS: list[dict] = []
@@ -235,8 +423,11 @@ def fake_modules() -> dict[str, types.ModuleType]:
     datasets.build_dataloader = build_dataloader
     models = types.ModuleType("pcdet.models")
     models.build_network = build_network
+    ops = types.ModuleType("pcdet.ops.iou3d_nms.iou3d_nms_utils")
+    ops.nms_gpu = nms_gpu
     pcdet.config, pcdet.datasets, pcdet.models = config, datasets, models
-    return {"pcdet": pcdet, "pcdet.config": config, "pcdet.datasets": datasets, "pcdet.models": models}
+    return {"pcdet": pcdet, "pcdet.config": config, "pcdet.datasets": datasets, "pcdet.models": models,
+            "pcdet.ops.iou3d_nms.iou3d_nms_utils": ops}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -260,17 +451,17 @@ def write_tree(root: Path) -> tuple[Path, Path, Path]:
     cfg_file.write_text(yaml.safe_dump({
         "CLASS_NAMES": list(CLASS_NAMES),
         "DATA_CONFIG": {"_BASE_CONFIG_": "cfgs/dataset_configs/fake_dataset.yaml"},
-        "MODEL": {"NAME": "Tiny", "CHANNELS": [4, 8, 8, 8, 8, 8], "BEV_CHANNELS": 8,
-                  "POST_PROCESSING": {"EVAL_METRIC": "fake"}}}))
+        "MODEL": MODEL_CFG}))
     torch.manual_seed(1)
     dataset = FakeDataset(AttrDict(DATA_SPLIT={"test": "val"}, INFO_PATH={"test": []}, DATA_PATH=str(data),
                                    POINT_CLOUD_RANGE=RANGE, VOXEL_SIZE=VOXEL), list(CLASS_NAMES), training=False)
     FakeDataset.created.clear()
-    model = build_model(model_config(AttrDict(CHANNELS=[4, 8, 8, 8, 8, 8], BEV_CHANNELS=8), dataset))
-    for m in model.modules():  # non-trivial BN statistics, so the loaded weights matter
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    model = build_network(_attr(MODEL_CFG), len(CLASS_NAMES), dataset)
+    for name, t in model.state_dict().items():  # non-trivial BN statistics and biases, so the loaded weights matter
+        if name.endswith("running_mean") or name.endswith(".bias"):
+            t.uniform_(-0.1, 0.1)
+        elif name.endswith("running_var"):
+            t.uniform_(0.5, 1.5)
     ckpt = root / "ckpt.pth"
     torch.save({"epoch": 3, "it": 10, "model_state": model.state_dict(), "optimizer_state": None,
                 "version": "pcdet+0.6.0"}, ckpt, _use_new_zipfile_serialization=False)  # as pcdet's save_checkpoint
@@ -279,9 +470,11 @@ def write_tree(root: Path) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def fake_pcdet() -> Iterator[None]:
+    """The fake pcdet, its NMS op running on CPU as the real one runs on a GPU machine."""
     with pytest.MonkeyPatch.context() as mp:
         for name, module in fake_modules().items():
             mp.setitem(sys.modules, name, module)
+        mp.setattr(FakeCompiledNms, "cpu_kernel", True)
         yield
 
 
@@ -410,8 +603,8 @@ def test_loader_end_to_end(setup: DetectionSetup, tree: tuple[Path, Path, Path])
     assert setup.name == "pcdet:tiny_voxelnext" and setup.class_names == CLASS_NAMES and setup.metric == "mAP"
     assert not setup.model.training
     state = torch.load(ckpt, weights_only=True)["model_state"]
-    for k, v in setup.model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    for k, v in setup.model.state_dict().items():  # biases of spconv layers were moved outside the convolutions
+        assert torch.equal(v, state[k.replace(OUTSIDE_BIAS, "bias")]), k
     # both datasets built through build_dataloader, never with training=True, from DATA_PATH relative to tools/
     calls = BUILT["calls"]
     assert [c["training"] for c in calls] == [False, False] and not any(c["dist"] for c in calls)
@@ -421,7 +614,7 @@ def test_loader_end_to_end(setup: DetectionSetup, tree: tuple[Path, Path, Path])
     assert {"mAP", "NDS", "mATE"} <= set(metrics) and all(isinstance(v, float) for v in metrics.values())
     assert 0.0 <= metrics["mAP"] <= 100.0
     t = setup.target(setup.model, setup.calibration[0])
-    assert t.shape == (2, 8, 16, 16)
+    assert t.shape == (2, 8, 32, 32)
 
 
 def test_calibration_comes_from_the_train_split_unaugmented(setup: DetectionSetup, fake_pcdet: None,
@@ -467,12 +660,14 @@ def test_bev_and_head_targets(setup: DetectionSetup) -> None:
     assert set(batch) == keys  # the forward ran on a copy
     assert torch.equal(a, b) and a.abs().sum() > 0
     run = pa.batch_to_torch(batch, "cpu")
-    with torch.no_grad():
+    with torch.no_grad(), spconv_cpu_guard():
         setup.model(run)
-    torch.testing.assert_close(a, bev_dense(run))
+    encoded = run["encoded_spconv_tensor"]
+    torch.testing.assert_close(a, pa.densify(encoded))
     head = pa.make_target("head")(setup.model, batch)
-    torch.testing.assert_close(head, head_outputs(run))
-    assert head.shape == (len(run["encoded_spconv_tensor"].indices), len(CLASS_NAMES) + 8)
+    groups = setup.model.dense_head.forward_ret_dict["pred_dicts"]
+    torch.testing.assert_close(head, torch.cat([t for g in groups for t in g.values()], dim=1))
+    assert head.shape == (len(encoded.indices), 2 * 8 + len(CLASS_NAMES))  # 2 head groups, car | pedestrian+cyclist
     with pytest.raises(QcoreError, match="unknown detection target"):
         pa.make_target("logits")
 
@@ -526,7 +721,7 @@ def test_evaluate_loop_and_metrics(setup: DetectionSetup, tmp_path: Path) -> Non
     second = setup.evaluate(setup.model)
     assert first == second
     call = eval_set.evaluations[-1]
-    assert call["eval_metric"] == "fake" and call["frame_ids"] == [f"val_0_{i:06d}" for i in range(3)]
+    assert call["eval_metric"] == "kitti" and call["frame_ids"] == [f"val_0_{i:06d}" for i in range(3)]
     assert not call["output_path"].exists()  # a temporary folder by default
     # an output folder is used as given; nuScenes-style fractions come back in percent
     loader = torch.utils.data.DataLoader(eval_set, batch_size=2, collate_fn=eval_set.collate_batch)
@@ -556,3 +751,163 @@ def test_train_split_config_switches_only_the_split() -> None:
     assert switched.DATA_PROCESSOR[0]["SHUFFLE_ENABLED"]["test"] is False
     with pytest.raises(QcoreError, match="train split"):
         pa.train_split_config(_attr({"VERSION": "x"}))
+
+
+# ------------------------------------------------------------------------------------------------ a real model's traits
+
+
+def _fresh_model(tree: tuple[Path, Path, Path]) -> FakeDetector:
+    cfg = AttrDict(DATA_SPLIT={"test": "val"}, INFO_PATH={"test": []}, DATA_PATH=str(tree[2]),
+                   POINT_CLOUD_RANGE=RANGE, VOXEL_SIZE=VOXEL)
+    return build_network(_attr(MODEL_CFG), len(CLASS_NAMES), FakeDataset(cfg, list(CLASS_NAMES), training=False))
+
+
+def test_the_double_fails_where_a_real_pcdet_model_did(tree: tuple[Path, Path, Path], setup: DetectionSetup) -> None:
+    """As built by pcdet, the model cannot be deep-copied (its dataset) and refuses CPU eval (biased spconv
+    convs); the adapter's model can be, and runs."""
+    raw = _fresh_model(tree).eval()
+    with pytest.raises(TypeError, match="cannot pickle"):
+        copy.deepcopy(raw)
+    with pytest.raises(AssertionError, match="cpu don't support act and bias"):
+        pa.bev_target(raw, setup.calibration[0])
+    assert len(pa.adapt_model(raw)) == 17 and pa.adapt_model(raw) == []  # what load_pcdet does, for load_quantized
+    copy.deepcopy(raw)
+    assert pa.bev_target(raw, setup.calibration[0]).shape == (2, 8, 32, 32)
+    dup = copy.deepcopy(setup.model)
+    assert dup.dataset is setup.model.dataset  # shared, not copied
+    assert dup.backbone_3d.conv1[0].conv1.bias_outside is not setup.model.backbone_3d.conv1[0].conv1.bias_outside
+    torch.testing.assert_close(setup.target(dup, setup.calibration[0]), setup.target(setup.model, setup.calibration[0]))
+
+
+def test_moved_biases_give_the_biased_outputs(tree: tuple[Path, Path, Path], setup: DetectionSetup) -> None:
+    """Every biased spconv conv of the pcdet model is changed; outputs equal those of the biased model run in
+    training mode (where spconv's CPU kernels accept a bias) with frozen BatchNorm statistics."""
+    raw = _fresh_model(tree)
+    pa.load_weights(raw, tree[1])
+    biased = [n for n, m in raw.named_modules() if pa.is_spconv_layer(m) and m.bias is not None]
+    assert len(biased) == 2 * 3 + 1 + 10  # 3 blocks x 2 convs, shared_conv, 2 heads x 5 outputs
+    raw.train()
+    for m in raw.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eval()
+    batch = setup.calibration[0]
+    with torch.no_grad():
+        expected = pa.bev_target(raw, batch), pa.head_target(raw, batch)
+    assert pa.move_bias_outside(raw) == biased and pa.move_bias_outside(raw) == []
+    raw.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pa.bev_target(raw, batch), expected[0])
+        torch.testing.assert_close(pa.head_target(raw, batch), expected[1])
+
+
+def test_head_output_layers_of_openpcdet_detectors(setup: DetectionSetup) -> None:
+    names = pa.quantizable_names(setup.model)
+    assert names[0] == "backbone_3d.conv_input.0" and len(names) == 11 + 2 * 5 * 2
+    assert pa.head_output_layers(names) == tuple(f"dense_head.heads_list.{i}.{b}.1" for i in range(2)
+                                                 for b in ("hm", "center", "center_z", "dim", "rot"))
+    assert setup.last_layers == pa.head_output_layers(names)
+    voxelnext = [f"dense_head.heads_list.{i}.{b}.{j}" for i in range(6)
+                 for b in ("center", "center_z", "dim", "rot", "vel", "hm") for j in ("0.0", "1")]
+    assert len(pa.head_output_layers(["backbone_3d.conv_out.0", "dense_head.shared_conv.0", *voxelnext])) == 36
+    pv_rcnn = ["backbone_3d.conv_input.0", "pfe.SA_layers.0.mlps.0.0", "backbone_2d.blocks.0.1", "dense_head.conv_cls",
+               "dense_head.conv_box", "dense_head.conv_dir_cls", "point_head.cls_layers.0", "point_head.cls_layers.3",
+               "roi_head.roi_grid_pool_layer.mlps.0.0", "roi_head.shared_fc_layer.0", "roi_head.cls_layers.0",
+               "roi_head.cls_layers.7", "roi_head.reg_layers.0", "roi_head.reg_layers.7"]
+    assert pa.head_output_layers(pv_rcnn) == ("dense_head.conv_cls", "dense_head.conv_box", "dense_head.conv_dir_cls",
+                                              "point_head.cls_layers.3", "roi_head.cls_layers.7",
+                                              "roi_head.reg_layers.7")
+
+
+def test_pipeline_runs_the_pcdet_model_with_every_head_output_at_8_bits(fake_pcdet: None,
+                                                                         tree: tuple[Path, Path, Path]) -> None:
+    from qcore import run
+    from qcore.testing import make_host
+    from qcore_detection import plugin
+
+    cfg_file, ckpt, _ = tree
+    calls = FakeCompiledNms.calls
+    out = run(RunConfig(task="detection", model=f"pcdet:{cfg_file}", weights=ckpt, plugin="uniform", w_bits=4,
+                        a_bits=8, calib_size=2, batch_size=2, eval_size=2, seed=0,
+                        options={"workers": 0, "include": "backbone_3d.*,dense_head.*"}),
+              make_host(("detection", plugin), tiny=False))
+    assert FakeCompiledNms.calls > calls  # predictions went through the compiled NMS op
+    plan = out.plan.layers
+    eight = {n for n, spec in plan.items() if spec.weight.bits == 8}
+    assert eight == {"backbone_3d.conv_input.0", *(f"dense_head.heads_list.{i}.{b}.1" for i in range(2)
+                                                   for b in ("hm", "center", "center_z", "dim", "rot"))}
+    assert len(plan) == 31 and all(plan[n].weight.bits == 4 for n in set(plan) - eight)
+    assert out.result["quant"] is not None and 0.0 <= out.result["quant"] <= 100.0
+    assert "last (10 layers: dense_head.heads_list.0.hm.1," in out.result["quantized"]["summary"]
+
+
+def test_unsupported_evaluations_fail_before_any_data_is_read(fake_pcdet: None, tree: tuple[Path, Path, Path]
+                                                              ) -> None:
+    cfg_file, ckpt, data = tree
+    pa.check_eval_metric("KittiDataset", "waymo")
+    pa.check_eval_metric("NuScenesDataset", "kitti")
+    pa.check_eval_metric("WaymoDataset", "kitti")
+    for dataset, metric, message in [
+            ("WaymoDataset", "waymo", "EVAL_METRIC 'waymo' is not supported.*EVAL_METRIC: kitti"),
+            ("Argo2Dataset", "kitti", "Argo2Dataset's evaluation is not supported")]:
+        tree_cfg = yaml.safe_load(cfg_file.read_text())
+        tree_cfg["DATA_CONFIG"]["DATASET"] = dataset
+        tree_cfg["MODEL"]["POST_PROCESSING"]["EVAL_METRIC"] = metric
+        other = cfg_file.parent / f"{dataset}.yaml"
+        other.write_text(yaml.safe_dump(tree_cfg))
+        BUILD_CALLS.clear()
+        with pytest.raises(QcoreError, match=message):
+            pa.load_pcdet(other, ckpt, data, 2, None, 2, 0, "cpu", workers=0)
+        assert BUILD_CALLS == []
+        other.unlink()
+
+
+def test_a_model_that_needs_cuda_fails_at_once_on_cpu(fake_pcdet: None, tree: tuple[Path, Path, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_file, ckpt, data = tree
+    monkeypatch.setattr(FakeCompiledNms, "cpu_kernel", False)  # the real op: CUDA kernels only
+    with pytest.raises(QcoreError, match="needs CUDA in its forward.*CUDAtensor.*--device cuda"):
+        pa.load_pcdet(cfg_file, ckpt, data, 2, 1, 2, 0, "cpu", workers=0)
+
+    class CallsCuda(nn.Module):  # e.g. anchors or NMS results moved with .cuda()
+        def forward(self, batch: dict) -> Any:
+            return batch["points"].cuda() + batch["points"]
+
+    with pytest.raises(QcoreError, match="needs CUDA in its forward.*--device cuda"):
+        pa.check_device(CallsCuda(), {"points": np.zeros((2, 5), np.float32)}, "cpu")
+    with pytest.raises(ZeroDivisionError):  # anything else passes unchanged
+
+        class Fails(nn.Module):
+            def forward(self, batch: dict) -> Any:
+                raise ZeroDivisionError("x")
+
+        pa.check_device(Fails(), {}, "cpu")
+
+
+class NuScenesDataset:
+    """Where a nuScenes dataset keeps what the checks read: ``root_path`` (DATA_PATH/VERSION), ``dataset_cfg``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root_path, self.dataset_cfg = root / "v1.0-mini", AttrDict(VERSION="v1.0-mini")
+
+    def evaluation(self, det_annos: list, class_names: list, **kwargs: Any) -> tuple[str, dict]:
+        raise AssertionError(f"Database version not found: {self.root_path / 'v1.0-mini'}")
+
+
+def test_nuscenes_database_errors_name_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.machinery
+
+    dataset = NuScenesDataset(tmp_path)
+    monkeypatch.setitem(sys.modules, "nuscenes", None)
+    with pytest.raises(QcoreError, match="nuscenes-devkit"):
+        pa.check_nuscenes_database(dataset)
+    devkit = types.ModuleType("nuscenes")
+    devkit.__spec__ = importlib.machinery.ModuleSpec("nuscenes", None)
+    monkeypatch.setitem(sys.modules, "nuscenes", devkit)
+    with pytest.raises(QcoreError, match="database tables .*v1.0-mini/v1.0-mini not found.*JSON tables"):
+        pa.check_nuscenes_database(dataset)
+    (dataset.root_path / "v1.0-mini").mkdir(parents=True)
+    pa.check_nuscenes_database(dataset)
+    pa.check_nuscenes_database(object())  # other datasets are not checked
+    with pytest.raises(QcoreError, match="database tables.*v1.0-mini/\\*.json") as err:
+        pa.evaluate_pcdet(nn.Identity(), dataset, [], list(CLASS_NAMES), "cpu", tmp_path / "out", eval_metric="x")
+    assert "--eval-size" not in str(err.value)

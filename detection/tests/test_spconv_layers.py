@@ -208,3 +208,36 @@ def test_torch_fx_notice_for_export_users_is_dropped_and_nothing_else():
                                None, None)
     other = fx_log.makeRecord(fx_log.name, logging.WARNING, "f", 1, "a real problem", None, None)
     assert not fx_log.filter(notice) and fx_log.filter(other)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_macs_count_the_rule_book_pairs(kind: str) -> None:
+    """The MACs core measures for a spconv layer are spconv's own rule-book pair count (native algorithm,
+    ``indice_pair_num``) x C_in x C_out, below kernel volume x active outputs; also with dilation and a 5x5 kernel.
+    For submanifold layers spconv keeps half the offsets (the other half is the same pairs reversed) and runs the
+    centre offset as one dense GEMM over all sites: pairs = sites + 2 x stored."""
+    from qcore_detection.spconv_layers import move_bias_outside, neighbour_pairs
+
+    def rule_book(out: spconv.SparseConvTensor, key: str, subm: bool) -> int:
+        stored = int(out.indice_dict[key].indice_pair_num.sum())
+        return len(out.indices) + 2 * stored if subm else stored
+
+    module, x = _layer(kind)
+    module.indice_key = module.indice_key or "k"
+    module.algo = spconv.ConvAlgo.Native
+    out = _call(module, x)
+    pairs = rule_book(out, module.indice_key, kind.startswith("subm"))
+    info = spconv_layer_info(module, "layer")
+    macs = info.count_macs(x, out)
+    assert macs == pairs * module.in_channels * module.out_channels
+    assert 0 < macs < len(out.indices) * info.macs_per_out * module.out_channels
+    if kind in ("subm3d", "spconv2d"):  # other geometries, against spconv's rule book too
+        for extra in ({"kernel_size": 5, "padding": 2}, {"kernel_size": 3, "padding": 2, "dilation": 2}):
+            cls = type(module)
+            stride = {"stride": 2} if kind == "spconv2d" else {}
+            other = cls(3, 4, bias=False, indice_key="g", algo=spconv.ConvAlgo.Native, **stride, **extra)
+            got = _call(other, x)
+            expected = rule_book(got, "g", kind.startswith("subm"))
+            assert neighbour_pairs(x.indices, x.spatial_shape, got.spatial_shape, other.kernel_size, other.stride,
+                                   other.padding, other.dilation, subm=kind.startswith("subm")) == expected, extra
+    assert move_bias_outside(module) == []  # bias-free layers are left alone

@@ -81,16 +81,18 @@ def _bits(value: Any, what: str) -> int | None:
 
 
 def pinned_layers(layers: Sequence[str], opts: PipelineOptions, overrides: Mapping[str, Any],
-                  w_bits: int | None, a_bits: int | None) -> dict[str, Pin]:
+                  w_bits: int | None, a_bits: int | None, last: Sequence[str] = ()) -> dict[str, Pin]:
     """Layers the user fixed: first/last (``first_last``), then YAML ``layers:`` globs (later wins).
 
     ``overrides`` maps a name glob to ``{"w_bits": 8, "a_bits": 8}`` (missing keys keep the run's bits) or to
-    ``"fp"``.
+    ``"fp"``. ``last``: the task's last layers (``TaskInstance.last_layers``, e.g. every head output of a
+    multi-head detector); those among ``layers`` replace ``layers[-1]`` as the last layers.
     """
     pins: dict[str, Pin] = {}
     if layers and opts.first_last != "same":
         b = None if opts.first_last == "fp" else int(opts.first_last)
-        for name in {layers[0], layers[-1]}:
+        lasts = [n for n in layers if n in set(last)] or [layers[-1]]
+        for name in {layers[0], *lasts}:
             pins[name] = Pin(b, b)
     for pattern, value in overrides.items():
         matched = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]

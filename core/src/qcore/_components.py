@@ -155,6 +155,10 @@ class TaskInstance:
     #: why torch.fx cannot trace this task's models, when the task knows (BatchNorm folding then skips them with
     #: an info line instead of a warning on every run); None: a failed trace is worth a warning
     untraceable: str | None = None
+    #: names of the layers ``first_last`` treats as the model's last layers (a detector with several heads has
+    #: one output layer per head branch); those that are quantizable and included are pinned. Empty, or none of
+    #: them included: the last quantizable layer in forward order, as for any model
+    last_layers: tuple[str, ...] = ()
 
 
 class Task(Component):

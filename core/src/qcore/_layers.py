@@ -37,6 +37,9 @@ class LayerInfo:
     :param map_output: how to apply a tensor function to this layer's output (default: call it on the tensor;
         spconv layers apply it to the features); used by output corrections. Output channels lie on
         ``act_axis`` of the result.
+    :param count_macs: ``count_macs(input, output)``: the MACs of one call for the whole batch, for layers whose
+        cost is not ``macs_per_out`` per output element (sparse convolutions count the input/output neighbour
+        pairs of their rule book); None: output elements x ``macs_per_out``. Used by :func:`measure_layers`.
     """
 
     name: str
@@ -51,6 +54,7 @@ class LayerInfo:
     weight_numel: int = 0
     quantize_input: Callable[[Any, nn.Module], Any] | None = field(default=None, repr=False)
     map_output: Callable[[Any, Callable[[torch.Tensor], torch.Tensor]], Any] | None = field(default=None, repr=False)
+    count_macs: Callable[[Any, Any], int] | None = field(default=None, repr=False)
 
     def input_tensor(self, x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         """``x`` with ``fn`` applied to its tensor the way the activation quantizer sees it (a sparse input's
@@ -164,7 +168,10 @@ def measure_layers(model: nn.Module, layers: dict[str, LayerInfo], run_forward: 
             out_feats = getattr(out, "features", out)
             batch = int(getattr(x, "batch_size", 0) or (x.shape[0] if x.dim() > 1 else 1))
             out_numel = out_feats.numel() // max(batch, 1)
-            info.macs = int(out_numel * info.macs_per_out)
+            if info.count_macs is not None:
+                info.macs = int(info.count_macs(x, out)) // max(batch, 1)
+            else:
+                info.macs = int(out_numel * info.macs_per_out)
             info.act_numel = int(feats.numel() // max(batch, 1))
         return fn
 

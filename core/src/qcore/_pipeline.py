@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +277,8 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
                          "plugin knows) matching include/exclude; check --model and -o include/exclude")
     with task_blame():
         measure_layers(work, layers, lambda m: inst.forward(m, inst.example))
-    pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits)
+    pins = pinned_layers(list(layers), pipeline, config.layers, budget.w_bits, budget.a_bits,
+                         last=inst.last_layers)
     ctx = RunContext(config=config, task=inst, model=work, layers=layers, budget=budget, pinned=dict(pins),
                      options=prep.values, quantizer=comps["quantizer"], pipeline=pipeline, hooks=host.hook,
                      cache_dir=(config.out / "cache") if config.out else None, calibrator=comps["calibrator"],
@@ -307,7 +308,7 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     cost = plan_cost(work, layers, plan)
     result = build_result(config, prep.plugin, prep.method, comps, inst.model_name, inst.metric, fp_metrics,
                           quant_metrics, cost, plan, layers, pipeline, folded, stages.seconds, prep.values, inst.data,
-                          budget, prep.correctors)
+                          budget, prep.correctors, last_layers=inst.last_layers)
     if ctx.measured:
         bad = {k: type(v).__name__ for k, v in ctx.measured.items() if not isinstance(v, dict)}
         if bad:
@@ -420,7 +421,8 @@ def _describe_specs(specs: list[Any]) -> str:
 
 def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
                        folded: list[tuple[str, str]], integer_grid: bool,
-                       corrections: dict[str, Correction | None] | None = None) -> dict[str, Any]:
+                       corrections: dict[str, Correction | None] | None = None,
+                       last_layers: Sequence[str] = ()) -> dict[str, Any]:
     """What was quantized, in words and lists (the ``quantized`` entry of result.json), read off the plan."""
     names = list(layers)
     wl = [n for n in names if n in plan.layers and plan.layers[n].weight is not None]
@@ -432,12 +434,14 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
     act_gran = sorted({s.granularity for s in aspecs})  # type: ignore[union-attr]
     deployable = integer_grid and set(act_gran) <= {"tensor"}
     wc, oc = (corrections or {}).get("weight_correction"), (corrections or {}).get("output_correction")
+    lasts = [n for n in names if n in set(last_layers)] or names[-1:]
+    last = lasts[0] if len(lasts) == 1 else f"{len(lasts)} layers: {', '.join(lasts[:3])}, ..."
     first_last = {"same": "quantized like the other layers", "fp": "kept in floating point"}.get(
         pipeline.first_last, f"weights and inputs at {pipeline.first_last} bits")
     summary = (f"weights of {len(wl)} of {len(names)} quantizable layers ({', '.join(kinds)}; "
                f"{_describe_specs(wspecs) if wspecs else 'none'}); "
                + (f"input activations of {len(al)} layers ({_describe_specs(aspecs)})" if al else "no activations")
-               + f"; first ({names[0]}) and last ({names[-1]}) layer: {first_last}"
+               + f"; first ({names[0]}) and last ({last}) layer: {first_last}"
                + f"; {len(folded)} BatchNorm layers folded"
                + (f"; weight bias correction: {wc.summary}" if wc is not None else "")
                + (f"; {oc.name} output correction: {oc.summary}" if oc is not None else "")
@@ -458,7 +462,8 @@ def build_result(config: RunConfig, plugin: str, method: Method, comps: dict[str
                  plan: Plan, layers: dict[str, LayerInfo], pipeline: PipelineOptions,
                  folded: list[tuple[str, str]], seconds: dict[str, float], options: dict[str, Any],
                  data: dict[str, str], budget: Budget,
-                 corrections: dict[str, Correction | None] | None = None) -> dict[str, Any]:
+                 corrections: dict[str, Correction | None] | None = None,
+                 last_layers: Sequence[str] = ()) -> dict[str, Any]:
     """The result.json document."""
     integer_grid = bool(getattr(comps["quantizer"], "integer_grid", True))
     return {
@@ -469,11 +474,12 @@ def build_result(config: RunConfig, plugin: str, method: Method, comps: dict[str
         "w_bits_avg": cost.w_bits_avg, "a_bits_avg": cost.a_bits_avg,
         "size_mb": cost.size_mb, "fp_size_mb": cost.fp_size_mb, "bops": cost.bops, "fp_bops": cost.fp_bops,
         "budget": dataclasses.asdict(budget),
-        "quantized": describe_quantized(plan, layers, pipeline, folded, integer_grid, corrections),
+        "quantized": describe_quantized(plan, layers, pipeline, folded, integer_grid, corrections, last_layers),
         "data": data, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "conventions": {"size_mb": "MiB; quantized weights at their bits, scales/zero points and all other "
                                    "parameters at 32 bits; after BN folding",
-                        "bops": "per sample; conv/linear MACs x weight bits x activation bits (32 when FP)",
+                        "bops": "per sample; conv/linear MACs (sparse convs: rule-book neighbour pairs x C_in x "
+                                "C_out, on the example batch) x weight bits x activation bits (32 when FP)",
                         "bits_avg": "element-weighted over quantized tensors"},
         "seconds": seconds, "qcore_version": __version__, "seed": config.seed, "device": config.device,
         "calib_size": config.calib_size, "processes": qdist.world(),

@@ -26,6 +26,20 @@ Choices (see :func:`load_pcdet`):
   to the model's ``_load_state_dict(state, strict=False)``, the method ``load_params_from_file`` calls after
   loading (it adapts spconv 1.x weight layouts and skips mismatching keys); models without it get
   ``load_state_dict(state)``.
+* **The model's dataset.** ``Detector3DTemplate`` keeps the dataset it was built from (``model.dataset``), which
+  holds spconv's compiled voxel generators and a logger: neither can be deep-copied, and qcore deep-copies the FP
+  model. The adapter makes copies of the model share that dataset (:func:`share_in_copies`): it is data the
+  model was configured from, not model state.
+* **Biases of spconv layers.** OpenPCDet builds ``SparseBasicBlock`` convolutions (with BatchNorm) and the head
+  output convolutions with ``bias=True``; spconv's CPU kernels refuse a bias in eval mode. After loading the
+  weights, the adapter moves those biases outside the convolutions
+  (:func:`~qcore_detection.spconv_layers.move_bias_outside`, the embedded model's handling).
+* **Early errors.** Before any data is read, an evaluation the adapter cannot read (Waymo's or Argo2's own
+  metrics, ...) is refused (:func:`check_eval_metric`), and nuScenes' database tables are looked for
+  (:func:`check_nuscenes_database`); on ``--device cpu``, one calibration batch is run before the FP evaluation so
+  that a model whose forward needs CUDA (OpenPCDet's NMS is a compiled CUDA op) fails at once, with the fix.
+* **First/last layers.** Detectors have one output layer per head branch (VoxelNeXt on nuScenes: 6 heads x 6
+  branches = 36): all of them are the "last" layers ``-o first_last`` pins (:func:`head_output_layers`).
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ from torch import Tensor, nn
 
 from qcore import MissingDependencyError, QcoreError, module_device, track
 from qcore_detection.setup import TARGETS, DetectionSetup
-from qcore_detection.spconv_layers import spconv_cpu_guard
+from qcore_detection.spconv_layers import is_spconv_layer, move_bias_outside, spconv_cpu_guard
 
 if TYPE_CHECKING:
     from qcore import RunConfig
@@ -69,6 +83,24 @@ PASSTHROUGH_KEYS: frozenset[str] = frozenset(
 SPLIT_KEYS: tuple[str, ...] = ("DATA_SPLIT", "INFO_PATH")
 
 _KITTI_MODERATE_3D = re.compile(r"^(?P<cls>.+)_3d/moderate_R40$")
+
+#: datasets whose ``evaluation`` gives results :func:`normalize_metrics` reads whatever ``EVAL_METRIC`` says
+#: (KITTI: its own AP; nuScenes: mAP/NDS); other datasets need ``EVAL_METRIC: kitti``
+EVAL_ANY_METRIC: frozenset[str] = frozenset({"KittiDataset", "NuScenesDataset"})
+#: datasets whose evaluation is their own format only (Argo2's av2 metrics, ONCE's AP): not readable
+EVAL_UNSUPPORTED: frozenset[str] = frozenset({"Argo2Dataset", "ONCEDataset"})
+
+#: modules of an OpenPCDet detector that hold its output heads
+HEAD_MODULES: tuple[str, ...] = ("dense_head", "point_head", "roi_head")
+#: OpenPCDet's names of head output branches: anchor heads (``conv_cls``, ``conv_box``, ``conv_dir_cls``), point
+#: heads (``cls_layers``, ``box_layers``, ``part_reg_layers``), RoI heads (``cls_layers``, ``reg_layers``); the
+#: branches of ``SeparateHead`` (CenterHead, VoxelNeXtHead) are the children of ``heads_list.<i>``
+OUTPUT_BRANCHES: frozenset[str] = frozenset(
+    {"conv_cls", "conv_box", "conv_dir_cls", "cls_layers", "box_layers", "reg_layers", "part_reg_layers"})
+
+#: what an error raised by a forward that needs CUDA says (a compiled op's CHECK_CUDA, ``.cuda()`` without a
+#: driver or a CUDA build, tensors left on two devices)
+_NEEDS_CUDA = re.compile(r"cuda|nvidia driver|same device", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -329,12 +361,124 @@ def evaluate_pcdet(model: nn.Module, dataset: Any, loader: Any, class_names: Seq
             result_str, result_dict = dataset.evaluation(det_annos, list(class_names), eval_metric=eval_metric,
                                                          output_path=out)
         except AssertionError as exc:
+            if "database version not found" in str(exc).lower():
+                raise QcoreError(f"{type(dataset).__name__}.evaluation failed ({exc}): the nuScenes devkit reads its "
+                                 f"database tables (the {_nuscenes_version(dataset)}/*.json files of the nuScenes "
+                                 f"download) from that folder: put them there") from exc
             raise QcoreError(f"{type(dataset).__name__}.evaluation failed ({exc or 'assertion'}); some official "
                              f"evaluations (nuScenes) need predictions for the whole split: run without "
                              f"--eval-size") from exc
     if result_str:
         log.info("%s", result_str)
     return normalize_metrics(result_dict or {})
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_eval_metric(dataset_name: str, eval_metric: str) -> None:
+    """Refuse, before anything is built, an evaluation whose result :func:`normalize_metrics` cannot read: KITTI
+    and nuScenes datasets always work, Argo2 and ONCE never, any other dataset (Waymo, Lyft, Pandaset, custom)
+    with ``EVAL_METRIC: kitti`` only."""
+    if dataset_name in EVAL_ANY_METRIC or (eval_metric == "kitti" and dataset_name not in EVAL_UNSUPPORTED):
+        return
+    if dataset_name in EVAL_UNSUPPORTED:
+        raise QcoreError(f"{dataset_name}'s evaluation is not supported (qcore reads nuScenes mAP/NDS and KITTI-style "
+                         f"3-D AP): evaluate a model of a KITTI, nuScenes, Waymo or Lyft config")
+    raise QcoreError(f"{dataset_name} with EVAL_METRIC {eval_metric!r} is not supported (qcore reads nuScenes "
+                     f"mAP/NDS and KITTI-style 3-D AP): set MODEL.POST_PROCESSING.EVAL_METRIC: kitti in the config")
+
+
+def _nuscenes_version(dataset: Any) -> str:
+    return str(getattr(dataset, "dataset_cfg", {}).get("VERSION", "v1.0-trainval"))
+
+
+def check_nuscenes_database(dataset: Any) -> None:
+    """nuScenes' official evaluation (``NuScenesDataset.evaluation``) opens the devkit's database: check, before
+    the FP pass, that the devkit is installed and its tables (``<DATA_PATH>/<VERSION>/<VERSION>/*.json``: the
+    dataset's ``root_path`` already ends in ``VERSION``) are there. Other datasets are not checked."""
+    if type(dataset).__name__ != "NuScenesDataset":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("nuscenes") is None:
+        raise MissingDependencyError("nuscenes-devkit", "pip install nuscenes-devkit", "nuScenes evaluation")
+    version = _nuscenes_version(dataset)
+    tables = Path(dataset.root_path) / version
+    if not tables.is_dir():
+        raise QcoreError(f"nuScenes database tables {tables} not found; the official evaluation reads them: put "
+                         f"the {version}/ folder of JSON tables from the nuScenes download (metadata) under "
+                         f"{dataset.root_path}")
+
+
+def check_device(model: nn.Module, batch_dict: dict[str, Any], device: str) -> None:
+    """On a CPU ``device``, run ``model`` on one batch and turn a failure that says the forward needs CUDA (a
+    compiled CUDA op such as OpenPCDet's ``iou3d_nms`` NMS, a ``.cuda()`` call) into a one-line
+    :class:`~qcore.QcoreError` with the fix; other failures pass unchanged. Nothing is run on other devices."""
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        with torch.no_grad():
+            _run(model, batch_dict)
+    except Exception as exc:
+        if not _NEEDS_CUDA.search(str(exc)):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        raise QcoreError(f"{type(model).__name__} needs CUDA in its forward ({type(exc).__name__}: {first}); "
+                         f"OpenPCDet's post-processing (NMS) and some heads run compiled CUDA ops: run with "
+                         f"--device cuda on a machine with a GPU") from exc
+
+
+def quantizable_names(model: nn.Module) -> list[str]:
+    """Names of ``model``'s convolutions, linear layers and spconv convolutions, in registration order."""
+    dense = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [n for n, m in model.named_modules() if n and (isinstance(m, dense) or is_spconv_layer(m))]
+
+
+def head_output_layers(names: Sequence[str]) -> tuple[str, ...]:
+    """The output layer of every head branch among the layer ``names`` (registration order), for ``-o
+    first_last``: under ``dense_head``/``point_head``/``roi_head``, each branch is a child of ``heads_list.<i>``
+    (``SeparateHead`` of CenterHead/VoxelNeXtHead: ``hm``, ``center``, ``dim``, ...) or a module named in
+    :data:`OUTPUT_BRANCHES`; its last layer is the output layer. VoxelNeXt (nuScenes): 36 layers
+    ``dense_head.heads_list.{0..5}.{hm,center,center_z,dim,rot,vel}.1``; PV-RCNN: ``dense_head.conv_cls``,
+    ``conv_box``, ``conv_dir_cls``, the last of ``point_head.cls_layers``, ``roi_head.cls_layers`` and
+    ``roi_head.reg_layers``."""
+    branches: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[0] not in HEAD_MODULES:
+            continue
+        for i, part in enumerate(parts):
+            end = i + 2 if part == "heads_list" and i + 2 < len(parts) else i if part in OUTPUT_BRANCHES else None
+            if end is not None:
+                branches[".".join(parts[:end + 1])] = name  # a later layer of the branch replaces an earlier one
+                break
+    return tuple(branches.values())
+
+
+def share_in_copies(obj: Any) -> Any:
+    """Make ``copy.deepcopy`` of anything holding ``obj`` share ``obj`` instead of copying it (an instance-level
+    ``__deepcopy__`` returning ``obj``); returns ``obj``. Used for the dataset an OpenPCDet detector keeps."""
+    try:
+        object.__setattr__(obj, "__deepcopy__", lambda memo: obj)
+    except (AttributeError, TypeError) as exc:
+        raise QcoreError(f"cannot share {type(obj).__name__} between copies of the model ({exc})") from exc
+    return obj
+
+
+def adapt_model(model: nn.Module) -> list[str]:
+    """What :func:`load_pcdet` does to a built OpenPCDet detector, after loading its weights, so that qcore can
+    copy it and run it on CPU: its ``dataset`` is shared by copies (:func:`share_in_copies`) and the biases of
+    its spconv layers move outside the convolutions (:func:`~qcore_detection.spconv_layers.move_bias_outside`).
+    Apply it to a freshly built FP model before ``qcore.load_quantized(path, model)`` of a ``.qcore`` file
+    written from a ``pcdet:`` run. Returns the layers whose bias moved (none the second time)."""
+    if getattr(model, "dataset", None) is not None:
+        share_in_copies(model.dataset)
+    moved = move_bias_outside(model)
+    if moved:
+        log.info("%d spconv layers with a bias run bias-free, the bias added to their outputs (e.g. %s)",
+                 len(moved), moved[0])
+    return moved
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -499,6 +643,8 @@ def load_pcdet(cfg_file: Path, weights: Path | None, data_dir: Path | None, cali
                              f"found: pass --data with the dataset root")
     cfg.DATA_CONFIG.DATA_PATH = str(root)
     class_names = list(cfg.CLASS_NAMES)
+    eval_metric = str(cfg.MODEL.get("POST_PROCESSING", {}).get("EVAL_METRIC", "kitti"))
+    check_eval_metric(str(cfg.DATA_CONFIG.get("DATASET", "")), eval_metric)
 
     def build(dataset_cfg: Any, what: str) -> tuple[Any, Any]:
         dataset, loader, _ = pcdet.datasets.build_dataloader(
@@ -510,6 +656,7 @@ def load_pcdet(cfg_file: Path, weights: Path | None, data_dir: Path | None, cali
         return dataset, loader
 
     eval_set, eval_loader = build(cfg.DATA_CONFIG, f"test ({_split_name(cfg.DATA_CONFIG, 'test')})")
+    check_nuscenes_database(eval_set)
     if eval_size is not None and eval_size < len(eval_set):
         if type(eval_set).__name__ == "NuScenesDataset":
             log.warning("nuScenes' official evaluation needs the whole split; --eval-size %d will make it fail",
@@ -525,9 +672,10 @@ def load_pcdet(cfg_file: Path, weights: Path | None, data_dir: Path | None, cali
 
     model = pcdet.models.build_network(model_cfg=cfg.MODEL, num_class=len(class_names), dataset=eval_set)
     load_weights(model, weights)
+    adapt_model(model)
     model = model.to(device).eval()
-
-    eval_metric = str(cfg.MODEL.get("POST_PROCESSING", {}).get("EVAL_METRIC", "kitti"))
+    check_device(model, calibration[0], device)
+    last_layers = head_output_layers(quantizable_names(model))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return evaluate_pcdet(m, eval_set, eval_loader, class_names, module_device(m), output_dir,
@@ -544,7 +692,8 @@ def load_pcdet(cfg_file: Path, weights: Path | None, data_dir: Path | None, cali
               "evaluation": f"{'first ' if eval_size else ''}{len(eval_set)} samples of the test split "
                             f"({_split_name(cfg.DATA_CONFIG, 'test')}) of {dataset_name} at {root}",
               "weights": str(weights),
-              "target": f"distortion target for allocators: {target}"})
+              "target": f"distortion target for allocators: {target}"},
+        last_layers=last_layers)
 
 
 def load(name: str, weights: Path | None, config: RunConfig) -> DetectionSetup:

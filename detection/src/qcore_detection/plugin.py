@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from qcore import LayerInfo, LayerSpec, ModelLoader, RunConfig, RunContext, hookimpl
+from qcore import LayerInfo, LayerSpec, MissingDependencyError, ModelLoader, RunConfig, RunContext, hookimpl
 
 
 @hookimpl
@@ -37,15 +38,24 @@ def qcore_register_model_loaders(register: Any) -> None:
                          "an OpenPCDet config (pcdet:CFG.yaml) with --weights CKPT --data DIR; needs OpenPCDet"))
 
 
+@functools.cache
+def _spconv_layers() -> Any:
+    """``qcore_detection.spconv_layers``, or None when no spconv build is installed (qcore-detection without its
+    ``[cpu]``/``[cu1xx]`` extra): a model then has no spconv layer, and other tasks run as without this plugin."""
+    try:
+        from qcore_detection import spconv_layers
+    except MissingDependencyError:
+        return None
+    return spconv_layers
+
+
 @hookimpl
 def qcore_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
-    from qcore_detection.spconv_layers import spconv_layer_info
-
-    return spconv_layer_info(module, name)
+    layers = _spconv_layers()
+    return layers.spconv_layer_info(module, name) if layers is not None else None
 
 
 @hookimpl
 def qcore_wrap_module(module: nn.Module, info: LayerInfo, spec: LayerSpec, ctx: RunContext) -> nn.Module | None:
-    from qcore_detection.spconv_layers import spconv_wrap_module
-
-    return spconv_wrap_module(module, info, spec, ctx)
+    layers = _spconv_layers()
+    return layers.spconv_wrap_module(module, info, spec, ctx) if layers is not None else None

@@ -25,6 +25,8 @@ class DetectionSetup:
         (see :data:`TARGETS`), on the model's device.
     :param metric: the headline metric key of ``evaluate``.
     :param data: what the calibration and evaluation data are, in words (for result.json).
+    :param last_layers: the layers ``-o first_last`` treats as last (every head output of a multi-head detector);
+        empty: the last quantizable layer.
     """
 
     model: nn.Module
@@ -35,3 +37,4 @@ class DetectionSetup:
     target: Callable[[nn.Module, dict[str, Any]], Tensor]
     metric: str = "mAP"
     data: dict[str, str] = field(default_factory=dict)
+    last_layers: tuple[str, ...] = ()

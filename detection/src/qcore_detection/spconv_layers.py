@@ -9,6 +9,9 @@ What core needs from this module:
   forward does). The weight layout is ``[out, k..., in]``, so the output-channel axis is 0. The input
   activation is a ``SparseConvTensor``; :func:`map_sparse_features` fake-quantizes its ``features``
   (``[N_active, C]``, channel axis 1) only, so statistics cover active sites and never a dense view.
+* MACs (hence BOPs) of a spconv layer are counted from its rule book, measured on the example batch:
+  input/output neighbour pairs x C_in/groups x C_out (:func:`neighbour_pairs`), not kernel volume x active
+  outputs, which counts every empty neighbour of a sparse site.
 * :func:`spconv_wrap_module` (for the ``qcore_wrap_module`` hook) wraps spconv layers in
   :class:`SparseQuantLayer`, a :class:`qcore.QuantLayer` that is also a spconv ``SparseModule`` (so
   ``spconv.SparseSequential`` still hands it the sparse tensor, not its features) and that adds a bias (e.g.
@@ -42,7 +45,8 @@ try:
     import spconv.pytorch as spconv
     import spconv.pytorch.ops as spconv_ops
 except ImportError as exc:  # pragma: no cover - spconv is a dependency of qcore-detection
-    raise MissingDependencyError("spconv", "pip install spconv (CPU) or spconv-cu126 (CUDA 12.6)",
+    raise MissingDependencyError("spconv", "pip install 'qcore-detection[cpu]' (spconv's CPU wheel) or "
+                                 "'qcore-detection[cu126]' (its CUDA 12.6 build; one spconv build only)",
                                  "sparse convolutions") from exc
 
 if TYPE_CHECKING:
@@ -85,6 +89,88 @@ def map_sparse_features(x: Any, fn: Any) -> Any:
     return x.replace_feature(fn(features))
 
 
+def _keys(coords: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """One int64 key per (b, *spatial) row (mixed radix over ``shape``, batch outermost)."""
+    key = coords[:, 0].clone()
+    for d in range(1, coords.shape[1]):
+        key = key * shape[d - 1] + coords[:, d]
+    return key
+
+
+#: the last few submanifold pair counts, by input indices (compared by value) and geometry: the submanifold
+#: layers of a stage share one active set
+_SUBM_CACHE: list[tuple[torch.Tensor, tuple[Any, ...], int]] = []
+
+
+def neighbour_pairs(indices: torch.Tensor, spatial_shape: Any, out_spatial_shape: Any, kernel: Any, stride: Any,
+                    padding: Any, dilation: Any, subm: bool) -> int:
+    """The number of (input site, output site) pairs a sparse convolution's rule book holds: the products its
+    gather-GEMM-scatter computes (per pair ``C_in x C_out`` MACs), counted from the active ``indices`` (b, *spatial).
+
+    * submanifold (``subm``): outputs are the inputs; a pair per input site and kernel offset whose neighbour
+      (site + (offset - k // 2) * dilation) is active;
+    * strided/regular: a pair per input site and kernel offset that lands on an output position
+      ((p + padding - offset * dilation) divisible by the stride and inside ``out_spatial_shape``); every such
+      position is an active output, so the count factorises over the spatial dimensions.
+    """
+    coords = indices.long()
+    n_dim = coords.shape[1] - 1
+    if subm:
+        geometry = (tuple(int(v) for v in spatial_shape), tuple(int(k) for k in kernel),
+                    tuple(int(d) for d in dilation))
+        for held, key, pairs in _SUBM_CACHE:
+            if key == geometry and held.shape == indices.shape and (held is indices or torch.equal(held, indices)):
+                return pairs
+        shape = torch.tensor(geometry[0], device=coords.device)
+        keys, _ = torch.sort(_keys(coords, shape))
+        grid = torch.cartesian_prod(*(torch.arange(k) for k in geometry[1])).reshape(-1, n_dim)
+        shifts = ((grid - torch.tensor([k // 2 for k in geometry[1]])) * torch.tensor(geometry[2])).to(coords.device)
+        pairs = 0
+        for chunk in torch.split(coords, max(1, 2**22 // len(shifts))):  # bounded memory on large sweeps
+            moved = chunk[:, None, 1:] + shifts[None]  # [n, kvol, D]
+            inside = ((moved >= 0) & (moved < shape)).all(dim=2)
+            flat = torch.cat([chunk[:, None, :1].expand(-1, len(shifts), 1), moved], dim=2)[inside]
+            probe = _keys(flat, shape)
+            pos = torch.searchsorted(keys, probe).clamp(max=len(keys) - 1)
+            pairs += int((keys[pos] == probe).sum())
+        _SUBM_CACHE.append((indices, geometry, pairs))
+        del _SUBM_CACHE[:-8]
+        return pairs
+    per_site = torch.ones(len(coords), dtype=torch.long, device=coords.device)
+    for d in range(n_dim):
+        p = coords[:, 1 + d]
+        hits = torch.zeros_like(p)
+        for o in range(int(kernel[d])):
+            t = p + int(padding[d]) - o * int(dilation[d])
+            q = torch.div(t, int(stride[d]), rounding_mode="floor")
+            hits += ((t % int(stride[d]) == 0) & (q >= 0) & (q < int(out_spatial_shape[d]))).long()
+        per_site *= hits
+    return int(per_site.sum())
+
+
+def _pair_counter(module: nn.Module, kind: str) -> Any:
+    """``count_macs(input, output)`` of a spconv layer: rule-book pairs x C_in/groups x C_out. Inverse convs reuse
+    the rule book of the conv they invert (their ``indice_key``), read from spconv's stored indice data; where
+    it is not available their MACs are counted as for dense kernels (kernel volume x active outputs)."""
+    kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+    padding, dilation = tuple(module.padding), tuple(module.dilation)
+    per_pair = int(module.in_channels) // int(getattr(module, "groups", 1) or 1) * int(module.out_channels)
+    key = getattr(module, "indice_key", None)
+    kvol = math.prod(int(k) for k in kernel)
+
+    def count(x: Any, out: Any) -> int:
+        if kind == "spinv3d":
+            data = getattr(out, "indice_dict", {}).get(key)
+            pair_num = getattr(data, "indice_pair_num", None)
+            pairs = int(pair_num.sum()) if isinstance(pair_num, torch.Tensor) else kvol * len(out.indices)
+        else:
+            pairs = neighbour_pairs(x.indices, x.spatial_shape, out.spatial_shape, kernel, stride, padding,
+                                    dilation, subm=kind.startswith("subm"))
+        return pairs * per_pair
+
+    return count
+
+
 def spconv_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
     """Describe a spconv convolution as a quantizable layer (None for any other module).
 
@@ -98,7 +184,48 @@ def spconv_layer_info(module: nn.Module, name: str) -> LayerInfo | None:
     return LayerInfo(name=name, kind=kind, out_channels=int(module.out_channels),
                      in_channels=int(module.in_channels), weight_axis=0, act_axis=1,
                      macs_per_out=int(module.in_channels) // groups * kvol,
-                     quantize_input=map_sparse_features, map_output=map_sparse_features)
+                     quantize_input=map_sparse_features, map_output=map_sparse_features,
+                     count_macs=_pair_counter(module, kind))
+
+
+#: name under which :func:`move_bias_outside` keeps a spconv layer's bias (``bias`` itself is set to None)
+OUTSIDE_BIAS = "bias_outside"
+
+
+def add_bias(out: Any, bias: torch.Tensor | None) -> Any:
+    """A spconv layer's output with ``bias`` added to its active features (unchanged when ``bias`` is None): how
+    every bias of a spconv convolution is applied in this package (the embedded head's learnt biases,
+    :class:`SparseQuantLayer`, :func:`move_bias_outside`), because spconv's CPU kernels refuse one in eval mode."""
+    return out if bias is None else out.replace_feature(out.features + bias)
+
+
+def _add_outside_bias(module: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook of :func:`move_bias_outside` (a plain function, so deep copies use their own bias)."""
+    return add_bias(out, getattr(module, OUTSIDE_BIAS))
+
+
+def move_bias_outside(model: nn.Module) -> list[str]:
+    """Make every spconv layer of ``model`` that has a bias run bias-free, with the bias added to its output
+    features by a forward hook: the handling the embedded model builds in (bias-free spconv convs, biases added
+    outside), applied to models built elsewhere (OpenPCDet builds ``SparseBasicBlock`` convs and head output convs
+    with ``bias=True``, which spconv's CPU kernels refuse in eval mode: "cpu don't support act and bias").
+
+    The bias stays a parameter of the layer, renamed ``bias_outside`` (:data:`OUTSIDE_BIAS`; state-dict keys
+    change accordingly), so load checkpoints before calling this. Quantized, the layer's
+    :class:`SparseQuantLayer` runs it through ``functional_call``, which runs the hook too. Outputs are those of
+    the biased convolution (up to float rounding). Returns the names of the layers changed.
+    """
+    moved = []
+    for name, module in model.named_modules():
+        if not is_spconv_layer(module) or getattr(module, "bias", None) is None:
+            continue
+        bias = module.bias
+        del module._parameters["bias"]
+        module.register_parameter("bias", None)
+        module.register_parameter(OUTSIDE_BIAS, bias)
+        module.register_forward_hook(_add_outside_bias)
+        moved.append(name)
+    return moved
 
 
 class SparseQuantLayer(QuantLayer, spconv.SparseModule):
@@ -115,8 +242,7 @@ class SparseQuantLayer(QuantLayer, spconv.SparseModule):
         bias = self.module.bias
         params = {"weight": self.quantized_weight(), "bias": None}
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
-        if bias is not None:
-            out = out.replace_feature(out.features + bias)
+        out = add_bias(out, bias)
         if self.out_correction is not None or self.out_scale is not None:
             out = self.info.output_tensor(out, self._add_correction)
         return out

@@ -46,4 +46,5 @@ class DetectionTask(Task):
             raise QcoreError("the calibration set is empty; raise --calib-size")
         return TaskInstance(model=setup.model, model_name=spec, metric=setup.metric, forward=setup.target,
                             evaluate=setup.evaluate, calibration=setup.calibration, example=setup.calibration[0],
-                            data=setup.data, untraceable="sparse-convolution detectors: spconv tensors do not trace")
+                            data=setup.data, untraceable="sparse-convolution detectors: spconv tensors do not trace",
+                            last_layers=setup.last_layers)
