@@ -80,7 +80,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "fp.onnx"
         torch.onnx.export(loaded.model, (test[0][0],), str(fp_path), dynamo=True, opset_version=qcore.ONNX_OPSET,
-                          input_names=["x"], output_names=["y"], verbose=False)
+                          input_names=["x"], output_names=["y"], verbose=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
         fp_top1 = _top1_ort(_session(fp_path), test)
         for setting in args.settings.split(","):
             w, a = (int(v) for v in setting[1:].split("A"))
