@@ -237,6 +237,23 @@ def _require(module: str, what: str) -> Any:
                                      ) from None
 
 
+def _int_tensor(name: str, dtype: int, values: Any) -> Any:
+    """An ONNX integer initializer holding ``values`` as raw bytes (4-bit types packed two per byte, the first
+    element in the low nibble, as ONNX stores them)."""
+    import numpy as np
+    import onnx
+
+    flat = np.asarray(values).astype(np.int64).reshape(-1)
+    if dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        nibbles = (flat & 0xF).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    else:
+        raw = flat.astype(np.int8 if dtype == onnx.TensorProto.INT8 else np.uint8).tobytes()
+    return onnx.helper.make_tensor(name, dtype, list(np.shape(values)), raw, raw=True)
+
+
 def _fold_weight_quantize(proto: Any, int4: bool) -> list[str]:
     """Replace every QuantizeLinear of a constant (the weights) by its integer codes, stored as INT4/UINT4 when
     ``int4`` and every code fits, else INT8/UINT8. Returns the initializers stored as 4-bit."""
@@ -270,13 +287,11 @@ def _fold_weight_quantize(proto: Any, int4: bool) -> list[str]:
         dtype = (onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4) if use4 else (
             onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8)
         name = node.output[0]
-        graph.initializer.append(onnx.helper.make_tensor(name, dtype, list(codes.shape),
-                                                         codes.astype(np.int64).reshape(-1).tolist()))
+        graph.initializer.append(_int_tensor(name, dtype, codes))
         if use4:
             four.append(name)
             zname = f"{name}_zero_point"
-            graph.initializer.append(onnx.helper.make_tensor(zname, dtype, list(zero.shape),
-                                                             zero.astype(np.int64).reshape(-1).tolist()))
+            graph.initializer.append(_int_tensor(zname, dtype, zero))
             for other in graph.node:  # the DequantizeLinear(s) reading these codes take a 4-bit zero point
                 if other.op_type == "DequantizeLinear" and other.input[0] == name and len(other.input) > 2:
                     other.input[2] = zname
