@@ -332,13 +332,14 @@ def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, i
         if new.per_channel_act:
             report.per_channel_acts.append(name)
     x = example_input.detach().cpu()
-    batch = torch.export.Dim("batch", min=1) if x.shape[0] > 1 else None
-    dynamic = {"x": {0: batch}} if batch is not None else None
+    # the batch dimension stays dynamic; torch.export specialises a size of 1, so trace with two samples
+    traced = x if x.shape[0] > 1 else torch.cat([x, x])
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1)}}
     wrapper = _Single(work).eval()
     sink = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         try:
-            program = torch.onnx.export(wrapper, (x,), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
+            program = torch.onnx.export(wrapper, (traced,), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
                                         input_names=["x"], output_names=["y"], verbose=False,
                                         custom_translation_table={torch.ops.qcore.onnx_qdq.default: _qdq_onnx})
         except Exception as exc:  # the exporter raises many types; one line with its first line
@@ -382,7 +383,7 @@ def _check(path: Path, qmodel: nn.Module, x: Tensor) -> float | None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
-        want = qmodel.cpu().eval()(x)
+        want = copy.deepcopy(qmodel).cpu().eval()(x)  # a copy: the caller's model stays on its device
     diff = float((torch.from_numpy(got) - want).abs().max())
     if not math.isfinite(diff):
         raise QcoreError(f"the exported {path} gives non-finite outputs; please report this with the model")
