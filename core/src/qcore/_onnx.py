@@ -205,6 +205,9 @@ class _QDQLayer(nn.Module):
         self.register_buffer("a_lo", ((qmin - zero) * scale).reshape(self.a_scale.shape))
         self.register_buffer("a_hi", ((qmax - zero) * scale).reshape(self.a_scale.shape))
         self.a_clip, self.a_axis = clip, layer.info.act_axis
+        # per tensor: the clip bounds as Python numbers, so the graph gets one Clip with constant bounds (the
+        # exporter's optimiser merged Max/Min on tensors into a Clip whose bound it left undefined)
+        self.a_bounds = None if self.per_channel_act else (float(self.a_lo), float(self.a_hi))
 
     def weight(self) -> Tensor:
         """The weight as Q/DQ of its grid points (exact: every point is on the grid)."""
@@ -212,9 +215,10 @@ class _QDQLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if hasattr(self, "a_scale"):
-            if self.a_clip:
-                lo, hi = ((_channel_shaped(t, x.dim(), self.a_axis) for t in (self.a_lo, self.a_hi))
-                          if self.per_channel_act else (self.a_lo, self.a_hi))
+            if self.a_clip and self.a_bounds is not None:
+                x = torch.clamp(x, self.a_bounds[0], self.a_bounds[1])
+            elif self.a_clip:
+                lo, hi = (_channel_shaped(t, x.dim(), self.a_axis) for t in (self.a_lo, self.a_hi))
                 x = torch.minimum(torch.maximum(x, lo), hi)
             x = _qdq(x, self.a_scale, self.a_zero, self.a_axis)
         params = {"weight": self.weight()} if hasattr(self, "w_grid") else {}
