@@ -53,6 +53,8 @@ class ExportReport:
     :param path: the ONNX file.
     :param layers: quantized layers exported with integer weights and QDQ inputs.
     :param int4_weights: layers whose weights are stored as INT4/UINT4.
+    :param int4_inputs: layer inputs quantized as INT4/UINT4 (4-bit grids; without ``int4`` they are held in an
+        8-bit type behind a Clip).
     :param per_channel_acts: layers with per-channel input quantization (not deployable on most runtimes).
     :param max_abs_diff: largest difference between onnxruntime's and PyTorch's outputs on the example input
         (None when not checked).
@@ -62,6 +64,7 @@ class ExportReport:
     layers: list[str] = field(default_factory=list)
     int4_weights: list[str] = field(default_factory=list)
     per_channel_acts: list[str] = field(default_factory=list)
+    int4_inputs: int = 0
     max_abs_diff: float | None = None
 
 
@@ -301,11 +304,61 @@ def _fold_weight_quantize(proto: Any, int4: bool) -> list[str]:
                     other.input[2] = zname
     del graph.node[:]
     graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    unused = [t for t in graph.initializer if t.name not in used]
-    for t in unused:
-        graph.initializer.remove(t)
     return four
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove initializers no node reads (the float weights and 8-bit zero points replaced above)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def _narrow_activations(proto: Any) -> int:
+    """Turn ``Clip -> QuantizeLinear -> DequantizeLinear`` on a 4-bit grid (the Clip bounds are the grid's end
+    points) into an INT4/UINT4 QDQ pair without the Clip: saturation to the 4-bit type is the clip, and runtimes
+    see a plain QDQ pair. Returns how many inputs were converted."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    drop, converted = [], 0
+    for clip in [n for n in graph.node if n.op_type == "Clip"]:
+        after = users.get(clip.output[0], [])
+        if len(after) != 1 or after[0].op_type != "QuantizeLinear" or len(clip.input) < 3:
+            continue
+        quant = after[0]
+        if not all(i in inits for i in (*clip.input[1:3], *quant.input[1:3])):
+            continue
+        lo, hi, scale, zero = (numpy_helper.to_array(inits[i]) for i in (*clip.input[1:3], *quant.input[1:3]))
+        if scale.ndim or zero.ndim:
+            continue
+        signed = np.iinfo(zero.dtype).min < 0
+        qlo, qhi = (-8, 7) if signed else (0, 15)
+        codes = np.round(np.array([lo, hi], dtype=np.float32) / np.float32(scale)) + int(zero)
+        if (int(codes[0]), int(codes[1])) != (qlo, qhi):
+            continue
+        dtype = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+        zname = f"{quant.output[0]}_zero_point4"
+        graph.initializer.append(_int_tensor(zname, dtype, zero))
+        quant.input[0], quant.input[2] = clip.input[0], zname
+        for info in graph.value_info:  # the exporter recorded the 8-bit type of the codes
+            if info.name == quant.output[0]:
+                info.type.tensor_type.elem_type = dtype
+        for deq in users.get(quant.output[0], []):
+            if deq.op_type == "DequantizeLinear" and len(deq.input) > 2:
+                deq.input[2] = zname
+        drop.append(clip)
+        converted += 1
+    for clip in drop:
+        graph.node.remove(clip)
+    return converted
 
 
 def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, int4: bool = True,
@@ -352,6 +405,8 @@ def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, i
     log.debug("exporter output: %s", sink.getvalue())
     proto = program.model_proto
     four = _fold_weight_quantize(proto, int4)
+    report.int4_inputs = _narrow_activations(proto) if int4 else 0
+    _drop_unused(proto.graph)
     names = {n.input[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     report.int4_weights = [n for n in four if n in names]
     onnx.checker.check_model(proto)
