@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--settings", default="W8A8,W4A8,W4A4")
     ap.add_argument("--method", default="uniform")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--no-int4", action="store_true", help="keep 4-bit codes in 8-bit types (export_onnx(int4=False))")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -89,10 +90,10 @@ def main() -> None:
             q = qcore.quantize(loaded.model, data.calibration, method=args.method, w_bits=w, a_bits=a)
             seconds = time.perf_counter() - t
             path = Path(tmp) / f"{setting}.onnx"
-            report = qcore.export_onnx(q.model, test[0][0], path)
+            report = qcore.export_onnx(q.model, test[0][0], path, int4=not args.no_int4)
             row = {"model": args.model, "method": args.method, "setting": setting, "fp_onnx_top1": fp_top1,
                    "fake_quant_top1": _top1_torch(q.model, test), "onnxruntime_top1": _top1_ort(_session(path), test),
-                   "max_abs_diff_first_batch": report.max_abs_diff, "int4_weight_tensors": len(report.int4_weights),
+                   "max_abs_diff_first_batch": report.max_abs_diff, "int4_weight_tensors": len(report.int4_weights), "int4_inputs": report.int4_inputs,
                    "onnx_bytes": path.stat().st_size, "fp_onnx_bytes": fp_path.stat().st_size,
                    "calibration_s": round(seconds, 1)}
             x = test[0][0].numpy()
