@@ -407,6 +407,8 @@ def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, i
     four = _fold_weight_quantize(proto, int4)
     report.int4_inputs = _narrow_activations(proto) if int4 else 0
     _drop_unused(proto.graph)
+    for node in proto.graph.node:  # the exporter's per-node stack traces: half the file, nothing a runtime reads
+        del node.metadata_props[:]
     names = {n.input[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     report.int4_weights = [n for n in four if n in names]
     onnx.checker.check_model(proto)
