@@ -82,3 +82,16 @@ def test_more_than_8_bits_is_refused(tmp_path, calib) -> None:
     q = qcore.quantize(tiny_convnet(), calib, method="uniform", w_bits=10, a_bits=8, options={"first_last": "same"})
     with pytest.raises(qcore.QcoreError, match="at most 8 bits"):
         qcore.export_onnx(q.model, calib[:4], tmp_path / "m.onnx")
+
+
+def test_rdoq_mixed_group_bits_export_exactly(tmp_path, calib) -> None:
+    """RDOQ's plan: per-group bit-widths inside a layer, 0-bit (pruned) groups, the affine output correction."""
+    q = qcore.quantize(tiny_convnet(), calib, method="rdoq", target_bits=3, a_bits=8,
+                       options={"cache": "off", "first_last": "same"})
+    bits = {layer: s.weight.group_bits for layer, s in q.plan.layers.items() if s.weight is not None}
+    assert any(b is not None and len(set(b)) > 1 for b in bits.values())  # really mixed inside a layer
+    qcore.export_onnx(q.model, calib[:8], tmp_path / "m.onnx")
+    with torch.no_grad():
+        want = q.model(calib[:8])
+    torch.testing.assert_close(_run(tmp_path / "m.onnx", calib[:8], optimized=False), want, rtol=1e-5,
+                               atol=1e-5 * float(want.abs().max()))
