@@ -85,7 +85,7 @@ def test_more_than_8_bits_is_refused(tmp_path, calib) -> None:
 
 
 def test_rdoq_mixed_group_bits_export_exactly(tmp_path, calib) -> None:
-    """RDOQ's plan: per-group bit-widths inside a layer, 0-bit (pruned) groups, the affine output correction."""
+    """RDOQ's plan: per-group bit-widths inside a layer, and its affine output correction folded."""
     q = qcore.quantize(tiny_convnet(), calib, method="rdoq", target_bits=3, a_bits=8,
                        options={"cache": "off", "first_last": "same"})
     bits = {layer: s.weight.group_bits for layer, s in q.plan.layers.items() if s.weight is not None}
