@@ -68,6 +68,8 @@ from qcore._errors import MissingDependencyError, NotImplementedMethodError, Qco
 from qcore._fake_quant import FakeQuantizer, Observer, UniformFakeQuant  # noqa: E402
 from qcore._fold import fold_batchnorm  # noqa: E402
 from qcore._layers import LayerInfo, discover_layers, measure_layers, torch_layer_info, watch_layers  # noqa: E402
+from qcore._onnx import OPSET as ONNX_OPSET  # noqa: E402
+from qcore._onnx import ExportReport, export_onnx  # noqa: E402
 from qcore._outputs import new_file_mode  # noqa: E402
 from qcore._pipeline import RunOutcome, run  # noqa: E402
 from qcore._plugins import load_host  # noqa: E402
@@ -79,7 +81,7 @@ __all__ = [
     # values
     "MAX_BITS", "LayerSpec", "Plan", "QuantSpec", "LayerInfo", "Pin", "PipelineOptions", "layer_spec",
     # the Python API
-    "quantize", "load", "Quantized", "default_forward",
+    "quantize", "load", "Quantized", "default_forward", "export_onnx", "ExportReport", "ONNX_OPSET",
     # roles
     "Component", "Allocator", "Calibrator", "Quantizer", "Correction", "WeightCorrection", "OutputCorrection",
     "Method", "ModelLoader", "Task", "TaskInstance",
