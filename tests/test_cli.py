@@ -85,7 +85,7 @@ def test_load_and_disable_switches(qcore_cli, plugin_site):
 
 BAD = [
     (["--plugin", "nosuch"], "unknown plugin 'nosuch'"),
-    (["--plugin", "ptmq"], "Plugins are separate distributions: install it (from a qcore checkout"),
+    (["--plugin", "nosuch-paper"], "Plugins are separate distributions: install it (from a qcore checkout"),
     (["-o", "colour=red"], "unknown option colour; valid options"),
     (["--w-bits", "33"], "--w-bits 33 is out of range"),
     (["--data", "no/such/dir"], "data folder no/such/dir does not exist"),
