@@ -63,7 +63,7 @@ def evaluate_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: in
         raise QcoreError(f"task {config.task!r} has no evaluation to run")
     qmodel = load_quantized(path, inst.model, host=host, device=config.device, bits=bits, plan=plan)
     metrics = inst.evaluate(qmodel)
-    return {"file": str(path), "task": config.task, "model": config.model, "metric": inst.metric,
+    return {"file": str(path), "task": config.task, "model": inst.model_name, "metric": inst.metric,
             "quant": metrics.get(inst.metric), "quant_metrics": metrics,
             "bits": {"weights": w_bits, "acts": a_bits, "plan": str(bit_plan) if bit_plan else None},
             "switchable_bits": switchable_bits(qmodel), "data": inst.data,

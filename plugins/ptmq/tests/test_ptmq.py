@@ -258,8 +258,8 @@ def test_runs_by_plugin_name_and_refuses_bad_input(host):
             run_tiny(host, plugin="ptmq", options={"iters": 1, "cache": "off", **bad})
     with pytest.raises(qcore.QcoreError, match="not in the bit groups"):
         run_tiny(host, plugin="ptmq", w_bits=9, options={"iters": 1, "cache": "off"})
-    with pytest.raises(qcore.QcoreError, match="needs the ptmq quantizer"):
-        run_tiny(host, plugin="ptmq", quantizer="uniform", options={"iters": 1, "cache": "off"})
+    single = run_tiny(host, plugin="ptmq", quantizer="uniform", options={"iters": 2, "cache": "off"})  # one bit-width:
+    assert single.result["measured"]["ptmq"]["switchable_bits"] == {"weight": [], "act": []}  # composes, no switch
 
 
 def test_multibit_stem_and_fc_switch_weights_but_keep_8_bit_inputs(host):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import qcore
-from qcore_recon import ReconSettings, Unit, find_units, mse_loss, reconstruct
+from qcore_recon import ReconSettings, Unit, find_units, mse_loss, reconstruct, rounding_for
 from qcore_recon.calibrators import PAPER_ITERS, ReconOptions
 from qcore_recon.cache import default_cache_root
 from qcore_recon.recon import capture
@@ -161,7 +161,11 @@ class PTMQObjective:
         saved = {n: (w.active_bits if isinstance(w, MultiBitFakeQuant) else None,
                      a.active_bits if isinstance(a, MultiBitFakeQuant) else None) for n, (w, a) in self.quantizers.items()}
         q_in: dict[int, Tensor] = {}
+        switching = any(qcore.switchable_bits(self.model).values())
         for b in self.all_bits:  # the quantized model up to this unit, at W_b A_b (earlier units final)
+            if not switching and q_in:
+                q_in[b] = next(iter(q_in.values()))  # nothing switches: one input serves every bit
+                continue
             qcore.select_bits(self.model, b, b)
             q_in[b] = capture(self.model, self.forward, self.batches, unit.name, output=False)[0]
         for n, (wb, ab) in saved.items():
@@ -222,16 +226,21 @@ class PTMQCalibrator(qcore.RangeCalibrator):
         start = time.perf_counter()
         layers = qcore.quant_layers(model)
         quantizers: dict[str, tuple[Any, Any]] = {}
+        fixed_format = []
         for name, layer in layers.items():
             for q in (layer.weight_quantizer, layer.act_quantizer):
                 if q is not None and not isinstance(q, MultiBitFakeQuant):
-                    raise qcore.QcoreError(f"the ptmq calibrator needs the ptmq quantizer (layer {name!r} has "
-                                           f"{type(q).__name__}); run --plugin ptmq or --quantizer ptmq")
+                    fixed_format.append(f"{name} ({type(q).__name__})")
             quantizers[name] = (layer.weight_quantizer, layer.act_quantizer)
+        if fixed_format:
+            log.warning("ptmq: %d quantizer(s) hold one bit-width (e.g. %s; the run's quantizer is not 'ptmq'): they "
+                        "are reconstructed at that bit-width only and the model does not switch there",
+                        len(fixed_format), fixed_format[0])
         held = set(parse_bits(o.low_bits, "low_bits") + parse_bits(o.mid_bits, "mid_bits")
                    + parse_bits(o.high_bits, "high_bits"))
+        multibit = any(isinstance(q, MultiBitFakeQuant) for pair in quantizers.values() for q in pair)
         for flag, b in (("--w-bits", ctx.budget.w_bits), ("--a-bits", ctx.budget.a_bits)):
-            if b is not None and b not in held:
+            if multibit and b is not None and b not in held:
                 raise qcore.QcoreError(f"{flag} {b} is not in the bit groups ({', '.join(map(str, sorted(held)))}); "
                                        "the run evaluates that setting: choose one of them or widen the groups")
         self._restrict_pinned(ctx, quantizers)
@@ -256,7 +265,7 @@ class PTMQCalibrator(qcore.RangeCalibrator):
             "switchable_bits": qcore.switchable_bits(model),
             "evaluated_setting": {"w_bits": ctx.budget.w_bits, "a_bits": ctx.budget.a_bits,
                                   "switched_layers": len(done)},
-            "fixed_layers": {n: [q.held_bits()[0] for q in pair if isinstance(q, MultiBitFakeQuant)]
+            "fixed_layers": {n: [int(q.bits[0]) for q in pair if q is not None]
                              for n, pair in quantizers.items()
                              if all(not (isinstance(q, MultiBitFakeQuant) and q.bit_choices()) for q in pair)},
             "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS,
@@ -282,9 +291,9 @@ class PTMQCalibrator(qcore.RangeCalibrator):
             if name not in quantizers:
                 continue
             w, a = quantizers[name]
-            if a is not None and pin.a_bits is not None:
+            if isinstance(a, MultiBitFakeQuant) and pin.a_bits is not None:
                 a.restrict(pin.a_bits)
-            if w is not None and pin.w_bits is not None and self.options.stem_fc == "fixed8":
+            if isinstance(w, MultiBitFakeQuant) and pin.w_bits is not None and self.options.stem_fc == "fixed8":
                 w.restrict(pin.w_bits)
 
     def _ranges(self, model: nn.Module, ctx: qcore.RunContext, quantizers: dict[str, tuple[Any, Any]]) -> None:
@@ -296,15 +305,17 @@ class PTMQCalibrator(qcore.RangeCalibrator):
                 if w is None:
                     continue
                 rows = w.rows_of(layers[name].module.weight.detach())
-                for b in w.held_bits():
-                    w.select_bits(b)
+                for b in _held(w):
+                    if b is not None:
+                        w.select_bits(b)
                     qcore.calibrate_rows(w, rows, west)
             observers = qcore.observe_activations(model, ctx, self.options.act_samples)
             for name, obs in observers.items():
                 a = quantizers[name][1]
                 sample = obs.sample()
-                for b in a.held_bits():
-                    a.select_bits(b)
+                for b in _held(a):
+                    if b is not None:
+                        a.select_bits(b)
                     qcore.calibrate_rows(a, sample, aest)
 
 
@@ -312,8 +323,8 @@ def _rounding_factory(init_bits: int) -> Callable[[Any, Tensor], Any]:
     from qcore_ptmq.quantizer import SharedRounding
 
     def make(quantizer: Any, weight: Tensor) -> Any:
-        if not isinstance(quantizer, MultiBitFakeQuant):
-            raise qcore.QcoreError(f"ptmq reconstruction needs ptmq weight quantizers, got {type(quantizer).__name__}")
+        if not isinstance(quantizer, MultiBitFakeQuant):  # one bit-width: AdaRound or the format's own rounding
+            return rounding_for(quantizer, weight)
         return SharedRounding(quantizer, weight, init_bits)
 
     make.__qualname__ = f"shared_rounding(init_bits={init_bits})"
@@ -328,3 +339,8 @@ def _samples(batches: Sequence[Any]) -> int | None:
             return None
         n += int(x.shape[0]) if x.dim() else 1
     return n
+
+
+def _held(q: Any) -> tuple[int | None, ...]:
+    """The bit-widths to calibrate ``q`` at: every one a multi-bit quantizer holds, else its own (None)."""
+    return q.held_bits() if isinstance(q, MultiBitFakeQuant) else (None,)
