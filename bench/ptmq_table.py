@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300, help="reconstruction steps per block (ptmq and qdrop)")
     ap.add_argument("--out", type=Path, default=Path("qcore-runs/ptmq-table"))
     ap.add_argument("--skip", nargs="*", default=[], choices=["uniform", "qdrop", "ptmq"], help="rows to leave out")
+    ap.add_argument("--ptmq-variant", action="append", default=[], metavar="KEY=VALUE",
+                    help="add a second ptmq row run with these -o options (repeatable), e.g. low_bits=3,4")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     tag = a.model.replace(":", "-")
@@ -84,17 +86,20 @@ def main() -> None:
     cal: dict[str, float] = {}
     fp = None
     cache = ["-o", f"cache={a.out / 'recon-cache'}"]
-    if "ptmq" not in a.skip:
-        r = qcore_run(a.out / f"ptmq-{tag}", ["--plugin", "ptmq", "--model", a.model, "-o", f"iters={a.iters}",
-                                              *cache])
+    ptmq_rows = [("ptmq", [])] if "ptmq" not in a.skip else []
+    if a.ptmq_variant:
+        ptmq_rows.append(("ptmq " + " ".join(a.ptmq_variant), [x for kv in a.ptmq_variant for x in ("-o", kv)]))
+    for row, opts in ptmq_rows:
+        run_dir = a.out / (f"ptmq-{tag}" + "".join("-" + kv.replace("=", "").replace(",", "") for kv in opts[1::2]))
+        r = qcore_run(run_dir, ["--plugin", "ptmq", "--model", a.model, "-o", f"iters={a.iters}", *cache, *opts])
         fp = r["fp"]
-        cal["ptmq"] = r["seconds"]["calibrate"]
-        rows["ptmq"] = {}
+        cal[row] = r["seconds"]["calibrate"]
+        rows[row] = {}
         for b in a.bits:
-            e = qcore_eval(a.out / f"ptmq-{tag}" / "model.qcore", b, a.out / f"ptmq-{tag}-eval-w{b}a{b}.json")
-            rows["ptmq"][b] = {"top1": e["quant"], "command": e["command"], "seconds": e["seconds"]}
-        rows["ptmq"]["run"] = {"command": r["command"], "quant_w4a4_in_run": r["quant"],  # type: ignore[index]
-                               "measured": r.get("measured", {}).get("ptmq", {}).get("recon", {})}
+            e = qcore_eval(run_dir / "model.qcore", b, run_dir.with_name(f"{run_dir.name}-eval-w{b}a{b}.json"))
+            rows[row][b] = {"top1": e["quant"], "command": e["command"], "seconds": e["seconds"]}
+        rows[row]["run"] = {"command": r["command"], "quant_w4a4_in_run": r["quant"],  # type: ignore[index]
+                            "measured": r.get("measured", {}).get("ptmq", {}).get("recon", {})}
     for name, extra in (("qdrop", ["-o", f"iters={a.iters}", *cache]), ("uniform", [])):
         if name in a.skip:
             continue
@@ -112,7 +117,7 @@ def main() -> None:
     labels = {"ptmq": ("ptmq (one model, switched)", "1"), "qdrop": ("qdrop (one model per setting)", str(len(a.bits))),
               "uniform": ("uniform (min/max)", str(len(a.bits)))}
     for name, per in rows.items():
-        label, n = labels[name]
+        label, n = labels.get(name, (f"{name} (one model, switched)", "1"))
         cells = [f"{per[b]['top1']:.2f}" for b in a.bits]
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {cal[name]:.0f} |")
     table = "\n".join(lines)
