@@ -85,7 +85,7 @@ def test_load_and_disable_switches(qcore_cli, plugin_site):
 
 BAD = [
     (["--plugin", "nosuch"], "unknown plugin 'nosuch'"),
-    (["--plugin", "ptmq"], "Plugins are separate distributions: install it (from a qcore checkout"),
+    (["--plugin", "nosuch-paper"], "Plugins are separate distributions: install it (from a qcore checkout"),
     (["-o", "colour=red"], "unknown option colour; valid options"),
     (["--w-bits", "33"], "--w-bits 33 is out of range"),
     (["--data", "no/such/dir"], "data folder no/such/dir does not exist"),
@@ -139,3 +139,16 @@ def test_list_methods_shows_what_each_method_runs_with(qcore_cli):
     assert rdoq["weight_range"]["default"] == "mse" and rdoq["weight_range"]["set_by"] == "method"
     assert rdoq["act_correction"]["default"] == "affine"
     assert rdoq["group"]["type"] == "int" and "set_by" not in rdoq["group"]
+
+
+def test_eval_subcommand_errors_are_one_line(qcore_cli, tmp_path):
+    """``qcore eval``: a missing or foreign file is a one-line error (the switching itself: core/tests/test_switch.py
+    and plugins/ptmq/tests)."""
+    p = qcore_cli("eval", "missing.qcore", "--w-bits", "4", "--a-bits", "4")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "qcore: error: quantized model file missing.qcore does not exist; pass a .qcore file written by qcore"]
+    (tmp_path / "junk.qcore").write_bytes(b"\x00garbage")
+    p = qcore_cli("eval", "junk.qcore")
+    assert p.returncode == 2 and "is not a .qcore file or it is corrupt" in p.stderr and p.stderr.count("\n") == 1
+    help_ = qcore_cli("eval", "--help")
+    assert help_.returncode == 0 and "--w-bits" in help_.stdout and "--bit-plan" in help_.stdout

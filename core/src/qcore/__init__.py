@@ -75,13 +75,15 @@ from qcore._pipeline import RunOutcome, run  # noqa: E402
 from qcore._plugins import load_host  # noqa: E402
 from qcore._progress import track  # noqa: E402
 from qcore._spec import MAX_BITS, LayerSpec, Plan, QuantSpec  # noqa: E402
+from qcore._switch import select_bits, switchable_bits  # noqa: E402
 from qcore._wrap import QuantLayer, iter_quantizers, quant_layers, replace_module  # noqa: E402
 
 __all__ = [
     # values
     "MAX_BITS", "LayerSpec", "Plan", "QuantSpec", "LayerInfo", "Pin", "PipelineOptions", "layer_spec",
     # the Python API
-    "quantize", "load", "Quantized", "default_forward", "export_onnx", "ExportReport", "ONNX_OPSET",
+    "quantize", "load", "Quantized", "default_forward", "select_bits", "switchable_bits", "export_onnx",
+    "ExportReport", "ONNX_OPSET",
     # roles
     "Component", "Allocator", "Calibrator", "Quantizer", "Correction", "WeightCorrection", "OutputCorrection",
     "Method", "ModelLoader", "Task", "TaskInstance",

@@ -158,8 +158,16 @@ class _Headline:
         return {str(k): float(v) for k, v in out.items()}
 
 
-def load(path: str | Path, model: nn.Module, device: str = "cpu", host: Host | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module, device: str = "cpu", host: Host | None = None,
+         bits: tuple[int | None, int | None] | None = None, plan: Plan | dict[str, Any] | None = None) -> nn.Module:
     """The quantized model saved in ``path`` (by :meth:`Quantized.save` or ``qcore run``'s ``model.qcore``),
     re-applied to ``model``, a freshly built FP model of the same architecture (copied, not changed). Its
-    outputs equal the saved model's exactly. Safe: safetensors and JSON, nothing unpickled."""
-    return load_quantized(path, model, host=host, device=device)
+    outputs equal the saved model's exactly. Safe: safetensors and JSON, nothing unpickled.
+
+    A multi-bit model (one calibrated for several bit-widths, e.g. ``--plugin ptmq``) serves any setting it
+    holds without data or recalibration: ``bits=(w_bits, a_bits)`` selects one everywhere (None keeps a role as
+    saved), ``plan`` selects per-layer bits (a :class:`Plan` or a ``plan.json`` dict; see :func:`select_bits`).
+
+    .. versionchanged:: 0.1 ``bits`` and ``plan`` (plugin API 1, addition)
+    """
+    return load_quantized(path, model, host=host, device=device, bits=bits, plan=plan)

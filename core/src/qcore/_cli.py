@@ -136,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     pl = sub.add_parser("plugins", help="list installed plugins and their components as JSON")
     pl.add_argument("--broken", action="store_true", help="list only plugins that failed to load")
+    ev = sub.add_parser("eval", help="evaluate a saved .qcore model (a multi-bit one at any setting it holds)",
+                        description="Evaluate MODEL.qcore (written by qcore run) on its task's evaluation data, "
+                        "rebuilt from what the file records; nothing is recalibrated. A multi-bit model (e.g. "
+                        "--plugin ptmq) is switched first to --w-bits/--a-bits or to the per-layer bits of "
+                        "--bit-plan. Prints the metrics as JSON.")
+    ev.add_argument("file", type=Path, help="a .qcore file (qcore run writes OUT/model.qcore)")
+    ev.add_argument("--w-bits", type=int, help="weight bits to select (a multi-bit model; default: as saved)")
+    ev.add_argument("--a-bits", type=int, help="activation bits to select (a multi-bit model; default: as saved)")
+    ev.add_argument("--bit-plan", type=Path, help="plan.json whose per-layer bits to select (e.g. from rdoq)")
+    ev.add_argument("--eval-size", type=int, help="evaluate on the first N evaluation samples (default: all)")
+    ev.add_argument("--batch-size", type=int, help="batch size (default: the run's)")
+    ev.add_argument("--data", help="evaluation data (default: the run's)")
+    ev.add_argument("--weights", help="FP weights file (default: the run's)")
+    ev.add_argument("--device", help="cpu (default: the run's) or cuda")
+    ev.add_argument("--traceback", action="store_true", help="on an error, print the full Python traceback too")
     ls = sub.add_parser("list", help="list registered components of one kind")
     ls.add_argument("kind", choices=[k + "s" for k in KINDS], help="what to list")
     ls.add_argument("--options", action="store_true", help="show each component's options")
@@ -318,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_plugins(host, args.broken)
         elif args.command == "list":
             _cmd_list(host, args.kind, args.options)
+        elif args.command == "eval":
+            from qcore._evaluate import evaluate_saved
+
+            print(json.dumps(evaluate_saved(args.file, host, args.w_bits, args.a_bits, args.bit_plan,
+                                            args.eval_size, args.batch_size, args.device, args.data, args.weights),
+                             indent=1, default=str))
         else:
             from qcore._pipeline import run
             from qcore.distributed import is_main

@@ -167,6 +167,25 @@ class FakeQuantizer(nn.Module):
         self.prune_value.copy_(torch.as_tensor(per_channel, dtype=torch.float32).reshape(-1)
                                .expand(self.prune_value.numel()))
 
+    # -- run-time bit-width switching (optional) -------------------------------------------------------------
+    def bit_choices(self) -> tuple[int, ...]:
+        """The bit-widths this quantizer holds parameters for and can switch between at run time
+        (:meth:`select_bits`), ascending; ``()`` (the default) for a format fixed at its ``spec.bits``.
+
+        .. versionadded:: 0.1 (plugin API 1, addition)
+        """
+        return ()
+
+    def select_bits(self, bits: int) -> None:
+        """Switch to ``bits`` (one of :meth:`bit_choices`): a switchable format swaps in the parameters it holds
+        for that bit-width, with no data and no statistics. A fixed format accepts only its own bits.
+
+        .. versionadded:: 0.1 (plugin API 1, addition)
+        """
+        if bits != self.spec.bits:
+            raise QcoreError(f"{type(self).__name__} holds one bit-width ({self.spec.bits}) and cannot switch to "
+                             f"{bits}; only a model calibrated for several bit-widths (e.g. --plugin ptmq) switches")
+
     def get_extra_state(self) -> Tensor:
         """The :attr:`state_flags` as a ``uint8`` tensor (what ``state_dict`` and ``.qcore`` files store)."""
         return torch.tensor([bool(getattr(self, f)) for f in self.state_flags], dtype=torch.uint8)

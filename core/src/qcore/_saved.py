@@ -29,6 +29,7 @@ from qcore._layers import discover_layers
 from qcore._options import build_options
 from qcore._plugins import Host, load_host
 from qcore._spec import Plan
+from qcore._switch import select_bits, switchable_bits
 from qcore._wrap import iter_quantizers
 
 FORMAT = "qcore-model"
@@ -66,9 +67,37 @@ def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
             "quantizer_options": json.dumps(_options(ctx.quantizer), default=str),
             "weight_correction": wc.name if wc is not None else "none",
             "weight_correction_options": json.dumps(_options(wc) if wc is not None else {}, default=str),
-            "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline), default=str)}
+            "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline), default=str),
+            "switchable_bits": json.dumps(switchable_bits(qmodel)), "run": json.dumps(run_record(ctx.config))}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
     return save(tensors, metadata=meta)
+
+
+#: the RunConfig fields that rebuild a run's model and evaluation data (``qcore eval``)
+RUN_KEYS = ("task", "model", "weights", "data", "input", "model_args", "calib_size", "batch_size", "eval_size", "seed")
+
+
+def run_record(config: RunConfig) -> dict[str, Any]:
+    """What a ``.qcore`` file records of the run that made it: the task, model, weights, data and input settings
+    (enough for ``qcore eval`` to rebuild the FP model and its test data), as JSON values."""
+    out: dict[str, Any] = {}
+    for key in RUN_KEYS:
+        v = getattr(config, key)
+        out[key] = str(v) if isinstance(v, Path) else (
+            {k: list(x) if isinstance(x, tuple) else x for k, x in v.items()} if isinstance(v, dict) else v)
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a ``.qcore`` file, JSON strings decoded (``plan``, ``run``, ``switchable_bits``, ...)."""
+    _, meta = _read(Path(path))
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -95,13 +124,15 @@ def _component(host: Host, kind: str, name: str, options: str) -> Any:
     return cls(build_options(cls.Options, json.loads(options), f"{kind} {name!r}"))
 
 
-def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None, device: str = "cpu"
+def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None, device: str = "cpu",
+                   bits: tuple[int | None, int | None] | None = None, plan: Plan | dict[str, Any] | None = None
                    ) -> nn.Module:
     """Re-apply the ``.qcore`` file ``path`` to ``model`` (a freshly built FP model of the same architecture;
-    it is copied, not changed) and return the quantized model in eval mode."""
+    it is copied, not changed) and return the quantized model in eval mode. ``bits=(w, a)`` or ``plan`` (per-layer
+    bits) then select a bit-width setting of a multi-bit model (:func:`qcore.select_bits`)."""
     tensors, meta = _read(Path(path))
     host = host or load_host()
-    plan = Plan.from_json(meta["plan"])
+    saved_plan = Plan.from_json(meta["plan"])
     pipeline = build_options(PipelineOptions, json.loads(meta["pipeline"]), "pipeline")
     quantizer = _component(host, "quantizer", meta["quantizer"], meta["quantizer_options"])
     wc = None if meta["weight_correction"] == "none" else _component(
@@ -114,8 +145,13 @@ def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None,
     ctx = RunContext(config=RunConfig(), task=None, model=work, layers=layers, budget=Budget(),  # type: ignore[arg-type]
                      pinned={}, options={}, quantizer=quantizer, pipeline=pipeline, hooks=host.hook,
                      weight_correction=wc)
-    qmodel = apply_plan(work, plan, ctx, inplace=True)
+    qmodel = apply_plan(work, saved_plan, ctx, inplace=True)
     _restore(qmodel, tensors, path)
+    if bits is not None or plan is not None:
+        w, a = bits if bits is not None else (None, None)
+        if bits is not None and plan is None and not any(switchable_bits(qmodel).values()):
+            raise QcoreError(f"{path} holds one bit-width setting (no quantizer switches); load it without bits=")
+        select_bits(qmodel, w, a, plan)
     freeze(qmodel)
     return qmodel.to(device).eval()
 
