@@ -32,6 +32,13 @@ def test_run_embedded_cnn_w8a8(qcore_cli, tmp_path):
     assert plan["version"] == 1 and set(plan["layers"]) == set(r["quantized"]["weight_layers"])
     assert "top1 *" in p.stdout and "deployable yes" in p.stdout
 
+    # the saved model as ONNX QDQ, rebuilt from what model.qcore records (onnxruntime checks it on one batch)
+    ex = qcore_cli("export", "out/model.qcore", "--onnx", "m.onnx")
+    assert ex.returncode == 0, ex.stderr
+    report = json.loads(ex.stdout)
+    assert report["layers"] == len(plan["layers"]) and report["int4_weights"] == 0
+    assert report["max_abs_diff"] is not None and report["max_abs_diff"] < 0.5 and (tmp_path / "m.onnx").is_file()
+
 
 def test_yaml_recipe_and_plan_reuse(qcore_cli, tmp_path):
     (tmp_path / "r.yaml").write_text("w_bits: 4\na_bits: 8\neval_size: 200\ncalib_size: 64\n"
@@ -150,5 +157,8 @@ def test_eval_subcommand_errors_are_one_line(qcore_cli, tmp_path):
     (tmp_path / "junk.qcore").write_bytes(b"\x00garbage")
     p = qcore_cli("eval", "junk.qcore")
     assert p.returncode == 2 and "is not a .qcore file or it is corrupt" in p.stderr and p.stderr.count("\n") == 1
+    p = qcore_cli("export", "missing.qcore", "--onnx", "m.onnx")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "does not exist" in p.stderr
+    assert not (tmp_path / "m.onnx").exists()
     help_ = qcore_cli("eval", "--help")
     assert help_.returncode == 0 and "--w-bits" in help_.stdout and "--bit-plan" in help_.stdout

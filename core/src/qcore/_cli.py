@@ -35,6 +35,8 @@ EPILOG = """examples:
   qcore run --model timm:vit_tiny_patch16_224 --model-arg img_size=32 --model-arg patch_size=4 \\
       --weights vit.safetensors --data /usr/share/datasets/fashion-mnist --input-size 32 --mean 0.2860 --std 0.3530
   qcore run --model py:mynet.py:build --weights mynet.pth --input-size 32 --channels 1   # runs mynet.py
+  qcore eval out/model.qcore --w-bits 4 --a-bits 4 # a saved model (a multi-bit one at any setting it holds)
+  qcore export out/model.qcore --onnx model.onnx   # the saved model as ONNX QDQ for onnxruntime
   qcore plugins                                    # installed plugins and what they provide, as JSON
   qcore list methods --options                     # every method and the -o options it takes
 """
@@ -151,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", help="FP weights file (default: the run's)")
     ev.add_argument("--device", help="cpu (default: the run's) or cuda")
     ev.add_argument("--traceback", action="store_true", help="on an error, print the full Python traceback too")
+    ex = sub.add_parser("export", help="write a saved .qcore model as ONNX QDQ (integer weights, QDQ inputs)",
+                        description="Write MODEL.qcore (written by qcore run) as an ONNX QDQ model (opset 21) that "
+                        "onnxruntime runs: weights as INT8/INT4 codes with per-channel scales, every quantized "
+                        "input as QuantizeLinear/DequantizeLinear. The FP model is rebuilt from what the file "
+                        "records; one calibration batch traces it. Needs uniform grids of at most 8 bits and "
+                        "pip install onnx onnxscript onnxruntime. Prints a JSON report.")
+    ex.add_argument("file", type=Path, help="a .qcore file (qcore run writes OUT/model.qcore)")
+    ex.add_argument("--onnx", type=Path, required=True, help="the ONNX file to write")
+    ex.add_argument("--w-bits", type=int, help="weight bits to select (a multi-bit model; default: as saved)")
+    ex.add_argument("--a-bits", type=int, help="activation bits to select (a multi-bit model; default: as saved)")
+    ex.add_argument("--bit-plan", type=Path, help="plan.json whose per-layer bits to select (e.g. from rdoq)")
+    ex.add_argument("--no-int4", action="store_true",
+                    help="store 4-bit codes in 8-bit types (onnxruntime has no fast 4-bit kernels)")
+    ex.add_argument("--data", help="data for the example batch (default: the run's)")
+    ex.add_argument("--weights", help="FP weights file (default: the run's)")
+    ex.add_argument("--traceback", action="store_true", help="on an error, print the full Python traceback too")
     ls = sub.add_parser("list", help="list registered components of one kind")
     ls.add_argument("kind", choices=[k + "s" for k in KINDS], help="what to list")
     ls.add_argument("--options", action="store_true", help="show each component's options")
@@ -333,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_plugins(host, args.broken)
         elif args.command == "list":
             _cmd_list(host, args.kind, args.options)
+        elif args.command == "export":
+            from qcore._evaluate import export_saved
+
+            print(json.dumps(export_saved(args.file, args.onnx, host, args.w_bits, args.a_bits, args.bit_plan,
+                                          not args.no_int4, args.data, args.weights), indent=1, default=str))
         elif args.command == "eval":
             from qcore._evaluate import evaluate_saved
 

@@ -1,9 +1,11 @@
-"""``qcore eval``: evaluate a saved ``.qcore`` model on its task's evaluation data, at a bit-width setting of a
-multi-bit model (``--w-bits``/``--a-bits``, or per-layer bits from ``--bit-plan``), without recalibration.
+"""``qcore eval`` and ``qcore export``: a saved ``.qcore`` model, rebuilt from what the file records, evaluated on its
+task's evaluation data or written as ONNX, at a bit-width setting of a multi-bit model (``--w-bits``/``--a-bits``,
+or per-layer bits from ``--bit-plan``), without recalibration.
 
 The file records the run that made it (task, model, weights, data, input settings: :func:`qcore._saved.run_record`),
-so the FP model and its evaluation split are rebuilt as that run built them (the task is built with the run's own settings, so
-that a task whose evaluation split depends on them gets the same one; its calibration batches are not used).
+so the FP model and its evaluation split are rebuilt as that run built them (the task is built with the run's own
+settings, so that a task whose evaluation split depends on them gets the same one; ``qcore eval`` uses no
+calibration batch, ``qcore export`` one, to trace the model).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qcore._components import RunConfig
+from torch import Tensor
+
+from qcore._components import RunConfig, TaskInstance
 from qcore._errors import QcoreError
 from qcore._options import build_options
 from qcore._outputs import read_text_file
@@ -23,18 +28,29 @@ from qcore._saved import load_quantized, read_meta
 from qcore._switch import switchable_bits
 
 
-def evaluate_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: int | None = None,
-                   bit_plan: Path | None = None, eval_size: int | None = None, batch_size: int | None = None,
-                   device: str | None = None, data: str | None = None, weights: str | None = None) -> dict[str, Any]:
-    """Evaluate the ``.qcore`` file ``path`` as ``qcore eval`` does; returns the JSON it prints."""
+@dataclass
+class Rebuilt:
+    """A ``.qcore`` file re-applied to its run's FP model: the run's settings, task instance and quantized model."""
+
+    config: RunConfig
+    instance: TaskInstance
+    model: Any
+
+
+def rebuild_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: int | None = None,
+                  bit_plan: Path | None = None, eval_size: int | None = None, batch_size: int | None = None,
+                  device: str | None = None, data: str | None = None, weights: str | None = None,
+                  what: str = "qcore eval") -> Rebuilt:
+    """The quantized model saved in ``path``, rebuilt as the run that made it built its FP model and data (the
+    flags override the recorded settings), switched to ``w_bits``/``a_bits`` or ``bit_plan`` when given."""
     meta = read_meta(path)
     rec = meta.get("run")
     if not isinstance(rec, dict):
         raise QcoreError(f"{path} does not record the run that made it (written by an older qcore); load it with "
-                         "qcore.load(path, model, bits=...) and evaluate in Python")
+                         "qcore.load(path, model, bits=...) in Python")
     if rec.get("task") == "python":
-        raise QcoreError(f"{path} was made by qcore.quantize() from your own model and data: qcore eval cannot "
-                         "rebuild them; use qcore.load(path, model, bits=(w, a)) and your own evaluation")
+        raise QcoreError(f"{path} was made by qcore.quantize() from your own model and data: {what} cannot "
+                         "rebuild them; use qcore.load(path, model, bits=(w, a)) in Python")
     values = {k: v for k, v in rec.items() if k in {f.name for f in dataclasses.fields(RunConfig)}}
     for key, flag in (("eval_size", eval_size), ("batch_size", batch_size), ("data", data), ("weights", weights),
                       ("device", device)):
@@ -57,14 +73,49 @@ def evaluate_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: in
             raise QcoreError(f"--bit-plan {bit_plan} is not valid JSON ({exc.msg}); pass a plan.json") from None
     bits = None if (w_bits is None and a_bits is None) else (w_bits, a_bits)
     task = task_cls(build_options(task_cls.Options, {}, f"task {config.task!r}"))
-    t0 = time.perf_counter()
     inst = task.build(config, host)
-    if inst.evaluate is None:
-        raise QcoreError(f"task {config.task!r} has no evaluation to run")
     qmodel = load_quantized(path, inst.model, host=host, device=config.device, bits=bits, plan=plan)
-    metrics = inst.evaluate(qmodel)
-    return {"file": str(path), "task": config.task, "model": inst.model_name, "metric": inst.metric,
+    return Rebuilt(config, inst, qmodel)
+
+
+def evaluate_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: int | None = None,
+                   bit_plan: Path | None = None, eval_size: int | None = None, batch_size: int | None = None,
+                   device: str | None = None, data: str | None = None, weights: str | None = None) -> dict[str, Any]:
+    """Evaluate the ``.qcore`` file ``path`` as ``qcore eval`` does; returns the JSON it prints."""
+    t0 = time.perf_counter()
+    r = rebuild_saved(path, host, w_bits, a_bits, bit_plan, eval_size, batch_size, device, data, weights)
+    inst = r.instance
+    if inst.evaluate is None:
+        raise QcoreError(f"task {r.config.task!r} has no evaluation to run")
+    metrics = inst.evaluate(r.model)
+    return {"file": str(path), "task": r.config.task, "model": inst.model_name, "metric": inst.metric,
             "quant": metrics.get(inst.metric), "quant_metrics": metrics,
             "bits": {"weights": w_bits, "acts": a_bits, "plan": str(bit_plan) if bit_plan else None},
-            "switchable_bits": switchable_bits(qmodel), "data": inst.data,
+            "switchable_bits": switchable_bits(r.model), "data": inst.data,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def export_saved(path: Path, onnx_path: Path, host: Host, w_bits: int | None = None, a_bits: int | None = None,
+                 bit_plan: Path | None = None, int4: bool = True, data: str | None = None,
+                 weights: str | None = None) -> dict[str, Any]:
+    """``qcore export``: the ``.qcore`` file ``path`` (at a bit-width setting of a multi-bit model) as an ONNX QDQ
+    file; one calibration batch of the run's data is the example input. Returns the JSON it prints."""
+    from qcore._api import _first_input
+    from qcore._onnx import export_onnx
+
+    t0 = time.perf_counter()
+    r = rebuild_saved(path, host, w_bits, a_bits, bit_plan, eval_size=1, device="cpu", data=data,
+                      weights=weights, what="qcore export")
+    batches = list(r.instance.calibration)
+    if not batches:
+        raise QcoreError(f"the run's task gave no calibration batch to trace {path} with; pass --data")
+    example = _first_input(batches[0])
+    if not isinstance(example, Tensor):
+        raise QcoreError(f"task {r.config.task!r} feeds its model {type(example).__name__} inputs; ONNX export "
+                         "supports models with one tensor input")
+    report = export_onnx(r.model, example[:2], onnx_path, int4=int4)
+    return {"file": str(path), "onnx": str(onnx_path), "model": r.instance.model_name, "layers": len(report.layers),
+            "int4_weights": len(report.int4_weights), "int4_inputs": report.int4_inputs,
+            "per_channel_inputs": report.per_channel_acts, "max_abs_diff": report.max_abs_diff,
+            "bits": {"weights": w_bits, "acts": a_bits, "plan": str(bit_plan) if bit_plan else None},
             "seconds": round(time.perf_counter() - t0, 2)}
