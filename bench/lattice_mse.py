@@ -2,11 +2,11 @@
 (basis storage included) and vs the Shannon bound, at 2, 3 and 4 bits.
 
     OMP_NUM_THREADS=1 python bench/lattice_mse.py [--models fmnist_resnet fmnist_vit] [--bits 2 3 4]
-        [--steps 30 --restarts 2 --refine 4] [--basis-bits 8] [--dim 2] [--device cpu] [--json FILE]
+        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--device cpu] [--json FILE]
 
 Sources: every Conv2d/Linear weight of the zoo models (BatchNorm folded, as ``qcore run`` quantizes them; every
 layer, first and last included, at the bench's bit-width), and synthetic Gaussian and Laplacian weights
-``[64, 576]`` (a 64->64 3x3 conv) and ``[64, 4608]`` (a 512->512 3x3 conv's channel length), seed 0.
+``[64, 576]`` (a 64->64 3x3 conv) and ``[16, 4608]`` (16 channels as long as a 512->512 3x3 conv's), seed 0.
 
 Per tensor and bit-width ``M`` (per output channel, rows of ``L`` weights):
 
@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def sources(args: argparse.Namespace) -> list[tuple[str, str, torch.Tensor, Laye
     """``(group, name, weight, info)`` for every tensor measured."""
     found = []
     gen = torch.Generator().manual_seed(0)
-    for c, length in ((64, 576), (64, 4608)):
+    for c, length in ((64, 576), (16, 4608)):
         cin = length // 9
         info = LayerInfo(name=f"{c}x{length}", kind="conv2d", out_channels=c, in_channels=cin, macs_per_out=length)
         g = torch.randn(c, length, generator=gen)
@@ -109,9 +110,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["fmnist_resnet", "fmnist_vit"])
     p.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--restarts", type=int, default=2)
-    p.add_argument("--refine", type=int, default=4)
+    p.add_argument("--steps", type=int, default=SearchSettings.steps)
+    p.add_argument("--restarts", type=int, default=SearchSettings.restarts)
+    p.add_argument("--refine", type=int, default=SearchSettings.refine)
     p.add_argument("--basis-bits", type=int, default=8)
     p.add_argument("--dim", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -124,6 +125,8 @@ def main() -> int:
         for b in args.bits:
             r = measure(w.to(args.device), info, b, args)
             rows.append({"group": group, "tensor": name, **r})
+            print(f"{group} {name} {b} bits: n={r['n']} gain {r['gain_db']:+.2f} dB (shape {r['shape_gain_db']:+.2f}), "
+                  f"{r['search_seconds']} s", file=sys.stderr, flush=True)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}, torch "
           f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; search steps={args.steps} restarts={args.restarts} "
           f"refine={args.refine}, basis_bits={args.basis_bits}, dim={args.dim}; {time.perf_counter() - t0:.0f} s")

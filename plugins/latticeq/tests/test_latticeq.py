@@ -211,3 +211,25 @@ def test_bad_options_are_one_line_errors(host):
         run_tiny(host, plugin="latticeq", options={"basis_bits": 1})
     with pytest.raises(qcore.QcoreError, match="weight_granularity"):
         LatticeFakeQuant(QuantSpec(4, granularity="group", group_size=2), 4, 0, 2, 8)
+
+
+def test_reconstruction_learns_lattice_codes_through_the_ste(host):
+    """-o recon=true: qcore-recon's engine with the lattice's own rounding; the stored weights still decode to
+    codes of the (unchanged) bases and the loss does not rise."""
+    from qcore_recon import plugin as recon_plugin
+
+    host = make_host(("latticeq", plugin), ("recon", recon_plugin))
+    opts = {"first_last": "same", "steps": 1, "restarts": 1, "refine": 1}
+    before = run_tiny(host, plugin="latticeq", options=opts)
+    out = run_tiny(host, plugin="latticeq", options=opts | {"recon": True, "recon_iters": 10})
+    rec = out.result["measured"]["lattice-search"]["recon"]
+    assert rec["units"] >= 1
+    for name, layer in quant_layers(out.model).items():
+        q = layer.weight_quantizer
+        assert torch.equal(q.basis, quant_layers(before.model)[name].weight_quantizer.basis)
+        rows = q.rows_of(layer.module.weight.detach())
+        z = q.codes(rows)
+        qmin, qmax = q.code_bounds()
+        assert (z >= qmin[:, None, None]).all() and (z <= qmax[:, None, None]).all()
+    starts, ends = rec["loss_start_per_unit"], rec["loss_end_per_unit"]
+    assert sum(ends.values()) <= sum(starts.values()) * 1.05

@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 class LatticeSearchOptions:
     """``-o`` options of ``lattice-search``."""
 
-    steps: int = field(default=30, metadata={
+    steps: int = field(default=20, metadata={
         "help": "basis-search proposals per noise level and restart (the seed: 80 quick, 800-1500 paper)"})
-    restarts: int = field(default=2, metadata={"help": "independent searches from the scalar grid; best kept per channel"})
-    refine: int = field(default=4, metadata={
+    restarts: int = field(default=1, metadata={
+        "help": "independent searches from the scalar grid, best kept per channel (0: the scalar grid)"})
+    refine: int = field(default=8, metadata={
         "help": "straight-through refinement rounds per restart (least-squares basis for the fixed codes)"})
     loss: Literal["mse", "cubic"] = field(default="mse", metadata={
         "help": "basis-search loss: squared weight error, or the seed's cubic error sum |w_hat - w|^3"})

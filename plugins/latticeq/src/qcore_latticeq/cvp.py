@@ -71,34 +71,47 @@ def project_to_box(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
     """Real coordinates ``x`` (in ``[qmin, qmax]^n``) of the point of the parallelepiped closest to ``v``, and
     the squared distance. Exact: the minimiser of a convex quadratic over a box has some set of coordinates
     at a bound and the rest at the unconstrained minimum given those; all ``3^n`` such sets are tried and the
-    best feasible candidate kept."""
+    best feasible candidate kept. Vectors whose unconstrained coordinates are already inside the box are their
+    own projection; only the others (clipped weights, usually a few percent) go through the active sets."""
     lo, hi = _bounds(qmin, qmax, v)
     n = v.shape[-1]
+    x = torch.linalg.solve(basis.mT, v.mT).mT  # [C, L, n]: v = x @ basis
+    inside = ((x >= lo) & (x <= hi)).all(-1)
+    d = torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device)
+    if bool(inside.all()):
+        return x, d
+    c_idx, l_idx = (~inside).nonzero(as_tuple=True)
+    vo = v[c_idx, l_idx]  # [N, n]
+    lo_o = lo.expand(basis.shape[0], 1, 1)[c_idx, 0]  # [N, 1]
+    hi_o = hi.expand(basis.shape[0], 1, 1)[c_idx, 0]
     gram = basis @ basis.mT  # [C, n, n]
-    h = v @ basis.mT  # [C, L, n]: x @ gram = h at the unconstrained minimum
-    lo_full, hi_full = lo.expand_as(v), hi.expand_as(v)
-    best_x = torch.minimum(torch.maximum(torch.zeros_like(v), lo_full), hi_full)
-    best_d = (decode(best_x, basis) - v).pow(2).sum(-1)
-    slack = 1e-9 + 1e-6 * (hi - lo).abs()
+    h = torch.einsum("nk,nmk->nm", vo, basis[c_idx])  # [N, n]: x @ gram = h at the unconstrained minimum
+    lo_f, hi_f = lo_o.expand_as(vo), hi_o.expand_as(vo)
+    best_x = torch.minimum(torch.maximum(torch.zeros_like(vo), lo_f), hi_f)
+    best_d = torch.full(vo.shape[:1], torch.inf, dtype=v.dtype, device=v.device)
+    slack = 1e-9 + 1e-6 * (hi_o - lo_o).abs()
     for combo in itertools.product((0, 1, 2), repeat=n):  # 0: free, 1: at qmin, 2: at qmax
         free = [k for k in range(n) if combo[k] == 0]
-        x = torch.where(torch.tensor([c == 1 for c in combo], device=v.device), lo_full, hi_full).clone()
+        fixed = [k for k in range(n) if combo[k] != 0]
+        xc = torch.where(torch.tensor([c == 1 for c in combo], device=v.device), lo_f, hi_f).clone()
+        ok = torch.ones(vo.shape[:1], dtype=torch.bool, device=v.device)
         if free:
-            fixed = [k for k in range(n) if combo[k] != 0]
-            rhs = h[..., free]
+            g = gram[:, free][:, :, free]
+            g_inv = torch.linalg.inv(g)[c_idx]  # [N, |F|, |F|]
+            rhs = h[:, free]
             if fixed:
-                rhs = rhs - x[..., fixed] @ gram[:, fixed][:, :, free]
-            g_ff = gram[:, free][:, :, free]
-            sol = torch.linalg.solve(g_ff, rhs.mT).mT  # [C, L, |F|]; g_ff symmetric
-            ok = ((sol >= lo - slack) & (sol <= hi + slack)).all(-1)
-            x[..., free] = torch.minimum(torch.maximum(sol, lo), hi)
-        else:
-            ok = torch.ones(v.shape[:-1], dtype=torch.bool, device=v.device)
-        d = (decode(x, basis) - v).pow(2).sum(-1)
-        better = ok & (d < best_d)
-        best_x = torch.where(better[..., None], x, best_x)
-        best_d = torch.where(better, d, best_d)
-    return best_x, best_d
+                rhs = rhs - torch.einsum("nf,nfg->ng", xc[:, fixed], gram[:, fixed][:, :, free][c_idx])
+            sol = torch.einsum("nf,nfg->ng", rhs, g_inv)
+            ok = ((sol >= lo_o - slack) & (sol <= hi_o + slack)).all(-1)
+            xc[:, free] = torch.minimum(torch.maximum(sol, lo_o), hi_o)
+        dc = (torch.einsum("nk,nkm->nm", xc, basis[c_idx]) - vo).pow(2).sum(-1)
+        better = ok & (dc < best_d)
+        best_x = torch.where(better[:, None], xc, best_x)
+        best_d = torch.where(better, dc, best_d)
+    x = x.clone()
+    x[c_idx, l_idx] = best_x
+    d[c_idx, l_idx] = best_d
+    return x, d
 
 
 @torch.no_grad()
@@ -130,7 +143,15 @@ def closest_points(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
     start = torch.maximum(torch.ceil(x_p - r), lo.expand_as(x_p))
     stop = torch.minimum(torch.floor(x_p + r), hi.expand_as(x_p))
     counts = (stop - start + 1).clamp_min(1)
-    width = [int(c) for c in counts.reshape(-1, v.shape[-1]).amax(0).tolist()] if counts.numel() else [1] * v.shape[-1]
+    # vectors whose every coordinate interval holds one integer are done (that integer is the best code's);
+    # only the others are enumerated, gathered with their own bases
+    c_idx, l_idx = (counts > 1).any(-1).nonzero(as_tuple=True)
+    if c_idx.numel() == 0:
+        return z_best
+    vs, bs = v[c_idx, l_idx], basis[c_idx]  # [N, n], [N, n, n]
+    start_s, stop_s = start[c_idx, l_idx], stop[c_idx, l_idx]
+    zs, ds = z_best[c_idx, l_idx], d_best[c_idx, l_idx]
+    width = [int(w) for w in counts[c_idx, l_idx].amax(0).tolist()]
     total = 1
     for w in width:
         total *= w
@@ -138,11 +159,13 @@ def closest_points(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
         raise ValueError(f"exact search needs {total} candidate offsets per vector (limit {max_offsets})")
     for offset in itertools.product(*(range(w) for w in width)):
         off = torch.tensor(offset, dtype=v.dtype, device=v.device)
-        z = torch.minimum(start + off, stop.clamp_min(start))
-        d = (decode(z, basis) - v).pow(2).sum(-1)
-        better = d < d_best
-        z_best = torch.where(better[..., None], z, z_best)
-        d_best = torch.where(better, d, d_best)
+        z = torch.minimum(start_s + off, stop_s.clamp_min(start_s))
+        d = (torch.einsum("nk,nkm->nm", z, bs) - vs).pow(2).sum(-1)
+        better = d < ds
+        zs = torch.where(better[:, None], z, zs)
+        ds = torch.where(better, d, ds)
+    z_best = z_best.clone()
+    z_best[c_idx, l_idx] = zs
     return z_best
 
 

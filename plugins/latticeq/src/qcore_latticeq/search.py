@@ -42,10 +42,10 @@ __all__ = ["SearchSettings", "search_bases", "row_loss"]
 class SearchSettings:
     """How :func:`search_bases` searches (see the module docstring)."""
 
-    steps: int = 30
-    restarts: int = 2
-    refine: int = 4
-    noise: tuple[float, ...] = (0.3, 0.15, 0.08, 0.04, 0.02)
+    steps: int = 20
+    restarts: int = 1
+    refine: int = 8
+    noise: tuple[float, ...] = (0.3, 0.15, 0.08, 0.04)
     loss: Literal["mse", "cubic"] = "mse"
     max_defect: float = 4.0
     seed: int = 0
