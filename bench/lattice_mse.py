@@ -13,7 +13,7 @@ Per tensor and bit-width ``M`` (per output channel, rows of ``L`` weights):
 * **scalar**: the MSE-optimal symmetric per-channel grid with ``M`` bits (core's ``mse_range``; it is the lattice
   with basis ``step * I``, the search's start), rate ``M`` bits per weight (plus the 32-bit scale both pay);
 * **lattice**: the ``lattice`` quantizer's n (3 on 3x3 kernel rows, ``--dim`` on 1x1 convs and linear layers, 1
-  on the stem), searched with ``lattice-search``'s defaults, rate ``M + n^2 B / L`` (``B`` = ``--basis-bits``);
+  on the stem and where the basis would cost more than ``--max-overhead`` bits per weight), searched with ``lattice-search``'s defaults, rate ``M + n^2 B / L`` (``B`` = ``--basis-bits``);
 * **scalar @ equal rate**: the scalar grid's distortion at the lattice's rate, interpolated linearly in dB
   between ``M`` and ``M + 1`` bits (both measured);
 * **Shannon**: ``D(R) = sigma^2 2^(-2R)`` at the lattice's rate, ``sigma^2`` the mean per-channel variance.
@@ -38,13 +38,13 @@ import torch
 
 from qcore import LayerInfo, QuantSpec, discover_layers, fold_batchnorm, torch_layer_info
 from qcore_classification.loaders import load_zoo
-from qcore_latticeq.quantizer import LatticeFakeQuant, lattice_dim
+from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeOptions, LatticeQuantizer
 from qcore_latticeq.search import SearchSettings, search_bases
 
 
 def measure(w: torch.Tensor, info: LayerInfo, bits: int, args: argparse.Namespace) -> dict[str, Any]:
     """Scalar and lattice distortions of one weight at ``bits`` (and the scalar grid at ``bits + 1``)."""
-    n = lattice_dim(info, args.dim)
+    n = LatticeQuantizer(LatticeOptions(args.dim, args.basis_bits, args.max_overhead)).dim_of(info)
     rows_all = w.detach().float().reshape(w.shape[0], -1)
     length = rows_all.shape[1]
     var = float(rows_all.var(dim=1, unbiased=False).mean())
@@ -91,9 +91,10 @@ def sources(args: argparse.Namespace) -> list[tuple[str, str, torch.Tensor, Laye
     """``(group, name, weight, info)`` for every tensor measured."""
     found = []
     gen = torch.Generator().manual_seed(0)
-    for c, length in ((64, 576), (16, 4608)):
+    for c, length in ((64, 576), (16, 4608)) if args.synthetic else ():
         cin = length // 9
-        info = LayerInfo(name=f"{c}x{length}", kind="conv2d", out_channels=c, in_channels=cin, macs_per_out=length)
+        info = LayerInfo(name=f"{c}x{length}", kind="conv2d", out_channels=c, in_channels=cin, macs_per_out=length,
+                         weight_numel=c * length)
         g = torch.randn(c, length, generator=gen)
         lap = torch.distributions.Laplace(0.0, 1.0 / math.sqrt(2)).sample((c, length))
         found.append(("gaussian", f"N(0,1) {c}x{length}", g.reshape(c, cin, 3, 3), info))
@@ -114,7 +115,9 @@ def main() -> int:
     p.add_argument("--restarts", type=int, default=SearchSettings.restarts)
     p.add_argument("--refine", type=int, default=SearchSettings.refine)
     p.add_argument("--basis-bits", type=int, default=8)
-    p.add_argument("--dim", type=int, default=2)
+    p.add_argument("--dim", type=int, default=LatticeOptions.dim)
+    p.add_argument("--max-overhead", type=float, default=LatticeOptions.max_overhead)
+    p.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="zoo weights only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -129,7 +132,7 @@ def main() -> int:
                   f"{r['search_seconds']} s", file=sys.stderr, flush=True)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}, torch "
           f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; search steps={args.steps} restarts={args.restarts} "
-          f"refine={args.refine}, basis_bits={args.basis_bits}, dim={args.dim}; {time.perf_counter() - t0:.0f} s")
+          f"refine={args.refine}, basis_bits={args.basis_bits}, dim={args.dim}, max_overhead={args.max_overhead}; {time.perf_counter() - t0:.0f} s")
     print("\n| source | bits | tensors | rate (lattice) | scalar dB | lattice dB | scalar @ equal rate dB | "
           "Shannon dB | gain at equal rate | shape gain | lattice wins (equal rate) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -139,8 +142,7 @@ def main() -> int:
         subsets = sorted({r["tensor"] for r in rows if r["group"] == g}) if g in ("gaussian", "laplacian") else [None]
         for t in subsets:
             for b in args.bits:
-                sel = [r for r in rows if r["group"] == g and r["bits"] == b and (t is None or r["tensor"] == t)
-                       and r["n"] > 1]
+                sel = [r for r in rows if r["group"] == g and r["bits"] == b and (t is None or r["tensor"] == t)]
                 if not sel:
                     continue
 
@@ -148,7 +150,9 @@ def main() -> int:
                     return sum(r[k] for r in sel) / len(sel)
 
                 wins = sum(r["gain_db"] > 0 for r in sel)
-                print(f"| {t or g + ' (mean over lattice layers)'} | {b} | {len(sel)} | {avg('rate'):.3f} | "
+                scalar_only = sum(r["n"] == 1 for r in sel)
+                label = t or f"{g}: mean over all {len(sel)} tensors ({scalar_only} kept scalar, gain 0)"
+                print(f"| {label} | {b} | {len(sel)} | {avg('rate'):.3f} | "
                       f"{avg('scalar_db'):.2f} | {avg('lattice_db'):.2f} | {avg('scalar_eq_db'):.2f} | "
                       f"{avg('shannon_db'):.2f} | {avg('gain_db'):+.2f} | {avg('shape_gain_db'):+.2f} | "
                       f"{wins}/{len(sel)} |")

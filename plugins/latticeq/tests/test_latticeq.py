@@ -3,6 +3,7 @@ method through the real pipeline on the tiny task."""
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
@@ -124,6 +125,9 @@ def test_lattice_dim_rule():
     assert lattice_dim(info("conv2d", 1, 9), 2) == 1  # the image stem
     assert lattice_dim(info("conv2d", 16, 9), 2) == 1  # depthwise 3x3: scalar
     assert lattice_dim(info("linear", 96, 96), 2) == 2
+    # basis storage per weight: 4 * 8 bits over 16 weights = 2 bits > 0.5: scalar; over 96 weights: 0.33
+    assert lattice_dim(dataclasses.replace(info("conv2d", 16, 16), weight_numel=8 * 16), 2, 8, 0.5) == 1
+    assert lattice_dim(dataclasses.replace(info("linear", 96, 96), weight_numel=8 * 96), 2, 8, 0.5) == 2
 
 
 def test_quantile_equals_torch_quantile_on_small_inputs():
@@ -186,7 +190,7 @@ def test_method_counts_basis_storage_and_keeps_channel_means(host):
     for name, layer in layers.items():
         w = layer.module.weight.detach()
         n = layer.weight_quantizer.n
-        assert n == lattice_dim(out.ctx.layers[name], 2)
+        assert n == quantizer.dim_of(out.ctx.layers[name])
         wq = layer.quantized_weight()
         assert torch.allclose(wq.mean(dim=tuple(range(1, w.dim()))), w.mean(dim=tuple(range(1, w.dim()))),
                               atol=1e-6)  # core's mean correction, reused

@@ -9,7 +9,8 @@ integers in qcore's symmetric range ``[-2^(M-1), 2^(M-1) - 1]`` (``M`` the row's
 
 ``n`` (:func:`lattice_dim`): 3 for 3x3 convolutions (each vector one kernel row), ``-o dim`` (2 by default, or
 3) for 1x1 convolutions and linear layers, 1 (a scalar grid with a per-channel step) for the first layer of an
-image model (a conv reading at most 3 channels) and any other kernel.
+image model (a conv reading at most 3 channels), any other kernel, and layers whose channels are so short that
+the basis would cost more than ``-o max_overhead`` (0.5) bits per weight (1x1 convs with 16 or 32 inputs).
 
 Basis storage (``-o basis_bits=B``, 8 by default; 0 keeps it in 32-bit float): each basis entry is one of the
 ``2^B - 1`` levels ``t * k / (2^(B-1) - 1)``, ``|k| <= 2^(B-1) - 1``, with ``t`` the row's largest ``|entry|``:
@@ -21,6 +22,7 @@ accounting, so ``size_mb`` and ``w_bits_avg`` include it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,9 @@ class LatticeOptions:
     basis_bits: int = field(default=8, metadata={
         "help": "bits per basis entry (on a grid containing 0, plus one float scale per channel); 0 = 32-bit float "
                 "bases. Counted in size_mb and w_bits_avg"})
+    max_overhead: float = field(default=0.5, metadata={
+        "help": "a layer whose basis storage would exceed this many bits per weight (n^2 * basis_bits over the "
+                "channel's weights: 1x1 convs with few input channels) stays scalar (n = 1)"})
 
     def __post_init__(self) -> None:
         if self.dim not in (1, 2, 3):
@@ -52,22 +57,27 @@ class LatticeOptions:
                                    "-o dim=2 or -o dim=3")
         if self.basis_bits != 0 and not 2 <= self.basis_bits <= 16:
             raise qcore.QcoreError(f"basis_bits={self.basis_bits} is out of range; use 2..16, or 0 for float bases")
+        if not self.max_overhead >= 0:
+            raise qcore.QcoreError(f"max_overhead={self.max_overhead} must be 0 or more (bits per weight)")
 
 
-def lattice_dim(info: qcore.LayerInfo, dim: int) -> int:
+def lattice_dim(info: qcore.LayerInfo, dim: int, basis_bits: int = 8, max_overhead: float = math.inf) -> int:
     """The vector length ``n`` of a layer's weight: 3 for a 3x3 convolution (its kernel rows), ``dim`` for a
     1x1 convolution or a linear layer, 1 for a convolution reading at most 3 channels (the image stem) and for
-    any other kernel (a scalar per-channel grid)."""
+    any other kernel (a scalar per-channel grid); also 1 when the basis (``n^2 * basis_bits`` bits per output
+    channel, 32 per entry for float bases) would cost more than ``max_overhead`` bits per weight."""
+    n = 1
     if info.kind == "linear":
-        return dim
-    if info.kind == "conv2d":
-        if info.in_channels <= 3:
-            return 1
+        n = dim
+    elif info.kind == "conv2d" and info.in_channels > 3:
         if info.macs_per_out == 9 * info.in_channels:
-            return 3
-        if info.macs_per_out == info.in_channels:
-            return dim
-    return 1
+            n = 3
+        elif info.macs_per_out == info.in_channels:
+            n = dim
+    per_channel = info.weight_numel / max(info.out_channels, 1) if info.weight_numel else math.inf
+    if n > 1 and n * n * (basis_bits or 32) > max_overhead * per_channel:
+        return 1
+    return n
 
 
 def quantize_basis(basis: Tensor, bits: int) -> Tensor:
@@ -210,15 +220,20 @@ class LatticeQuantizer(qcore.Quantizer):
     def make(self, spec: qcore.QuantSpec, role: str, info: qcore.LayerInfo) -> nn.Module:
         if role == "weight":
             axis = info.weight_axis if spec.axis is None else spec.axis
-            n = lattice_dim(info, self.options.dim)
+            n = self.dim_of(info)
             return LatticeFakeQuant(spec, info.out_channels, axis, n, self.options.basis_bits)
         axis = info.act_axis if spec.axis is None else spec.axis
         return qcore.UniformFakeQuant(spec, info.in_channels, axis)
 
+    def dim_of(self, info: qcore.LayerInfo) -> int:
+        """``n`` for a layer under this quantizer's options (:func:`lattice_dim`)."""
+        o = self.options
+        return lattice_dim(info, o.dim, o.basis_bits, o.max_overhead)
+
     def extra_bits(self, spec: qcore.QuantSpec, role: str, info: qcore.LayerInfo) -> float:
         """Basis storage of a weight: ``n^2 * basis_bits`` per row (32 per entry with float bases) when
         ``n > 1``; the row's scale ``t`` is the 32-bit scale core already counts."""
-        n = lattice_dim(info, self.options.dim)
+        n = self.dim_of(info)
         if role != "weight" or n == 1:
             return 0.0
         rows = 1 if spec.granularity == "tensor" else info.out_channels
