@@ -1,7 +1,10 @@
 """LatticeQ against uniform, ACIQ, RDOQ and QDrop at the seed's settings (W4A8B8, W4A4B4, W3A8B8) on the zoo models.
 
     OMP_NUM_THREADS=1 python bench/latticeq_accuracy.py [--models zoo:fmnist_resnet] [--settings W4A8B8 W4A4B4 W3A8B8]
-        [--rows uniform aciq rdoq latticeq latticeq+recon qdrop] [--jsonl FILE] [--device cpu]
+        [--rows uniform latticeq aciq rdoq latticeq+recon qdrop] [--jsonl FILE] [--device cpu]
+
+Cells run row by row (all settings of a row, then the next row); with ``--jsonl`` the cells already in the file
+are kept and not re-run (resume).
 
 Every cell is one in-process ``qcore run`` (512 embedded train-split calibration images, seed 0; all 10,000
 Fashion-MNIST test images). Every Conv2d/Linear weight and every such layer's input is quantized; first and
@@ -35,7 +38,7 @@ import torch
 
 from qcore import RunConfig, load_host, run
 
-ROWS = ["uniform", "aciq", "rdoq", "latticeq", "latticeq+recon", "qdrop"]
+ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "qdrop"]
 
 
 def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str) -> RunConfig:
@@ -62,24 +65,31 @@ def main() -> int:
     p.add_argument("--jsonl", type=Path, default=None, help="append every cell here as it finishes")
     args = p.parse_args()
     host = load_host()
-    rows = [r for r in ROWS if r in args.rows]  # latticeq before rdoq
-    rows = sorted(rows, key=lambda r: (r == "rdoq", ROWS.index(r)))
-    results: list[dict[str, Any]] = []
+    rows = [r for r in ROWS if r in args.rows]
+    settings = []
+    for setting in args.settings:
+        m = re.fullmatch(r"W(\d+)A(\d+)B(\d+)", setting)
+        if not m:
+            p.error(f"--settings {setting}: use the form W4A8B8")
+        settings.append((setting, *(int(g) for g in m.groups())))
+    done: list[dict[str, Any]] = []
+    if args.jsonl and args.jsonl.exists():  # resume: keep the cells already measured
+        done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
+    results: list[dict[str, Any]] = list(done)
+    # row by row (every setting of the cheap rows first), latticeq before rdoq (its bits are rdoq's target)
+    order = sorted(rows, key=lambda r: (r == "rdoq", ROWS.index(r)))
     for model in args.models:
-        for setting in args.settings:
-            m = re.fullmatch(r"W(\d+)A(\d+)B(\d+)", setting)
-            if not m:
-                p.error(f"--settings {setting}: use the form W4A8B8")
-            w, a, b = (int(g) for g in m.groups())
-            lattice_bits = None
-            for row in rows:
+        for row in order:
+            for setting, w, a, b in settings:
+                if any(c["model"] == model and c["setting"] == setting and c["row"] == row for c in results):
+                    continue
+                lat = next((c["w_bits_avg"] for c in results if c["model"] == model and c["setting"] == setting
+                            and c["row"] == "latticeq"), None)
                 t0 = time.perf_counter()
-                r = run(config(row, model, w, a, b, lattice_bits, args.device), host).result
+                r = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device), host).result
                 cell = {"model": model, "setting": setting, "row": row, "fp": r["fp"], "quant": r["quant"],
                         "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
                         "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1)}
-                if row == "latticeq":
-                    lattice_bits = round(r["w_bits_avg"], 3)
                 results.append(cell)
                 print(json.dumps(cell), flush=True)
                 if args.jsonl:
@@ -92,7 +102,7 @@ def main() -> int:
         print(f"\n{model} (FP top-1 {sub[0]['fp']:.2f}); cells: top-1 (W avg / A avg bits), seconds\n")
         print("| row | deployable | " + " | ".join(args.settings) + " |")
         print("|---|---|" + "---|" * len(args.settings))
-        for row in [r for r in ROWS if r in rows]:
+        for row in rows:
             cells = [next((c for c in sub if c["row"] == row and c["setting"] == s), None) for s in args.settings]
             dep = next((c["deployable"] for c in cells if c), False)
             print(f"| {row} | {'yes' if dep else 'no'} | " + " | ".join(
