@@ -1,7 +1,7 @@
 """LatticeQ against uniform, ACIQ, RDOQ and QDrop at the seed's settings (W4A8B8, W4A4B4, W3A8B8) on the zoo models.
 
     OMP_NUM_THREADS=1 python bench/latticeq_accuracy.py [--models zoo:fmnist_resnet] [--settings W4A8B8 W4A4B4 W3A8B8]
-        [--rows uniform latticeq aciq rdoq latticeq+recon qdrop] [--jsonl FILE] [--device cpu]
+        [--rows uniform latticeq aciq rdoq latticeq+recon scalar-grid qdrop] [--jsonl FILE] [--device cpu]
 
 Cells run row by row (all settings of a row, then the next row); with ``--jsonl`` the cells already in the file
 are kept and not re-run (resume).
@@ -19,6 +19,9 @@ weights, which is easier); residual sums, pooling, attention matmuls and softmax
 * ``latticeq``: ``--plugin latticeq --w-bits W --a-bits A -o basis_bits=B`` (per-tensor quantile activation
   ranges; not an integer grid, so "deployable no");
 * ``latticeq+recon``: the same with ``-o recon=true`` (qcore-recon's QDrop engine, 300 steps per block);
+* ``scalar-grid``: ``latticeq`` with ``-o restarts=0``: no basis search, every basis stays ``step * I`` of the
+  MSE-optimal scalar grid, everything else (quantile activations, mean correction, basis bits counted) the same:
+  what the lattice itself adds is the difference to the ``latticeq`` row;
 * ``qdrop``: ``--plugin qdrop --w-bits W --a-bits A`` (uniform grid + block reconstruction, deployable).
 
 Prints one markdown table per model: top-1 (w_bits_avg / a_bits_avg) and seconds per cell.
@@ -38,7 +41,7 @@ import torch
 
 from qcore import RunConfig, load_host, run
 
-ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "qdrop"]
+ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "scalar-grid", "qdrop"]
 
 
 def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str) -> RunConfig:
@@ -48,10 +51,12 @@ def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | N
         if lattice_bits is None:
             raise SystemExit("the rdoq row needs the latticeq row first (its w_bits_avg is rdoq's target)")
         return RunConfig(plugin="rdoq", target_bits=lattice_bits, a_bits=a, **common)
-    if row.startswith("latticeq"):
+    if row.startswith("latticeq") or row == "scalar-grid":
         opts: dict[str, Any] = {"basis_bits": b}
         if row.endswith("+recon"):
             opts["recon"] = True
+        if row == "scalar-grid":
+            opts["restarts"] = 0
         return RunConfig(plugin="latticeq", w_bits=w, a_bits=a, options=opts, **common)
     return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
 
