@@ -43,3 +43,26 @@ def test_layers_may_count_their_own_macs():
     measure_layers(model, layers, lambda m: m(torch.zeros(2, 2, 5, 5)))
     assert layers["0"].macs == 500 and seen == [((2, 2, 5, 5), (2, 4, 5, 5))]
     assert layers["2"].macs == 3 * 100
+
+
+def test_extra_bits_a_quantizer_declares_count_in_size_and_average_bits():
+    """``Quantizer.extra_bits`` (a lattice basis, a codebook): added to size_mb and spread over the tensor's
+    elements in w_bits_avg; BOPs keep the element bits; the default declares nothing."""
+    import qcore
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    layers = discover_layers(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(torch.zeros(2, 2, 5, 5)))
+    plan = Plan(layers={"0": LayerSpec(QuantSpec(4, granularity="channel"), None),
+                        "2": LayerSpec(QuantSpec(8, granularity="tensor"), None)})
+    base = plan_cost(model, layers, plan)
+    assert qcore.Quantizer().extra_bits(plan.layers["0"].weight, "weight", layers["0"]) == 0.0
+    assert plan_cost(model, layers, plan, qcore.Quantizer().extra_bits) == base
+
+    def extra(spec, role, info):
+        return 36.0 * info.out_channels if (role == "weight" and info.name == "0") else 0.0
+
+    c = plan_cost(model, layers, plan, extra)
+    assert abs(c.size_mb - base.size_mb - 4 * 36 / 8 / 2**20) < 1e-12
+    assert abs(c.w_bits_avg - (72 * 4 + 4 * 36 + 300 * 8) / 372) < 1e-12
+    assert c.bops == base.bops and c.a_bits_avg == base.a_bits_avg

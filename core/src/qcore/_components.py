@@ -55,6 +55,15 @@ class Quantizer(Component):
         """
         raise NotImplementedError
 
+    def extra_bits(self, spec: QuantSpec, role: str, info: LayerInfo) -> float:
+        """Bits the format stores for one tensor beyond ``bits`` per element and core's 32-bit scale (and zero
+        point) per row: a codebook, a lattice basis. Counted in ``size_mb`` and in ``w_bits_avg`` /
+        ``a_bits_avg`` (spread over the tensor's elements). The default is 0.
+
+        .. versionadded:: 0.1 (plugin API 1, an addition)
+        """
+        return 0.0
+
 
 class Calibrator(Component):
     """Chooses quantization parameters of an already wrapped model from calibration data."""

@@ -12,11 +12,14 @@ Conventions (also written into result.json):
   for dense layers). Operations outside conv/linear layers (attention matmuls, norms, sums) are not counted.
 * **w_bits_avg**: mean weight bits over the quantized layers, weighted by element count; **a_bits_avg**: the
   same over quantized activation tensors, weighted by their elements per sample.
+* **extra storage**: bits a quantizer declares beyond these (``Quantizer.extra_bits``: a lattice basis, a
+  codebook) are added to the size and spread over the tensor's elements in ``w_bits_avg`` / ``a_bits_avg``.
+  Average bits of activations are per sample, so their extra bits count once per sample (a conservative view).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +66,14 @@ def _fp_bits_total(model: nn.Module) -> int:
     return (params + bufs) * FP_BITS
 
 
-def plan_cost(model: nn.Module, layers: Mapping[str, LayerInfo], plan: Plan) -> Cost:
-    """Size, BOPs and average bits of ``model`` (FP, unwrapped) quantized as ``plan`` says."""
+#: ``extra_bits(spec, role, info)``: bits stored for one tensor beyond its elements and scales (``Quantizer.extra_bits``)
+ExtraBits = Callable[[QuantSpec, str, LayerInfo], float]
+
+
+def plan_cost(model: nn.Module, layers: Mapping[str, LayerInfo], plan: Plan,
+              extra_bits: ExtraBits | None = None) -> Cost:
+    """Size, BOPs and average bits of ``model`` (FP, unwrapped) quantized as ``plan`` says; ``extra_bits`` (the
+    run's ``Quantizer.extra_bits``) adds what a format stores besides its elements and scales."""
     fp_bits = _fp_bits_total(model)
     saved = 0.0
     bops = fp_bops = 0.0
@@ -75,11 +84,19 @@ def plan_cost(model: nn.Module, layers: Mapping[str, LayerInfo], plan: Plan) -> 
         if spec is not None and spec.weight is not None:
             wb = mean_bits(spec.weight, info.out_channels)
             saved += info.weight_numel * (FP_BITS - wb) - qparam_count(spec.weight, info.out_channels) * FP_BITS
+            if extra_bits is not None and info.weight_numel:
+                extra = float(extra_bits(spec.weight, "weight", info))
+                saved -= extra
+                w_num += extra
             w_num += wb * info.weight_numel
             w_den += info.weight_numel
         if spec is not None and spec.act is not None:
             ab = mean_bits(spec.act, info.in_channels)
             saved -= qparam_count(spec.act, info.in_channels) * FP_BITS
+            if extra_bits is not None and info.act_numel:
+                extra = float(extra_bits(spec.act, "act", info))
+                saved -= extra
+                a_num += extra
             a_num += ab * info.act_numel
             a_den += info.act_numel
         bops += info.macs * wb * ab

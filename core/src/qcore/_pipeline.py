@@ -305,7 +305,7 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     with stages("quant_eval"), task_blame():
         quant_metrics = inst.evaluate(qmodel) if qdist.is_main() and inst.evaluate is not None else {}
 
-    cost = plan_cost(work, layers, plan)
+    cost = plan_cost(work, layers, plan, getattr(comps["quantizer"], "extra_bits", None))
     result = build_result(config, prep.plugin, prep.method, comps, inst.model_name, inst.metric, fp_metrics,
                           quant_metrics, cost, plan, layers, pipeline, folded, stages.seconds, prep.values, inst.data,
                           budget, prep.correctors, last_layers=inst.last_layers)

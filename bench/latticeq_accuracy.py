@@ -1,0 +1,120 @@
+"""LatticeQ against uniform, ACIQ, RDOQ and QDrop at the seed's settings (W4A8B8, W4A4B4, W3A8B8) on the zoo models.
+
+    OMP_NUM_THREADS=1 python bench/latticeq_accuracy.py [--models zoo:fmnist_resnet] [--settings W4A8B8 W4A4B4 W3A8B8]
+        [--rows uniform latticeq aciq rdoq latticeq+recon scalar-grid qdrop] [--jsonl FILE] [--device cpu]
+
+Cells run row by row (all settings of a row, then the next row); with ``--jsonl`` the cells already in the file
+are kept and not re-run (resume).
+
+Every cell is one in-process ``qcore run`` (512 embedded train-split calibration images, seed 0; all 10,000
+Fashion-MNIST test images). Every Conv2d/Linear weight and every such layer's input is quantized; first and
+last layer at 8 bits (weights and input; counted in the averages); BatchNorm folded (the seed quantizes unfolded
+weights, which is easier); residual sums, pooling, attention matmuls and softmax are not quantized.
+
+* ``uniform``: ``--plugin uniform --w-bits W --a-bits A`` (per-channel symmetric min/max weights, per-tensor
+  affine min/max activations; deployable);
+* ``aciq``: ``--plugin aciq --w-bits W --a-bits A`` (per-channel bits and activation scales: simulation);
+* ``rdoq``: ``--plugin rdoq --target-bits T --a-bits A`` with ``T`` = the latticeq row's ``w_bits_avg`` (basis
+  storage included), i.e. the same total weight bits; deployable;
+* ``latticeq``: ``--plugin latticeq --w-bits W --a-bits A -o basis_bits=B`` (per-tensor quantile activation
+  ranges; not an integer grid, so "deployable no");
+* ``latticeq+recon``: the same with ``-o recon=true`` (qcore-recon's QDrop engine, 300 steps per block);
+* ``scalar-grid``: ``latticeq`` with ``-o restarts=0``: no basis search, every basis stays ``step * I`` of the
+  MSE-optimal scalar grid, everything else (quantile activations, mean correction, basis bits counted) the same:
+  what the lattice itself adds is the difference to the ``latticeq`` row;
+* ``qdrop``: ``--plugin qdrop --w-bits W --a-bits A`` (uniform grid + block reconstruction, deployable).
+
+Prints one markdown table per model: top-1 (w_bits_avg / a_bits_avg) and seconds per cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcore import RunConfig, load_host, run
+
+ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "scalar-grid", "qdrop"]
+
+
+def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str) -> RunConfig:
+    """The run of one cell."""
+    common: dict[str, Any] = {"model": model, "device": device}
+    if row == "rdoq":
+        if lattice_bits is None:
+            raise SystemExit("the rdoq row needs the latticeq row first (its w_bits_avg is rdoq's target)")
+        return RunConfig(plugin="rdoq", target_bits=lattice_bits, a_bits=a, **common)
+    if row.startswith("latticeq") or row == "scalar-grid":
+        opts: dict[str, Any] = {"basis_bits": b}
+        if row.endswith("+recon"):
+            opts["recon"] = True
+        if row == "scalar-grid":
+            opts["restarts"] = 0
+        return RunConfig(plugin="latticeq", w_bits=w, a_bits=a, options=opts, **common)
+    return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["zoo:fmnist_resnet"])
+    p.add_argument("--settings", nargs="+", default=["W4A8B8", "W4A4B4", "W3A8B8"])
+    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jsonl", type=Path, default=None, help="append every cell here as it finishes")
+    args = p.parse_args()
+    host = load_host()
+    rows = [r for r in ROWS if r in args.rows]
+    settings = []
+    for setting in args.settings:
+        m = re.fullmatch(r"W(\d+)A(\d+)B(\d+)", setting)
+        if not m:
+            p.error(f"--settings {setting}: use the form W4A8B8")
+        settings.append((setting, *(int(g) for g in m.groups())))
+    done: list[dict[str, Any]] = []
+    if args.jsonl and args.jsonl.exists():  # resume: keep the cells already measured
+        done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
+    results: list[dict[str, Any]] = list(done)
+    # row by row (every setting of the cheap rows first), latticeq before rdoq (its bits are rdoq's target)
+    order = sorted(rows, key=lambda r: (r == "rdoq", ROWS.index(r)))
+    for model in args.models:
+        for row in order:
+            for setting, w, a, b in settings:
+                if any(c["model"] == model and c["setting"] == setting and c["row"] == row for c in results):
+                    continue
+                lat = next((c["w_bits_avg"] for c in results if c["model"] == model and c["setting"] == setting
+                            and c["row"] == "latticeq"), None)
+                t0 = time.perf_counter()
+                r = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device), host).result
+                cell = {"model": model, "setting": setting, "row": row, "fp": r["fp"], "quant": r["quant"],
+                        "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
+                        "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1)}
+                results.append(cell)
+                print(json.dumps(cell), flush=True)
+                if args.jsonl:
+                    with args.jsonl.open("a") as fh:
+                        fh.write(json.dumps(cell) + "\n")
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}, torch "
+          f"{torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    for model in args.models:
+        sub = [c for c in results if c["model"] == model]
+        print(f"\n{model} (FP top-1 {sub[0]['fp']:.2f}); cells: top-1 (W avg / A avg bits), seconds\n")
+        print("| row | deployable | " + " | ".join(args.settings) + " |")
+        print("|---|---|" + "---|" * len(args.settings))
+        for row in rows:
+            cells = [next((c for c in sub if c["row"] == row and c["setting"] == s), None) for s in args.settings]
+            dep = next((c["deployable"] for c in cells if c), False)
+            print(f"| {row} | {'yes' if dep else 'no'} | " + " | ".join(
+                f"{c['quant']:.2f} ({c['w_bits_avg']:.2f}/{c['a_bits_avg']:.2f}), {c['seconds']:.0f} s" if c else "-"
+                for c in cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

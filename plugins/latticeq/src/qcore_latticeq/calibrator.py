@@ -1,0 +1,135 @@
+"""The ``lattice-search`` calibrator: lattice bases by data-free search, activation ranges at the seed's
+bit-dependent quantiles, and optionally block reconstruction through qcore-recon.
+
+It calibrates every quantizer through the :class:`qcore.FakeQuantizer` protocol (``calibrate_rows``: a range
+where the format uses one, then ``fit``), so it also calibrates core's uniform grid (weights: MSE ranges); a
+:class:`~qcore_latticeq.quantizer.LatticeFakeQuant` then gets its bases searched
+(:func:`~qcore_latticeq.search.search_bases`) and stored with ``set_basis``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+import qcore
+from qcore.ranges import RangeFn, mse_range
+from qcore_latticeq.activations import quantile_range
+from qcore_latticeq.quantizer import LatticeFakeQuant
+from qcore_latticeq.search import SearchSettings, search_bases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatticeSearchOptions:
+    """``-o`` options of ``lattice-search``."""
+
+    steps: int = field(default=20, metadata={
+        "help": "basis-search proposals per noise level and restart (the seed: 80 quick, 800-1500 paper)"})
+    restarts: int = field(default=1, metadata={
+        "help": "independent searches from the scalar grid, best kept per channel (0: the scalar grid)"})
+    refine: int = field(default=8, metadata={
+        "help": "straight-through refinement rounds per restart (least-squares basis for the fixed codes)"})
+    loss: Literal["mse", "cubic"] = field(default="mse", metadata={
+        "help": "basis-search loss: squared weight error, or the seed's cubic error sum |w_hat - w|^3"})
+    act_quantile: float = field(default=0.0, metadata={
+        "help": "activation clip quantile in (0.5, 1]; 0 = the seed's level for the bit-width (4 bits: 0.9997)"})
+    act_samples: int = field(default=2**20, metadata={
+        "help": "activation values kept per row for the quantiles (exact extremes always kept)"})
+    recon: bool = field(default=False, metadata={
+        "help": "after calibration, block reconstruction with qcore-recon (lattice STE rounding + LSQ act steps)"})
+    recon_iters: int = field(default=300, metadata={"help": "reconstruction steps per block (-o recon=true)"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.restarts < 0 or self.refine < 0:
+            raise qcore.QcoreError("steps, restarts and refine must be 0 or more (0 restarts keeps the scalar grid)")
+        if self.act_quantile != 0.0 and not 0.5 < self.act_quantile <= 1.0:
+            raise qcore.QcoreError(f"act_quantile={self.act_quantile} must be in (0.5, 1], or 0 for the seed's levels")
+        if self.act_samples < 16:
+            raise qcore.QcoreError(f"act_samples={self.act_samples} must be at least 16")
+        if self.recon_iters < 0:
+            raise qcore.QcoreError(f"recon_iters={self.recon_iters} must be 0 or more")
+
+
+class LatticeSearchCalibrator(qcore.Calibrator):
+    """Lattice bases by search from the MSE-optimal scalar grid; activation ranges at quantiles; optional
+    block reconstruction."""
+
+    name = "lattice-search"
+    description = ("lattice bases searched from the MSE-optimal scalar grid (-o steps, restarts, refine, loss); "
+                   "activations at the seed's bit-dependent quantiles; -o recon=true reconstructs blocks")
+    Options = LatticeSearchOptions
+
+    def settings(self, seed: int) -> SearchSettings:
+        o = self.options
+        return SearchSettings(steps=o.steps, restarts=o.restarts, refine=o.refine, loss=o.loss, seed=seed)
+
+    def calibrate_weights(self, model: nn.Module, ctx: qcore.RunContext) -> dict[str, Any]:
+        """Fit every weight quantizer, then search the lattice ones; returns per-layer facts."""
+        facts: dict[str, Any] = {}
+        layers = qcore.quant_layers(model)
+        for i, (name, layer) in enumerate(qcore.track(list(layers.items()), desc="lattice bases", unit="layer")):
+            q = layer.weight_quantizer
+            if q is None:
+                continue
+            if not isinstance(q, qcore.FakeQuantizer):
+                raise qcore.QcoreError(f"lattice-search calibrates qcore.FakeQuantizer modules; layer {name!r} has "
+                                       f"a {type(q).__name__}")
+            with torch.no_grad():
+                rows = q.rows_of(layer.module.weight.detach())
+                qcore.calibrate_rows(q, rows, mse_range)
+                if isinstance(q, LatticeFakeQuant) and q.n > 1:
+                    start = time.perf_counter()
+                    basis, rep = search_bases(q, rows, self.settings(ctx.config.seed + i))
+                    q.set_basis(basis)
+                    gain = 10 * math.log10(rep["loss_end"] / rep["loss_start"]) if rep["loss_start"] > 0 else 0.0
+                    facts[name] = {"n": q.n, "gain_db": round(gain, 3), "rows_improved": rep["rows_improved"],
+                                   "rows": rep["rows"], "seconds": round(time.perf_counter() - start, 2)}
+                    log.info("lattice-search %s: n=%d, %s loss %+.2f dB vs the scalar grid, %d/%d channels improved",
+                             name, q.n, self.options.loss, gain, rep["rows_improved"], rep["rows"])
+                elif isinstance(q, LatticeFakeQuant):
+                    facts[name] = {"n": 1, "gain_db": 0.0, "note": "scalar grid (first layer or other kernel)"}
+            layer.unfreeze()
+        return facts
+
+    def act_estimator(self) -> RangeFn:
+        level = self.options.act_quantile or None
+        return functools.partial(quantile_range, level=level)
+
+    def calibrate(self, model: nn.Module, ctx: qcore.RunContext) -> None:
+        start = time.perf_counter()
+        facts: dict[str, Any] = {"layers": self.calibrate_weights(model, ctx)}
+        facts["weight_seconds"] = round(time.perf_counter() - start, 2)
+        layers = qcore.quant_layers(model)
+        est = self.act_estimator()
+        for name, obs in qcore.observe_activations(model, ctx, self.options.act_samples).items():
+            q = layers[name].act_quantizer
+            if not isinstance(q, qcore.FakeQuantizer):
+                raise qcore.QcoreError(f"lattice-search calibrates qcore.FakeQuantizer modules; the input of "
+                                       f"{name!r} has a {type(q).__name__}")
+            with torch.no_grad():
+                qcore.calibrate_rows(q, obs.sample(), est)
+        facts["act_quantile"] = self.options.act_quantile or "seed levels by bits (4: 0.9997, 8: 1.0)"
+        if self.options.recon:
+            facts["recon"] = self.reconstruct(model, ctx)
+        facts["seconds"] = round(time.perf_counter() - start, 2)
+        ctx.measured[self.name] = facts
+
+    def reconstruct(self, model: nn.Module, ctx: qcore.RunContext) -> dict[str, Any]:
+        """Block reconstruction with qcore-recon's engine (QDrop settings, lattice STE rounding)."""
+        try:
+            from qcore_recon import ReconSettings, reconstruct
+        except ImportError as exc:
+            raise qcore.MissingDependencyError("qcore-recon", "pip install -e plugins/recon") from exc
+        report = reconstruct(model, ctx.model, ctx, settings=ReconSettings(iters=self.options.recon_iters,
+                                                                          seed=ctx.config.seed),
+                             desc="lattice-search recon")
+        return report.as_dict()
