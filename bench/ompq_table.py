@@ -76,9 +76,14 @@ def main() -> int:
                 done[_key(r["model"], r["a_bits"], r["w"], r["row"], r["recon"])] = r
     if not args.table_only:
         host = load_host()
+        # cheapest evidence first: uniform and ompq with the first calibrator, then every row with the others,
+        # then the remaining rows (a run cut short still has the comparisons that matter most)
+        first, rest = args.recon[0], args.recon[1:]
+        phases = [(first, [r for r in args.rows if r in ("uniform", "ompq")]), *[(r, args.rows) for r in rest],
+                  (first, args.rows)]
         for model in args.models:
             for a in args.abits:
-                for recon in args.recon:
+                for recon, rows in phases:
                     for w in args.wbits:
                         uk = _key(model, a, w, "uniform", recon)
                         if uk not in done:
@@ -86,7 +91,7 @@ def main() -> int:
                             with args.jsonl.open("a") as f:
                                 f.write(json.dumps(done[uk]) + "\n")
                         target = done[uk]["w_bits_avg"]
-                        for row in args.rows:
+                        for row in rows:
                             k = _key(model, a, w, row, recon)
                             if row == "uniform" or k in done:
                                 continue

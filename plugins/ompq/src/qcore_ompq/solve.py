@@ -170,4 +170,4 @@ def solve_seed(sizes: Sequence[int], omega: Sequence[float], min_bits: int, max_
     if best_bits is None:  # cannot happen when the floors fit; keep the floors
         best_bits = [int(v) for v in lo]
     size, _ = _totals(sizes, None, best_bits)
-    return Solution(best_bits, float(-(w * np.asarray(best_bits) / 8).sum()), size, 0.0, "seed (SLSQP + DFS)")
+    return Solution(best_bits, float(-(w * np.asarray(best_bits)).sum()), size, 0.0, "seed (SLSQP + DFS)")
