@@ -105,7 +105,7 @@ def main() -> int:
             if not sub:
                 continue
             print(f"\n{model} (FP top-1 {sub[0]['fp']:.2f}), A{a}\n")
-            print("| allocator | recon | " + " | ".join(f"W{w}: top-1 (bits, MiB)" for w in args.wbits)
+            print("| allocator | recon | " + " | ".join(f"W{w}: top-1 (bits, MiB, G BOPs)" for w in args.wbits)
                   + " | search s |")
             print("|---|---|" + "---|" * len(args.wbits) + "---|")
             for recon in args.recon:
@@ -115,7 +115,7 @@ def main() -> int:
                     for w in args.wbits:
                         r = done.get(_key(model, a, w, row, recon))
                         cells.append("-" if r is None else
-                                     f"{r['quant']:.2f} ({r['w_bits_avg']:.3f}, {r['size_mb']:.4f})")
+                                     f"{r['quant']:.2f} ({r['w_bits_avg']:.3f}, {r['size_mb']:.4f}, {r['bops_g']:.3f})")
                         if r is not None and r.get("search_seconds") is not None:
                             search.append(f"{r['search_seconds']:.1f}")
                     print(f"| {row} | {recon} | " + " | ".join(cells) + f" | {'/'.join(search) or '-'} |")
