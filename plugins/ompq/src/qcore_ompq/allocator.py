@@ -1,0 +1,240 @@
+"""The ``ompq`` allocator: weight bits per layer from layer orthogonality (or a baseline criterion), solved exactly
+as an integer program under a size budget and an optional BOPs budget.
+
+Budgets (all may be combined; the solve satisfies every one given):
+
+* ``--target-bits T``: qcore's convention, the element-weighted mean weight bits over all quantized layers,
+  pinned layers included (pins are paid first; ``budget_convention = "pins_included"``);
+* ``-o size_mb=X``: the model size in MiB as result.json reports it (:func:`qcore.plan_cost`: weights at their
+  bits, scales and zero points, biases and everything else at 32 bits);
+* ``-o bops_g=Y``: giga bit-operations per sample as result.json reports them (``sum MACs x w_bits x a_bits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+import qcore
+from qcore_ompq.orthogonality import Orthogonality, downstream_mean, orthogonality
+from qcore_ompq.seed import seed_report
+from qcore_ompq.sensitivity import hessian_traces, objective_matrix, weight_errors
+from qcore_ompq.solve import Solution, solve_ilp, solve_seed
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class OMPQOptions:
+    """``-o`` options of the ``ompq`` allocator."""
+
+    criterion: Literal["orm", "size", "hawq", "uniform"] = field(default="orm", metadata={
+        "help": "what decides the bits: orm (OMPQ's orthogonality importance), size (every layer equally "
+                "important: the size structure alone), hawq (Hessian trace x weight error), uniform (one bit-width "
+                "for all free layers, the largest that fits)"})
+    objective: Literal["error", "linear"] = field(default="error", metadata={
+        "help": "orm/size: error = minimise sum importance x relative weight error at the chosen bits; linear = "
+                "the seed's maximise sum importance x bits (optimum at the extreme bit-widths)"})
+    ompq_beta: float = field(default=1.0, metadata={"help": "beta of theta = exp(-beta gamma), the seed's --beta"})
+    bit_choices: tuple[int, ...] = field(default=(2, 3, 4, 5, 6, 7, 8), metadata={
+        "help": "weight bit-widths a free layer may take (comma list)"})
+    size_mb: float | None = field(default=None, metadata={
+        "help": "model-size budget in MiB as result.json's size_mb counts it (with --target-bits if given)"})
+    bops_g: float | None = field(default=None, metadata={
+        "help": "BOPs budget in G per sample as result.json's bops counts it"})
+    solver: Literal["milp", "seed"] = field(default="milp", metadata={
+        "help": "milp: exact integer program (scipy HiGHS); seed: the seed's SLSQP + floor/ceil DFS on the "
+                "linear objective (for comparison; size budget only)"})
+    orm_samples: int = field(default=32, metadata={"help": "samples of the one calibration batch used (seed: 32)"})
+    orm_features: Literal["layer", "block"] = field(default="layer", metadata={
+        "help": "layer: each layer's own output; block: the seed's convention, a block's last layer and its "
+                "downsample represented by the block output (after the residual add)"})
+    hawq_probes: int = field(default=4, metadata={"help": "hawq: Hutchinson probes per batch"})
+    hawq_batches: int = field(default=2, metadata={"help": "hawq: calibration batches for the Hessian traces"})
+    convention: Literal["qcore", "seed"] = field(default="qcore", metadata={
+        "help": "seed: also report the plan's size and BOPs in the seed's conventions (measured.ompq.seed)"})
+    plots: bool = field(default=False, metadata={"help": "write plots/ompq_orm.png (needs matplotlib)"})
+    finetune_epochs: int = field(default=0, metadata={
+        "help": "QAT fine-tuning epochs after allocation (the seed's second use): not implemented yet"})
+
+    def __post_init__(self) -> None:
+        if not self.bit_choices or any(not 1 <= b <= qcore.MAX_BITS for b in self.bit_choices):
+            raise qcore.QcoreError(f"bit_choices={self.bit_choices} must be bit-widths in 1..{qcore.MAX_BITS}, "
+                                   "e.g. -o bit_choices=2,3,4,5,6,7,8")
+        if self.ompq_beta < 0 or not math.isfinite(self.ompq_beta):
+            raise qcore.QcoreError(f"ompq_beta={self.ompq_beta} must be a finite number >= 0")
+        for key in ("size_mb", "bops_g"):
+            v = getattr(self, key)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise qcore.QcoreError(f"{key}={v} must be a positive number")
+        if self.orm_samples < 2:
+            raise qcore.QcoreError(f"orm_samples={self.orm_samples} must be at least 2")
+        if self.hawq_probes < 1 or self.hawq_batches < 1:
+            raise qcore.QcoreError("hawq_probes and hawq_batches must be at least 1")
+        if self.finetune_epochs < 0:
+            raise qcore.QcoreError(f"finetune_epochs={self.finetune_epochs} must be >= 0")
+
+
+def block_outputs(model: Any, names: list[str]) -> dict[str, str]:
+    """The seed's block-output convention: within each recognised block (qcore_recon's block types), the last
+    quantized layer in module order and any downsample/shortcut layer are represented by the block's output."""
+    from qcore_recon import is_block
+
+    out: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for block_name, module in modules.items():
+        if not block_name or not is_block(module):
+            continue
+        inside = [n for n in names if n.startswith(block_name + ".")]
+        if not inside:
+            continue
+        own = [n for n in inside if ".downsample" not in n[len(block_name):] and ".shortcut" not in n[len(block_name):]]
+        for n in inside:
+            if n not in own or (own and n == own[-1]):
+                out[n] = block_name
+    return out
+
+
+class OMPQAllocator(qcore.Allocator):
+    """OMPQ: linear CKA between the layers' outputs on one calibration batch gives each layer an importance
+    ``theta = exp(-beta gamma)`` (``gamma``: its summed similarity to the other layers, normalised so the largest
+    theta is 1); one bit-width per free layer is then chosen exactly (``scipy.optimize.milp``) under the size
+    budget (``--target-bits`` or ``-o size_mb``) and optionally ``-o bops_g``. Activations get ``--a-bits``.
+    ``-o criterion`` swaps the importance for a baseline through the same solve."""
+
+    name = "ompq"
+    description = ("OMPQ: layer orthogonality (linear CKA) importance, exact ILP bits per layer under size/BOPs "
+                   "budgets (-o criterion=size|hawq|uniform for baselines)")
+    Options = OMPQOptions
+    budget_convention = "pins_included"
+
+    def allocate(self, ctx: qcore.RunContext) -> qcore.Plan:
+        o = self.options
+        if o.finetune_epochs:
+            raise qcore.NotImplementedMethodError(
+                "ompq: QAT fine-tuning (-o finetune_epochs) is not implemented yet; run without it (PTQ)")
+        budget = ctx.budget
+        target = budget.target_bits if budget.target_bits is not None else (
+            float(budget.w_bits) if budget.w_bits is not None and o.size_mb is None and o.bops_g is None else None)
+        if target is None and o.size_mb is None and o.bops_g is None:
+            raise qcore.QcoreError("ompq needs a budget: pass --target-bits (e.g. 4), -o size_mb=X or -o bops_g=Y")
+        a_bits = budget.a_bits
+        choices = sorted(set(int(b) for b in o.bit_choices))
+        t0 = time.perf_counter()
+
+        free = [n for n in ctx.layers if n not in ctx.pinned]
+        pins = {n: p for n, p in ctx.pinned.items() if n in ctx.layers}
+        sizes = [ctx.layers[n].weight_numel for n in free]
+        pinned_plan = {n: qcore.layer_spec(ctx.pipeline, p.w_bits, p.a_bits, ctx.quantizer.name)
+                       for n, p in pins.items()}
+
+        def plan_for(bits: dict[str, int]) -> qcore.Plan:
+            layers = {n: qcore.layer_spec(ctx.pipeline, b, a_bits, ctx.quantizer.name) for n, b in bits.items()}
+            layers.update({n: s for n, s in pinned_plan.items() if s.weight is not None or s.act is not None})
+            return qcore.Plan(layers=layers)
+
+        # budgets, as weight bits (and BOPs) the free layers may spend
+        caps: list[float] = []
+        if target is not None:
+            pinned_q = {n: p.w_bits for n, p in pins.items() if p.w_bits is not None}
+            total = sum(sizes) + sum(ctx.layers[n].weight_numel for n in pinned_q)
+            caps.append(target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_q.items()))
+        low = min(choices)
+        base = qcore.plan_cost(ctx.model, ctx.layers, plan_for({n: low for n in free}))
+        if o.size_mb is not None:
+            caps.append((o.size_mb - base.size_mb) * 8 * MIB + low * sum(sizes))
+        cap = math.floor(min(caps) + 1e-6) if caps else math.inf
+        macs = None
+        bops_cap = None
+        if o.bops_g is not None:
+            act = float(a_bits) if a_bits is not None else 32.0
+            macs = [ctx.layers[n].macs * act for n in free]
+            fixed_bops = base.bops - sum(m * low for m in macs)
+            bops_cap = o.bops_g * 1e9 - fixed_bops
+        if cap is math.inf:  # BOPs only
+            cap = max(choices) * sum(sizes)
+
+        orm: Orthogonality | None = None
+        info: dict[str, Any] = {"criterion": o.criterion, "bit_choices": choices, "free_layers": len(free)}
+        sol: Solution
+        if o.criterion == "uniform":
+            sol = self._uniform(free, sizes, choices, cap, macs, bops_cap)
+        else:
+            weight = np.ones(len(free))
+            if o.criterion == "orm" and free:
+                batch = next(iter(ctx.calibration_batches()))
+                outputs = block_outputs(ctx.model, free) if o.orm_features == "block" else None
+                orm = orthogonality(ctx.model, free, batch, ctx.task.forward, o.ompq_beta, layers=ctx.layers,
+                                    samples=o.orm_samples, outputs=outputs)
+                weight = downstream_mean(orm.theta)
+                log.info("ompq: %d layers, gamma %.3f..%.3f, theta %.3g..1 (beta %g)", len(free), orm.gamma.min(),
+                         orm.gamma.max(), orm.theta.min(), o.ompq_beta)
+                info["orthogonality"] = orm.to_dict()
+                info["omega"] = {n: float(w) for n, w in zip(free, weight)}
+            if o.solver == "seed":
+                if o.bops_g is not None:
+                    raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
+                                           "-o solver=milp")
+                sol = solve_seed(sizes, weight, min(choices), max(choices), cap)
+            else:
+                if o.criterion == "hawq" or o.objective == "error":
+                    errors = weight_errors(ctx, free, choices)
+                traces = None
+                if o.criterion == "hawq":
+                    batches = list(ctx.calibration_batches())[:o.hawq_batches]
+                    traces = hessian_traces(ctx.model, free, batches, ctx.task.forward, o.hawq_probes,
+                                            seed=ctx.config.seed)
+                    info["hessian_trace"] = traces
+                    dist = objective_matrix("hawq", errors, sizes, choices, traces=traces, names=free)
+                elif o.objective == "error":
+                    dist = objective_matrix("error", errors, sizes, choices, weight=weight)
+                else:
+                    dist = objective_matrix("linear", np.zeros((len(free), len(choices))), sizes, choices,
+                                            weight=weight)
+                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap)
+        seconds = time.perf_counter() - t0
+        bits = dict(zip(free, sol.bits))
+        plan = plan_for(bits)
+        cost = qcore.plan_cost(ctx.model, ctx.layers, plan)
+        if o.size_mb is not None and cost.size_mb > o.size_mb * (1 + 1e-12):
+            raise qcore.QcoreError(f"ompq: internal error, plan size {cost.size_mb:.6f} MiB over -o size_mb="
+                                   f"{o.size_mb}; please report the command")
+        if o.bops_g is not None and cost.bops > o.bops_g * 1e9 * (1 + 1e-9):
+            raise qcore.QcoreError(f"ompq: internal error, plan BOPs {cost.bops / 1e9:.6f} G over -o bops_g="
+                                   f"{o.bops_g}; please report the command")
+        info.update(bits=bits, solver=sol.solver, objective=o.objective if o.criterion in ("orm", "size") else
+                    o.criterion, objective_value=sol.objective, search_seconds=round(seconds, 3),
+                    target_bits=target, size_mb_budget=o.size_mb, bops_g_budget=o.bops_g,
+                    size_mb=cost.size_mb, bops_g=cost.bops / 1e9, w_bits_avg=cost.w_bits_avg,
+                    conventions="size_mb and bops_g as result.json counts them (qcore.plan_cost); pinned layers "
+                                "at their pins, activations at --a-bits")
+        if o.convention == "seed":
+            all_bits = {**{n: p.w_bits for n, p in pins.items() if p.w_bits is not None}, **bits}
+            info["seed"] = seed_report(ctx.layers, all_bits, a_bits)
+        ctx.measured["ompq"] = info
+        if o.plots and orm is not None:
+            from qcore_ompq.plots import orm_png
+            ctx.artifacts["plots/ompq_orm.png"] = orm_png(orm, bits)
+        log.info("ompq (%s, %s): %.3f mean weight bits, %.4f MiB, %.3f G BOPs, solved in %.2f s", o.criterion,
+                 sol.solver, cost.w_bits_avg or 0.0, cost.size_mb, cost.bops / 1e9, seconds)
+        return dataclasses.replace(plan, meta={"allocator": self.name, "criterion": o.criterion, "bits": bits,
+                                               "solver": sol.solver, "target_bits": target})
+
+    @staticmethod
+    def _uniform(free: list[str], sizes: list[int], choices: list[int], cap: float, macs: list[float] | None,
+                 bops_cap: float | None) -> Solution:
+        for b in sorted(choices, reverse=True):
+            size = b * sum(sizes)
+            bops = b * sum(macs) if macs is not None else 0.0
+            if size <= cap and (bops_cap is None or bops <= bops_cap * (1 + 1e-12)):
+                return Solution([b] * len(free), 0.0, size, bops, "uniform (largest bit-width that fits)")
+        raise qcore.QcoreError(f"ompq: no single bit-width in {choices} fits the budget for every free layer; raise "
+                               "the budget or add lower -o bit_choices")

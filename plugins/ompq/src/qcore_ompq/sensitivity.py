@@ -1,0 +1,113 @@
+"""Per-layer quantities the allocator's objectives are built from.
+
+* :func:`weight_errors`: ``||Q_b(W) - W||^2`` of each layer at each bit-width on the run's own quantizer, its
+  ranges set by the run's calibrator's weight estimator (through the :class:`qcore.FakeQuantizer` protocol).
+* :func:`hessian_traces`: HAWQ-style ``Tr(H_i)`` per layer by Hutchinson's estimator (Rademacher probes,
+  Hessian-vector products by double back-propagation) of the distortion loss against the FP model's own output:
+  KL(FP softmax || softmax) for 2-D outputs (logits), half the squared error otherwise. At the FP point this
+  Hessian is the Gauss-Newton / Fisher matrix, so it is positive semi-definite and needs no labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import qcore
+from qcore.ranges import RangeFn, minmax_range
+
+log = logging.getLogger(__name__)
+
+
+def weight_estimator(ctx: qcore.RunContext) -> RangeFn:
+    """The weight clip-range estimator the run's calibrator will start from (min/max when it has none)."""
+    cal = ctx.calibrator
+    if isinstance(cal, qcore.RangeCalibrator):
+        return cal.weight_estimator()
+    return minmax_range
+
+
+def weight_errors(ctx: qcore.RunContext, names: Sequence[str], bits: Sequence[int]) -> np.ndarray:
+    """``[layers, bits]`` summed squared weight error on the run's quantizer and weight ranges (fp64)."""
+    est = weight_estimator(ctx)
+    out = np.zeros((len(names), len(bits)))
+    for i, name in enumerate(qcore.track(list(names), desc="ompq weight errors", unit="layer")):
+        weight = ctx.model.get_submodule(name).weight.detach()
+        for k, b in enumerate(bits):
+            spec = qcore.layer_spec(ctx.pipeline, int(b), None, ctx.quantizer.name).weight
+            assert spec is not None
+            q = ctx.quantizer.make(spec, "weight", ctx.layers[name])
+            if not isinstance(q, qcore.FakeQuantizer):
+                raise qcore.QcoreError(f"ompq measures weight errors through the FakeQuantizer protocol; quantizer "
+                                       f"{ctx.quantizer.name!r} made a {type(q).__name__}")
+            q = q.to(weight.device)
+            with torch.no_grad():
+                qcore.calibrate_rows(q, q.rows_of(weight), est)
+                out[i, k] = float((q(weight) - weight).double().pow(2).sum())
+    return out
+
+
+def _distortion(out: Tensor, ref: Tensor) -> Tensor:
+    if out.dim() == 2 and out.is_floating_point():
+        return F.kl_div(F.log_softmax(out.float(), dim=1), F.log_softmax(ref.float(), dim=1), log_target=True,
+                        reduction="batchmean")
+    return 0.5 * (out.float() - ref.float()).pow(2).sum() / max(out.shape[0], 1)
+
+
+def hessian_traces(model: nn.Module, names: Sequence[str], batches: Sequence[Any],
+                   forward: Callable[[nn.Module, Any], Any], probes: int = 4, seed: int = 0) -> dict[str, float]:
+    """Hutchinson estimate of ``Tr(H)`` of each layer's weight block, averaged over ``batches`` and ``probes``
+    Rademacher vectors. ``model`` is copied (its weights' gradients are not touched)."""
+    work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    params = [work.get_submodule(n).weight for n in names]
+    for p in params:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    totals = np.zeros(len(names))
+    count = 0
+    for batch in qcore.track(list(batches), desc="ompq hessian traces", unit="batch"):
+        with torch.no_grad():
+            ref = forward(model, batch)
+        if not isinstance(ref, Tensor):
+            raise qcore.QcoreError("ompq's hawq sensitivity needs the task's forward to return one tensor")
+        loss = _distortion(forward(work, batch), ref.detach())
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for k in range(probes):
+            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
+            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
+            totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs)])
+            count += 1
+    traces = totals / max(count, 1)
+    return {n: max(float(t), 0.0) for n, t in zip(names, traces)}
+
+
+def objective_matrix(kind: str, errors: np.ndarray, sizes: Sequence[int], bits: Sequence[int],
+                     weight: Sequence[float] | None = None, traces: Mapping[str, float] | None = None,
+                     names: Sequence[str] | None = None) -> np.ndarray:
+    """``D[i, k]`` to minimise for layer i at ``bits[k]``:
+
+    * ``linear``: the seed's objective, ``-weight_i * bits_k`` (maximise importance-weighted bits);
+    * ``error``: ``weight_i * errors[i, k] / errors[i, 0]`` (importance times the weight error relative to the
+      layer's error at the fewest bits, so every layer's scale is its own);
+    * ``hawq``: ``Tr(H_i) / n_i * errors[i, k]`` (HAWQ-V2's trace-weighted perturbation).
+    """
+    b = np.asarray(bits, dtype=np.float64)
+    if kind == "linear":
+        return -np.asarray(weight, dtype=np.float64)[:, None] * b[None, :]
+    if kind == "error":
+        base = np.maximum(errors[:, :1], 1e-300)
+        return np.asarray(weight, dtype=np.float64)[:, None] * errors / base
+    if kind == "hawq":
+        assert traces is not None and names is not None
+        t = np.array([traces[n] / max(int(s), 1) for n, s in zip(names, sizes)])
+        return t[:, None] * errors
+    raise ValueError(f"unknown objective {kind!r}")

@@ -1,0 +1,173 @@
+"""One bit-width per layer under a size budget and an optional BOPs budget.
+
+* :func:`solve_ilp`: the exact integer program with ``scipy.optimize.milp`` (HiGHS): binary ``x[i, k]`` (layer i
+  takes ``bits[k]``), one choice per layer, ``sum n_i b x <= size_budget`` and ``sum m_i b x <= bops_budget``,
+  minimising ``sum D[i, k] x[i, k]``. The answer is checked in exact integer arithmetic and never exceeds a budget.
+* :func:`brute_force`: every assignment (the reference for tests on small problems).
+* :func:`solve_seed`: the seed's path for comparison (spec section 4-5): SLSQP from ``x0 = 1`` on bit fractions in
+  ``[min/8, max/8]`` with the linear objective, then a DFS over floor/ceil of each layer's continuous bits that
+  stays within the continuous solution's bit budget and comes closest to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+import qcore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Bits per layer (``bits[i]``), the objective value, the totals it spends and which solver found it."""
+
+    bits: list[int]
+    objective: float
+    size_bits: int
+    bops: float
+    solver: str
+
+
+def _totals(sizes: Sequence[int], macs: Sequence[float] | None, bits: Sequence[int]) -> tuple[int, float]:
+    size = sum(int(n) * int(b) for n, b in zip(sizes, bits))
+    bops = sum(float(m) * int(b) for m, b in zip(macs, bits)) if macs is not None else 0.0
+    return size, bops
+
+
+def _check_inputs(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int]) -> np.ndarray:
+    d = np.asarray(dist, dtype=np.float64)
+    if d.shape != (len(sizes), len(choices)):
+        raise ValueError(f"dist must be [layers, choices] = [{len(sizes)}, {len(choices)}], got {d.shape}")
+    if not np.isfinite(d).all():
+        raise ValueError("dist must be finite")
+    return d
+
+
+def _infeasible(size_budget: float, bops_budget: float | None, sizes: Sequence[int], macs: Sequence[float] | None,
+                choices: Sequence[int]) -> qcore.QcoreError:
+    low = min(choices)
+    need, need_bops = _totals(sizes, macs, [low] * len(sizes))
+    what = f"{need} weight bits at {low} bits everywhere > budget {int(size_budget)}"
+    if bops_budget is not None and need_bops > bops_budget:
+        what = f"{need_bops / 1e9:.4g} G BOPs at {low} bits everywhere > budget {bops_budget / 1e9:.4g} G"
+    return qcore.QcoreError(f"ompq: impossible budget ({what}); raise --target-bits / -o size_mb / -o bops_g, lower "
+                            "add lower -o bit_choices or pin fewer layers (-o first_last=same)")
+
+
+def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], size_budget: float,
+              macs: Sequence[float] | None = None, bops_budget: float | None = None) -> Solution:
+    """Exact minimum of ``sum D[i, choice_i]`` with ``sum sizes_i * bits`` <= ``size_budget`` (weight bits) and,
+    when given, ``sum macs_i * bits <= bops_budget`` (``macs_i`` already multiplied by the layer's activation
+    bits). Raises :class:`qcore.QcoreError` when no assignment fits."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    d = _check_inputs(sizes, dist, choices)
+    n, k = d.shape
+    cap = math.floor(size_budget + 1e-9)
+    lowest = _totals(sizes, macs, [min(choices)] * n)
+    if lowest[0] > cap or (bops_budget is not None and lowest[1] > bops_budget * (1 + 1e-12)):
+        raise _infeasible(size_budget, bops_budget, sizes, macs, choices)
+    if n == 0:
+        return Solution([], 0.0, 0, 0.0, "milp")
+    b = np.asarray(choices, dtype=np.float64)
+    one = np.zeros((n, n * k))
+    for i in range(n):
+        one[i, i * k:(i + 1) * k] = 1.0
+    rows = [LinearConstraint(one, 1.0, 1.0)]
+    size_row = (np.asarray(sizes, dtype=np.float64)[:, None] * b[None, :]).reshape(1, -1)
+    rows.append(LinearConstraint(size_row, -np.inf, float(cap)))
+    if bops_budget is not None:
+        if macs is None:
+            raise ValueError("a BOPs budget needs macs")
+        bops_row = (np.asarray(macs, dtype=np.float64)[:, None] * b[None, :]).reshape(1, -1)
+        rows.append(LinearConstraint(bops_row, -np.inf, float(bops_budget)))
+    # centre each layer's row: same optimum (one choice per layer), better conditioned for HiGHS
+    c = (d - d.min(axis=1, keepdims=True)).reshape(-1)
+    scale = float(np.abs(c).max()) or 1.0
+    shrink = 0.0
+    for _attempt in range(4):
+        if shrink:
+            rows[1] = LinearConstraint(size_row, -np.inf, float(cap) - shrink)
+        res = milp(c / scale, constraints=rows, integrality=np.ones(n * k), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 0.0})
+        if res.x is None:
+            raise _infeasible(size_budget, bops_budget, sizes, macs, choices)
+        pick = np.asarray(res.x).reshape(n, k).argmax(axis=1)
+        bits = [int(choices[j]) for j in pick]
+        size, bops = _totals(sizes, macs, bits)
+        if size <= cap and (bops_budget is None or bops <= bops_budget * (1 + 1e-12)):
+            return Solution(bits, float(d[np.arange(n), pick].sum()), size, bops, "milp (HiGHS)")
+        shrink = max(shrink * 2, float(min(sizes)))  # the solver's tolerance let it over: tighten and retry
+        log.debug("ompq: milp answer over budget by tolerance, retrying %d bits tighter", shrink)
+    raise qcore.QcoreError("ompq: the MILP solver kept answering over budget; report this with the command")
+
+
+def brute_force(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], size_budget: float,
+                macs: Sequence[float] | None = None, bops_budget: float | None = None) -> Solution | None:
+    """Every assignment in turn (``len(choices) ** layers``): the reference :func:`solve_ilp` is tested against;
+    None when nothing fits."""
+    d = _check_inputs(sizes, dist, choices)
+    best: Solution | None = None
+    for pick in itertools.product(range(len(choices)), repeat=len(sizes)):
+        bits = [int(choices[j]) for j in pick]
+        size, bops = _totals(sizes, macs, bits)
+        if size > size_budget + 1e-9 or (bops_budget is not None and bops > bops_budget * (1 + 1e-12)):
+            continue
+        obj = float(sum(d[i, j] for i, j in enumerate(pick)))
+        if best is None or obj < best.objective - 1e-12:
+            best = Solution(bits, obj, size, bops, "brute force")
+    return best
+
+
+def solve_seed(sizes: Sequence[int], omega: Sequence[float], min_bits: int, max_bits: int,
+               size_budget: float) -> Solution:
+    """The seed's solver: SLSQP maximising ``sum omega_i x_i`` over ``x_i = b_i / 8 in [min/8, max/8]`` with
+    ``sum x_i n_i <= size_budget / 8`` from ``x0 = 1`` (scipy defaults), then the DFS over floor/ceil of
+    ``8 x_i`` within the continuous bit total. Kept for comparison (``-o solver=seed``); it optimises the seed's
+    linear objective only and ignores any BOPs budget."""
+    from scipy.optimize import minimize
+
+    n = len(sizes)
+    if n == 0:
+        return Solution([], 0.0, 0, 0.0, "seed (SLSQP + DFS)")
+    w = np.asarray(omega, dtype=np.float64)
+    s = np.asarray(sizes, dtype=np.float64)
+    if min_bits * s.sum() > size_budget + 1e-9:
+        raise _infeasible(size_budget, None, sizes, None, list(range(min_bits, max_bits + 1)))
+    res = minimize(lambda x: float(-(w * x).sum()), np.ones(n), jac=lambda x: -w, method="SLSQP",
+                   bounds=[(min_bits / 8, max_bits / 8)] * n,
+                   constraints=[{"type": "ineq", "fun": lambda x: size_budget / 8 - float((x * s).sum()),
+                                 "jac": lambda x: -s}])
+    cont = np.clip(8 * np.asarray(res.x), min_bits, max_bits)
+    threshold = min(float((cont * s).sum()), float(size_budget))
+    lo = np.floor(cont + 1e-9).astype(int)
+    hi = np.ceil(cont - 1e-9).astype(int)
+    # DFS (the seed's, with pruning of partial sums above the threshold; floor of the remaining layers as bound)
+    best_bits: list[int] | None = None
+    best_gap = math.inf
+    floor_rest = np.concatenate([np.cumsum((lo * s)[::-1])[::-1], [0.0]])
+    stack: list[tuple[int, float, list[int]]] = [(0, 0.0, [])]
+    visited = 0
+    while stack and visited < 2_000_000:
+        i, total, chosen = stack.pop()
+        visited += 1
+        if i == n:
+            gap = threshold - total
+            if 0 <= gap < best_gap:
+                best_gap, best_bits = gap, chosen
+            continue
+        for b in {int(lo[i]), int(hi[i])}:
+            t = total + b * s[i]
+            if t + floor_rest[i + 1] <= threshold + 1e-6:
+                stack.append((i + 1, t, chosen + [b]))
+    if best_bits is None:  # cannot happen when the floors fit; keep the floors
+        best_bits = [int(v) for v in lo]
+    size, _ = _totals(sizes, None, best_bits)
+    return Solution(best_bits, float(-(w * np.asarray(best_bits)).sum()), size, 0.0, "seed (SLSQP + DFS)")

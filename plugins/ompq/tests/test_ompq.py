@@ -1,0 +1,189 @@
+"""qcore-ompq: CKA against its slow reference, importance without underflow, the ILP against brute force and its
+budgets, the seed's size/BOPs arithmetic on ResNet-18, and the allocator/method through the pipeline."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import qcore
+from qcore.testing import check_allocator, make_host, run_tiny
+from qcore_ompq import (
+    brute_force,
+    cka_matrix,
+    downstream_mean,
+    expand_bits,
+    importance,
+    linear_cka,
+    plugin,
+    seed_bops,
+    seed_size_mib,
+    solve_ilp,
+    solve_seed,
+)
+from qcore_ompq.allocator import block_outputs
+from qcore_recon import plugin as recon_plugin
+
+
+@pytest.fixture(scope="module")
+def host():
+    return make_host(("recon", recon_plugin), ("ompq", plugin))
+
+
+# -- orthogonality -------------------------------------------------------------------------------------------------
+def test_cka_matrix_matches_the_slow_reference_in_both_forms():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    feats = [torch.randn(16, 40, generator=g, dtype=torch.float64),   # p >= N: Gram form
+             base @ torch.randn(5, 3, generator=g, dtype=torch.float64),  # p < N: feature-space form
+             torch.randn(16, 7, generator=g, dtype=torch.float64),
+             base @ torch.randn(5, 30, generator=g, dtype=torch.float64)]
+    mat = cka_matrix(feats)
+    for i, j in itertools.product(range(4), repeat=2):
+        assert mat[i, j] == pytest.approx(linear_cka(feats[i], feats[j]), abs=1e-10)
+    assert np.allclose(np.diag(mat), 1.0) and np.allclose(mat, mat.T)
+    assert mat[1, 3] > mat[0, 1]  # features from one 5-dim source are more similar than independent ones
+    # CKA is invariant to orthogonal transforms and isotropic scaling of the features
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    assert linear_cka(feats[0], 3.0 * feats[0] @ q) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_importance_cannot_underflow_and_follows_orthogonality():
+    mat = np.array([[1.0, 0.9, 0.8], [0.9, 1.0, 0.1], [0.8, 0.1, 1.0]])
+    for beta in (1.0, 100.0, 1e4):
+        gamma, theta = importance(mat, beta)
+        assert np.allclose(gamma, [1.7, 1.0, 0.9])
+        assert theta.max() == 1.0 and np.isfinite(theta).all()
+        assert theta[2] >= theta[1] >= theta[0]  # the most orthogonal layer is the most important
+    assert np.exp(-100.0 * 0.9) < 1e-38  # the seed's un-normalised theta would be below float32's range here
+    assert np.allclose(downstream_mean(np.array([1.0, 2.0, 3.0])), [2.0, 2.5, 3.0])
+    with pytest.raises(qcore.QcoreError, match="ompq_beta"):
+        importance(mat, -1.0)
+
+
+# -- the integer program -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_equals_brute_force_and_never_exceeds_budgets(seed):
+    rng = np.random.default_rng(seed)
+    n, choices = 5, [2, 3, 4, 6, 8]
+    sizes = rng.integers(10, 500, n).tolist()
+    dist = np.sort(rng.random((n, len(choices))) * rng.random((n, 1)) * 10, axis=1)[:, ::-1]  # falls with bits
+    macs = (rng.integers(1, 100, n) * 4).astype(float).tolist()
+    size_budget = rng.uniform(2.5, 6.0) * sum(sizes)
+    bops_budget = rng.uniform(3.0, 7.0) * sum(macs) if seed % 2 else None
+    ilp = solve_ilp(sizes, dist, choices, size_budget, macs=macs, bops_budget=bops_budget)
+    ref = brute_force(sizes, dist, choices, size_budget, macs=macs, bops_budget=bops_budget)
+    assert ref is not None
+    assert ilp.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
+    assert ilp.size_bits == sum(s * b for s, b in zip(sizes, ilp.bits)) <= size_budget
+    if bops_budget is not None:
+        assert sum(m * b for m, b in zip(macs, ilp.bits)) <= bops_budget
+
+
+def test_ilp_refuses_an_impossible_budget():
+    with pytest.raises(qcore.QcoreError, match="impossible budget"):
+        solve_ilp([100, 100], np.zeros((2, 2)), [2, 4], size_budget=399)
+    with pytest.raises(qcore.QcoreError, match="BOPs"):
+        solve_ilp([100, 100], np.zeros((2, 2)), [2, 4], size_budget=800, macs=[10.0, 10.0], bops_budget=39.0)
+
+
+def test_seed_solver_stays_within_budget_and_the_ilp_is_at_least_as_good():
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(100, 5000, 8).tolist()
+    omega = rng.random(8)
+    budget = 3.0 * sum(sizes)
+    seed = solve_seed(sizes, omega, 2, 4, budget)
+    assert all(2 <= b <= 4 for b in seed.bits) and seed.size_bits <= budget
+    ilp = solve_ilp(sizes, -omega[:, None] * np.array([2.0, 3.0, 4.0])[None, :], [2, 3, 4], budget)
+    assert seed.objective == pytest.approx(-float((omega * np.array(seed.bits)).sum()))
+    assert ilp.objective <= seed.objective + 1e-9  # the exact optimum is never worse than the seed's path
+
+
+# -- the seed's arithmetic -----------------------------------------------------------------------------------------
+#: ResNet-18 bit lists of the seed (MAC-AutoML/OMPQ PTQ/run_scripts/train_resnet18.sh: 3.0, 3.5, 4.0, 4.5, 5.0,
+#: 5.5 "Mb"; QAT/bit_config.py modelsize_6.7: the 16 searched layers, stem and FC at 8)
+PTQ_CFGS = {2.998: [4, 3, 4, 4, 4, 4, 4, 3, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2],
+            3.499: [4, 3, 3, 4, 4, 4, 4, 4, 4, 4, 3, 3, 4, 3, 2, 2, 2, 3],
+            4.000: [4, 4, 4, 4, 4, 4, 4, 3, 3, 3, 3, 3, 4, 3, 2, 3, 3, 3],
+            4.499: [4, 3, 3, 4, 4, 4, 4, 4, 4, 4, 3, 3, 4, 4, 3, 3, 3, 3],
+            5.000: [4, 3, 3, 3, 4, 4, 4, 3, 4, 3, 4, 3, 4, 3, 3, 4, 4, 4],
+            5.500: [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3, 4, 4, 4, 4, 4, 4, 4]}
+QAT_CFG = [8, 8, 8, 8, 7, 8, 8, 8, 8, 4, 6, 8, 4, 4, 4, 4]
+
+
+@pytest.fixture(scope="module")
+def resnet18_layers():
+    import torchvision  # pinned in requirements-test.txt
+
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    layers = qcore.discover_layers(model, qcore.torch_layer_info)
+    qcore.measure_layers(model, layers, lambda m: m(torch.empty(1, 3, 224, 224, device="meta")))
+    return model, layers
+
+
+def test_seed_size_and_bops_reproduced_on_resnet18(resnet18_layers):
+    _, layers = resnet18_layers
+    assert len(layers) == 21
+    for mib, cfg in PTQ_CFGS.items():
+        assert round(seed_size_mib(layers, cfg), 3) == pytest.approx(mib)
+    assert round(seed_size_mib(layers, QAT_CFG, fixed_ends=True), 3) == pytest.approx(6.699)
+    assert round(seed_bops(layers, QAT_CFG, a_bits=6) / 1e9, 2) == pytest.approx(75.10)
+    assert round(seed_bops(layers, QAT_CFG, a_bits=8) / 1e9, 2) == pytest.approx(97.51)
+    per = expand_bits(layers, PTQ_CFGS[2.998])
+    assert per["layer2.0.downsample.0"] == per["layer2.0.conv2"] == 4 and per["fc"] == 2
+    with pytest.raises(qcore.QcoreError, match="entries"):
+        expand_bits(layers, [4] * 5)
+
+
+def test_block_output_convention_maps_conv2_and_downsample_to_the_block(resnet18_layers):
+    model, layers = resnet18_layers
+    out = block_outputs(model, list(layers))
+    assert out["layer1.0.conv2"] == "layer1.0" and out["layer2.0.downsample.0"] == "layer2.0"
+    assert "layer2.0.conv1" not in out and "conv1" not in out and "fc" not in out
+
+
+# -- the allocator and the method through the pipeline ------------------------------------------------------------
+@pytest.mark.parametrize("criterion", ["orm", "size", "hawq", "uniform"])
+def test_allocator_contract(host, criterion):
+    check_allocator(host, "ompq", target_bits=4.0, criterion=criterion, hawq_batches=1, hawq_probes=1)
+
+
+def test_size_and_bops_budgets_hold_in_result_json_terms(host):
+    hi = run_tiny(host, allocator="fixed", w_bits=8, a_bits=8, calibrator="minmax").result
+    lo = run_tiny(host, allocator="fixed", w_bits=2, a_bits=8, calibrator="minmax").result
+    size_mb = (hi["size_mb"] + lo["size_mb"]) / 2
+    bops_g = (0.4 * hi["bops"] + 0.6 * lo["bops"]) / 1e9
+    r = run_tiny(host, allocator="ompq", a_bits=8, calibrator="minmax",
+                 options={"size_mb": size_mb, "bops_g": bops_g}).result
+    assert r["size_mb"] <= size_mb and r["bops"] / 1e9 <= bops_g
+    m = r["measured"]["ompq"]
+    assert m["size_mb"] == pytest.approx(r["size_mb"]) and m["bops_g"] == pytest.approx(r["bops"] / 1e9)
+    with pytest.raises(qcore.QcoreError, match="impossible budget"):
+        run_tiny(host, allocator="ompq", a_bits=8, calibrator="minmax", options={"size_mb": lo["size_mb"] * 0.99})
+
+
+def test_default_method_records_orthogonality_and_plots(host):
+    out = run_tiny(host, plugin="ompq", target_bits=6.0,  # matplotlib is in requirements-test.txt
+                   options={"iters": 4, "plots": True, "convention": "seed", "cache": "off"})
+    m = out.result["measured"]["ompq"]
+    assert out.result["components"]["calibrator"] == "qdrop"
+    names = m["orthogonality"]["layers"]
+    assert max(m["orthogonality"]["theta"].values()) == 1.0 and len(m["orthogonality"]["matrix"]) == len(names)
+    assert set(m["bits"]) == set(names) and m["seed"]["size_mib"] > 0
+    assert out.result["w_bits_avg"] <= 6.0 + 1e-9
+    assert out.ctx is not None and out.ctx.artifacts["plots/ompq_orm.png"].startswith(b"\x89PNG")
+
+
+def test_qat_mode_is_refused_clearly(host):
+    with pytest.raises(qcore.NotImplementedMethodError, match="finetune_epochs"):
+        run_tiny(host, allocator="ompq", target_bits=4.0, calibrator="minmax", options={"finetune_epochs": 1})
+
+
+def test_seed_solver_through_the_allocator(host):
+    r = run_tiny(host, allocator="ompq", target_bits=5.0, calibrator="minmax",
+                 options={"solver": "seed", "objective": "linear", "bit_choices": (2, 3, 4)}).result
+    assert r["measured"]["ompq"]["solver"].startswith("seed") and r["w_bits_avg"] <= 5.0 + 1e-9
