@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create one virtual environment per peer toolkit under bench/peers/.venvs/<peer>, from its pinned
+# Create one virtual environment per peer toolkit under .venvs-peers/<peer> (at the repository root,
+# outside the folders tests/test_public_api.py scans), from its pinned
 # bench/peers/<peer>/requirements.txt.
 #
 # Every peer pin here accepts the torch this project is tested with (2.14.1), so instead of a second multi-GB
@@ -20,7 +21,7 @@ if [ ${#peers[@]} -eq 0 ]; then
   for f in "$here"/*/requirements.txt; do peers+=("$(basename "$(dirname "$f")")"); done
 fi
 for peer in "${peers[@]}"; do
-  venv="$here/.venvs/$peer"
+  venv="$repo/.venvs-peers/$peer"
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
   fi

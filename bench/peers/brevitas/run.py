@@ -7,7 +7,7 @@ The ``layerwise`` backend is used because it is the one with the example's first
 (``layerwise_first_last_bit_width=8``): it quantizes the weights and the input of every Conv2d/Linear, like qcore,
 and leaves residual additions in float. Simulated in PyTorch (fake-quant); Brevitas exports such a model to ONNX QCDQ.
 
-Run in bench/peers/.venvs/brevitas: ``python bench/peers/brevitas/run.py --data out/data.npz --out DIR``.
+Run in .venvs-peers/brevitas: ``python bench/peers/brevitas/run.py --data out/data.npz --out DIR``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ restrict CNNs to INT8). The first and last layer are pinned to 8 bits by name, a
 unfolded (ModelOpt leaves folding to TensorRT; per-channel weight scales absorb the BN scale). Residual additions
 are not quantized. Simulated (fake-quant); the INT8 model exports to ONNX QDQ for TensorRT.
 
-Run in bench/peers/.venvs/modelopt: ``python bench/peers/modelopt/run.py --data out/data.npz --out DIR``.
+Run in .venvs-peers/modelopt: ``python bench/peers/modelopt/run.py --data out/data.npz --out DIR``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ NNCF places quantizers from its hardware config (inputs of Conv/Linear and of th
 and last layer at the same bits as the rest (NNCF has no per-layer bit override; ignoring them would keep them FP).
 Simulated in PyTorch (NNCF FakeQuantize); the 8-bit model is deployable through OpenVINO.
 
-Run in bench/peers/.venvs/nncf: ``python bench/peers/nncf/run.py --data out/data.npz --out DIR``.
+Run in .venvs-peers/nncf: ``python bench/peers/nncf/run.py --data out/data.npz --out DIR``.
 """
 
 from __future__ import annotations

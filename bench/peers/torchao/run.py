@@ -8,7 +8,7 @@ quantize/dequantize ops, simulation only); first and last layer stay at the int8
 The quantizer places activation quantizers by its x86 fusion patterns (inputs of Conv/Linear; conv+add patterns
 quantize the residual add's inputs). W8A8 is deployable through Inductor on x86.
 
-Run in bench/peers/.venvs/torchao: ``python bench/peers/torchao/run.py --data out/data.npz --out DIR``.
+Run in .venvs-peers/torchao: ``python bench/peers/torchao/run.py --data out/data.npz --out DIR``.
 """
 
 from __future__ import annotations
