@@ -199,7 +199,7 @@ def run_rows(toolkit: str, version: str, rows: Iterable[Row], argv: list[str] | 
             log.error("%s %s failed:\n%s", toolkit, tag, traceback.format_exc())
         log.info("%s %s %s: top1 %s (%s s) %s", args.model, toolkit, tag, res.top1, res.calibration_seconds,
                  res.error or "")
-        write_result(args.out / tag, res)
+        write_result(args.out / tag.replace("/", "_"), res)  # a method label may contain "/"
         results.append(res)
     return results
 
