@@ -1,0 +1,74 @@
+"""qcore's same-setting rows of the peer comparison, through the Python API (``qcore.quantize``) in qcore's own
+venv, on exactly the tensors the peers get (``common.load_data``) and timed the same way (``quantize`` =
+calibration seconds, then the same evaluation loop).
+
+What is quantized (every row): weights of every Conv2d/Linear, BN folded, per output channel; the input of each of
+those layers per tensor, affine; first and last layer (weights and input) at 8 bits; residual additions, pooling,
+LayerNorm, attention matmuls and softmax not quantized. Deployable (integer grids, per-tensor activation scales)
+except where a row says simulated.
+
+Run in qcore's venv: ``python bench/peers/qcore/run.py --data out/data.npz --out DIR``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+import qcore  # noqa: E402
+
+BASE = {
+    "first_last": "8-bit (W8A8)",
+    "residual_adds": "not quantized",
+    "weights": "per-channel symmetric (min/max)",
+    "activations": "per-tensor affine, inputs of every Conv/Linear",
+    "deployable": "deployable (integer grid, per-tensor A)",
+}
+
+
+def _row(method: str, label: str, w_bits: int | None, a_bits: int | None, bits: tuple[int, int],
+         options: dict[str, Any] | None = None, **describe: str) -> common.Row:
+    def quantize(model: torch.nn.Module, data: common.Data):
+        kw: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
+        if w_bits is None:
+            kw = {"target_bits": 4.0, "a_bits": a_bits}
+        return qcore.quantize(model, data.calib, method, options=options or {}, batch_size=64, seed=common.SEED,
+                              **kw).model
+    return common.Row(label, bits[0], bits[1], quantize, {**BASE, **describe})
+
+
+AFFINE = {"act_correction": "affine"}
+ROWS = [
+    _row("uniform", "uniform", 8, 8, (8, 8)),
+    _row("uniform", "uniform", 4, 8, (4, 8)),
+    _row("uniform", "uniform", 4, 4, (4, 4)),
+    _row("uniform", "uniform + affine correction", 4, 4, (4, 4), AFFINE),
+    _row("aciq", "aciq (per-tensor A, alloc W, bias corr)", 4, 4, (4, 4),
+         {"act_granularity": "tensor", "alloc_acts": False},
+         weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
+         deployable="integer grids, per-tensor A; mixed W bits per channel"),
+    _row("aciq", "aciq (default, per-channel A)", 4, 4, (4, 4), {},
+         weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
+         activations="per-CHANNEL affine, per-channel bits (avg 4)", deployable="simulated (per-channel A)"),
+    _row("rdoq", "rdoq (default: affine correction)", None, 4, (4, 4), {},
+         weights="per group of 8 channels, 3-6 bits (avg 4), symmetric, MSE ranges",
+         deployable="simulated (mixed bits per channel group)"),
+    _row("rdoq", "rdoq, no correction", None, 4, (4, 4), {"act_correction": "none"},
+         weights="per group of 8 channels, 3-6 bits (avg 4), symmetric, MSE ranges",
+         deployable="simulated (mixed bits per channel group)"),
+    _row("qdrop", "qdrop (300 steps/block)", 4, 4, (4, 4), {"cache": "off"},
+         weights="per-channel affine, MSE init, AdaRound"),
+    _row("qdrop", "qdrop + affine correction", 4, 4, (4, 4), {"cache": "off", **AFFINE},
+         weights="per-channel affine, MSE init, AdaRound"),
+    _row("brecq", "brecq (300+75 steps/block)", 4, 4, (4, 4), {"cache": "off"},
+         weights="per-channel affine, MSE init, AdaRound"),
+]
+
+if __name__ == "__main__":
+    common.run_rows("qcore", getattr(qcore, "__version__", "0.1.0"), ROWS)
