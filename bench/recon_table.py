@@ -20,7 +20,9 @@ import fnmatch
 import json
 import os
 import platform
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -103,13 +105,20 @@ def run_row(row: dict[str, Any], state: Path) -> dict[str, Any]:
     cmd = command(row)
     rec: dict[str, Any] = {"id": row["id"], "command": " ".join(cmd), "commit": git_commit(),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    t0 = time.perf_counter()
-    proc = subprocess.run([qcore_exe(), *cmd[1:], "--out", str(out)], env=env, capture_output=True, text=True)
+    t0, c0 = time.perf_counter(), _child_cpu()
+    with subprocess.Popen([qcore_exe(), *cmd[1:], "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            _, stderr = proc.communicate()
+        finally:  # the table killed (SIGTERM, Ctrl-C): the run goes with it, and resumes next time
+            if proc.poll() is None:
+                proc.kill()
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec["cpu_s"] = round(_child_cpu() - c0, 1)  # user + system: about the wall time on an idle core
     if proc.returncode != 0:
-        rec["error"] = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        rec["error"] = (stderr.strip().splitlines() or ["(no stderr)"])[-1]
         (state / "runs").mkdir(parents=True, exist_ok=True)
-        (state / "runs" / (row["id"].replace("/", "_") + ".stderr")).write_text(proc.stderr)
+        (state / "runs" / (row["id"].replace("/", "_") + ".stderr")).write_text(stderr)
         return rec
     r = json.loads((out / "result.json").read_text())
     rec.update(fp=r["fp"], quant=r["quant"], w_bits_avg=r["w_bits_avg"], a_bits_avg=r["a_bits_avg"],
@@ -126,17 +135,22 @@ def run_row(row: dict[str, Any], state: Path) -> dict[str, Any]:
     return rec
 
 
+def _child_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
 def markdown(done: dict[str, dict[str, Any]], order: list[dict[str, Any]]) -> str:
     """The table of every finished row, in row order."""
-    lines = ["| model | bits | method | command | deployable | top-1 | Δ FP | W/A avg | calibrate | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | bits | method | command | deployable | top-1 | Δ FP | W/A avg | calibrate | wall | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in order:
         rec = done.get(row["id"])
         if rec is None:
             continue
         if "error" in rec:
             lines.append(f"| {row['model']} | {row['bits']} | {row['method']} | `{rec['command']}` | "
-                         f"{row['deployable']} | error: {rec['error']} | | | | {rec['wall_s']:.0f} s |")
+                         f"{row['deployable']} | error: {rec['error']} | | | | {rec['wall_s']:.0f} s | |")
             continue
         cal = rec["stage_seconds"].get("calibrate")
         resumed = " (resumed)" if rec.get("recon", {}).get("resumed_units") else ""
@@ -144,7 +158,8 @@ def markdown(done: dict[str, dict[str, Any]], order: list[dict[str, Any]]) -> st
         ab = "-" if rec["a_bits_avg"] is None else f"{rec['a_bits_avg']:.2f}"
         lines.append(f"| {row['model']} | {row['bits']} | {row['method']} | `{rec['command']}` | {row['deployable']} "
                      f"| {rec['quant']:.2f} | {rec['quant'] - rec['fp']:+.2f} | {wb}/{ab} | "
-                     f"{'' if cal is None else f'{cal:.0f} s'} | {_minutes(rec['wall_s'])}{resumed} |")
+                     f"{'' if cal is None else f'{cal:.0f} s'} | {_minutes(rec['wall_s'])}{resumed} | "
+                     f"{_minutes(rec.get('cpu_s', 0.0))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
     p.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown from the JSON, run nothing")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     order = [r for r in rows(args.models) if any(fnmatch.fnmatch(r["id"], g) for g in args.rows)]
     if args.list:
         for r in order:
