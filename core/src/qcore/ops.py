@@ -223,8 +223,9 @@ def fake_quantize_channels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: T
 
 
 def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: bool, dim: int = -1,
-                   out: Tensor | None = None) -> Tensor:
-    """Mean squared error of fake-quantizing ``x`` on ``[lo, hi]``, reduced over ``dim`` (no gradient).
+                   out: Tensor | None = None, p: float = 2.0) -> Tensor:
+    """Mean squared error of fake-quantizing ``x`` on ``[lo, hi]``, reduced over ``dim`` (no gradient);
+    with ``p`` other than 2, the mean of ``|error|^p`` (BRECQ's range search uses p = 2.4).
 
     The same arithmetic as :func:`fake_quantize`, done in place on one buffer (``out``, of the broadcast shape
     of ``x`` and the scales, when the caller reuses one): range searches call this hundreds of times per layer.
@@ -239,4 +240,5 @@ def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: b
         torch.minimum(q, qmax, out=q)
         if not symmetric:
             q.sub_(zero)
-        return q.mul_(scale).sub_(x).square_().mean(dim=dim)
+        err = q.mul_(scale).sub_(x)
+        return (err.square_() if p == 2.0 else err.abs_().pow_(p)).mean(dim=dim)

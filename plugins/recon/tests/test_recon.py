@@ -337,3 +337,86 @@ def test_the_reconstructed_model_is_deployable_and_saves(host, tmp_path):
     loaded = qcore.load(out.save(tmp_path / "m.qcore"), tiny_resnet(), host=host)
     with torch.no_grad():
         assert torch.equal(loaded(CALIB), out.model(CALIB))
+
+
+# -- BRECQ's options: the L2.4 shrink search of initial ranges, the Fisher-diagonal loss -----------------------------
+def test_shrink_search_gives_brecqs_lp_ranges(host):
+    """-o weight_range=shrink: each weight channel's range is [min, max] shrunk by the factor in 0.21..1.00 (1 %
+    steps) with the least mean |error|^2.4, not the MSE range; -o act_range=shrink searches activations so."""
+    from qcore.ranges import mse_range
+
+    shrunk = quantize_tiny(host, "brecq", iters=0, iters_act=0, weight_range="shrink", act_range="shrink",
+                           act_samples=2048)
+    name = "blocks.0.conv1"
+    q = qcore.quant_layers(shrunk.model)[name].weight_quantizer
+    w = shrunk.outcome.ctx.model.get_submodule(name).weight.detach()  # the FP (BN-folded) weight
+    refs = []
+    for est in (lambda x, b, s: mse_range(x, b, s, steps=80, lowest=0.21, p=2.4), mse_range):
+        ref = qcore.UniformFakeQuant(qcore.QuantSpec(4, symmetric=False, granularity="channel"), w.shape[0], 0)
+        qcore.calibrate_rows(ref, ref.rows_of(w), est)
+        refs.append(ref)
+    assert torch.allclose(q.lo, refs[0].lo) and torch.allclose(q.hi, refs[0].hi)
+    assert not torch.allclose(q.hi, refs[1].hi)
+    facts = shrunk.report["config"] if "config" in shrunk.report else {}
+    assert facts.get("options", {}).get("act_range", "shrink") == "shrink"
+
+
+def test_fisher_weights_are_the_kl_gradient_at_the_unit_output(host):
+    """(|g| + 1)^2 with g = dKL(FP || quantized till the unit)/dz: checked against finite differences (in double
+    precision), and 1 everywhere when nothing is quantized."""
+    from qcore_recon import fisher_weights
+
+    model = tiny_resnet()
+    with torch.no_grad():
+        model.fc.weight.mul_(30.0)  # confident predictions: a KL gradient well above float noise
+    base = qcore.quantize(model, CALIB, "uniform", w_bits=3, a_bits=3, calibrator="mse", batch_size=32, host=host)
+    ctx, qmodel = base.outcome.ctx, base.model
+    batches = list(ctx.calibration_batches())
+    for layer in qcore.quant_layers(qmodel).values():
+        layer.unfreeze()
+    names = list(qcore.quant_layers(qmodel))
+    later = [n for n in names if not n.startswith(("stem", "blocks.0"))]
+    w = fisher_weights(qmodel, ctx.model, ctx.task.forward, batches, "blocks.0", later)
+    assert w.shape[0] == 64 and bool((w >= 1).all()) and float(w.max()) > 1.0 + 1e-5
+    assert torch.allclose(fisher_weights(qmodel, ctx.model, ctx.task.forward, batches, "blocks.0", names),
+                          torch.ones_like(w), atol=1e-6)
+    # finite differences of the KL at the element with the largest gradient, later layers in FP, in float64
+    i = int(w[:32].flatten().argmax())
+    q64, fp64 = copy.deepcopy(qmodel).double(), copy.deepcopy(ctx.model).double()
+    for n in later:
+        qcore.quant_layers(q64)[n].weight_quantizer = qcore.quant_layers(q64)[n].act_quantizer = None
+    x = batches[0].double()
+
+    def kl(eps: float) -> float:
+        def bump(_m, _a, out):
+            out = out.clone()
+            out.view(-1)[i] += eps
+            return out
+        h = q64.get_submodule("blocks.0").register_forward_hook(bump)
+        with torch.no_grad():
+            out = torch.nn.functional.kl_div(torch.log_softmax(q64(x), 1), torch.softmax(fp64(x), 1),
+                                             reduction="batchmean")
+        h.remove()
+        return float(out)
+
+    g = (kl(1e-4) - kl(-1e-4)) / 2e-4
+    assert abs(g) == pytest.approx(float(w[:32].flatten()[i].double().sqrt()) - 1.0, rel=0.02)
+
+
+def test_brecq_with_the_fisher_loss(host):
+    """-o loss=fisher weights the weight stage's squared error by (|g| + 1)^2 >= 1: the same first step scores
+    higher than with the plain squared error; a caller's own loss cannot be combined with it."""
+    def run(loss: str):
+        model = tiny_resnet()
+        with torch.no_grad():
+            model.fc.weight.mul_(30.0)
+        out = qcore.quantize(model, CALIB, "brecq", w_bits=3, a_bits=3, batch_size=32, host=host,
+                             options={"iters": 4, "cache": "off", "loss": loss})
+        return out.report["measured"]["brecq"]["weights"]["loss_start_per_unit"]
+
+    fisher, plain = run("fisher"), run("mse")
+    assert all(fisher[u] >= plain[u] for u in plain) and any(fisher[u] > plain[u] for u in plain)
+    base = qcore.quantize(tiny_resnet(), CALIB, "uniform", w_bits=4, a_bits=4, batch_size=32, host=host)
+    with pytest.raises(qcore.QcoreError, match="Fisher"):
+        reconstruct(base.model, base.outcome.ctx.model, base.outcome.ctx, settings=ReconSettings(fisher=True),
+                    loss=lambda p, t: (p - t).abs().mean())

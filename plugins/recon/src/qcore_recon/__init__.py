@@ -22,6 +22,7 @@ from qcore_recon.recon import (
     ReconSettings,
     UnitReport,
     acts_disabled,
+    fisher_weights,
     lp_loss,
     mse_loss,
     reconstruct,
@@ -30,6 +31,7 @@ from qcore_recon.rounding import AdaRound, STERounding, WeightRounding, rectifie
 
 __all__ = [
     "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "lp_loss", "acts_disabled",
+    "fisher_weights",
     "LossFn", "Objective",
     "Unit", "find_units", "is_block",
     "WeightRounding", "AdaRound", "STERounding", "rounding_for", "rectified_sigmoid",

@@ -15,6 +15,7 @@ from torch import nn
 
 import qcore
 from qcore import RangeCalibrator, RangeOptions
+from qcore.ranges import RangeFn, mse_range
 from qcore_recon.blocks import find_units
 from qcore_recon.cache import default_cache_root
 from qcore_recon.recon import LossFn, ReconSettings, lp_loss, reconstruct
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 PAPER_ITERS = 20000
 #: this plugin's default, sized for a 2-core CPU (ResNet-14 W4A4 in a few minutes); -o iters=20000 is the paper's
 DEFAULT_ITERS = 300
+#: BRECQ's initial range search (-o weight_range=shrink / act_range=shrink): 80 factors 1% apart, |error|^2.4
+SHRINK_STEPS, SHRINK_P = 80, 2.4
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,12 @@ class ReconOptions(RangeOptions):
     """``-o`` options shared by the reconstruction calibrators (plus the range options of the initial
     calibration, MSE for weights and activations by default)."""
 
-    weight_range: Literal["minmax", "percentile", "mse"] = field(default="mse", metadata={
-        "help": "weight clip-range estimator of the initial calibration (scales stay frozen during AdaRound)"})
-    act_range: Literal["minmax", "percentile", "mse"] = field(default="mse", metadata={
-        "help": "activation clip-range estimator of the initial calibration (LSQ learns from there)"})
+    weight_range: Literal["minmax", "percentile", "mse", "shrink"] = field(default="mse", metadata={
+        "help": "weight clip-range estimator of the initial calibration (scales stay frozen during AdaRound); "
+                "'shrink': BRECQ's search, [min, max] shrunk in 1% steps (80 candidates), least |error|^2.4"})
+    act_range: Literal["minmax", "percentile", "mse", "shrink"] = field(default="mse", metadata={
+        "help": "activation clip-range estimator of the initial calibration (LSQ learns from there); 'shrink' as "
+                "for weight_range"})
     iters: int = field(default=DEFAULT_ITERS, metadata={
         "help": f"optimisation steps per block/layer ({DEFAULT_ITERS}: sized for a CPU; the papers use "
                 f"{PAPER_ITERS})"})
@@ -86,6 +91,9 @@ class BRECQOptions(ReconOptions):
     act_lr: float = field(default=4e-4, metadata={"help": "Adam learning rate of the LSQ activation steps"})
     act_loss_p: float = field(default=2.4, metadata={
         "help": "exponent of the activation stage's loss, |error|^p summed over channels (the paper: 2.4)"})
+    loss: Literal["mse", "fisher"] = field(default="mse", metadata={
+        "help": "weight stage's loss: 'mse' (the shipped code's) or 'fisher' (the paper's diagonal Fisher: the "
+                "squared error weighted by (|dKL/dz| + 1)^2 at the block output; one more backward pass per block)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +140,12 @@ class _ReconCalibrator(RangeCalibrator):
         facts["seconds"] = round(time.perf_counter() - start, 2)
         ctx.measured[self.name] = facts
 
+    def _estimator(self, name: str) -> RangeFn:
+        if name == "shrink":  # BRECQ's initial ranges: factors 0.21, 0.22, ..., 1.00 of [min, max], |error|^2.4
+            return functools.partial(mse_range, steps=SHRINK_STEPS, lowest=1.0 - 0.01 * (SHRINK_STEPS - 1),
+                                     p=SHRINK_P)
+        return super()._estimator(name)
+
     def declared_blocks(self, ctx: qcore.RunContext) -> list[str] | None:
         """None (recognise blocks by type), [] (layer-wise) or the blocks a plugin declares (``qcore_blocks``)."""
         if self.layerwise or self.options.recon_granularity == "layer":
@@ -174,7 +188,8 @@ class BRECQCalibrator(_ReconCalibrator):
     def passes(self, ctx: qcore.RunContext) -> list[tuple[str, ReconSettings, LossFn | None]]:
         o = self.options
         iters_act = o.iters_act if o.iters_act is not None else o.iters // 4
-        weights = self._base(ctx, acts=False, learn_acts=False, keep_prob=None, inputs="quantized")
+        weights = self._base(ctx, acts=False, learn_acts=False, keep_prob=None, inputs="quantized",
+                             fisher=o.loss == "fisher")
         acts = ReconSettings(iters=iters_act, batch_size=o.recon_batch, act_lr=o.act_lr, learn_weights=False,
                              acts=True, learn_acts=True, keep_prob=None, inputs="fp", seed=ctx.config.seed)
         return [("weights", weights, None), ("acts", acts, functools.partial(lp_loss, p=o.act_loss_p))]

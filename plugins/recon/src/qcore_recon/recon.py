@@ -42,10 +42,13 @@ Objective = Callable[[nn.Module, Tensor, Tensor, "Unit"], Tensor]
 ActFactory = Callable[[qcore.FakeQuantizer, bool], ActQuant]
 
 
-def lp_loss(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
+def lp_loss(pred: Tensor, target: Tensor, p: float = 2.0, weight: Tensor | None = None) -> Tensor:
     """|error|^p summed over channels (dim 1 of a 4-D feature map, the last dim otherwise), averaged over
-    everything else: QDrop's block loss (p = 2) and BRECQ's activation-stage loss (p = 2.4)."""
+    everything else: QDrop's block loss (p = 2) and BRECQ's activation-stage loss (p = 2.4). ``weight`` (the
+    shape of ``pred``) weights each element's error: BRECQ's Fisher-diagonal loss (:func:`fisher_weights`)."""
     d = (pred - target).float().abs().pow(p)
+    if weight is not None:
+        d = d * weight
     if d.dim() == 4:
         return d.sum(dim=1).mean()
     return d.sum(dim=-1).mean() if d.dim() > 1 else d.mean()
@@ -82,6 +85,9 @@ class ReconSettings:
     :param inputs: where the unit's input comes from: the quantized model, the FP model, or ``mixed``
         element-wise between them with probability ``keep_prob`` (QDrop).
     :param seed: seeds the mini-batch draws and the QDrop masks (unit ``i`` uses ``seed + i``).
+    :param fisher: BRECQ's Fisher-diagonal loss instead of the plain squared error: each element of the unit's
+        output error is weighted by ``(|g| + 1)^2``, ``g`` the gradient at that output of the KL divergence between
+        the FP model's and the quantized model's predictions (:func:`fisher_weights`); classifiers only.
     """
 
     iters: int = 500
@@ -97,6 +103,7 @@ class ReconSettings:
     keep_prob: float | None = 0.5
     inputs: Literal["quantized", "fp", "mixed"] = "mixed"
     seed: int = 0
+    fisher: bool = False
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1:
@@ -270,6 +277,9 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     forward = forward or qcore.default_forward
     if not batches:
         raise qcore.QcoreError("reconstruction needs calibration data; pass --calib-size above 0")
+    if s.fisher and (objective is not None or loss is not None):
+        raise qcore.QcoreError("the Fisher-diagonal loss (fisher=True, -o loss=fisher) replaces the loss: pass no "
+                               "loss= or objective= with it")
     if objective is None:
         dist = loss or mse_loss
 
@@ -300,8 +310,9 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
                 report.units.append(UnitReport(**{**entry["report"], "resumed": True}))
                 log.info("%s %s: restored from %s", desc, unit.name, store.dir)
                 continue
+            later = [n for u in todo[i + 1:] for n in u.layers]
             rep = _reconstruct_unit(model, fp_model, batches, forward, unit, s, i, objective, make_rounding,
-                                    make_act, desc)
+                                    make_act, desc, later)
             report.units.append(rep)
             if store is not None:
                 state = {k: v.detach().cpu() for k, v in model.get_submodule(unit.name).state_dict().items()}
@@ -311,11 +322,12 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
 
 def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[Any],
                       forward: Callable[[nn.Module, Any], Any], unit: Unit, s: ReconSettings, index: int,
-                      objective: Objective, make_rounding: RoundingFactory, make_act: ActFactory, desc: str
-                      ) -> UnitReport:
+                      objective: Objective, make_rounding: RoundingFactory, make_act: ActFactory, desc: str,
+                      later: Sequence[str] = ()) -> UnitReport:
     start = time.perf_counter()
     fp_in, target = capture(fp_model, forward, batches, unit.name, output=True)
     assert target is not None
+    fisher = fisher_weights(model, fp_model, forward, batches, unit.name, later) if s.fisher else None
     q_in = fp_in if s.inputs == "fp" else capture(model, forward, batches, unit.name, output=False)[0]
     if q_in.shape != fp_in.shape:
         raise qcore.QcoreError(f"unit {unit.name!r} sees inputs of shape {tuple(q_in.shape)} in the quantized model "
@@ -365,7 +377,10 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
             if mixed:
                 u = torch.rand(x.shape, generator=drop_gen).to(x.device)
                 x = torch.where(u < s.keep_prob, x, fp_in[idx])
-            rec = objective(module, x, target[idx], unit)
+            if fisher is not None:
+                rec = lp_loss(module(x), target[idx], 2.0, weight=fisher[idx])
+            else:
+                rec = objective(module, x, target[idx], unit)
             total = rec
             beta = s.beta_at(it)
             if beta is not None and roundings:
@@ -394,3 +409,55 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
     log.info("%s %s (%s, %d layer(s)): %d steps, loss %.5g -> %.5g, %.1f s", desc, unit.name, unit.kind,
              len(layers), iters, rep.loss_start, rep.loss_end, seconds)
     return rep
+
+
+@contextlib.contextmanager
+def _fp_layers(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """The named layers of ``model`` run in floating point (no quantizers, no output correction) inside."""
+    layers = qcore.quant_layers(model)
+    keys = ("weight_quantizer", "act_quantizer", "weight_correction", "out_correction", "out_scale")
+    saved = {n: {k: getattr(layers[n], k) for k in keys} for n in names}
+    for n in names:
+        layers[n].unfreeze()
+        for k in keys:
+            setattr(layers[n], k, None)
+    try:
+        yield
+    finally:
+        for n in names:
+            for k, v in saved[n].items():
+                setattr(layers[n], k, v)
+
+
+def fisher_weights(model: nn.Module, fp_model: nn.Module, forward: Callable[[nn.Module, Any], Any],
+                   batches: Sequence[Any], name: str, later: Sequence[str] = ()) -> Tensor:
+    """BRECQ's diagonal-Fisher weights of unit ``name``'s output, concatenated over ``batches``: ``(|g| + 1)^2``
+    with ``g`` the gradient, at the unit's output, of KL(FP predictions || predictions of ``model`` quantized up
+    to and including the unit), the layers in ``later`` in floating point. ``forward`` must return logits
+    ``[batch, classes]``."""
+    module = model.get_submodule(name)
+    held: dict[str, Tensor] = {}
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> Tensor:
+        held["z"] = out.detach().requires_grad_(True)
+        return held["z"]
+
+    grads: list[Tensor] = []
+    handle = module.register_forward_hook(hook)
+    try:
+        with _fp_layers(model, later):
+            for batch in batches:
+                with torch.no_grad():
+                    ref = forward(fp_model, batch)
+                with torch.enable_grad():
+                    logits = forward(model, batch)
+                    if not (isinstance(logits, Tensor) and logits.dim() == 2 and isinstance(ref, Tensor)):
+                        raise qcore.QcoreError("the Fisher-diagonal loss needs a forward that returns logits "
+                                               "[batch, classes]; use the squared error (-o loss=mse)")
+                    kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), 1),
+                                                    torch.softmax(ref.float(), 1), reduction="batchmean")
+                    (g,) = torch.autograd.grad(kl, held["z"])
+                grads.append((g.abs() + 1.0).square())
+    finally:
+        handle.remove()
+    return torch.cat(grads)
