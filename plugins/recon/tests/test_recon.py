@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import qcore
 from qcore.ranges import minmax_range
-from qcore.testing import make_host, run_tiny
+from qcore.testing import TinyResNet, make_host, run_tiny, tiny_resnet
 from qcore_recon import (
     AdaRound,
     ReconSettings,
@@ -116,40 +115,6 @@ def test_a_quantizer_may_supply_its_own_rounding():
 
 
 # -- reconstruction on a small residual network ---------------------------------------------------------------------
-class BasicBlock(nn.Module):
-    """A residual block: its class name makes it a reconstruction unit."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-        self.blocks = nn.Sequential(BasicBlock(8), BasicBlock(8))
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-
-def tiny_resnet() -> nn.Module:
-    torch.manual_seed(0)
-    model = TinyResNet()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 CALIB = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(5))
 
 

@@ -24,9 +24,18 @@ from qcore.testing.contracts import (
     uniform_sqnr_floor,
 )
 from qcore.testing.kernels import FakeQuantCase, fake_quant_case, same_bits
-from qcore.testing.tiny import TINY_TASK_PLUGIN, TinyTask, make_host, tiny_convnet, tiny_gauss, tiny_mlp
+from qcore.testing.tiny import (
+    TINY_TASK_PLUGIN,
+    TinyResNet,
+    TinyTask,
+    make_host,
+    tiny_convnet,
+    tiny_gauss,
+    tiny_mlp,
+    tiny_resnet,
+)
 
 __all__ = ["CORRECTION_TOLERANCE", "TINY_TASK_PLUGIN", "TinyTask", "W8A8_AGREEMENT_FLOOR", "check_allocator",
            "check_calibrator", "check_correction", "check_quantizer", "FakeQuantCase", "fake_quant_case", "same_bits",
-           "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp",
+           "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp", "tiny_resnet", "TinyResNet",
            "uniform_sqnr_floor"]

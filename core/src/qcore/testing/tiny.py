@@ -35,6 +35,44 @@ def tiny_convnet(seed: int = 0, classes: int = 4) -> nn.Module:
     return model.eval()
 
 
+class BasicBlock(nn.Module):
+    """A residual block (conv-BN-ReLU-conv-BN, add, ReLU); its class name makes it a reconstruction unit."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    """Stem conv, two :class:`BasicBlock` of 8 channels, global average pooling, Linear to 5 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(8), BasicBlock(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def tiny_resnet(seed: int = 0) -> nn.Module:
+    """A :class:`TinyResNet` for ``[B, 1, 8, 8]`` inputs with deterministic weights and non-trivial BN
+    statistics: the smallest model with residual blocks (for block reconstruction tests)."""
+    torch.manual_seed(seed)
+    model = TinyResNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 def tiny_mlp(seed: int = 0, classes: int = 4) -> nn.Module:
     """Flatten-Linear-ReLU-Linear-ReLU-Linear for ``[B, 1, 8, 8]`` inputs."""
     torch.manual_seed(seed)
