@@ -52,7 +52,9 @@ def test_select_bits_switches_only_switchable_quantizers_and_refreshes_frozen_we
     layer.freeze()
     assert qcore.switchable_bits(model) == {"weight": [3, 5], "act": []}
     before = layer.quantized_weight().clone()
-    done = qcore.select_bits(model, w_bits=3, a_bits=8)  # a_bits: no act quantizer switches, nothing happens
+    with pytest.raises(qcore.QcoreError, match="no act quantizer of this model switches bit-width"):
+        qcore.select_bits(model, w_bits=3, a_bits=8)  # inputs are at 4 bits (8 at first/last) and cannot switch
+    done = qcore.select_bits(model, w_bits=3)
     assert done == {name: {"weight": 3}}
     after = layer.quantized_weight()
     assert not torch.equal(before, after)  # the cached weight was recomputed at 3 bits
@@ -61,6 +63,10 @@ def test_select_bits_switches_only_switchable_quantizers_and_refreshes_frozen_we
         qcore.select_bits(model, w_bits=4)
     plan = {"version": 1, "layers": {name: {"weight": {"bits": 5, "granularity": "channel", "group_size": None}}}}
     assert qcore.select_bits(model, plan=plan) == {name: {"weight": 5}}
+    with pytest.raises(qcore.QcoreError, match="holds one weight bit-width, not 5 from the bit plan"):
+        qcore.select_bits(model, plan={"version": 1, "layers": {list(layers)[0]: {"weight": {"bits": 5}}}})
+    with pytest.raises(qcore.QcoreError, match="a JSON object"):
+        qcore.select_bits(model, plan=[1, 2])
     with pytest.raises(qcore.QcoreError, match="does not quantize"):
         qcore.select_bits(model, plan={"version": 1, "layers": {"nope": {"weight": {"bits": 5}}}})
 

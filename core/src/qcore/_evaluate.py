@@ -106,10 +106,10 @@ def export_saved(path: Path, onnx_path: Path, host: Host, w_bits: int | None = N
     t0 = time.perf_counter()
     r = rebuild_saved(path, host, w_bits, a_bits, bit_plan, eval_size=1, device="cpu", data=data,
                       weights=weights, what="qcore export")
-    batches = list(r.instance.calibration)
-    if not batches:
+    first = next(iter(r.instance.calibration), None)
+    if first is None:
         raise QcoreError(f"the run's task gave no calibration batch to trace {path} with; pass --data")
-    example = _first_input(batches[0])
+    example = _first_input(first)
     if not isinstance(example, Tensor):
         raise QcoreError(f"task {r.config.task!r} feeds its model {type(example).__name__} inputs; ONNX export "
                          "supports models with one tensor input")

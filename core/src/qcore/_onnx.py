@@ -52,7 +52,7 @@ class ExportReport:
 
     :param path: the ONNX file.
     :param layers: quantized layers exported with integer weights and QDQ inputs.
-    :param int4_weights: layers whose weights are stored as INT4/UINT4.
+    :param int4_weights: the ONNX initializers (weight codes) stored as INT4/UINT4, one per such layer.
     :param int4_inputs: layer inputs quantized as INT4/UINT4 (4-bit grids; without ``int4`` they are held in an
         8-bit type behind a Clip).
     :param per_channel_acts: layers with per-channel input quantization (not deployable on most runtimes).
@@ -69,8 +69,21 @@ class ExportReport:
 
 
 def _is_uniform(q: nn.Module) -> bool:
-    """True for a :class:`UniformFakeQuant` whose quantize is the uniform one (not a subclass with its own grid)."""
-    return isinstance(q, UniformFakeQuant) and type(q).quantize is UniformFakeQuant.quantize
+    """True when ``q`` quantizes on the uniform grid its :meth:`UniformFakeQuant.qparams` describe: the class's own
+    ``quantize``, or a subclass's (a multi-bit format at its selected bits) that gives the same values on a probe
+    spanning every row's range and beyond."""
+    if not isinstance(q, UniformFakeQuant):
+        return False
+    if type(q).quantize is UniformFakeQuant.quantize:
+        return True
+    with torch.no_grad():
+        lo, hi = float(q.lo.min()), float(q.hi.max())
+        span = max(hi - lo, 1e-6)
+        values = torch.linspace(lo - 0.25 * span, hi + 0.25 * span, 4099)
+        # every channel (along the quantizer's axis) sees the whole probe, along a last dimension
+        x = values.reshape([1] * (q.axis + 1) + [-1]).expand([1] * q.axis + [q.channels, values.numel()])
+        mine, ref = q.quantize(x), UniformFakeQuant.quantize(q, x)
+    return bool(torch.equal(mine, ref))
 
 
 def _problems(qmodel: nn.Module) -> list[str]:
@@ -144,6 +157,7 @@ class _QDQLayer(nn.Module):
         self.per_channel_act = False
         self.post_scale: Tensor | None = None
         self.post_shift: Tensor | None = None
+        self.out_axis = layer.info.act_axis  # output channels lie there, as for QuantLayer's correction
         with torch.no_grad():
             self._weight(name, layer)
             self._input(layer)
@@ -152,8 +166,9 @@ class _QDQLayer(nn.Module):
         w = layer.quantized_weight().detach().float()
         q = layer.weight_quantizer
         axis = layer.info.weight_axis
-        if q is None:
+        if q is None:  # a float weight: an output correction stays an explicit scale and shift
             self.module.weight = nn.Parameter(w, requires_grad=False)
+            self.post_scale, self.post_shift = layer.out_scale, layer.out_correction
             return
         assert isinstance(q, UniformFakeQuant)
         n = w.shape[axis]
@@ -228,7 +243,7 @@ class _QDQLayer(nn.Module):
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
         if self.post_scale is not None or self.post_shift is not None:
             shape = [1] * out.dim()
-            shape[1] = -1
+            shape[self.out_axis] = -1
             if self.post_scale is not None:
                 out = out * self.post_scale.reshape(shape)
             if self.post_shift is not None:
@@ -270,10 +285,6 @@ def _fold_weight_quantize(proto: Any, int4: bool) -> list[str]:
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
     keep, four = [], []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or not all(i in inits for i in node.input[:3]):
@@ -411,7 +422,12 @@ def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, i
         del node.metadata_props[:]
     names = {n.input[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     report.int4_weights = [n for n in four if n in names]
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+        raise QcoreError(f"the exported graph is not valid ONNX ({first}); try int4=False (--no-int4) or report "
+                         "this with the model") from None
     tmp = path.with_name(path.name + ".tmp")
     try:
         onnx.save(proto, str(tmp))
@@ -441,8 +457,13 @@ def _check(path: Path, qmodel: nn.Module, x: Tensor) -> float | None:
     except ImportError:
         log.info("onnxruntime is not installed: %s was not checked", path)
         return None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x.numpy()})[0]
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x.numpy()})[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QcoreError(f"onnxruntime {ort.__version__} cannot run the exported {path} ({first[:200]}); 4-bit "
+                         "types need onnxruntime >= 1.20: upgrade it or export with int4=False (--no-int4)") from None
     with torch.no_grad():
         want = copy.deepcopy(qmodel).cpu().eval()(x)  # a copy: the caller's model stays on its device
     diff = float((torch.from_numpy(got) - want).abs().max())

@@ -232,3 +232,21 @@ def test_multibit_stem_and_fc_switch_weights_but_keep_8_bit_inputs(host):
     layers = qcore.quant_layers(out.model)
     assert layers["fc"].weight_quantizer.bit_choices() == BITS
     assert layers["fc"].act_quantizer.held_bits() == (8,) and layers["fc"].act_quantizer.bit_choices() == ()
+
+
+def test_a_switched_setting_exports_to_onnx_exactly(tiny, tmp_path):
+    """Each bit setting of one PTMQ model is an ordinary uniform-grid model: qcore.export_onnx writes it, and the
+    graph as written computes what the switched model computes."""
+    import onnxruntime as ort
+
+    model = tiny[0].model
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for bits in (4, 8):
+        qcore.select_bits(model, bits, bits)
+        path = qcore.export_onnx(model, CALIB[:4], tmp_path / f"w{bits}.onnx", check=False).path
+        got = ort.InferenceSession(str(path), so).run(None, {"x": CALIB[:6].numpy()})[0]
+        with torch.no_grad():
+            want = model(CALIB[:6])
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    qcore.select_bits(model, 4, 4)  # the fixture's setting, for the tests after this one

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 import qcore
-from qcore_recon import ReconSettings, Unit, find_units, mse_loss, reconstruct, rounding_for
-from qcore_recon.calibrators import PAPER_ITERS, ReconOptions
-from qcore_recon.cache import default_cache_root
-from qcore_recon.recon import capture
 from qcore_ptmq.quantizer import MultiBitFakeQuant, parse_bits
+from qcore_recon import ReconSettings, Unit, find_units, mse_loss, reconstruct, rounding_for
+from qcore_recon.cache import default_cache_root
+from qcore_recon.calibrators import PAPER_ITERS, ReconOptions
+from qcore_recon.recon import capture
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class PTMQObjective:
             if not switching and q_in:
                 q_in[b] = next(iter(q_in.values()))  # nothing switches: one input serves every bit
                 continue
-            qcore.select_bits(self.model, b, b)
+            if switching:
+                qcore.select_bits(self.model, b, b)
             q_in[b] = capture(self.model, self.forward, self.batches, unit.name, output=False)[0]
         for n, (wb, ab) in saved.items():
             w, a = self.quantizers[n]
@@ -259,7 +260,8 @@ class PTMQCalibrator(qcore.RangeCalibrator):
                              objective=objective, weight_rounding=rounding, desc="ptmq", cache=root)
         objective._data = None
         # the run's own setting is what it evaluates; every other one is a select_bits away
-        done = qcore.select_bits(model, ctx.budget.w_bits, ctx.budget.a_bits)
+        done = (qcore.select_bits(model, ctx.budget.w_bits, ctx.budget.a_bits)
+                if any(qcore.switchable_bits(model).values()) else {})  # a single-setting quantizer: as it is
         ctx.measured[self.name] = {
             "bit_groups": {"low": list(o.groups()[0]), "mid": list(o.groups()[1]), "high": list(o.groups()[2])},
             "switchable_bits": qcore.switchable_bits(model),
