@@ -162,3 +162,14 @@ def test_eval_subcommand_errors_are_one_line(qcore_cli, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
     help_ = qcore_cli("eval", "--help")
     assert help_.returncode == 0 and "--w-bits" in help_.stdout and "--bit-plan" in help_.stdout
+
+
+def test_eval_and_export_check_sizes_and_device_like_run(qcore_cli, tmp_path):
+    p = qcore_cli("run", "--plugin", "uniform", "--eval-size", "100", "--calib-size", "32", "--out", "o")
+    assert p.returncode == 0, p.stderr
+    for args, msg in ((["--batch-size", "0"], "--batch-size 0 is out of range"),
+                      (["--eval-size", "0"], "--eval-size 0 is out of range"),
+                      (["--device", "tpu"], "unknown device 'tpu'")):
+        p = qcore_cli("eval", "o/model.qcore", *args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("qcore: error: ") and msg in lines[0]

@@ -23,6 +23,7 @@ from qcore._components import RunConfig, TaskInstance
 from qcore._errors import QcoreError
 from qcore._options import build_options
 from qcore._outputs import read_text_file
+from qcore._pipeline import _check_device, check_sizes
 from qcore._plugins import Host
 from qcore._saved import load_quantized, read_meta
 from qcore._switch import switchable_bits
@@ -64,6 +65,10 @@ def rebuild_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: int
     if values.get("calib_size") is None:
         values["calib_size"] = task_cls.default_calib_size
     config = RunConfig(**values)
+    check_sizes(config)  # the checks qcore run makes before building anything
+    if config.eval_size is not None and config.eval_size < 1:
+        raise QcoreError(f"--eval-size {config.eval_size} is out of range; use 1 or more")
+    _check_device(config.device)
     plan = None
     if bit_plan is not None:
         text = read_text_file(bit_plan, "bit plan", "--bit-plan takes a plan.json (e.g. from qcore run --plugin rdoq)")

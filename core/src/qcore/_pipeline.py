@@ -105,6 +105,14 @@ def resolve_method(host: Host, config: RunConfig) -> tuple[Method, str]:
     return host.default_method(plugin), plugin
 
 
+def check_sizes(config: RunConfig) -> None:
+    """Refuse a calibration or batch size below 1 (0 too: it is not "the default")."""
+    for flag, value in (("--calib-size", config.calib_size), ("--batch-size", config.batch_size)):
+        if value is not None and value < 1:
+            raise QcoreError(f"{flag} {value} is out of range; use 1 or more (--calib-size and --batch-size must "
+                             "be at least 1)")
+
+
 def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -190,10 +198,7 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     _check_bits("--w-bits", budget.w_bits, 0, MAX_BITS)
     _check_bits("--a-bits", budget.a_bits, 0, MAX_BITS)
     _check_bits("--target-bits", budget.target_bits, 0, MAX_BITS)
-    for flag, value in (("--calib-size", config.calib_size), ("--batch-size", config.batch_size)):
-        if value is not None and value < 1:  # 0 too: not "the default"
-            raise QcoreError(f"{flag} {value} is out of range; use 1 or more (--calib-size and --batch-size must "
-                             "be at least 1)")
+    check_sizes(config)
     if not 0 <= config.seed <= MAX_SEED:
         raise QcoreError(f"--seed {config.seed} is out of range; use 0..{MAX_SEED} (2**63 - 1)")
     if config.out is not None:
