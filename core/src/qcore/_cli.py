@@ -57,6 +57,13 @@ def _other_rank() -> int | None:
     return rank if world > 1 and rank != 0 else None
 
 
+def _group_started() -> bool:
+    """True once this process has joined a torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _fail(message: str, every_rank: bool = False) -> NoReturn:
     """Print ``qcore: error: MESSAGE`` and exit 2. Under torchrun every rank reads the same command line and
     inputs, so a user's mistake is printed by rank 0 only (the others exit 2 silently): one error per job.
@@ -385,8 +392,9 @@ def _report(exc: Exception, traceback_wanted: bool) -> NoReturn:
     a bug-report hint), after the full traceback when asked for."""
     if traceback_wanted:
         traceback.print_exception(exc, file=sys.stderr)
-    if isinstance(exc, QcoreError):  # a component's bug may be one rank's own: every rank reports those
-        _fail(str(exc), every_rank=isinstance(exc, (ComponentError, ContractError)))
+    if isinstance(exc, QcoreError):  # a component's bug may be one rank's own: every rank reports those, and so
+        # does any error once the process group is up (then it may be this rank's data alone, and rank 0 waits)
+        _fail(str(exc), every_rank=isinstance(exc, (ComponentError, ContractError)) or _group_started())
     stage = getattr(exc, "qcore_stage", None)
     first = (str(exc).splitlines() or [""])[0][:300]
     _fail(f"internal error{f' in stage {stage!r}' if stage else ''}: {type(exc).__name__}: {first or '(no message)'}"
