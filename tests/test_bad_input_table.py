@@ -53,7 +53,7 @@ def R(name: str, args: list[str], message: str, **kw: object) -> Row:
 ROWS = [
     # --- what to run: plugins, methods, components, tasks
     R("unknown plugin", ["--plugin", "nosuch"], "unknown plugin 'nosuch'"),
-    R("plugin not installed", ["--plugin", "ptmq"], "install it (from a qcore checkout"),
+    R("plugin not installed", ["--plugin", "hawq"], "install it (from a qcore checkout"),  # no such distribution
     R("empty plugin name", ["--plugin", ""], "--plugin is empty"),
     R("empty method name", ["--method", ""], "--method is empty"),
     R("empty task name", ["--task", ""], "--task is empty"),
