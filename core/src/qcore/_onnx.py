@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from qcore._errors import MissingDependencyError, QcoreError
 from qcore._fake_quant import UniformFakeQuant
-from qcore._wrap import QuantLayer, iter_quantizers, quant_layers, replace_module
+from qcore._wrap import QuantLayer, iter_quantizers, output_correction, quant_layers, replace_module
 from qcore.ops import _channel_shaped
 
 log = logging.getLogger(__name__)
@@ -242,12 +242,7 @@ class _QDQLayer(nn.Module):
         params = {"weight": self.weight()} if hasattr(self, "w_grid") else {}
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
         if self.post_scale is not None or self.post_shift is not None:
-            shape = [1] * out.dim()
-            shape[self.out_axis] = -1
-            if self.post_scale is not None:
-                out = out * self.post_scale.reshape(shape)
-            if self.post_shift is not None:
-                out = out + self.post_shift.reshape(shape)
+            out = output_correction(out, self.post_scale, self.post_shift, self.out_axis)
         return out
 
 

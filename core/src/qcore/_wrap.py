@@ -77,11 +77,16 @@ class QuantLayer(nn.Module):
         return out
 
     def _add_correction(self, y: Tensor) -> Tensor:
-        shape = [1] * y.dim()
-        shape[self.info.act_axis] = -1
-        if self.out_scale is not None:
-            y = y * self.out_scale.to(y.dtype).reshape(shape)
-        return y if self.out_correction is None else y + self.out_correction.to(y.dtype).reshape(shape)
+        return output_correction(y, self.out_scale, self.out_correction, self.info.act_axis)
+
+
+def output_correction(y: Tensor, scale: Tensor | None, shift: Tensor | None, axis: int) -> Tensor:
+    """``y * scale + shift`` with per-channel ``scale``/``shift`` (either may be None) along ``axis`` of ``y``."""
+    shape = [1] * y.dim()
+    shape[axis] = -1
+    if scale is not None:
+        y = y * scale.to(y.dtype).reshape(shape)
+    return y if shift is None else y + shift.to(y.dtype).reshape(shape)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
