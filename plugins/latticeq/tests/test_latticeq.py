@@ -4,6 +4,8 @@ method through the real pipeline on the tiny task."""
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from qcore_latticeq import plugin
 from qcore_latticeq.activations import quantile, quantile_range
 from qcore_latticeq.cvp import babai_nearest_plane, brute_force_points, closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeQuantizer, lattice_dim, quantize_basis
-from qcore_latticeq.search import SearchSettings, search_bases
+from qcore_latticeq.search import SearchSettings, search_bases, select_rows
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,60 @@ def test_search_never_loses_to_the_scalar_grid_and_usually_gains():
     assert torch.equal(quantize_basis(q.basis, 8), q.basis)  # the stored basis is on its 8-bit grid
 
 
+def test_stored_bits_follow_the_cheapest_layout():
+    q = _lattice(3, 4, 2)  # 4 rows, 2x2 bases, 8-bit entries: 32 bits per basis
+    step = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q.set_basis(step[:, None, None] * torch.eye(2))
+    assert not q.basis_rows().any() and q.stored_extra_bits() == 0.0  # c * I: the step is the row's scale
+    skew = q.basis.clone()
+    skew[1, 0, 1] = 0.05
+    q.set_basis(skew)
+    assert q.basis_rows().tolist() == [False, True, False, False]
+    assert q.stored_extra_bits() == 4 + 32  # a flag per row + one basis
+    diag = q.basis.clone()
+    diag[:, 1, 1] *= 2  # unequal diagonals are not a scalar grid: every row stores its basis
+    q.set_basis(diag)
+    assert q.basis_rows().all() and q.stored_extra_bits() == 4 * 32  # no flags needed
+
+
+def test_rate_distortion_selection_prices_every_stored_bit():
+    scalar = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # 6 dB per bit, rows of 64 weights, 32-bit bases: a basis (plus its flag) costs 10^(6*33/64/10) = 2.04x
+    lattice = torch.tensor([0.4, 0.9, 0.45, 0.99])
+    keep, rep = select_rows(scalar, lattice, 6.0, 64, 32)
+    assert rep["layout"] == "mixed" and keep.tolist() == [True, False, True, False]
+    keep, rep = select_rows(scalar, scalar * 0.9, 6.0, 64, 32)  # no row pays: all scalar, no flags
+    assert rep["layout"] == "scalar" and not keep.any()
+    keep, rep = select_rows(scalar, scalar * 0.1, 6.0, 64, 32)  # every row pays: no flags needed
+    assert rep["layout"] == "basis" and keep.all()
+
+
+def test_selected_search_never_loses_at_equal_rate():
+    """Short rows (48 weights, a 2x2 8-bit basis = 0.67 bits per weight): every searched basis kept loses to the
+    scalar grid once its bits are priced; the selected layout never does, and stores what it reports."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 48, generator=gen)
+    settings = SearchSettings(steps=4, restarts=1, refine=2, noise=(0.2, 0.05))
+    priced = {}
+    for select in (False, True):
+        q = _lattice(2, 16, 2)
+        rows = q.rows_of(w)
+        q.fit(rows)
+        scalar = float((q(w) - w).pow(2).sum())
+        more = _lattice(3, 16, 2)
+        more.fit(rows)
+        slope = 10 * math.log10(scalar / float((more(w) - w).pow(2).sum()))
+        basis, rep = search_bases(q, rows, dataclasses.replace(settings, select=select))
+        q.set_basis(basis)
+        loss = float((q(w) - w).pow(2).sum())
+        assert loss <= scalar * (1 + 1e-6)
+        priced[select] = loss * 10 ** (slope * q.stored_extra_bits() / w.numel() / 10) / scalar
+        if select:
+            assert rep["rows_with_basis"] == int(q.basis_rows().sum())
+            assert rep["slope_db"] == pytest.approx(slope, abs=1e-3)
+    assert priced[False] > 1.0 >= priced[True] - 1e-6
+
+
 def test_search_cubic_loss_and_tensor_granularity():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(4, 40, generator=gen)
@@ -184,9 +240,11 @@ def test_method_counts_basis_storage_and_keeps_channel_means(host):
     assert r["quantized"]["weight_correction"] == "mean"
     layers = quant_layers(out.model)
     quantizer = LatticeQuantizer(LatticeQuantizer.Options())
-    extra = sum(quantizer.extra_bits(layers[n].spec.weight, "weight", out.ctx.layers[n]) for n in layers)
+    # the cost counts each calibrated tensor's layout (scalar rows store no basis), at most every row's basis
+    extra = sum(layers[n].weight_quantizer.stored_extra_bits() for n in layers)
+    bound = sum(quantizer.extra_bits(layers[n].spec.weight, "weight", out.ctx.layers[n]) for n in layers)
     numel = sum(out.ctx.layers[n].weight_numel for n in layers)
-    assert extra > 0 and r["w_bits_avg"] == pytest.approx(4 + extra / numel)
+    assert 0 <= extra <= bound and bound > 0 and r["w_bits_avg"] == pytest.approx(4 + extra / numel)
     for name, layer in layers.items():
         w = layer.module.weight.detach()
         n = layer.weight_quantizer.n

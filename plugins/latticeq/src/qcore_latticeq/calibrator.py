@@ -38,6 +38,10 @@ class LatticeSearchOptions:
         "help": "independent searches from the scalar grid, best kept per channel (0: the scalar grid)"})
     refine: int = field(default=8, metadata={
         "help": "straight-through refinement rounds per restart (least-squares basis for the fixed codes)"})
+    select: bool = field(default=True, metadata={
+        "help": "per channel, keep the searched basis only where it pays for its n^2 * basis_bits stored bits "
+                "(rate-distortion choice against the scalar grid, a 1-bit flag per channel counted when mixed); "
+                "false: every searched basis is kept"})
     loss: Literal["mse", "cubic"] = field(default="mse", metadata={
         "help": "basis-search loss: squared weight error, or the seed's cubic error sum |w_hat - w|^3"})
     act_quantile: float = field(default=0.0, metadata={
@@ -70,7 +74,8 @@ class LatticeSearchCalibrator(qcore.Calibrator):
 
     def settings(self, seed: int) -> SearchSettings:
         o = self.options
-        return SearchSettings(steps=o.steps, restarts=o.restarts, refine=o.refine, loss=o.loss, seed=seed)
+        return SearchSettings(steps=o.steps, restarts=o.restarts, refine=o.refine, loss=o.loss, seed=seed,
+                              select=o.select)
 
     def calibrate_weights(self, model: nn.Module, ctx: qcore.RunContext) -> dict[str, Any]:
         """Fit every weight quantizer, then search the lattice ones; returns per-layer facts."""
@@ -91,10 +96,14 @@ class LatticeSearchCalibrator(qcore.Calibrator):
                     basis, rep = search_bases(q, rows, self.settings(ctx.config.seed + i))
                     q.set_basis(basis)
                     gain = 10 * math.log10(rep["loss_end"] / rep["loss_start"]) if rep["loss_start"] > 0 else 0.0
+                    kept = int(q.basis_rows().sum())
                     facts[name] = {"n": q.n, "gain_db": round(gain, 3), "rows_improved": rep["rows_improved"],
-                                   "rows": rep["rows"], "seconds": round(time.perf_counter() - start, 2)}
-                    log.info("lattice-search %s: n=%d, %s loss %+.2f dB vs the scalar grid, %d/%d channels improved",
-                             name, q.n, self.options.loss, gain, rep["rows_improved"], rep["rows"])
+                                   "rows_with_basis": kept, "rows": rep["rows"],
+                                   "basis_bits_stored": q.stored_extra_bits(),
+                                   "seconds": round(time.perf_counter() - start, 2)}
+                    log.info("lattice-search %s: n=%d, %s loss %+.2f dB vs the scalar grid, %d/%d channels improved, "
+                             "%d keep a basis", name, q.n, self.options.loss, gain, rep["rows_improved"], rep["rows"],
+                             kept)
                 elif isinstance(q, LatticeFakeQuant):
                     facts[name] = {"n": 1, "gain_db": 0.0, "note": "scalar grid (first layer or other kernel)"}
             layer.unfreeze()

@@ -16,13 +16,19 @@ Basis storage (``-o basis_bits=B``, 8 by default; 0 keeps it in 32-bit float): e
 ``2^B - 1`` levels ``t * k / (2^(B-1) - 1)``, ``|k| <= 2^(B-1) - 1``, with ``t`` the row's largest ``|entry|``:
 a grid that contains 0, so ``step * I`` is stored exactly (the seed's grid had no 0). A row stores ``n^2 * B``
 bits plus ``t`` (one 32-bit float, the one core counts as the row's scale); for ``n = 1`` the basis is the
-step itself and nothing more is stored. :meth:`LatticeQuantizer.extra_bits` declares this to qcore's cost
-accounting, so ``size_mb`` and ``w_bits_avg`` include it.
+step itself and nothing more is stored. A row whose basis is ``c * I`` (the scalar grid with step ``c``) needs no
+basis either: its step is the row's scale. So a tensor is stored in the cheapest of three layouts
+(:meth:`LatticeFakeQuant.stored_extra_bits`): every row scalar (0 bits), every row a basis (``n^2 * B`` per
+row), or mixed (a 1-bit flag per row plus ``n^2 * B`` per row with a basis). The ``lattice-search`` calibrator
+chooses, per row, by the rate-distortion trade-off with these bits paid. :meth:`LatticeQuantizer.extra_bits`
+declares the calibrated tensor's bits (before calibration: the all-basis upper bound) to qcore's cost
+accounting, so ``size_mb`` and ``w_bits_avg`` include them.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,10 +162,32 @@ class LatticeFakeQuant(qcore.FakeQuantizer):
         moved = like.movedim(self.axis, 0)
         return rows.reshape(moved.shape).movedim(0, self.axis)
 
+    # -- storage ----------------------------------------------------------------------------------------------
+    def basis_rows(self) -> Tensor:
+        """Per row, whether its basis must be stored (``[rows]`` bool): ``False`` for a basis ``c * I`` (a scalar
+        grid whose step ``c`` is the row's scale) and for ``n = 1``."""
+        if self.n == 1:
+            return torch.zeros(self.rows, dtype=torch.bool, device=self.basis.device)
+        diag = self.basis.diagonal(dim1=-2, dim2=-1)
+        off = self.basis - torch.diag_embed(diag)
+        is_scalar = (off == 0).all(dim=(1, 2)) & (diag == diag[:, :1]).all(dim=1)
+        return ~is_scalar
+
+    def stored_extra_bits(self) -> float:
+        """Bits stored beyond the codes and the rows' scales, in the cheapest layout: 0 when every row is a scalar
+        grid; else the smaller of ``rows * n^2 * B`` (every row a basis) and ``rows + k * n^2 * B`` (a 1-bit flag
+        per row, ``k`` rows with a basis); ``B`` = ``basis_bits`` (32 for float bases)."""
+        k = int(self.basis_rows().sum())
+        if k == 0:
+            return 0.0
+        per_basis = self.n * self.n * (self.basis_bits or 32)
+        return float(min(self.rows * per_basis, self.rows + k * per_basis))
+
     # -- calibration ------------------------------------------------------------------------------------------
-    def scalar_step(self, rows: Tensor) -> Tensor:
-        """Per-row step of the MSE-optimal symmetric scalar grid with this quantizer's bits (the search's start)."""
-        bits = self.row_bits().to(rows.device)
+    def scalar_step(self, rows: Tensor, extra_bits: int = 0) -> Tensor:
+        """Per-row step of the MSE-optimal symmetric scalar grid with this quantizer's bits (plus ``extra_bits``;
+        with 0: the search's start)."""
+        bits = self.row_bits().to(rows.device) + extra_bits
         lo, hi = mse_range(rows.float(), bits, True)
         scale, _, _, _ = qparams_from_range(lo, hi, bits, True)
         return scale
@@ -217,11 +245,18 @@ class LatticeQuantizer(qcore.Quantizer):
     #: the decoded weights are sums of basis entries times integers, not an integer grid: no integer-only GEMM
     integer_grid = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: the weight quantizers this component built, by layer name: :meth:`extra_bits` reads their layout
+        self._made: dict[str, weakref.ref[LatticeFakeQuant]] = {}
+
     def make(self, spec: qcore.QuantSpec, role: str, info: qcore.LayerInfo) -> nn.Module:
         if role == "weight":
             axis = info.weight_axis if spec.axis is None else spec.axis
             n = self.dim_of(info)
-            return LatticeFakeQuant(spec, info.out_channels, axis, n, self.options.basis_bits)
+            fq = LatticeFakeQuant(spec, info.out_channels, axis, n, self.options.basis_bits)
+            self._made[info.name] = weakref.ref(fq)
+            return fq
         axis = info.act_axis if spec.axis is None else spec.axis
         return qcore.UniformFakeQuant(spec, info.in_channels, axis)
 
@@ -231,11 +266,17 @@ class LatticeQuantizer(qcore.Quantizer):
         return lattice_dim(info, o.dim, o.basis_bits, o.max_overhead)
 
     def extra_bits(self, spec: qcore.QuantSpec, role: str, info: qcore.LayerInfo) -> float:
-        """Basis storage of a weight: ``n^2 * basis_bits`` per row (32 per entry with float bases) when
-        ``n > 1``; the row's scale ``t`` is the 32-bit scale core already counts."""
+        """Basis storage of a weight: once the weight quantizer this component made for ``info`` is calibrated,
+        its :meth:`LatticeFakeQuant.stored_extra_bits` (scalar rows store no basis; mixed tensors pay a 1-bit
+        flag per row); before, the upper bound ``n^2 * basis_bits`` per row (32 per entry with float bases) when
+        ``n > 1``. The row's scale is the 32-bit scale core already counts."""
         n = self.dim_of(info)
         if role != "weight" or n == 1:
             return 0.0
+        ref = self._made.get(info.name)
+        fq = ref() if ref is not None else None
+        if fq is not None and fq.calibrated and fq.n == n and fq.spec == spec:
+            return fq.stored_extra_bits()
         rows = 1 if spec.granularity == "tensor" else info.out_channels
         return float(rows * n * n * (self.options.basis_bits or 32))
 

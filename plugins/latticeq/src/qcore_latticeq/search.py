@@ -14,7 +14,10 @@ Per row (an output channel) independently, with a shared random stream:
    ``|Z B - V|^2`` is quadratic in the basis and its gradient vanishes at the least-squares basis
    ``B = (Z^T Z)^-1 Z^T V``, which is taken directly (then quantized, re-coded and accepted on improvement:
    Lloyd's iteration for a lattice);
-4. keep each row's best basis over all restarts.
+4. keep each row's best basis over all restarts;
+5. with ``select`` (default): decide, per row, between the searched basis and the scalar grid it started from by
+   the rate-distortion trade-off with every stored bit paid (:func:`select_rows`): a basis costs ``n^2 * B``
+   bits, a tensor mixing both kinds a 1-bit flag per row, a scalar row nothing beyond its scale.
 
 The loss is the squared error (``mse``, default) or the seed's cubic error ``sum |w_hat - w|^3`` (``cubic``),
 of the decoded weights in the layer's own units. Every step is a tensor operation over all rows, on whatever
@@ -24,18 +27,20 @@ device the weight is.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from qcore.ops import int_range
 from qcore_latticeq.cvp import closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, quantize_basis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSettings", "search_bases", "row_loss"]
+__all__ = ["SearchSettings", "search_bases", "row_loss", "select_rows"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class SearchSettings:
     loss: Literal["mse", "cubic"] = "mse"
     max_defect: float = 4.0
     seed: int = 0
+    select: bool = True
 
 
 def row_loss(err: Tensor, mask: Tensor, loss: str) -> Tensor:
@@ -98,6 +104,47 @@ def _least_squares(z: Tensor, v: Tensor) -> Tensor:
     return torch.linalg.solve(ztz + ridge * eye, z.mT @ v)
 
 
+def select_rows(scalar_loss: Tensor, lattice_loss: Tensor, slope_db: float, length: int,
+                basis_bits: float) -> tuple[Tensor, dict]:
+    """Per row, keep the searched basis (``True``) or the scalar grid (``False``) so that the tensor's
+    distortion at equal rate is smallest, every stored bit paid.
+
+    The rate-distortion exchange rate is the tensor's own: one more bit per weight divides the scalar grid's
+    loss by ``10^(slope_db / 10)`` (``slope_db`` measured between ``M`` and ``M + 1`` bits), so ``x`` extra bits
+    on a row of ``length`` weights are worth the same as multiplying its loss by ``10^(slope_db x / length /
+    10)``. Three layouts are priced (:meth:`LatticeFakeQuant.stored_extra_bits` counts the same ones): every row
+    scalar (no extra bits), every row a basis (``basis_bits`` = ``n^2 B`` each), and mixed (1 flag bit per row,
+    plus ``basis_bits`` where a basis pays for itself). Returns the per-row choice and the three priced losses.
+    """
+    def price(bits: float) -> float:
+        return 10 ** (slope_db * bits / length / 10)
+
+    all_scalar = scalar_loss.sum()
+    all_basis = lattice_loss.sum() * price(basis_bits)
+    mixed_rows = torch.minimum(scalar_loss * price(1.0), lattice_loss * price(1.0 + basis_bits))
+    mixed = mixed_rows.sum()
+    best = min(("scalar", float(all_scalar)), ("basis", float(all_basis)), ("mixed", float(mixed)),
+               key=lambda kv: kv[1])[0]
+    if best == "scalar":
+        keep = torch.zeros_like(scalar_loss, dtype=torch.bool)
+    elif best == "basis":
+        keep = torch.ones_like(scalar_loss, dtype=torch.bool)
+    else:
+        keep = lattice_loss * price(1.0 + basis_bits) < scalar_loss * price(1.0)
+    return keep, {"layout": best, "priced_loss": {"scalar": float(all_scalar), "basis": float(all_basis),
+                                                  "mixed": float(mixed)}}
+
+
+def _scalar_loss(q: LatticeFakeQuant, rows: Tensor, score: _Scorer, extra_bits: int) -> Tensor:
+    """Per-row loss of the MSE-optimal scalar grid with ``extra_bits`` more bits than ``q``'s (exact search on the
+    basis ``step * I``, so it is the uniform symmetric grid)."""
+    step = q.scalar_step(rows, extra_bits).to(score.v)
+    basis = step[:, None, None] * torch.eye(q.n, device=score.v.device, dtype=score.v.dtype)
+    qmin, qmax = int_range(q.row_bits().to(rows.device) + extra_bits, symmetric=True)
+    z = closest_points(score.v, basis, qmin.to(score.v), qmax.to(score.v))
+    return row_loss(decode(z, basis) - score.v, score.mask, score.settings.loss)
+
+
 @torch.no_grad()
 def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | None = None) -> tuple[Tensor, dict]:
     """Search better bases for ``q`` from its weight ``rows`` (``q.rows_of(weight)``); ``q`` must be fitted
@@ -133,7 +180,15 @@ def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | N
             better = cur_loss < best_loss
             best = torch.where(better[:, None, None], cur, best)
             best_loss = torch.where(better, cur_loss, best_loss)
-    report = {"loss_start": float(start_loss.sum()), "loss_end": float(best_loss.sum()),
+    report = {"loss_start": float(start_loss.sum()), "loss_searched": float(best_loss.sum()),
               "evaluations": score.evaluations, "rows_improved": int((best_loss < start_loss).sum()),
               "rows": int(best.shape[0]), "n": q.n}
+    if q.n > 1 and s.select and bool((best_loss < start_loss).any()):
+        more = _scalar_loss(q, rows, score, 1)
+        slope = 10 * math.log10(float(start_loss.sum()) / max(float(more.sum()), 1e-300))
+        keep, rep = select_rows(start_loss, best_loss, slope, rows.shape[1], q.n * q.n * (bits or 32))
+        best = torch.where(keep[:, None, None], best, start)
+        best_loss = torch.where(keep, best_loss, start_loss)
+        report.update(rep, slope_db=round(slope, 3), rows_with_basis=int(keep.sum()))
+    report["loss_end"] = float(best_loss.sum())
     return best, report
