@@ -2,7 +2,7 @@
 (basis storage included) and vs the Shannon bound, at 2, 3 and 4 bits.
 
     OMP_NUM_THREADS=1 python bench/lattice_mse.py [--models fmnist_resnet fmnist_vit] [--bits 2 3 4]
-        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--device cpu] [--json FILE]
+        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--no-select] [--device cpu] [--json FILE]
 
 Sources: every Conv2d/Linear weight of the zoo models (BatchNorm folded, as ``qcore run`` quantizes them; every
 layer, first and last included, at the bench's bit-width), and synthetic Gaussian and Laplacian weights
@@ -13,7 +13,11 @@ Per tensor and bit-width ``M`` (per output channel, rows of ``L`` weights):
 * **scalar**: the MSE-optimal symmetric per-channel grid with ``M`` bits (core's ``mse_range``; it is the lattice
   with basis ``step * I``, the search's start), rate ``M`` bits per weight (plus the 32-bit scale both pay);
 * **lattice**: the ``lattice`` quantizer's n (3 on 3x3 kernel rows, ``--dim`` on 1x1 convs and linear layers, 1
-  on the stem and where the basis would cost more than ``--max-overhead`` bits per weight), searched with ``lattice-search``'s defaults, rate ``M + n^2 B / L`` (``B`` = ``--basis-bits``);
+  on the stem and where the basis would cost more than ``--max-overhead`` bits per weight), searched with
+  ``lattice-search``'s defaults, including its rate-distortion choice per channel between the searched basis and
+  the scalar grid (``--no-select``: every searched basis kept); rate ``M + extra / (C L)`` with ``extra`` the
+  tensor's stored basis bits in its layout (``n^2 B`` per channel that keeps a basis, ``B`` = ``--basis-bits``,
+  plus a 1-bit flag per channel when scalar and basis channels are mixed: ``LatticeFakeQuant.stored_extra_bits``);
 * **scalar @ equal rate**: the scalar grid's distortion at the lattice's rate, interpolated linearly in dB
   between ``M`` and ``M + 1`` bits (both measured);
 * **Shannon**: ``D(R) = sigma^2 2^(-2R)`` at the lattice's rate, ``sigma^2`` the mean per-channel variance.
@@ -68,11 +72,13 @@ def measure(w: torch.Tensor, info: LayerInfo, bits: int, args: argparse.Namespac
         t0 = time.perf_counter()
         if n > 1:
             basis, _ = search_bases(q, rows, SearchSettings(steps=args.steps, restarts=args.restarts,
-                                                             refine=args.refine, seed=0))
+                                                             refine=args.refine, seed=0, select=args.select))
             q.set_basis(basis)
         out["search_seconds"] = round(time.perf_counter() - t0, 2)
         out["lattice"] = mse(q)
-    extra = (n * n * (args.basis_bits or 32) / length) if n > 1 else 0.0
+        out["rows_with_basis"] = int(q.basis_rows().sum())
+        out["rows"] = int(q.rows)
+    extra = q.stored_extra_bits() / w.numel()
     rate = bits + extra
 
     def db(x: float) -> float:
@@ -117,6 +123,8 @@ def main() -> int:
     p.add_argument("--basis-bits", type=int, default=8)
     p.add_argument("--dim", type=int, default=LatticeOptions.dim)
     p.add_argument("--max-overhead", type=float, default=LatticeOptions.max_overhead)
+    p.add_argument("--no-select", dest="select", action="store_false",
+                   help="keep every searched basis (no rate-distortion choice against the scalar grid)")
     p.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="zoo weights only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
@@ -132,10 +140,11 @@ def main() -> int:
                   f"{r['search_seconds']} s", file=sys.stderr, flush=True)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}, torch "
           f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; search steps={args.steps} restarts={args.restarts} "
-          f"refine={args.refine}, basis_bits={args.basis_bits}, dim={args.dim}, max_overhead={args.max_overhead}; {time.perf_counter() - t0:.0f} s")
+          f"refine={args.refine}, select={args.select}, basis_bits={args.basis_bits}, dim={args.dim}, "
+          f"max_overhead={args.max_overhead}; {time.perf_counter() - t0:.0f} s")
     print("\n| source | bits | tensors | rate (lattice) | scalar dB | lattice dB | scalar @ equal rate dB | "
-          "Shannon dB | gain at equal rate | shape gain | lattice wins (equal rate) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "Shannon dB | gain at equal rate | shape gain | lattice wins (equal rate) | channels with a basis |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     groups = list(dict.fromkeys(r["group"] if r["group"] in ("gaussian", "laplacian") else r["group"]
                                 for r in rows))
     for g in groups:
@@ -155,7 +164,7 @@ def main() -> int:
                 print(f"| {label} | {b} | {len(sel)} | {avg('rate'):.3f} | "
                       f"{avg('scalar_db'):.2f} | {avg('lattice_db'):.2f} | {avg('scalar_eq_db'):.2f} | "
                       f"{avg('shannon_db'):.2f} | {avg('gain_db'):+.2f} | {avg('shape_gain_db'):+.2f} | "
-                      f"{wins}/{len(sel)} |")
+                      f"{wins}/{len(sel)} | {sum(r['rows_with_basis'] for r in sel)}/{sum(r['rows'] for r in sel)} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
