@@ -17,7 +17,8 @@ weights, which is easier); residual sums, pooling, attention matmuls and softmax
 * ``rdoq``: ``--plugin rdoq --target-bits T --a-bits A`` with ``T`` = the latticeq row's ``w_bits_avg`` (basis
   storage included), i.e. the same total weight bits; deployable;
 * ``latticeq``: ``--plugin latticeq --w-bits W --a-bits A -o basis_bits=B`` (per-tensor quantile activation
-  ranges; not an integer grid, so "deployable no");
+  ranges; per channel, a basis only where it pays for its stored bits, ``-o select``'s default; not an integer
+  grid, so "deployable no");
 * ``latticeq+recon``: the same with ``-o recon=true`` (qcore-recon's QDrop engine, 300 steps per block);
 * ``scalar-grid``: ``latticeq`` with ``-o restarts=0``: no basis search, every basis stays ``step * I`` of the
   MSE-optimal scalar grid, everything else (quantile activations, mean correction, basis bits counted) the same:
