@@ -29,7 +29,7 @@ from qcore._layers import discover_layers
 from qcore._options import build_options
 from qcore._plugins import Host, load_host
 from qcore._spec import Plan
-from qcore._switch import select_bits, switchable_bits
+from qcore._switch import bits_in_effect, select_bits, switchable_bits
 from qcore._wrap import iter_quantizers
 
 FORMAT = "qcore-model"
@@ -68,7 +68,10 @@ def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
             "weight_correction": wc.name if wc is not None else "none",
             "weight_correction_options": json.dumps(_options(wc) if wc is not None else {}, default=str),
             "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline), default=str),
-            "switchable_bits": json.dumps(switchable_bits(qmodel)), "run": json.dumps(run_record(ctx.config))}
+            "switchable_bits": json.dumps(switchable_bits(qmodel)),
+            # a multi-bit model may have been switched after the run: the plan keeps the run's bits, this the
+            # bits its quantizers hold now (and load restores)
+            "bits_in_effect": json.dumps(bits_in_effect(qmodel)), "run": json.dumps(run_record(ctx.config))}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
     return save(tensors, metadata=meta)
 
