@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from qcore import ops
+from qcore import ops, packing
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +61,34 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: 
 
 torch.library.register_kernel(OPS[0], "cuda", _forward)
 torch.library.register_kernel(OPS[1], "cuda", _backward)
+
+
+# -- kernel 5: dequantize-matmul on packed low-bit weights (qcore.packing) ---------------------------------------
+
+#: ``qcore::dequant_matmul`` (registered by :mod:`qcore.packing`) -> :func:`qcore_cuda.packed.dequant_matmul`
+PACKED_OPS = ("qcore::dequant_matmul",)
+
+_packed: ModuleType | None = None
+
+
+def packed_kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.packed`, imported on first use; None when Triton is not installed."""
+    global _packed
+    if _packed is None and importlib.util.find_spec("triton") is not None:
+        from qcore_cuda import packed
+
+        _packed = packed
+        log.info("qcore-cuda: Triton kernel active for CUDA tensors (dequant_matmul)")
+    return _packed
+
+
+def _dequant_matmul(x: Tensor, packed: Tensor, bits: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                    prune_value: Tensor, length: int) -> Tensor:
+    args = (packed, bits, scale, zero_point, qmin, prune_value, length)
+    k = packed_kernels()
+    if k is None or not k.supports(x, packed):
+        return packing.dequant_matmul_reference(x, *args)
+    return k.dequant_matmul(x, *args)
+
+
+torch.library.register_kernel(PACKED_OPS[0], "cuda", _dequant_matmul)
