@@ -92,3 +92,38 @@ def _dequant_matmul(x: Tensor, packed: Tensor, bits: Tensor, scale: Tensor, zero
 
 
 torch.library.register_kernel(PACKED_OPS[0], "cuda", _dequant_matmul)
+
+
+# -- kernel 4: LatticeQ's closest-vector enumeration (n <= 3), when qcore-latticeq is installed -----------------
+
+#: ``qcore_latticeq::closest_points`` (registered by :mod:`qcore_latticeq.cvp`) -> :mod:`qcore_cuda.lattice`;
+#: the op belongs to qcore-latticeq (the algorithm's only users), so it is registered only when that is installed
+LATTICE_OPS = ("qcore_latticeq::closest_points",)
+
+_lattice: ModuleType | None = None
+
+
+def lattice_kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.lattice`, imported on first use; None when Triton is not installed."""
+    global _lattice
+    if _lattice is None and importlib.util.find_spec("triton") is not None:
+        from qcore_cuda import lattice
+
+        _lattice = lattice
+        log.info("qcore-cuda: Triton kernel active for CUDA tensors (lattice closest points)")
+    return _lattice
+
+
+def _closest_points(v: Tensor, basis: Tensor, qmin: Tensor, qmax: Tensor, max_offsets: int | None) -> Tensor:
+    from qcore_latticeq.cvp import closest_points_reference
+
+    k = lattice_kernels()
+    if k is None or not k.supports(v, basis):
+        return closest_points_reference(v, basis, qmin, qmax, max_offsets)
+    return k.closest_points(v, basis, qmin, qmax, max_offsets)
+
+
+if importlib.util.find_spec("qcore_latticeq") is not None:
+    import qcore_latticeq.cvp  # noqa: F401 - defines the op
+
+    torch.library.register_kernel(LATTICE_OPS[0], "cuda", _closest_points)
