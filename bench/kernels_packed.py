@@ -26,7 +26,6 @@ import argparse
 import os
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 if "--cpu" in sys.argv or not __import__("torch").cuda.is_available():
@@ -41,6 +40,9 @@ from torch import Tensor  # noqa: E402
 from qcore import packing  # noqa: E402
 from qcore.ops import int_range, qparams_from_range  # noqa: E402
 from qcore_cuda import lattice, packed  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from kernels import time_ms  # noqa: E402  (bench/kernels.py: median CUDA-event time after warm-up)
 
 #: (name, N, K) of the linear layers kernel 5 is timed on
 LINEAR = [("resnet50.fc", 1000, 2048), ("deit_b.qkv", 2304, 768), ("deit_b.fc1", 3072, 768),
@@ -59,21 +61,6 @@ def packed_problem(n: int, k: int, group_bits: tuple[int, ...], device: str, see
     codes = packing.pack_codes(packing.codes_from_weight(w, scale, zero, qmin, qmax), bits)
     args = (codes, bits, scale, zero, qmin, torch.zeros(n), k)
     return w, tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
-
-
-def time_ms(fn: Callable[[], object], repeat: int) -> float:
-    """Median milliseconds of ``fn`` on the GPU (CUDA events, after warm-up)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def lattice_problem(n: int, rows: int, length: int, device: str, seed: int = 0) -> tuple[Tensor, ...]:

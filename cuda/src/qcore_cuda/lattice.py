@@ -37,31 +37,24 @@ def _coord(t, stride, w, start, stop):
 
 
 @triton.jit
+def _load3(ptr, base, live):
+    """The three consecutive float32 values at ``ptr + base`` of each live vector (zeros elsewhere)."""
+    return (tl.load(ptr + base, mask=live, other=0.0), tl.load(ptr + base + 1, mask=live, other=0.0),
+            tl.load(ptr + base + 2, mask=live, other=0.0))
+
+
+@triton.jit
 def _enumerate(v_ptr, b_ptr, start_ptr, stop_ptr, z_ptr, d_ptr, out_ptr, N, w0, w1, w2, total,
                BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = i < N
-    v0 = tl.load(v_ptr + i * 3, mask=live, other=0.0)
-    v1 = tl.load(v_ptr + i * 3 + 1, mask=live, other=0.0)
-    v2 = tl.load(v_ptr + i * 3 + 2, mask=live, other=0.0)
-    b00 = tl.load(b_ptr + i * 9, mask=live, other=0.0)
-    b01 = tl.load(b_ptr + i * 9 + 1, mask=live, other=0.0)
-    b02 = tl.load(b_ptr + i * 9 + 2, mask=live, other=0.0)
-    b10 = tl.load(b_ptr + i * 9 + 3, mask=live, other=0.0)
-    b11 = tl.load(b_ptr + i * 9 + 4, mask=live, other=0.0)
-    b12 = tl.load(b_ptr + i * 9 + 5, mask=live, other=0.0)
-    b20 = tl.load(b_ptr + i * 9 + 6, mask=live, other=0.0)
-    b21 = tl.load(b_ptr + i * 9 + 7, mask=live, other=0.0)
-    b22 = tl.load(b_ptr + i * 9 + 8, mask=live, other=0.0)
-    s0 = tl.load(start_ptr + i * 3, mask=live, other=0.0)
-    s1 = tl.load(start_ptr + i * 3 + 1, mask=live, other=0.0)
-    s2 = tl.load(start_ptr + i * 3 + 2, mask=live, other=0.0)
-    e0 = tl.load(stop_ptr + i * 3, mask=live, other=0.0)
-    e1 = tl.load(stop_ptr + i * 3 + 1, mask=live, other=0.0)
-    e2 = tl.load(stop_ptr + i * 3 + 2, mask=live, other=0.0)
-    z0 = tl.load(z_ptr + i * 3, mask=live, other=0.0)
-    z1 = tl.load(z_ptr + i * 3 + 1, mask=live, other=0.0)
-    z2 = tl.load(z_ptr + i * 3 + 2, mask=live, other=0.0)
+    v0, v1, v2 = _load3(v_ptr, i * 3, live)
+    b00, b01, b02 = _load3(b_ptr, i * 9, live)  # basis rows
+    b10, b11, b12 = _load3(b_ptr, i * 9 + 3, live)
+    b20, b21, b22 = _load3(b_ptr, i * 9 + 6, live)
+    s0, s1, s2 = _load3(start_ptr, i * 3, live)
+    e0, e1, e2 = _load3(stop_ptr, i * 3, live)
+    z0, z1, z2 = _load3(z_ptr, i * 3, live)
     d = tl.load(d_ptr + i, mask=live, other=0.0)
     for t in range(0, total):
         c0 = _coord(t, w1 * w2, w0, s0, e0)
@@ -112,7 +105,8 @@ def enumerate_offsets(vs: Tensor, bases: Tensor, start: Tensor, stop: Tensor, z:
     out = torch.empty((vs.shape[0], MAX_N), dtype=torch.float32, device=vs.device)
     _enumerate[(triton.cdiv(vs.shape[0], BLOCK),)](
         _pad(vs, n, 1), _pad(bases, n, 2), _pad(start, n, 1), _pad(stop, n, 1), _pad(z, n, 1),
-        d.to(torch.float32).contiguous(), out, vs.shape[0], w[0], w[1], w[2], total, BLOCK=BLOCK)
+        d.to(torch.float32).contiguous(), out, vs.shape[0], w[0], w[1], w[2], total, BLOCK=BLOCK,
+        enable_fp_fusion=False)  # no fused multiply-add: the distances round as the reference's do
     return out[:, :n].to(z.dtype)
 
 

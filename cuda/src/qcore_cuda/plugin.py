@@ -13,6 +13,7 @@ The plugin registers no components, so it implements no hooks.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from types import ModuleType
@@ -68,18 +69,21 @@ torch.library.register_kernel(OPS[1], "cuda", _backward)
 #: ``qcore::dequant_matmul`` (registered by :mod:`qcore.packing`) -> :func:`qcore_cuda.packed.dequant_matmul`
 PACKED_OPS = ("qcore::dequant_matmul",)
 
-_packed: ModuleType | None = None
+_lazy: dict[str, ModuleType] = {}
+
+
+def _kernel_module(name: str) -> ModuleType | None:
+    """``qcore_cuda.<name>``, imported on first use (so tests can choose the interpreter first); None when
+    Triton is not installed."""
+    if name not in _lazy and importlib.util.find_spec("triton") is not None:
+        _lazy[name] = importlib.import_module(f"qcore_cuda.{name}")
+        log.info("qcore-cuda: Triton kernels of qcore_cuda.%s active for CUDA tensors", name)
+    return _lazy.get(name)
 
 
 def packed_kernels() -> ModuleType | None:
     """:mod:`qcore_cuda.packed`, imported on first use; None when Triton is not installed."""
-    global _packed
-    if _packed is None and importlib.util.find_spec("triton") is not None:
-        from qcore_cuda import packed
-
-        _packed = packed
-        log.info("qcore-cuda: Triton kernel active for CUDA tensors (dequant_matmul)")
-    return _packed
+    return _kernel_module("packed")
 
 
 def _dequant_matmul(x: Tensor, packed: Tensor, bits: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
@@ -100,18 +104,9 @@ torch.library.register_kernel(PACKED_OPS[0], "cuda", _dequant_matmul)
 #: the op belongs to qcore-latticeq (the algorithm's only users), so it is registered only when that is installed
 LATTICE_OPS = ("qcore_latticeq::closest_points",)
 
-_lattice: ModuleType | None = None
-
-
 def lattice_kernels() -> ModuleType | None:
     """:mod:`qcore_cuda.lattice`, imported on first use; None when Triton is not installed."""
-    global _lattice
-    if _lattice is None and importlib.util.find_spec("triton") is not None:
-        from qcore_cuda import lattice
-
-        _lattice = lattice
-        log.info("qcore-cuda: Triton kernel active for CUDA tensors (lattice closest points)")
-    return _lattice
+    return _kernel_module("lattice")
 
 
 def _closest_points(v: Tensor, basis: Tensor, qmin: Tensor, qmax: Tensor, max_offsets: int | None) -> Tensor:
