@@ -104,6 +104,7 @@ torch.library.register_kernel(PACKED_OPS[0], "cuda", _dequant_matmul)
 #: the op belongs to qcore-latticeq (the algorithm's only users), so it is registered only when that is installed
 LATTICE_OPS = ("qcore_latticeq::closest_points",)
 
+
 def lattice_kernels() -> ModuleType | None:
     """:mod:`qcore_cuda.lattice`, imported on first use; None when Triton is not installed."""
     return _kernel_module("lattice")
