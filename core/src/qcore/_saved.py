@@ -113,6 +113,8 @@ def _pack_weights(qmodel: nn.Module, tensors: dict[str, Tensor]) -> dict[str, in
         wq = layer.weight_quantizer
         assert isinstance(wq, UniformFakeQuant)
         key = f"{name}.module.weight"
+        if key not in tensors:  # a wrapper that holds its weight elsewhere keeps it as it is
+            continue
         w = tensors.pop(key)
         rows = w.movedim(wq.axis, 0).reshape(w.shape[wq.axis], -1)
         scale, zero, qmin, qmax, bits, _ = _rows_params(wq, rows.shape[0])
