@@ -17,7 +17,7 @@ import pytest
 import qcore
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC_SUBMODULES = ("ops", "ranges", "knapsack", "distributed", "testing", "hookspecs")
+PUBLIC_SUBMODULES = ("ops", "ranges", "knapsack", "distributed", "testing", "hookspecs", "packing")
 CHECKED = ("plugins", "classification", "detection", "cuda", "tests", "bench")
 
 

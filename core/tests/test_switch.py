@@ -11,6 +11,7 @@ import torch
 import qcore
 from qcore._evaluate import evaluate_saved
 from qcore._saved import read_meta
+from qcore._switch import bits_in_effect
 from qcore.ranges import minmax_range
 from qcore.testing import make_host, run_tiny
 
@@ -56,6 +57,7 @@ def test_select_bits_switches_only_switchable_quantizers_and_refreshes_frozen_we
         qcore.select_bits(model, w_bits=3, a_bits=8)  # inputs are at 4 bits (8 at first/last) and cannot switch
     done = qcore.select_bits(model, w_bits=3)
     assert done == {name: {"weight": 3}}
+    assert 3 in bits_in_effect(model)["weight"]  # what runs now, not the plan's bits
     after = layer.quantized_weight()
     assert not torch.equal(before, after)  # the cached weight was recomputed at 3 bits
     assert len(torch.unique(after[0])) <= 8
@@ -78,7 +80,9 @@ def test_saved_file_records_the_run_and_qcore_eval_rebuilds_it(tmp_path):
     meta = read_meta(path)
     assert meta["run"]["task"] == "tiny" and meta["run"]["model"] == "tiny:convnet"
     assert meta["switchable_bits"] == {"weight": [], "act": []}
+    assert meta["bits_in_effect"] == {"weight": [4, 8], "act": [4, 8]}  # first/last pinned at 8
     got = evaluate_saved(path, host, eval_size=128)
+    assert got["bits_in_effect"] == meta["bits_in_effect"]
     assert got["quant"] == pytest.approx(out.result["quant"])  # same model, same evaluation data, no calibration
     with pytest.raises(qcore.QcoreError, match="holds one bit-width setting"):
         evaluate_saved(path, host, w_bits=3, a_bits=3)

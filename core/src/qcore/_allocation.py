@@ -80,6 +80,13 @@ def _bits(value: Any, what: str) -> int | None:
     return int(value)
 
 
+def last_layer_names(layers: Sequence[str], last: Sequence[str] = ()) -> list[str]:
+    """The run's last layers: the task's ``last`` among ``layers`` (every head output of a multi-head
+    detector), or ``layers[-1]`` when the task names none of them."""
+    wanted = set(last)
+    return [n for n in layers if n in wanted] or list(layers[-1:])
+
+
 def pinned_layers(layers: Sequence[str], opts: PipelineOptions, overrides: Mapping[str, Any],
                   w_bits: int | None, a_bits: int | None, last: Sequence[str] = ()) -> dict[str, Pin]:
     """Layers the user fixed: first/last (``first_last``), then YAML ``layers:`` globs (later wins).
@@ -91,8 +98,7 @@ def pinned_layers(layers: Sequence[str], opts: PipelineOptions, overrides: Mappi
     pins: dict[str, Pin] = {}
     if layers and opts.first_last != "same":
         b = None if opts.first_last == "fp" else int(opts.first_last)
-        lasts = [n for n in layers if n in set(last)] or [layers[-1]]
-        for name in {layers[0], *lasts}:
+        for name in {layers[0], *last_layer_names(layers, last)}:
             pins[name] = Pin(b, b)
     for pattern, value in overrides.items():
         matched = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]

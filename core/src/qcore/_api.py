@@ -47,11 +47,17 @@ class Quantized:
     report: dict[str, Any]
     outcome: RunOutcome
 
-    def save(self, path: str | Path) -> Path:
-        """Write one ``.qcore`` file (plan, quantizer parameters, weights; safetensors, no pickle) to ``path``."""
+    def save(self, path: str | Path, packed: bool = False) -> Path:
+        """Write one ``.qcore`` file (plan, quantizer parameters, weights; safetensors, no pickle) to ``path``.
+
+        With ``packed=True`` the weights of uniformly quantized layers are stored as packed integer codes
+        (:mod:`qcore.packing`: int2/3/4... in their real bits, plus the per-row ranges already in the file)
+        instead of float32; :func:`load` decodes them and the model's outputs are the same, bit for bit.
+        Layers with another weight format or a weight correction keep float weights.
+        """
         path = Path(path)
         assert self.outcome.ctx is not None
-        data = saved_bytes(self.model, self.plan, self.outcome.ctx)
+        data = saved_bytes(self.model, self.plan, self.outcome.ctx, packed=packed)
         try:
             path.write_bytes(data)
         except OSError as exc:

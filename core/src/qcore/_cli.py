@@ -136,6 +136,19 @@ def _add_run(sub: Any) -> None:
                    help="on an error, print the full Python traceback too (also QCORE_DEBUG=1); for bug reports")
 
 
+def _saved_model_args(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """The arguments every command reading a saved ``.qcore`` model shares (``qcore eval``, ``qcore export``)."""
+    parser.add_argument("file", type=Path, help="a .qcore file (qcore run writes OUT/model.qcore)")
+    parser.add_argument("--w-bits", type=int, help="weight bits to select (a multi-bit model; default: as saved)")
+    parser.add_argument("--a-bits", type=int,
+                        help="activation bits to select (a multi-bit model; default: as saved)")
+    parser.add_argument("--bit-plan", type=Path, help="plan.json whose per-layer bits to select (e.g. from rdoq)")
+    parser.add_argument("--data", help=data_help)
+    parser.add_argument("--weights", help="FP weights file (default: the run's)")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full Python traceback too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcore", description="qcore: post-training quantization toolkit (RDOQ, ACIQ, OMPQ, PTMQ, "
                 "LatticeQ and a uniform baseline) with pluggable quantizers, calibrators and allocators.",
@@ -150,32 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebuilt from what the file records; nothing is recalibrated. A multi-bit model (e.g. "
                         "--plugin ptmq) is switched first to --w-bits/--a-bits or to the per-layer bits of "
                         "--bit-plan. Prints the metrics as JSON.")
-    ev.add_argument("file", type=Path, help="a .qcore file (qcore run writes OUT/model.qcore)")
-    ev.add_argument("--w-bits", type=int, help="weight bits to select (a multi-bit model; default: as saved)")
-    ev.add_argument("--a-bits", type=int, help="activation bits to select (a multi-bit model; default: as saved)")
-    ev.add_argument("--bit-plan", type=Path, help="plan.json whose per-layer bits to select (e.g. from rdoq)")
+    _saved_model_args(ev, data_help="evaluation data (default: the run's)")
     ev.add_argument("--eval-size", type=int, help="evaluate on the first N evaluation samples (default: all)")
     ev.add_argument("--batch-size", type=int, help="batch size (default: the run's)")
-    ev.add_argument("--data", help="evaluation data (default: the run's)")
-    ev.add_argument("--weights", help="FP weights file (default: the run's)")
     ev.add_argument("--device", help="cpu (default: the run's) or cuda")
-    ev.add_argument("--traceback", action="store_true", help="on an error, print the full Python traceback too")
     ex = sub.add_parser("export", help="write a saved .qcore model as ONNX QDQ (integer weights, QDQ inputs)",
                         description="Write MODEL.qcore (written by qcore run) as an ONNX QDQ model (opset 21) that "
                         "onnxruntime runs: weights as INT8/INT4 codes with per-channel scales, every quantized "
                         "input as QuantizeLinear/DequantizeLinear. The FP model is rebuilt from what the file "
                         "records; one calibration batch traces it. Needs uniform grids of at most 8 bits and "
                         "pip install onnx onnxscript onnxruntime. Prints a JSON report.")
-    ex.add_argument("file", type=Path, help="a .qcore file (qcore run writes OUT/model.qcore)")
+    _saved_model_args(ex, data_help="data for the example batch (default: the run's)")
     ex.add_argument("--onnx", type=Path, required=True, help="the ONNX file to write")
-    ex.add_argument("--w-bits", type=int, help="weight bits to select (a multi-bit model; default: as saved)")
-    ex.add_argument("--a-bits", type=int, help="activation bits to select (a multi-bit model; default: as saved)")
-    ex.add_argument("--bit-plan", type=Path, help="plan.json whose per-layer bits to select (e.g. from rdoq)")
     ex.add_argument("--no-int4", action="store_true",
                     help="store 4-bit codes in 8-bit types (onnxruntime has no fast 4-bit kernels)")
-    ex.add_argument("--data", help="data for the example batch (default: the run's)")
-    ex.add_argument("--weights", help="FP weights file (default: the run's)")
-    ex.add_argument("--traceback", action="store_true", help="on an error, print the full Python traceback too")
     ls = sub.add_parser("list", help="list registered components of one kind")
     ls.add_argument("kind", choices=[k + "s" for k in KINDS], help="what to list")
     ls.add_argument("--options", action="store_true", help="show each component's options")

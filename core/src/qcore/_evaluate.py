@@ -26,7 +26,7 @@ from qcore._outputs import read_text_file
 from qcore._pipeline import _check_device, check_sizes
 from qcore._plugins import Host
 from qcore._saved import load_quantized, read_meta
-from qcore._switch import switchable_bits
+from qcore._switch import bits_in_effect, switchable_bits
 
 
 @dataclass
@@ -96,7 +96,8 @@ def evaluate_saved(path: Path, host: Host, w_bits: int | None = None, a_bits: in
     return {"file": str(path), "task": r.config.task, "model": inst.model_name, "metric": inst.metric,
             "quant": metrics.get(inst.metric), "quant_metrics": metrics,
             "bits": {"weights": w_bits, "acts": a_bits, "plan": str(bit_plan) if bit_plan else None},
-            "switchable_bits": switchable_bits(r.model), "data": inst.data,
+            "bits_in_effect": bits_in_effect(r.model), "switchable_bits": switchable_bits(r.model),
+            "data": inst.data,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -123,4 +124,4 @@ def export_saved(path: Path, onnx_path: Path, host: Host, w_bits: int | None = N
             "int4_weights": len(report.int4_weights), "int4_inputs": report.int4_inputs,
             "per_channel_inputs": report.per_channel_acts, "max_abs_diff": report.max_abs_diff,
             "bits": {"weights": w_bits, "acts": a_bits, "plan": str(bit_plan) if bit_plan else None},
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "bits_in_effect": bits_in_effect(r.model), "seconds": round(time.perf_counter() - t0, 2)}

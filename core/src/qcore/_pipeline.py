@@ -23,7 +23,7 @@ import torch
 
 from qcore import __version__
 from qcore import distributed as qdist
-from qcore._allocation import PipelineOptions, apply_pins, pinned_layers
+from qcore._allocation import PipelineOptions, apply_pins, last_layer_names, pinned_layers
 from qcore._apply import apply_plan, check_finite, freeze
 from qcore._components import (
     Budget,
@@ -439,8 +439,9 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
     act_gran = sorted({s.granularity for s in aspecs})  # type: ignore[union-attr]
     deployable = integer_grid and set(act_gran) <= {"tensor"}
     wc, oc = (corrections or {}).get("weight_correction"), (corrections or {}).get("output_correction")
-    lasts = [n for n in names if n in set(last_layers)] or names[-1:]
-    last = lasts[0] if len(lasts) == 1 else f"{len(lasts)} layers: {', '.join(lasts[:3])}, ..."
+    lasts = last_layer_names(names, last_layers)
+    last = lasts[0] if len(lasts) == 1 else (f"{len(lasts)} layers: {', '.join(lasts[:3])}"
+                                             + (", ..." if len(lasts) > 3 else ""))
     first_last = {"same": "quantized like the other layers", "fp": "kept in floating point"}.get(
         pipeline.first_last, f"weights and inputs at {pipeline.first_last} bits")
     summary = (f"weights of {len(wl)} of {len(names)} quantizable layers ({', '.join(kinds)}; "

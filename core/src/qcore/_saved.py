@@ -12,25 +12,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from qcore import __version__
+from qcore import __version__, packing
 from qcore._allocation import PipelineOptions
 from qcore._apply import apply_plan, freeze
 from qcore._components import Budget, RunConfig, RunContext
 from qcore._errors import QcoreError
-from qcore._fake_quant import FakeQuantizer
+from qcore._fake_quant import FakeQuantizer, UniformFakeQuant
 from qcore._fold import fold_batchnorm
 from qcore._layers import discover_layers
 from qcore._options import build_options
 from qcore._plugins import Host, load_host
 from qcore._spec import Plan
-from qcore._switch import select_bits, switchable_bits
-from qcore._wrap import iter_quantizers
+from qcore._switch import bits_in_effect, select_bits, switchable_bits
+from qcore._wrap import QuantLayer, iter_quantizers, quant_layers
+
+log = logging.getLogger(__name__)
 
 FORMAT = "qcore-model"
 FORMAT_VERSION = 1
@@ -52,9 +55,10 @@ def unsaved_reason(qmodel: nn.Module) -> str | None:
     return None
 
 
-def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
+def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext, packed: bool = False) -> bytes:
     """``qmodel`` (as the run ``ctx`` made it from ``plan``) as the bytes of a ``.qcore`` file; a
-    :class:`QcoreError` when :func:`unsaved_reason` says it cannot be saved."""
+    :class:`QcoreError` when :func:`unsaved_reason` says it cannot be saved. With ``packed``, the weights of
+    the layers :func:`packable_layers` finds are stored as packed integer codes (:mod:`qcore.packing`)."""
     from safetensors.torch import save
 
     why = unsaved_reason(qmodel)
@@ -68,9 +72,80 @@ def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext) -> bytes:
             "weight_correction": wc.name if wc is not None else "none",
             "weight_correction_options": json.dumps(_options(wc) if wc is not None else {}, default=str),
             "pipeline": json.dumps(dataclasses.asdict(ctx.pipeline), default=str),
-            "switchable_bits": json.dumps(switchable_bits(qmodel)), "run": json.dumps(run_record(ctx.config))}
+            "switchable_bits": json.dumps(switchable_bits(qmodel)),
+            # a multi-bit model may have been switched after the run: the plan keeps the run's bits, this the
+            # bits its quantizers hold now (and load restores)
+            "bits_in_effect": json.dumps(bits_in_effect(qmodel)), "run": json.dumps(run_record(ctx.config))}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()}
+    if packed:
+        meta["packed_weights"] = json.dumps(_pack_weights(qmodel, tensors))
     return save(tensors, metadata=meta)
+
+
+# -- packed weights: the integer codes in their real bits ------------------------------------------------------
+
+def packable_layers(qmodel: nn.Module) -> dict[str, QuantLayer]:
+    """The layers whose weight a packed file stores as integer codes: a float32 weight quantized by a plain
+    :class:`UniformFakeQuant` (whole bit-widths 0..16) with no weight correction (a correction reads the float
+    weight, so those layers keep it). Other layers keep their float weight in the file."""
+    out = {}
+    for name, layer in quant_layers(qmodel).items():
+        wq = layer.weight_quantizer
+        w = getattr(layer.module, "weight", None)
+        if (type(wq) is UniformFakeQuant and layer.weight_correction is None and isinstance(w, torch.Tensor)
+                and w.dtype == torch.float32 and bool(wq.bits.max() <= packing.MAX_BITS)):
+            out[name] = layer
+        else:
+            log.info("packed save: %s keeps its float weight (quantizer %s%s)", name, type(wq).__name__,
+                     ", weight correction" if layer.weight_correction is not None else "")
+    return out
+
+
+def _rows_params(wq: UniformFakeQuant, channels: int) -> tuple[Tensor, ...]:
+    """``(scale, zero_point, qmin, qmax, bits, prune_value)`` with one value per channel."""
+    scale, zero, qmin, qmax, bits = wq.qparams()
+    return tuple(t.detach().cpu().float().reshape(-1).expand(channels).contiguous()
+                 for t in (scale, zero, qmin, qmax, bits, wq.prune_value))
+
+
+def _pack_weights(qmodel: nn.Module, tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Replace the float weight of every :func:`packable_layers` layer in ``tensors`` by its packed codes
+    (key ``<weight key>.packed``); returns ``{weight key: channel axis}`` for the file's metadata."""
+    done: dict[str, int] = {}
+    for name, layer in packable_layers(qmodel).items():
+        wq = layer.weight_quantizer
+        assert isinstance(wq, UniformFakeQuant)
+        key = f"{name}.module.weight"
+        if key not in tensors:  # a wrapper that holds its weight elsewhere keeps it as it is
+            continue
+        w = tensors.pop(key)
+        rows = w.movedim(wq.axis, 0).reshape(w.shape[wq.axis], -1)
+        scale, zero, qmin, qmax, bits, _ = _rows_params(wq, rows.shape[0])
+        tensors[key + ".packed"] = packing.pack_codes(packing.codes_from_weight(rows, scale, zero, qmin, qmax), bits)
+        done[key] = wq.axis
+    return done
+
+
+def _unpack_weights(qmodel: nn.Module, tensors: dict[str, Tensor], packed: dict[str, int]) -> None:
+    """Put back, in ``tensors``, the float weight of each packed layer: its fake-quantized value, decoded from the
+    codes with the quantizer parameters of the same file (so the model's outputs are the saved model's)."""
+    layers = quant_layers(qmodel)
+    for key, axis in packed.items():
+        name = key[: -len(".module.weight")]
+        layer = layers.get(name)
+        codes = tensors.pop(key + ".packed", None)
+        if layer is None or type(layer.weight_quantizer) is not UniformFakeQuant or codes is None:
+            raise QcoreError(f"packed weight {key} does not fit this model; build the same architecture the file "
+                             "was saved from")
+        wq = layer.weight_quantizer
+        prefix = f"{name}.weight_quantizer."
+        wq.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        w = layer.module.weight
+        moved = w.movedim(axis, 0).shape
+        scale, zero, qmin, _, bits, prune = _rows_params(wq, moved[0])
+        rows = packing.dequantize(packing.unpack_codes(codes, bits, int(torch.Size(moved[1:]).numel())),
+                                  scale, zero, qmin, bits, prune)
+        tensors[key] = rows.reshape(moved).movedim(0, axis).contiguous()
 
 
 #: the RunConfig fields that rebuild a run's model and evaluation data (``qcore eval``)
@@ -146,6 +221,8 @@ def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None,
                      pinned={}, options={}, quantizer=quantizer, pipeline=pipeline, hooks=host.hook,
                      weight_correction=wc)
     qmodel = apply_plan(work, saved_plan, ctx, inplace=True)
+    if "packed_weights" in meta:
+        _unpack_weights(qmodel, tensors, json.loads(meta["packed_weights"]))
     _restore(qmodel, tensors, path)
     if bits is not None or plan is not None:
         w, a = bits if bits is not None else (None, None)

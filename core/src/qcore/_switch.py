@@ -31,6 +31,18 @@ def switchable_bits(model: nn.Module) -> dict[str, list[int]]:
     return {role: sorted(s or ()) for role, s in sets.items()}
 
 
+def bits_in_effect(model: nn.Module) -> dict[str, list[int]]:
+    """The bit-widths ``model``'s weight (``"weight"``) and activation (``"act"``) quantizers run at now, sorted
+    and without repeats (read from each quantizer's rows, so a selection made after the run shows; pruned rows
+    count as 0)."""
+    found: dict[str, set[int]] = {"weight": set(), "act": set()}
+    for layer in quant_layers(model).values():
+        for role, q in (("weight", layer.weight_quantizer), ("act", layer.act_quantizer)):
+            if q is not None:
+                found[role].update(int(b) for b in q.row_bits().unique().tolist())
+    return {role: sorted(v) for role, v in found.items()}
+
+
 def _holds(q: Any, bits: int) -> bool:
     """True when the single-setting quantizer ``q`` quantizes every row at ``bits``."""
     return bool((q.row_bits() == bits).all())

@@ -13,6 +13,7 @@ The plugin registers no components, so it implements no hooks.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from types import ModuleType
@@ -20,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from qcore import ops
+from qcore import ops, packing
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,64 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: 
 
 torch.library.register_kernel(OPS[0], "cuda", _forward)
 torch.library.register_kernel(OPS[1], "cuda", _backward)
+
+
+# -- kernel 5: dequantize-matmul on packed low-bit weights (qcore.packing) ---------------------------------------
+
+#: ``qcore::dequant_matmul`` (registered by :mod:`qcore.packing`) -> :func:`qcore_cuda.packed.dequant_matmul`
+PACKED_OPS = ("qcore::dequant_matmul",)
+
+_lazy: dict[str, ModuleType] = {}
+
+
+def _kernel_module(name: str) -> ModuleType | None:
+    """``qcore_cuda.<name>``, imported on first use (so tests can choose the interpreter first); None when
+    Triton is not installed."""
+    if name not in _lazy and importlib.util.find_spec("triton") is not None:
+        _lazy[name] = importlib.import_module(f"qcore_cuda.{name}")
+        log.info("qcore-cuda: Triton kernels of qcore_cuda.%s active for CUDA tensors", name)
+    return _lazy.get(name)
+
+
+def packed_kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.packed`, imported on first use; None when Triton is not installed."""
+    return _kernel_module("packed")
+
+
+def _dequant_matmul(x: Tensor, packed: Tensor, bits: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                    prune_value: Tensor, length: int) -> Tensor:
+    args = (packed, bits, scale, zero_point, qmin, prune_value, length)
+    k = packed_kernels()
+    if k is None or not k.supports(x, packed):
+        return packing.dequant_matmul_reference(x, *args)
+    return k.dequant_matmul(x, *args)
+
+
+torch.library.register_kernel(PACKED_OPS[0], "cuda", _dequant_matmul)
+
+
+# -- kernel 4: LatticeQ's closest-vector enumeration (n <= 3), when qcore-latticeq is installed -----------------
+
+#: ``qcore_latticeq::closest_points`` (registered by :mod:`qcore_latticeq.cvp`) -> :mod:`qcore_cuda.lattice`;
+#: the op belongs to qcore-latticeq (the algorithm's only users), so it is registered only when that is installed
+LATTICE_OPS = ("qcore_latticeq::closest_points",)
+
+
+def lattice_kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.lattice`, imported on first use; None when Triton is not installed."""
+    return _kernel_module("lattice")
+
+
+def _closest_points(v: Tensor, basis: Tensor, qmin: Tensor, qmax: Tensor, max_offsets: int | None) -> Tensor:
+    from qcore_latticeq.cvp import closest_points_reference
+
+    k = lattice_kernels()
+    if k is None or not k.supports(v, basis):
+        return closest_points_reference(v, basis, qmin, qmax, max_offsets)
+    return k.closest_points(v, basis, qmin, qmax, max_offsets)
+
+
+if importlib.util.find_spec("qcore_latticeq") is not None:
+    import qcore_latticeq.cvp  # noqa: F401 - defines the op
+
+    torch.library.register_kernel(LATTICE_OPS[0], "cuda", _closest_points)

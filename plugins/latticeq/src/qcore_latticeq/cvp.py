@@ -13,17 +13,28 @@ parallelepiped has ``|q - v|^2 >= |q - p|^2 + d_p^2``, so a better code lies wit
 weights far outside the code (clipped outliers) this radius stays small, where a ball around ``v`` would not.
 Everything is vectorised over all vectors of a tensor; the only Python loops run over the ``3^n`` active sets
 of the projection and the (few) candidate offsets.
+
+Kernels: :func:`closest_points` goes through the torch op ``qcore_latticeq::closest_points`` (registered here,
+with ``register_fake``; the reference is its implementation on every device). The op lives in this plugin, not
+in core, because the algorithm and its only users are LatticeQ's; ``qcore-cuda`` registers its CUDA
+implementation when this plugin is installed: :func:`closest_points_reference` with the enumeration step
+(:func:`enumerate_offsets`, the loop over candidate offsets) replaced by a Triton kernel.
+``QCORE_KERNELS=reference`` skips the op.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["gram_schmidt", "babai_nearest_plane", "project_to_box", "closest_points", "decode",
-           "brute_force_points"]
+from qcore import ops
+
+__all__ = ["gram_schmidt", "babai_nearest_plane", "project_to_box", "closest_points", "closest_points_reference",
+           "enumerate_offsets", "EnumerateFn", "decode", "brute_force_points"]
 
 
 def _bounds(qmin: Tensor | float, qmax: Tensor | float, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,9 +125,8 @@ def project_to_box(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
     return x, d
 
 
-@torch.no_grad()
 def closest_points(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor | float,
-                   max_offsets: int | None = None) -> Tensor:
+                   max_offsets: int | None = None, *, kernels: str | None = None) -> Tensor:
     """The exact closest code of every vector: ``argmin over integer z in [qmin, qmax]^n of |z @ basis - v|``.
 
     :param v: ``[C, L, n]`` vectors.
@@ -125,8 +135,59 @@ def closest_points(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
     :param qmax: highest coordinate per row or for all.
     :param max_offsets: refuse (``ValueError``) when the exact enumeration would need more candidate offsets per
         vector than this (an ill-conditioned basis); None: no limit.
+    :param kernels: ``"reference"`` runs :func:`closest_points_reference` directly; ``"auto"`` goes through the
+        torch op ``qcore_latticeq::closest_points`` (whose CUDA implementation ``qcore-cuda`` provides). Default:
+        the ``QCORE_KERNELS`` environment variable, else ``"auto"``.
     :returns: the codes, ``[C, L, n]`` in ``v``'s dtype (whole numbers).
     """
+    lo, hi = _bounds(qmin, qmax, v)
+    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    mode = kernels or os.environ.get(ops.KERNELS_ENV, "auto") or "auto"
+    if mode == "reference" or v.requires_grad or basis.requires_grad:
+        return closest_points_reference(v, basis, lo, hi, max_offsets)
+    return torch.ops.qcore_latticeq.closest_points(v, basis, lo, hi, max_offsets)
+
+
+@torch.library.custom_op("qcore_latticeq::closest_points", mutates_args=())
+def _closest_points_op(v: Tensor, basis: Tensor, qmin: Tensor, qmax: Tensor, max_offsets: int | None) -> Tensor:
+    """:func:`closest_points` as a torch op (``qmin``/``qmax``: ``[C]`` or one value); implementation on every
+    device: :func:`closest_points_reference`."""
+    return closest_points_reference(v, basis, qmin, qmax, max_offsets)
+
+
+@_closest_points_op.register_fake
+def _(v: Tensor, basis: Tensor, qmin: Tensor, qmax: Tensor, max_offsets: int | None) -> Tensor:
+    return torch.empty_like(v)
+
+
+#: ``enumerate_fn(vs, bases, start, stop, z, d, width) -> z``: the best code of each gathered vector among
+#: ``z`` (distance ``d``) and the codes ``min(start + offset, max(stop, start))`` for every ``offset`` of
+#: ``itertools.product(*map(range, width))`` in that order, a candidate replacing the best only when strictly
+#: closer (:func:`enumerate_offsets`; ``qcore-cuda``'s Triton kernel replaces it on CUDA)
+EnumerateFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[int]], Tensor]
+
+
+def enumerate_offsets(vs: Tensor, bases: Tensor, start: Tensor, stop: Tensor, z: Tensor, d: Tensor,
+                      width: list[int]) -> Tensor:
+    """The enumeration step of :func:`closest_points_reference` (see :data:`EnumerateFn`): ``vs`` ``[N, n]``,
+    ``bases`` ``[N, n, n]``, ``start``/``stop``/``z`` ``[N, n]``, ``d`` ``[N]``; returns the best codes."""
+    for offset in itertools.product(*(range(w) for w in width)):
+        off = torch.tensor(offset, dtype=vs.dtype, device=vs.device)
+        zc = torch.minimum(start + off, stop.clamp_min(start))
+        dc = (torch.einsum("nk,nkm->nm", zc, bases) - vs).pow(2).sum(-1)
+        better = dc < d
+        z = torch.where(better[:, None], zc, z)
+        d = torch.where(better, dc, d)
+    return z
+
+
+@torch.no_grad()
+def closest_points_reference(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor | float,
+                             max_offsets: int | None = None, enumerate_fn: EnumerateFn = enumerate_offsets
+                             ) -> Tensor:
+    """:func:`closest_points` computed here (the CPU reference, on any device): Babai's code and the rounded
+    projection give a first best code, its distance bounds each coordinate's candidates, and ``enumerate_fn``
+    (default :func:`enumerate_offsets`) tries every candidate of the vectors that have more than one."""
     lo, hi = _bounds(qmin, qmax, v)
     z_best = babai_nearest_plane(v, basis, lo, hi)
     d_best = (decode(z_best, basis) - v).pow(2).sum(-1)
@@ -157,13 +218,7 @@ def closest_points(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
         total *= w
     if max_offsets is not None and total > max_offsets:
         raise ValueError(f"exact search needs {total} candidate offsets per vector (limit {max_offsets})")
-    for offset in itertools.product(*(range(w) for w in width)):
-        off = torch.tensor(offset, dtype=v.dtype, device=v.device)
-        z = torch.minimum(start_s + off, stop_s.clamp_min(start_s))
-        d = (torch.einsum("nk,nkm->nm", z, bs) - vs).pow(2).sum(-1)
-        better = d < ds
-        zs = torch.where(better[:, None], z, zs)
-        ds = torch.where(better, d, ds)
+    zs = enumerate_fn(vs, bs, start_s, stop_s, zs, ds, width)
     z_best = z_best.clone()
     z_best[c_idx, l_idx] = zs
     return z_best
