@@ -40,10 +40,22 @@ def quantile(x: Tensor, p: float) -> Tensor:
     weight = torch.tensor(rank - lo_i, dtype=x.dtype, device=x.device)
     out = []
     for row in x:
-        lo = torch.kthvalue(row, lo_i + 1).values
-        hi = torch.kthvalue(row, hi_i + 1).values if hi_i != lo_i else lo
+        lo = _order_statistic(row, lo_i)
+        hi = _order_statistic(row, hi_i) if hi_i != lo_i else lo
         out.append(torch.lerp(lo, hi, weight))
     return torch.stack(out)
+
+
+def _order_statistic(row: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest value of ``row`` (0-based). Tail ranks (the quantile levels near 0 or 1 that
+    activation ranges use) go through ``topk`` of the short side: ``kthvalue``'s selection degrades badly there
+    on ordered inputs (90 s instead of 0.4 s for 2^24 descending values at p = 0.9997)."""
+    m = row.numel()
+    if m - k <= m // 8:
+        return torch.topk(row, m - k, largest=True, sorted=True).values[-1]
+    if k < m // 8:
+        return torch.topk(row, k + 1, largest=False, sorted=True).values[-1]
+    return torch.kthvalue(row, k + 1).values
 
 
 def quantile_range(x: Tensor, bits: Tensor, symmetric: bool, level: float | None = None) -> tuple[Tensor, Tensor]:
