@@ -28,9 +28,31 @@ from qcore_ompq.allocator import block_outputs
 from qcore_recon import plugin as recon_plugin
 
 
+class CodebookQuantizer(qcore.Quantizer):
+    """Core's uniform grid plus a declared per-tensor codebook of ``2^bits`` 32-bit entries (extra storage that
+    grows with the bit-width, as a real codebook's does)."""
+
+    name = "test-codebook"
+
+    def make(self, spec, role, info):
+        if role == "weight":
+            return qcore.UniformFakeQuant(spec, info.out_channels, info.weight_axis if spec.axis is None else spec.axis)
+        return qcore.UniformFakeQuant(spec, info.in_channels, info.act_axis if spec.axis is None else spec.axis)
+
+    def extra_bits(self, spec, role, info):
+        return float(2 ** spec.bits * 32) if role == "weight" else 0.0
+
+
+class CodebookPlugin:
+    @staticmethod
+    @qcore.hookimpl
+    def qcore_register_quantizers(register):
+        register(CodebookQuantizer)
+
+
 @pytest.fixture(scope="module")
 def host():
-    return make_host(("recon", recon_plugin), ("ompq", plugin))
+    return make_host(("recon", recon_plugin), ("ompq", plugin), ("test-codebook", CodebookPlugin))
 
 
 # -- orthogonality -------------------------------------------------------------------------------------------------
@@ -164,6 +186,35 @@ def test_size_and_bops_budgets_hold_in_result_json_terms(host):
     assert m["size_mb"] == pytest.approx(r["size_mb"]) and m["bops_g"] == pytest.approx(r["bops"] / 1e9)
     with pytest.raises(qcore.QcoreError, match="impossible budget"):
         run_tiny(host, allocator="ompq", a_bits=8, calibrator="minmax", options={"size_mb": lo["size_mb"] * 0.99})
+
+
+def test_size_budget_counts_the_quantizers_extra_bits(host):
+    """-o size_mb is result.json's size_mb, which counts Quantizer.extra_bits: a plan priced without them would go
+    over (the bug this guards against); priced with them it stays within and reports the same size."""
+    common = dict(allocator="ompq", a_bits=8, calibrator="minmax")
+    hi = run_tiny(host, allocator="fixed", w_bits=8, a_bits=8, calibrator="minmax", quantizer="test-codebook").result
+    lo = run_tiny(host, allocator="fixed", w_bits=2, a_bits=8, calibrator="minmax", quantizer="test-codebook").result
+    assert hi["size_mb"] - lo["size_mb"] > 0
+    size_mb = (hi["size_mb"] + lo["size_mb"]) / 2
+    blind = run_tiny(host, options={"size_mb": size_mb}, **common)  # the uniform quantizer declares no extra
+    plan_blind = blind.plan
+    priced = qcore.plan_cost(blind.fp_model, blind.ctx.layers, plan_blind, CodebookQuantizer().extra_bits)
+    assert priced.size_mb > size_mb  # the same bits on the codebook format would be over budget
+    for crit in ("orm", "uniform"):
+        r = run_tiny(host, quantizer="test-codebook", options={"size_mb": size_mb, "criterion": crit},
+                     **common).result
+        assert r["size_mb"] <= size_mb
+        assert r["measured"]["ompq"]["size_mb"] == pytest.approx(r["size_mb"])
+    # the ILP with extra storage against brute force
+    rng = np.random.default_rng(7)
+    sizes, choices = rng.integers(10, 200, 4).tolist(), [2, 3, 4, 8]
+    dist = np.sort(rng.random((4, 4)), axis=1)[:, ::-1]
+    extra = np.array([[2 ** b * 8 for b in choices]] * 4)
+    budget = 4.0 * sum(sizes) + extra[:, 1].sum()
+    ilp = solve_ilp(sizes, dist, choices, 8 * sum(sizes), extra=extra, storage_budget=budget)
+    ref = brute_force(sizes, dist, choices, 8 * sum(sizes), extra=extra, storage_budget=budget)
+    assert ref is not None and ilp.objective == pytest.approx(ref.objective)
+    assert sum(n * b + 2 ** b * 8 for n, b in zip(sizes, ilp.bits)) <= budget
 
 
 def test_default_method_records_orthogonality_and_plots(host):

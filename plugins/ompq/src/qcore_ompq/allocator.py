@@ -141,17 +141,24 @@ class OMPQAllocator(qcore.Allocator):
             layers.update({n: s for n, s in pinned_plan.items() if s.weight is not None or s.act is not None})
             return qcore.Plan(layers=layers)
 
-        # budgets, as weight bits (and BOPs) the free layers may spend
-        caps: list[float] = []
+        # budgets, as weight bits (and BOPs) the free layers may spend. --target-bits counts elements only (core's
+        # check_budget); -o size_mb counts what result.json's size_mb counts, the quantizer's extra storage
+        # (Quantizer.extra_bits: a lattice basis, a codebook) included, per layer and bit-width.
+        extra_fn = getattr(ctx.quantizer, "extra_bits", None)
+        cap: float = math.inf
         if target is not None:
             pinned_q = {n: p.w_bits for n, p in pins.items() if p.w_bits is not None}
             total = sum(sizes) + sum(ctx.layers[n].weight_numel for n in pinned_q)
-            caps.append(target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_q.items()))
+            cap = math.floor(target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_q.items())
+                             + 1e-6)
         low = min(choices)
-        base = qcore.plan_cost(ctx.model, ctx.layers, plan_for({n: low for n in free}))
+        base = qcore.plan_cost(ctx.model, ctx.layers, plan_for({n: low for n in free}), extra_fn)
+        extra: np.ndarray | None = None
+        storage_cap: float | None = None
         if o.size_mb is not None:
-            caps.append((o.size_mb - base.size_mb) * 8 * MIB + low * sum(sizes))
-        cap = math.floor(min(caps) + 1e-6) if caps else math.inf
+            extra = self._extra_bits(ctx, free, choices, extra_fn)
+            storage_cap = math.floor((o.size_mb - base.size_mb) * 8 * MIB + low * sum(sizes)
+                                     + float(extra[:, 0].sum()) + 1e-6)
         macs = None
         bops_cap = None
         if o.bops_g is not None:
@@ -159,14 +166,14 @@ class OMPQAllocator(qcore.Allocator):
             macs = [ctx.layers[n].macs * act for n in free]
             fixed_bops = base.bops - sum(m * low for m in macs)
             bops_cap = o.bops_g * 1e9 - fixed_bops
-        if cap is math.inf:  # BOPs only
+        if cap is math.inf:  # size_mb and/or BOPs only: the element count does not bind
             cap = max(choices) * sum(sizes)
 
         orm: Orthogonality | None = None
         info: dict[str, Any] = {"criterion": o.criterion, "bit_choices": choices, "free_layers": len(free)}
         sol: Solution
         if o.criterion == "uniform":
-            sol = self._uniform(free, sizes, choices, cap, macs, bops_cap)
+            sol = self._uniform(free, sizes, choices, cap, macs, bops_cap, extra, storage_cap)
         else:
             weight = np.ones(len(free))
             if o.criterion == "orm" and free:
@@ -183,7 +190,10 @@ class OMPQAllocator(qcore.Allocator):
                 if o.bops_g is not None:
                     raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
                                            "-o solver=milp")
-                sol = solve_seed(sizes, weight, min(choices), max(choices), cap)
+                seed_cap = cap
+                if storage_cap is not None and extra is not None:  # the seed's solve knows elements only: reserve
+                    seed_cap = min(cap, storage_cap - float(extra.max(axis=1).sum()))  # the most extra storage
+                sol = solve_seed(sizes, weight, min(choices), max(choices), seed_cap)
             else:
                 if o.criterion == "hawq" or o.objective == "error":
                     errors = weight_errors(ctx, free, choices)
@@ -199,11 +209,12 @@ class OMPQAllocator(qcore.Allocator):
                 else:
                     dist = objective_matrix("linear", np.zeros((len(free), len(choices))), sizes, choices,
                                             weight=weight)
-                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap)
+                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
+                                storage_budget=storage_cap)
         seconds = time.perf_counter() - t0
         bits = dict(zip(free, sol.bits))
         plan = plan_for(bits)
-        cost = qcore.plan_cost(ctx.model, ctx.layers, plan)
+        cost = qcore.plan_cost(ctx.model, ctx.layers, plan, extra_fn)
         if o.size_mb is not None and cost.size_mb > o.size_mb * (1 + 1e-12):
             raise qcore.QcoreError(f"ompq: internal error, plan size {cost.size_mb:.6f} MiB over -o size_mb="
                                    f"{o.size_mb}; please report the command")
@@ -229,12 +240,33 @@ class OMPQAllocator(qcore.Allocator):
                                                "solver": sol.solver, "target_bits": target})
 
     @staticmethod
+    def _extra_bits(ctx: qcore.RunContext, free: list[str], choices: list[int], extra_fn: Any) -> np.ndarray:
+        """``[free layers, choices]`` bits the quantizer stores beyond elements and scales (rounded up to whole
+        bits, so budgets checked on them are never exceeded); zeros when the quantizer declares none."""
+        out = np.zeros((len(free), len(choices)), dtype=np.int64)
+        if extra_fn is None:
+            return out
+        for i, n in enumerate(free):
+            info = ctx.layers[n]
+            if not info.weight_numel:
+                continue
+            for k, b in enumerate(choices):
+                spec = qcore.layer_spec(ctx.pipeline, b, None, ctx.quantizer.name).weight
+                if spec is not None:
+                    out[i, k] = math.ceil(float(extra_fn(spec, "weight", info)))
+        return out
+
+    @staticmethod
     def _uniform(free: list[str], sizes: list[int], choices: list[int], cap: float, macs: list[float] | None,
-                 bops_cap: float | None) -> Solution:
-        for b in sorted(choices, reverse=True):
+                 bops_cap: float | None, extra: np.ndarray | None = None,
+                 storage_cap: float | None = None) -> Solution:
+        for k in sorted(range(len(choices)), key=lambda j: -choices[j]):
+            b = choices[k]
             size = b * sum(sizes)
             bops = b * sum(macs) if macs is not None else 0.0
-            if size <= cap and (bops_cap is None or bops <= bops_cap * (1 + 1e-12)):
+            stored = size + (int(extra[:, k].sum()) if extra is not None else 0)
+            if size <= cap and (bops_cap is None or bops <= bops_cap * (1 + 1e-12)) and (
+                    storage_cap is None or stored <= storage_cap):
                 return Solution([b] * len(free), 0.0, size, bops, "uniform (largest bit-width that fits)")
         raise qcore.QcoreError(f"ompq: no single bit-width in {choices} fits the budget for every free layer; raise "
                                "the budget or add lower -o bit_choices")
