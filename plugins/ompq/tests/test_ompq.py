@@ -4,6 +4,7 @@ budgets, the seed's size/BOPs arithmetic on ResNet-18, and the allocator/method 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -170,8 +171,26 @@ def test_block_output_convention_maps_conv2_and_downsample_to_the_block(resnet18
 
 # -- the allocator and the method through the pipeline ------------------------------------------------------------
 @pytest.mark.parametrize("criterion", ["orm", "size", "hawq", "uniform"])
-def test_allocator_contract(host, criterion):
+def test_allocator_contract(host, criterion):  # rdoq: the same plan code, its own test below
     check_allocator(host, "ompq", target_bits=4.0, criterion=criterion, hawq_batches=1, hawq_probes=1)
+
+
+def test_rdoq_curve_sums_are_qcore_rdoqs_curves_through_the_same_ilp(host):
+    from qcore_rdoq import RDOQOptions, layer_curves
+
+    out = run_tiny(host, allocator="ompq", target_bits=6.0, a_bits=8, calibrator="minmax",
+                   options={"criterion": "rdoq", "rdoq_samples": 16, "rdoq_cache": "off",
+                            "bit_choices": (2, 3, 4, 6)})
+    m = out.result["measured"]["ompq"]
+    assert out.ctx is not None and m["criterion"] == "rdoq" and out.result["w_bits_avg"] <= 6.0 + 1e-9
+    free = list(m["bits"])
+    curves = layer_curves(out.ctx, free, [2, 3, 4, 6], options=RDOQOptions(curve_samples=16, cache="off"))
+    assert np.allclose([[m["rdoq_curve_sums"][n][str(b)] for b in (2, 3, 4, 6)] for n in free], curves)
+    sizes = [out.ctx.layers[n].weight_numel for n in free]
+    pinned = sum(out.ctx.layers[n].weight_numel * 8 for n in out.ctx.layers if n not in free)
+    cap = 6.0 * sum(out.ctx.layers[n].weight_numel for n in out.ctx.layers) - pinned
+    ref = brute_force(sizes, curves, [2, 3, 4, 6], math.floor(cap + 1e-6))
+    assert ref is not None and [m["bits"][n] for n in free] == ref.bits
 
 
 def test_size_and_bops_budgets_hold_in_result_json_terms(host):

@@ -36,10 +36,11 @@ MIB = 2**20
 class OMPQOptions:
     """``-o`` options of the ``ompq`` allocator."""
 
-    criterion: Literal["orm", "size", "hawq", "uniform"] = field(default="orm", metadata={
+    criterion: Literal["orm", "size", "hawq", "rdoq", "uniform"] = field(default="orm", metadata={
         "help": "what decides the bits: orm (OMPQ's orthogonality importance), size (every layer equally "
-                "important: the size structure alone), hawq (Hessian trace x weight error), uniform (one bit-width "
-                "for all free layers, the largest that fits)"})
+                "important: the size structure alone), hawq (Hessian trace x weight error), rdoq (RDOQ's RD curves "
+                "summed per layer; needs qcore-rdoq), uniform (one bit-width for all free layers, the largest that "
+                "fits)"})
     objective: Literal["error", "linear"] = field(default="error", metadata={
         "help": "orm/size: error = minimise sum importance x relative weight error at the chosen bits; linear = "
                 "the seed's maximise sum importance x bits (optimum at the extreme bit-widths)"})
@@ -57,6 +58,10 @@ class OMPQOptions:
     orm_features: Literal["layer", "block"] = field(default="layer", metadata={
         "help": "layer: each layer's own output; block: the seed's convention, a block's last layer and its "
                 "downsample represented by the block output (after the residual add)"})
+    rdoq_samples: int = field(default=64, metadata={
+        "help": "rdoq: calibration samples of the RD curves (qcore-rdoq's curve_samples)"})
+    rdoq_cache: str = field(default="auto", metadata={
+        "help": "rdoq: RD curve cache, shared with qcore run --plugin rdoq: 'auto', 'off', or a folder"})
     hawq_probes: int = field(default=4, metadata={"help": "hawq: Hutchinson probes per batch"})
     hawq_batches: int = field(default=2, metadata={"help": "hawq: calibration batches for the Hessian traces"})
     convention: Literal["qcore", "seed"] = field(default="qcore", metadata={
@@ -77,10 +82,25 @@ class OMPQOptions:
                 raise qcore.QcoreError(f"{key}={v} must be a positive number")
         if self.orm_samples < 2:
             raise qcore.QcoreError(f"orm_samples={self.orm_samples} must be at least 2")
+        if self.rdoq_samples < 1:
+            raise qcore.QcoreError(f"rdoq_samples={self.rdoq_samples} must be at least 1")
         if self.hawq_probes < 1 or self.hawq_batches < 1:
             raise qcore.QcoreError("hawq_probes and hawq_batches must be at least 1")
         if self.finetune_epochs < 0:
             raise qcore.QcoreError(f"finetune_epochs={self.finetune_epochs} must be >= 0")
+
+
+def rdoq_curve_sums(ctx: qcore.RunContext, names: list[str], choices: list[int], samples: int = 64,
+                    cache: str = "auto") -> np.ndarray:
+    """``[layers, choices]`` RDOQ curve sums (:func:`qcore_rdoq.layer_curves`: the output distortion of each layer
+    at each bit-width, summed over its channel groups), the curves and cache of ``qcore run --plugin rdoq``."""
+    try:
+        from qcore_rdoq import RDOQOptions, layer_curves
+    except ImportError as exc:
+        raise qcore.QcoreError("-o criterion=rdoq needs the qcore-rdoq plugin: pip install qcore-rdoq (or "
+                               "pip install 'qcore-ompq[rdoq]')") from exc
+    return layer_curves(ctx, names, choices, options=RDOQOptions(curve_samples=samples, cache=cache,
+                                                                 max_bits=max(10, max(choices))))
 
 
 def block_outputs(model: Any, names: list[str]) -> dict[str, str]:
@@ -195,10 +215,14 @@ class OMPQAllocator(qcore.Allocator):
                     seed_cap = min(cap, storage_cap - float(extra.max(axis=1).sum()))  # the most extra storage
                 sol = solve_seed(sizes, weight, min(choices), max(choices), seed_cap)
             else:
-                if o.criterion == "hawq" or o.objective == "error":
+                if o.criterion == "hawq" or (o.objective == "error" and o.criterion != "rdoq"):
                     errors = weight_errors(ctx, free, choices)
                 traces = None
-                if o.criterion == "hawq":
+                if o.criterion == "rdoq":
+                    dist = rdoq_curve_sums(ctx, free, choices, o.rdoq_samples, o.rdoq_cache)
+                    info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row)))
+                                               for n, row in zip(free, dist)}
+                elif o.criterion == "hawq":
                     batches = list(ctx.calibration_batches())[:o.hawq_batches]
                     traces = hessian_traces(ctx.model, free, batches, ctx.task.forward, o.hawq_probes,
                                             seed=ctx.config.seed)
