@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qcore
+from qcore.ops import qparams_from_range
 from qcore.testing import check_allocator, make_host, run_tiny
 from qcore_ompq import (
     brute_force,
@@ -248,9 +249,37 @@ def test_default_method_records_orthogonality_and_plots(host):
     assert out.ctx is not None and out.ctx.artifacts["plots/ompq_orm.png"].startswith(b"\x89PNG")
 
 
-def test_qat_mode_is_refused_clearly(host):
-    with pytest.raises(qcore.NotImplementedMethodError, match="finetune_epochs"):
-        run_tiny(host, allocator="ompq", target_bits=4.0, calibrator="minmax", options={"finetune_epochs": 1})
+def _qat_run(host, epochs, seed=0):
+    return run_tiny(host, allocator="ompq", target_bits=4.0, a_bits=8, calibrator="minmax", seed=seed,
+                    options={"act_correction": "ompq-qat", "finetune_epochs": epochs, "finetune_batch_size": 16,
+                             "first_last": "same"})
+
+
+def test_qat_fine_tunes_within_one_grid_step_deterministically(host):
+    base = _qat_run(host, 0)
+    ft = _qat_run(host, 1)
+    again = _qat_run(host, 1)
+    assert "ompq_qat" not in base.result.get("measured", {})
+    m = ft.result["measured"]["ompq_qat"]
+    assert m["epochs"] == 1 and m["steps"] == 64 // 16 and 0 < m["weights_changed"] < 1
+    assert base.plan.layers == ft.plan.layers
+    b_layers, f_layers, a_layers = (qcore.quant_layers(o.model) for o in (base, ft, again))
+    moved = 0
+    for n, layer in f_layers.items():
+        q = layer.weight_quantizer
+        wb, wf = b_layers[n].quantized_weight(), layer.quantized_weight()
+        assert torch.equal(q(layer.module.weight), wf)  # deployed as the quantizer quantizes the trained weight
+        step = qparams_from_range(q.lo, q.hi, q.row_bits(), q.spec.symmetric)[0]  # the grid's own step per row
+        diff = q.rows_of(wf - wb).abs().amax(1)
+        assert (diff <= 1.0001 * step + 1e-7).all()  # every weight moved at most one step of its own grid
+        moved += int((wf != wb).sum())
+        assert torch.equal(wf, a_layers[n].quantized_weight())  # deterministic for a seed
+    assert moved > 0
+    assert m["loss_end"] <= m["loss_start"] * 1.5  # one short epoch: runs and does not blow up
+    with pytest.raises(qcore.NotImplementedMethodError, match="distill"):
+        run_tiny(host, allocator="ompq", target_bits=4.0, calibrator="minmax",
+                 options={"act_correction": "ompq-qat", "finetune_epochs": 1, "distill": False,
+                          "first_last": "same"})
 
 
 def test_seed_solver_through_the_allocator(host):

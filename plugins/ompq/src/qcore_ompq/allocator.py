@@ -67,8 +67,6 @@ class OMPQOptions:
     convention: Literal["qcore", "seed"] = field(default="qcore", metadata={
         "help": "seed: also report the plan's size and BOPs in the seed's conventions (measured.ompq.seed)"})
     plots: bool = field(default=False, metadata={"help": "write plots/ompq_orm.png (needs matplotlib)"})
-    finetune_epochs: int = field(default=0, metadata={
-        "help": "QAT fine-tuning epochs after allocation (the seed's second use): not implemented yet"})
 
     def __post_init__(self) -> None:
         if not self.bit_choices or any(not 1 <= b <= qcore.MAX_BITS for b in self.bit_choices):
@@ -86,8 +84,6 @@ class OMPQOptions:
             raise qcore.QcoreError(f"rdoq_samples={self.rdoq_samples} must be at least 1")
         if self.hawq_probes < 1 or self.hawq_batches < 1:
             raise qcore.QcoreError("hawq_probes and hawq_batches must be at least 1")
-        if self.finetune_epochs < 0:
-            raise qcore.QcoreError(f"finetune_epochs={self.finetune_epochs} must be >= 0")
 
 
 def rdoq_curve_sums(ctx: qcore.RunContext, names: list[str], choices: list[int], samples: int = 64,
@@ -138,9 +134,6 @@ class OMPQAllocator(qcore.Allocator):
 
     def allocate(self, ctx: qcore.RunContext) -> qcore.Plan:
         o = self.options
-        if o.finetune_epochs:
-            raise qcore.NotImplementedMethodError(
-                "ompq: QAT fine-tuning (-o finetune_epochs) is not implemented yet; run without it (PTQ)")
         budget = ctx.budget
         target = budget.target_bits if budget.target_bits is not None else (
             float(budget.w_bits) if budget.w_bits is not None and o.size_mb is None and o.bops_g is None else None)
