@@ -9,10 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import qcore
-from qcore.ops import qparams_from_range
-from qcore.testing import check_allocator, make_host, run_tiny
 from qcore_ompq import (
     brute_force,
     cka_matrix,
@@ -27,6 +23,10 @@ from qcore_ompq import (
     solve_seed,
 )
 from qcore_ompq.allocator import block_outputs
+
+import qcore
+from qcore.ops import qparams_from_range
+from qcore.testing import check_allocator, make_host, run_tiny
 from qcore_recon import plugin as recon_plugin
 
 
@@ -234,7 +234,7 @@ def test_size_budget_counts_the_quantizers_extra_bits(host):
     ilp = solve_ilp(sizes, dist, choices, 8 * sum(sizes), extra=extra, storage_budget=budget)
     ref = brute_force(sizes, dist, choices, 8 * sum(sizes), extra=extra, storage_budget=budget)
     assert ref is not None and ilp.objective == pytest.approx(ref.objective)
-    assert sum(n * b + 2 ** b * 8 for n, b in zip(sizes, ilp.bits)) <= budget
+    assert sum(n * b + 2 ** b * 8 for n, b in zip(sizes, ilp.bits, strict=True)) <= budget
 
 
 def test_default_method_records_orthogonality_and_plots(host):

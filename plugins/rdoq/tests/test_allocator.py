@@ -207,7 +207,7 @@ def test_layer_curves_are_the_groups_curves_summed_and_exact_for_one_group(host,
             w0 = module.weight.detach().clone()
             for k, b in enumerate(bits):
                 module.weight.copy_(quantize_at(w0, ctx.layers[name], 4096, b, clip))
-                mse = sum(float((ctx.task.forward(ctx.model, x) - r).pow(2).sum()) for x, r in zip(batches, ref))
+                mse = sum(float((ctx.task.forward(ctx.model, x) - r).pow(2).sum()) for x, r in zip(batches, ref, strict=True))
                 mse /= sum(r.numel() for r in ref)
                 module.weight.copy_(w0)
                 assert one[i, k] == pytest.approx(mse, rel=1e-4, abs=1e-12)

@@ -213,8 +213,8 @@ class OMPQAllocator(qcore.Allocator):
                 traces = None
                 if o.criterion == "rdoq":
                     dist = rdoq_curve_sums(ctx, free, choices, o.rdoq_samples, o.rdoq_cache)
-                    info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row)))
-                                               for n, row in zip(free, dist)}
+                    info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row), strict=True))
+                                               for n, row in zip(free, dist, strict=True)}
                 elif o.criterion == "hawq":
                     batches = list(ctx.calibration_batches())[:o.hawq_batches]
                     traces = hessian_traces(ctx.model, free, batches, ctx.task.forward, o.hawq_probes,

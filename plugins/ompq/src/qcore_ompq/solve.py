@@ -53,7 +53,7 @@ def _check_inputs(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int]
 def _storage(sizes: Sequence[int], extra: np.ndarray | None, choices: Sequence[int], picks: Sequence[int]) -> int:
     """Stored weight bits of an assignment (``picks``: indices into ``choices``): elements plus the format's extra
     bits (integers, so the budget check is exact)."""
-    total = sum(int(n) * int(choices[j]) for n, j in zip(sizes, picks))
+    total = sum(int(n) * int(choices[j]) for n, j in zip(sizes, picks, strict=True))
     if extra is not None:
         total += sum(int(extra[i, j]) for i, j in enumerate(picks))
     return total

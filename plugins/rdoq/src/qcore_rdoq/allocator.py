@@ -440,7 +440,7 @@ def layer_curves(ctx: RunContext, names: list[str] | tuple[str, ...], bits: list
     cols = [curves.bits.index(int(b)) for b in bits]
     index = {n: i for i, n in enumerate(names)}
     out = np.zeros((len(names), len(bits)))
-    for g, row in zip(curves.groups, curves.dist):
+    for g, row in zip(curves.groups, curves.dist, strict=True):
         out[index[g.layer]] += row[cols]
     log.info("rdoq: layer curves of %d layers (%d groups, %s engine) in %.1f s", len(names), len(curves.groups),
              curves.engine, curves.seconds)
