@@ -9,7 +9,8 @@ For each model, activation bits A and weight bits W:
    mean weight bits (first/last layer at 8 included) is the target T of every other row, so all rows spend the same
    weight bits (never more than uniform);
 2. ``ompq`` (orthogonality, the default), ``size`` (every layer equally important: same objective without ORM),
-   ``hawq`` (Hessian trace x weight error): ``--plugin ompq --target-bits T -o criterion=...``;
+   ``hawq`` (Hessian trace x weight error), ``rdoq-sum`` (RDOQ's RD curves summed per layer, qcore-rdoq's
+   ``layer_curves``): ``--plugin ompq --target-bits T -o criterion=...``;
 3. ``rdoq``: RDOQ's own allocator (bits per channel group) at T, ``-o act_correction=none``, the same grids.
 
 Each row is run with reconstruction (``--calibrator qdrop``, qcore-recon's 300 steps per block) and without
@@ -32,7 +33,7 @@ import torch
 
 from qcore import RunConfig, load_host, run
 
-CRITERIA = ["ompq", "size", "hawq"]
+CRITERIA = ["ompq", "size", "hawq", "rdoq-sum"]
 
 
 def _key(model: str, a: int, w: int, row: str, recon: str) -> str:
@@ -47,7 +48,7 @@ def _run(host: Any, row: str, model: str, a: int, w: int, target: float | None, 
         cfg = RunConfig(plugin="rdoq", target_bits=target,
                         options={"act_correction": "none", "weight_symmetric": False}, **common)
     else:
-        crit = "orm" if row == "ompq" else row
+        crit = {"ompq": "orm", "rdoq-sum": "rdoq"}.get(row, row)
         cfg = RunConfig(plugin="ompq", target_bits=target, options={"criterion": crit}, **common)
     t0 = time.perf_counter()
     r = run(cfg, host).result

@@ -4,13 +4,11 @@ budgets, the seed's size/BOPs arithmetic on ResNet-18, and the allocator/method 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
-
-import qcore
-from qcore.testing import check_allocator, make_host, run_tiny
 from qcore_ompq import (
     brute_force,
     cka_matrix,
@@ -25,12 +23,38 @@ from qcore_ompq import (
     solve_seed,
 )
 from qcore_ompq.allocator import block_outputs
+
+import qcore
+from qcore.ops import qparams_from_range
+from qcore.testing import check_allocator, make_host, run_tiny
 from qcore_recon import plugin as recon_plugin
+
+
+class CodebookQuantizer(qcore.Quantizer):
+    """Core's uniform grid plus a declared per-tensor codebook of ``2^bits`` 32-bit entries (extra storage that
+    grows with the bit-width, as a real codebook's does)."""
+
+    name = "test-codebook"
+
+    def make(self, spec, role, info):
+        if role == "weight":
+            return qcore.UniformFakeQuant(spec, info.out_channels, info.weight_axis if spec.axis is None else spec.axis)
+        return qcore.UniformFakeQuant(spec, info.in_channels, info.act_axis if spec.axis is None else spec.axis)
+
+    def extra_bits(self, spec, role, info):
+        return float(2 ** spec.bits * 32) if role == "weight" else 0.0
+
+
+class CodebookPlugin:
+    @staticmethod
+    @qcore.hookimpl
+    def qcore_register_quantizers(register):
+        register(CodebookQuantizer)
 
 
 @pytest.fixture(scope="module")
 def host():
-    return make_host(("recon", recon_plugin), ("ompq", plugin))
+    return make_host(("recon", recon_plugin), ("ompq", plugin), ("test-codebook", CodebookPlugin))
 
 
 # -- orthogonality -------------------------------------------------------------------------------------------------
@@ -148,8 +172,26 @@ def test_block_output_convention_maps_conv2_and_downsample_to_the_block(resnet18
 
 # -- the allocator and the method through the pipeline ------------------------------------------------------------
 @pytest.mark.parametrize("criterion", ["orm", "size", "hawq", "uniform"])
-def test_allocator_contract(host, criterion):
+def test_allocator_contract(host, criterion):  # rdoq: the same plan code, its own test below
     check_allocator(host, "ompq", target_bits=4.0, criterion=criterion, hawq_batches=1, hawq_probes=1)
+
+
+def test_rdoq_curve_sums_are_qcore_rdoqs_curves_through_the_same_ilp(host):
+    from qcore_rdoq import RDOQOptions, layer_curves
+
+    out = run_tiny(host, allocator="ompq", target_bits=6.0, a_bits=8, calibrator="minmax",
+                   options={"criterion": "rdoq", "rdoq_samples": 16, "rdoq_cache": "off",
+                            "bit_choices": (2, 3, 4, 6)})
+    m = out.result["measured"]["ompq"]
+    assert out.ctx is not None and m["criterion"] == "rdoq" and out.result["w_bits_avg"] <= 6.0 + 1e-9
+    free = list(m["bits"])
+    curves = layer_curves(out.ctx, free, [2, 3, 4, 6], options=RDOQOptions(curve_samples=16, cache="off"))
+    assert np.allclose([[m["rdoq_curve_sums"][n][str(b)] for b in (2, 3, 4, 6)] for n in free], curves)
+    sizes = [out.ctx.layers[n].weight_numel for n in free]
+    pinned = sum(out.ctx.layers[n].weight_numel * 8 for n in out.ctx.layers if n not in free)
+    cap = 6.0 * sum(out.ctx.layers[n].weight_numel for n in out.ctx.layers) - pinned
+    ref = brute_force(sizes, curves, [2, 3, 4, 6], math.floor(cap + 1e-6))
+    assert ref is not None and [m["bits"][n] for n in free] == ref.bits
 
 
 def test_size_and_bops_budgets_hold_in_result_json_terms(host):
@@ -166,6 +208,35 @@ def test_size_and_bops_budgets_hold_in_result_json_terms(host):
         run_tiny(host, allocator="ompq", a_bits=8, calibrator="minmax", options={"size_mb": lo["size_mb"] * 0.99})
 
 
+def test_size_budget_counts_the_quantizers_extra_bits(host):
+    """-o size_mb is result.json's size_mb, which counts Quantizer.extra_bits: a plan priced without them would go
+    over (the bug this guards against); priced with them it stays within and reports the same size."""
+    common = dict(allocator="ompq", a_bits=8, calibrator="minmax")
+    hi = run_tiny(host, allocator="fixed", w_bits=8, a_bits=8, calibrator="minmax", quantizer="test-codebook").result
+    lo = run_tiny(host, allocator="fixed", w_bits=2, a_bits=8, calibrator="minmax", quantizer="test-codebook").result
+    assert hi["size_mb"] - lo["size_mb"] > 0
+    size_mb = (hi["size_mb"] + lo["size_mb"]) / 2
+    blind = run_tiny(host, options={"size_mb": size_mb}, **common)  # the uniform quantizer declares no extra
+    plan_blind = blind.plan
+    priced = qcore.plan_cost(blind.fp_model, blind.ctx.layers, plan_blind, CodebookQuantizer().extra_bits)
+    assert priced.size_mb > size_mb  # the same bits on the codebook format would be over budget
+    for crit in ("orm", "uniform"):
+        r = run_tiny(host, quantizer="test-codebook", options={"size_mb": size_mb, "criterion": crit},
+                     **common).result
+        assert r["size_mb"] <= size_mb
+        assert r["measured"]["ompq"]["size_mb"] == pytest.approx(r["size_mb"])
+    # the ILP with extra storage against brute force
+    rng = np.random.default_rng(7)
+    sizes, choices = rng.integers(10, 200, 4).tolist(), [2, 3, 4, 8]
+    dist = np.sort(rng.random((4, 4)), axis=1)[:, ::-1]
+    extra = np.array([[2 ** b * 8 for b in choices]] * 4)
+    budget = 4.0 * sum(sizes) + extra[:, 1].sum()
+    ilp = solve_ilp(sizes, dist, choices, 8 * sum(sizes), extra=extra, storage_budget=budget)
+    ref = brute_force(sizes, dist, choices, 8 * sum(sizes), extra=extra, storage_budget=budget)
+    assert ref is not None and ilp.objective == pytest.approx(ref.objective)
+    assert sum(n * b + 2 ** b * 8 for n, b in zip(sizes, ilp.bits, strict=True)) <= budget
+
+
 def test_default_method_records_orthogonality_and_plots(host):
     out = run_tiny(host, plugin="ompq", target_bits=6.0,  # matplotlib is in requirements-test.txt
                    options={"iters": 4, "plots": True, "convention": "seed", "cache": "off"})
@@ -178,9 +249,37 @@ def test_default_method_records_orthogonality_and_plots(host):
     assert out.ctx is not None and out.ctx.artifacts["plots/ompq_orm.png"].startswith(b"\x89PNG")
 
 
-def test_qat_mode_is_refused_clearly(host):
-    with pytest.raises(qcore.NotImplementedMethodError, match="finetune_epochs"):
-        run_tiny(host, allocator="ompq", target_bits=4.0, calibrator="minmax", options={"finetune_epochs": 1})
+def _qat_run(host, epochs, seed=0):
+    return run_tiny(host, allocator="ompq", target_bits=4.0, a_bits=8, calibrator="minmax", seed=seed,
+                    options={"act_correction": "ompq-qat", "finetune_epochs": epochs, "finetune_batch_size": 16,
+                             "first_last": "same"})
+
+
+def test_qat_fine_tunes_within_one_grid_step_deterministically(host):
+    base = _qat_run(host, 0)
+    ft = _qat_run(host, 1)
+    again = _qat_run(host, 1)
+    assert "ompq_qat" not in base.result.get("measured", {})
+    m = ft.result["measured"]["ompq_qat"]
+    assert m["epochs"] == 1 and m["steps"] == 64 // 16 and 0 < m["weights_changed"] < 1
+    assert base.plan.layers == ft.plan.layers
+    b_layers, f_layers, a_layers = (qcore.quant_layers(o.model) for o in (base, ft, again))
+    moved = 0
+    for n, layer in f_layers.items():
+        q = layer.weight_quantizer
+        wb, wf = b_layers[n].quantized_weight(), layer.quantized_weight()
+        assert torch.equal(q(layer.module.weight), wf)  # deployed as the quantizer quantizes the trained weight
+        step = qparams_from_range(q.lo, q.hi, q.row_bits(), q.spec.symmetric)[0]  # the grid's own step per row
+        diff = q.rows_of(wf - wb).abs().amax(1)
+        assert (diff <= 1.0001 * step + 1e-7).all()  # every weight moved at most one step of its own grid
+        moved += int((wf != wb).sum())
+        assert torch.equal(wf, a_layers[n].quantized_weight())  # deterministic for a seed
+    assert moved > 0
+    assert m["loss_end"] <= m["loss_start"] * 1.5  # one short epoch: runs and does not blow up
+    with pytest.raises(qcore.NotImplementedMethodError, match="distill"):
+        run_tiny(host, allocator="ompq", target_bits=4.0, calibrator="minmax",
+                 options={"act_correction": "ompq-qat", "finetune_epochs": 1, "distill": False,
+                          "first_last": "same"})
 
 
 def test_seed_solver_through_the_allocator(host):

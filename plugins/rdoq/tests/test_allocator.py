@@ -180,3 +180,42 @@ def test_target_above_max_bits_is_warned_before_the_curves(host, caplog):
     with caplog.at_level(logging.WARNING, logger="qcore_rdoq"):
         run_tiny(host, method="rdoq", target_bits=4.0, options={"group": 4, "curve_samples": 16, "cache": "off"})
     assert "cannot be used up" not in caplog.text
+
+
+def test_layer_curves_are_the_groups_curves_summed_and_exact_for_one_group(host, tmp_path):
+    """The public per-layer curves: with one group per layer, D[i, k] is the measured output MSE with that whole
+    layer at bits[k] (everything else FP); with several groups it is the sum of the groups' curves (RDOQ's
+    additive model); a second call reads the shared cache and returns the same numbers."""
+    import torch
+
+    from qcore_rdoq import RDOQOptions, layer_curves
+    from qcore_rdoq.allocator import _curve_batches
+    from qcore_rdoq.deployment import deployment
+    from qcore_rdoq.groups import quantize_at
+
+    ctx = run_tiny(host, w_bits=4, a_bits=8, calibrator="minmax").ctx  # any run's context (uniform grid)
+    assert ctx is not None
+    names, bits = list(ctx.layers)[:3], [2, 4, 8]
+    one = layer_curves(ctx, names, bits, options=RDOQOptions(group=4096, curve_samples=16, cache="off",
+                                                                  min_bits=2, max_bits=8))
+    batches = _curve_batches(list(ctx.calibration_batches()), 16)
+    clip = deployment(ctx, 0, False, False).weights
+    with torch.no_grad():
+        ref = [ctx.task.forward(ctx.model, b) for b in batches]
+        for i, name in enumerate(names):
+            module = ctx.model.get_submodule(name)
+            w0 = module.weight.detach().clone()
+            for k, b in enumerate(bits):
+                module.weight.copy_(quantize_at(w0, ctx.layers[name], 4096, b, clip))
+                mse = sum(float((ctx.task.forward(ctx.model, x) - r).pow(2).sum()) for x, r in zip(batches, ref, strict=True))
+                mse /= sum(r.numel() for r in ref)
+                module.weight.copy_(w0)
+                assert one[i, k] == pytest.approx(mse, rel=1e-4, abs=1e-12)
+    assert (one[:, 0] > one[:, 2]).all()  # 2 bits distort more than 8
+    opts = RDOQOptions(group=4, curve_samples=16, cache=str(tmp_path / "curves"), min_bits=2, max_bits=8)
+    grouped = layer_curves(ctx, names, bits, options=opts)
+    assert grouped.shape == (3, 3) and np.isfinite(grouped).all() and (grouped >= 0).all()
+    assert any((tmp_path / "curves").rglob("*"))  # written to rdoq's cache ...
+    assert np.array_equal(layer_curves(ctx, names, bits, options=opts), grouped)  # ... and read back
+    with pytest.raises(QcoreError, match="outside"):
+        layer_curves(ctx, names, [9], options=opts)

@@ -20,6 +20,7 @@ from qcore_ompq.orthogonality import (
     linear_cka,
     orthogonality,
 )
+from qcore_ompq.qat import OMPQFinetune, QATOptions, distill_loss, finetune
 from qcore_ompq.seed import expand_bits, seed_bops, seed_macs, seed_params, seed_report, seed_size_mib
 from qcore_ompq.sensitivity import hessian_traces, objective_matrix, weight_errors
 from qcore_ompq.solve import Solution, brute_force, solve_ilp, solve_seed
@@ -30,4 +31,5 @@ __all__ = [
     "expand_bits", "seed_bops", "seed_macs", "seed_params", "seed_report", "seed_size_mib",
     "hessian_traces", "objective_matrix", "weight_errors",
     "Solution", "brute_force", "solve_ilp", "solve_seed",
+    "OMPQFinetune", "QATOptions", "distill_loss", "finetune",
 ]

@@ -36,10 +36,11 @@ MIB = 2**20
 class OMPQOptions:
     """``-o`` options of the ``ompq`` allocator."""
 
-    criterion: Literal["orm", "size", "hawq", "uniform"] = field(default="orm", metadata={
+    criterion: Literal["orm", "size", "hawq", "rdoq", "uniform"] = field(default="orm", metadata={
         "help": "what decides the bits: orm (OMPQ's orthogonality importance), size (every layer equally "
-                "important: the size structure alone), hawq (Hessian trace x weight error), uniform (one bit-width "
-                "for all free layers, the largest that fits)"})
+                "important: the size structure alone), hawq (Hessian trace x weight error), rdoq (RDOQ's RD curves "
+                "summed per layer; needs qcore-rdoq), uniform (one bit-width for all free layers, the largest that "
+                "fits)"})
     objective: Literal["error", "linear"] = field(default="error", metadata={
         "help": "orm/size: error = minimise sum importance x relative weight error at the chosen bits; linear = "
                 "the seed's maximise sum importance x bits (optimum at the extreme bit-widths)"})
@@ -57,13 +58,15 @@ class OMPQOptions:
     orm_features: Literal["layer", "block"] = field(default="layer", metadata={
         "help": "layer: each layer's own output; block: the seed's convention, a block's last layer and its "
                 "downsample represented by the block output (after the residual add)"})
+    rdoq_samples: int = field(default=64, metadata={
+        "help": "rdoq: calibration samples of the RD curves (qcore-rdoq's curve_samples)"})
+    rdoq_cache: str = field(default="auto", metadata={
+        "help": "rdoq: RD curve cache, shared with qcore run --plugin rdoq: 'auto', 'off', or a folder"})
     hawq_probes: int = field(default=4, metadata={"help": "hawq: Hutchinson probes per batch"})
     hawq_batches: int = field(default=2, metadata={"help": "hawq: calibration batches for the Hessian traces"})
     convention: Literal["qcore", "seed"] = field(default="qcore", metadata={
         "help": "seed: also report the plan's size and BOPs in the seed's conventions (measured.ompq.seed)"})
     plots: bool = field(default=False, metadata={"help": "write plots/ompq_orm.png (needs matplotlib)"})
-    finetune_epochs: int = field(default=0, metadata={
-        "help": "QAT fine-tuning epochs after allocation (the seed's second use): not implemented yet"})
 
     def __post_init__(self) -> None:
         if not self.bit_choices or any(not 1 <= b <= qcore.MAX_BITS for b in self.bit_choices):
@@ -77,10 +80,23 @@ class OMPQOptions:
                 raise qcore.QcoreError(f"{key}={v} must be a positive number")
         if self.orm_samples < 2:
             raise qcore.QcoreError(f"orm_samples={self.orm_samples} must be at least 2")
+        if self.rdoq_samples < 1:
+            raise qcore.QcoreError(f"rdoq_samples={self.rdoq_samples} must be at least 1")
         if self.hawq_probes < 1 or self.hawq_batches < 1:
             raise qcore.QcoreError("hawq_probes and hawq_batches must be at least 1")
-        if self.finetune_epochs < 0:
-            raise qcore.QcoreError(f"finetune_epochs={self.finetune_epochs} must be >= 0")
+
+
+def rdoq_curve_sums(ctx: qcore.RunContext, names: list[str], choices: list[int], samples: int = 64,
+                    cache: str = "auto") -> np.ndarray:
+    """``[layers, choices]`` RDOQ curve sums (:func:`qcore_rdoq.layer_curves`: the output distortion of each layer
+    at each bit-width, summed over its channel groups), the curves and cache of ``qcore run --plugin rdoq``."""
+    try:
+        from qcore_rdoq import RDOQOptions, layer_curves
+    except ImportError as exc:
+        raise qcore.QcoreError("-o criterion=rdoq needs the qcore-rdoq plugin: pip install qcore-rdoq (or "
+                               "pip install 'qcore-ompq[rdoq]')") from exc
+    return layer_curves(ctx, names, choices, options=RDOQOptions(curve_samples=samples, cache=cache,
+                                                                 max_bits=max(10, max(choices))))
 
 
 def block_outputs(model: Any, names: list[str]) -> dict[str, str]:
@@ -118,9 +134,6 @@ class OMPQAllocator(qcore.Allocator):
 
     def allocate(self, ctx: qcore.RunContext) -> qcore.Plan:
         o = self.options
-        if o.finetune_epochs:
-            raise qcore.NotImplementedMethodError(
-                "ompq: QAT fine-tuning (-o finetune_epochs) is not implemented yet; run without it (PTQ)")
         budget = ctx.budget
         target = budget.target_bits if budget.target_bits is not None else (
             float(budget.w_bits) if budget.w_bits is not None and o.size_mb is None and o.bops_g is None else None)
@@ -141,17 +154,24 @@ class OMPQAllocator(qcore.Allocator):
             layers.update({n: s for n, s in pinned_plan.items() if s.weight is not None or s.act is not None})
             return qcore.Plan(layers=layers)
 
-        # budgets, as weight bits (and BOPs) the free layers may spend
-        caps: list[float] = []
+        # budgets, as weight bits (and BOPs) the free layers may spend. --target-bits counts elements only (core's
+        # check_budget); -o size_mb counts what result.json's size_mb counts, the quantizer's extra storage
+        # (Quantizer.extra_bits: a lattice basis, a codebook) included, per layer and bit-width.
+        extra_fn = getattr(ctx.quantizer, "extra_bits", None)
+        cap: float = math.inf
         if target is not None:
             pinned_q = {n: p.w_bits for n, p in pins.items() if p.w_bits is not None}
             total = sum(sizes) + sum(ctx.layers[n].weight_numel for n in pinned_q)
-            caps.append(target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_q.items()))
+            cap = math.floor(target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_q.items())
+                             + 1e-6)
         low = min(choices)
-        base = qcore.plan_cost(ctx.model, ctx.layers, plan_for({n: low for n in free}))
+        base = qcore.plan_cost(ctx.model, ctx.layers, plan_for({n: low for n in free}), extra_fn)
+        extra: np.ndarray | None = None
+        storage_cap: float | None = None
         if o.size_mb is not None:
-            caps.append((o.size_mb - base.size_mb) * 8 * MIB + low * sum(sizes))
-        cap = math.floor(min(caps) + 1e-6) if caps else math.inf
+            extra = self._extra_bits(ctx, free, choices, extra_fn)
+            storage_cap = math.floor((o.size_mb - base.size_mb) * 8 * MIB + low * sum(sizes)
+                                     + float(extra[:, 0].sum()) + 1e-6)
         macs = None
         bops_cap = None
         if o.bops_g is not None:
@@ -159,14 +179,14 @@ class OMPQAllocator(qcore.Allocator):
             macs = [ctx.layers[n].macs * act for n in free]
             fixed_bops = base.bops - sum(m * low for m in macs)
             bops_cap = o.bops_g * 1e9 - fixed_bops
-        if cap is math.inf:  # BOPs only
+        if cap is math.inf:  # size_mb and/or BOPs only: the element count does not bind
             cap = max(choices) * sum(sizes)
 
         orm: Orthogonality | None = None
         info: dict[str, Any] = {"criterion": o.criterion, "bit_choices": choices, "free_layers": len(free)}
         sol: Solution
         if o.criterion == "uniform":
-            sol = self._uniform(free, sizes, choices, cap, macs, bops_cap)
+            sol = self._uniform(free, sizes, choices, cap, macs, bops_cap, extra, storage_cap)
         else:
             weight = np.ones(len(free))
             if o.criterion == "orm" and free:
@@ -183,12 +203,19 @@ class OMPQAllocator(qcore.Allocator):
                 if o.bops_g is not None:
                     raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
                                            "-o solver=milp")
-                sol = solve_seed(sizes, weight, min(choices), max(choices), cap)
+                seed_cap = cap
+                if storage_cap is not None and extra is not None:  # the seed's solve knows elements only: reserve
+                    seed_cap = min(cap, storage_cap - float(extra.max(axis=1).sum()))  # the most extra storage
+                sol = solve_seed(sizes, weight, min(choices), max(choices), seed_cap)
             else:
-                if o.criterion == "hawq" or o.objective == "error":
+                if o.criterion == "hawq" or (o.objective == "error" and o.criterion != "rdoq"):
                     errors = weight_errors(ctx, free, choices)
                 traces = None
-                if o.criterion == "hawq":
+                if o.criterion == "rdoq":
+                    dist = rdoq_curve_sums(ctx, free, choices, o.rdoq_samples, o.rdoq_cache)
+                    info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row), strict=True))
+                                               for n, row in zip(free, dist, strict=True)}
+                elif o.criterion == "hawq":
                     batches = list(ctx.calibration_batches())[:o.hawq_batches]
                     traces = hessian_traces(ctx.model, free, batches, ctx.task.forward, o.hawq_probes,
                                             seed=ctx.config.seed)
@@ -199,11 +226,12 @@ class OMPQAllocator(qcore.Allocator):
                 else:
                     dist = objective_matrix("linear", np.zeros((len(free), len(choices))), sizes, choices,
                                             weight=weight)
-                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap)
+                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
+                                storage_budget=storage_cap)
         seconds = time.perf_counter() - t0
         bits = dict(zip(free, sol.bits))
         plan = plan_for(bits)
-        cost = qcore.plan_cost(ctx.model, ctx.layers, plan)
+        cost = qcore.plan_cost(ctx.model, ctx.layers, plan, extra_fn)
         if o.size_mb is not None and cost.size_mb > o.size_mb * (1 + 1e-12):
             raise qcore.QcoreError(f"ompq: internal error, plan size {cost.size_mb:.6f} MiB over -o size_mb="
                                    f"{o.size_mb}; please report the command")
@@ -229,12 +257,33 @@ class OMPQAllocator(qcore.Allocator):
                                                "solver": sol.solver, "target_bits": target})
 
     @staticmethod
+    def _extra_bits(ctx: qcore.RunContext, free: list[str], choices: list[int], extra_fn: Any) -> np.ndarray:
+        """``[free layers, choices]`` bits the quantizer stores beyond elements and scales (rounded up to whole
+        bits, so budgets checked on them are never exceeded); zeros when the quantizer declares none."""
+        out = np.zeros((len(free), len(choices)), dtype=np.int64)
+        if extra_fn is None:
+            return out
+        for i, n in enumerate(free):
+            info = ctx.layers[n]
+            if not info.weight_numel:
+                continue
+            for k, b in enumerate(choices):
+                spec = qcore.layer_spec(ctx.pipeline, b, None, ctx.quantizer.name).weight
+                if spec is not None:
+                    out[i, k] = math.ceil(float(extra_fn(spec, "weight", info)))
+        return out
+
+    @staticmethod
     def _uniform(free: list[str], sizes: list[int], choices: list[int], cap: float, macs: list[float] | None,
-                 bops_cap: float | None) -> Solution:
-        for b in sorted(choices, reverse=True):
+                 bops_cap: float | None, extra: np.ndarray | None = None,
+                 storage_cap: float | None = None) -> Solution:
+        for k in sorted(range(len(choices)), key=lambda j: -choices[j]):
+            b = choices[k]
             size = b * sum(sizes)
             bops = b * sum(macs) if macs is not None else 0.0
-            if size <= cap and (bops_cap is None or bops <= bops_cap * (1 + 1e-12)):
+            stored = size + (int(extra[:, k].sum()) if extra is not None else 0)
+            if size <= cap and (bops_cap is None or bops <= bops_cap * (1 + 1e-12)) and (
+                    storage_cap is None or stored <= storage_cap):
                 return Solution([b] * len(free), 0.0, size, bops, "uniform (largest bit-width that fits)")
         raise qcore.QcoreError(f"ompq: no single bit-width in {choices} fits the budget for every free layer; raise "
                                "the budget or add lower -o bit_choices")

@@ -50,59 +50,94 @@ def _check_inputs(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int]
     return d
 
 
+def _storage(sizes: Sequence[int], extra: np.ndarray | None, choices: Sequence[int], picks: Sequence[int]) -> int:
+    """Stored weight bits of an assignment (``picks``: indices into ``choices``): elements plus the format's extra
+    bits (integers, so the budget check is exact)."""
+    total = sum(int(n) * int(choices[j]) for n, j in zip(sizes, picks, strict=True))
+    if extra is not None:
+        total += sum(int(extra[i, j]) for i, j in enumerate(picks))
+    return total
+
+
 def _infeasible(size_budget: float, bops_budget: float | None, sizes: Sequence[int], macs: Sequence[float] | None,
-                choices: Sequence[int]) -> qcore.QcoreError:
+                choices: Sequence[int], storage_budget: float | None = None,
+                extra: np.ndarray | None = None) -> qcore.QcoreError:
     low = min(choices)
     need, need_bops = _totals(sizes, macs, [low] * len(sizes))
     what = f"{need} weight bits at {low} bits everywhere > budget {int(size_budget)}"
+    if storage_budget is not None:
+        stored = _storage(sizes, extra, choices, [choices.index(low)] * len(sizes))
+        if stored > storage_budget:
+            what = f"{stored} stored weight bits at {low} bits everywhere > budget {int(storage_budget)}"
     if bops_budget is not None and need_bops > bops_budget:
         what = f"{need_bops / 1e9:.4g} G BOPs at {low} bits everywhere > budget {bops_budget / 1e9:.4g} G"
-    return qcore.QcoreError(f"ompq: impossible budget ({what}); raise --target-bits / -o size_mb / -o bops_g, lower "
-                            "add lower -o bit_choices or pin fewer layers (-o first_last=same)")
+    return qcore.QcoreError(f"ompq: impossible budget ({what}); raise --target-bits / -o size_mb / -o bops_g, add "
+                            "lower -o bit_choices or pin fewer layers (-o first_last=same)")
+
+
+def _extra_matrix(extra: np.ndarray | None, n: int, k: int) -> np.ndarray | None:
+    if extra is None:
+        return None
+    e = np.asarray(extra)
+    if e.shape != (n, k) or not np.isfinite(e).all() or (e < 0).any() or (e != np.round(e)).any():
+        raise ValueError(f"extra must be [layers, choices] = [{n}, {k}] non-negative integers (bits), got {e.shape}")
+    return e.astype(np.int64)
 
 
 def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], size_budget: float,
-              macs: Sequence[float] | None = None, bops_budget: float | None = None) -> Solution:
+              macs: Sequence[float] | None = None, bops_budget: float | None = None,
+              extra: np.ndarray | None = None, storage_budget: float | None = None) -> Solution:
     """Exact minimum of ``sum D[i, choice_i]`` with ``sum sizes_i * bits`` <= ``size_budget`` (weight bits) and,
     when given, ``sum macs_i * bits <= bops_budget`` (``macs_i`` already multiplied by the layer's activation
-    bits). Raises :class:`qcore.QcoreError` when no assignment fits."""
+    bits) and ``sum sizes_i * bits + extra[i, choice_i] <= storage_budget`` (``extra``: ``[layers, choices]``
+    integer bits a format stores beyond the elements, :meth:`qcore.Quantizer.extra_bits`; zeros when None).
+    Raises :class:`qcore.QcoreError` when no assignment fits."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     d = _check_inputs(sizes, dist, choices)
     n, k = d.shape
+    ex = _extra_matrix(extra, n, k)
     cap = math.floor(size_budget + 1e-9)
+    store_cap = math.floor(storage_budget + 1e-9) if storage_budget is not None else None
     lowest = _totals(sizes, macs, [min(choices)] * n)
-    if lowest[0] > cap or (bops_budget is not None and lowest[1] > bops_budget * (1 + 1e-12)):
-        raise _infeasible(size_budget, bops_budget, sizes, macs, choices)
+    low_pick = [list(choices).index(min(choices))] * n
+    if lowest[0] > cap or (bops_budget is not None and lowest[1] > bops_budget * (1 + 1e-12)) or (
+            store_cap is not None and _storage(sizes, ex, choices, low_pick) > store_cap):
+        raise _infeasible(size_budget, bops_budget, sizes, macs, list(choices), storage_budget, ex)
     if n == 0:
         return Solution([], 0.0, 0, 0.0, "milp")
     b = np.asarray(choices, dtype=np.float64)
     one = np.zeros((n, n * k))
     for i in range(n):
         one[i, i * k:(i + 1) * k] = 1.0
-    rows = [LinearConstraint(one, 1.0, 1.0)]
     size_row = (np.asarray(sizes, dtype=np.float64)[:, None] * b[None, :]).reshape(1, -1)
-    rows.append(LinearConstraint(size_row, -np.inf, float(cap)))
+    store_row = None
+    if store_cap is not None:
+        store_row = size_row + (ex.reshape(1, -1).astype(np.float64) if ex is not None else 0.0)
+    bops_row = None
     if bops_budget is not None:
         if macs is None:
             raise ValueError("a BOPs budget needs macs")
         bops_row = (np.asarray(macs, dtype=np.float64)[:, None] * b[None, :]).reshape(1, -1)
-        rows.append(LinearConstraint(bops_row, -np.inf, float(bops_budget)))
     # centre each layer's row: same optimum (one choice per layer), better conditioned for HiGHS
     c = (d - d.min(axis=1, keepdims=True)).reshape(-1)
     scale = float(np.abs(c).max()) or 1.0
     shrink = 0.0
     for _attempt in range(4):
-        if shrink:
-            rows[1] = LinearConstraint(size_row, -np.inf, float(cap) - shrink)
+        rows = [LinearConstraint(one, 1.0, 1.0), LinearConstraint(size_row, -np.inf, float(cap) - shrink)]
+        if store_row is not None and store_cap is not None:
+            rows.append(LinearConstraint(store_row, -np.inf, float(store_cap) - shrink))
+        if bops_row is not None and bops_budget is not None:
+            rows.append(LinearConstraint(bops_row, -np.inf, float(bops_budget)))
         res = milp(c / scale, constraints=rows, integrality=np.ones(n * k), bounds=Bounds(0, 1),
                    options={"mip_rel_gap": 0.0})
         if res.x is None:
-            raise _infeasible(size_budget, bops_budget, sizes, macs, choices)
+            raise _infeasible(size_budget, bops_budget, sizes, macs, list(choices), storage_budget, ex)
         pick = np.asarray(res.x).reshape(n, k).argmax(axis=1)
         bits = [int(choices[j]) for j in pick]
         size, bops = _totals(sizes, macs, bits)
-        if size <= cap and (bops_budget is None or bops <= bops_budget * (1 + 1e-12)):
+        if size <= cap and (bops_budget is None or bops <= bops_budget * (1 + 1e-12)) and (
+                store_cap is None or _storage(sizes, ex, choices, list(pick)) <= store_cap):
             return Solution(bits, float(d[np.arange(n), pick].sum()), size, bops, "milp (HiGHS)")
         shrink = max(shrink * 2, float(min(sizes)))  # the solver's tolerance let it over: tighten and retry
         log.debug("ompq: milp answer over budget by tolerance, retrying %d bits tighter", shrink)
@@ -110,15 +145,19 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
 
 
 def brute_force(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], size_budget: float,
-                macs: Sequence[float] | None = None, bops_budget: float | None = None) -> Solution | None:
-    """Every assignment in turn (``len(choices) ** layers``): the reference :func:`solve_ilp` is tested against;
-    None when nothing fits."""
+                macs: Sequence[float] | None = None, bops_budget: float | None = None,
+                extra: np.ndarray | None = None, storage_budget: float | None = None) -> Solution | None:
+    """Every assignment in turn (``len(choices) ** layers``): the reference :func:`solve_ilp` is tested against
+    (same arguments); None when nothing fits."""
     d = _check_inputs(sizes, dist, choices)
+    ex = _extra_matrix(extra, *d.shape)
     best: Solution | None = None
     for pick in itertools.product(range(len(choices)), repeat=len(sizes)):
         bits = [int(choices[j]) for j in pick]
         size, bops = _totals(sizes, macs, bits)
         if size > size_budget + 1e-9 or (bops_budget is not None and bops > bops_budget * (1 + 1e-12)):
+            continue
+        if storage_budget is not None and _storage(sizes, ex, choices, pick) > storage_budget + 1e-9:
             continue
         obj = float(sum(d[i, j] for i, j in enumerate(pick)))
         if best is None or obj < best.objective - 1e-12:

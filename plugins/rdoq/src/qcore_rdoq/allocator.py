@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RDOQOptions:
+    """``-o`` options of the ``rdoq`` allocator (also the curve settings of :func:`layer_curves`)."""
+
     group: int = field(default=0, metadata={
         "help": "output channels per weight group; 0 = auto (8, or 128 when a layer has >= 512 channels)"})
     engine: Literal["fast", "reference", "second-order"] = field(default="fast", metadata={
@@ -394,3 +396,52 @@ class RDOQAllocator(Allocator):
         ordered = {n: per_layer.get(n, pinned.get(n, 0.0)) for n in ctx.layers}
         ctx.artifacts["plots/rd_curves.png"] = rd_curves_png(curves.groups, curves.bits, curves.dist, w_bits)
         ctx.artifacts["plots/bits_per_layer.png"] = bits_per_layer_png(ordered, pinned)
+
+
+def layer_curves(ctx: RunContext, names: list[str] | tuple[str, ...], bits: list[int] | tuple[int, ...], *,
+                 options: RDOQOptions | None = None) -> np.ndarray:
+    """RDOQ's distortion of each layer at each bit-width, for other allocators to price bits with.
+
+    ``D[i, k] = sum_g D_g(bits[k])`` over the channel groups ``g`` of layer ``names[i]``: RDOQ's additive model of
+    the output distortion (MSE of the task's distortion target against FP, on ``curve_samples`` calibration
+    samples) when the whole layer's weight is at ``bits[k]`` and every other layer is FP. The curves are exactly
+    those ``qcore run --plugin rdoq`` measures with the same ``options`` (group size, engine, curve samples,
+    cache): candidates gridded as the run's calibrator deploys (:func:`qcore_rdoq.deployment.deployment`), one
+    scale per group, and read from / written to the same curve cache, so a second caller with the same model,
+    data and options measures nothing. ``options`` defaults to :class:`RDOQOptions` (auto group, fast engine,
+    64 samples, bits ``min_bits..max_bits`` = 0..10 measured; ``bits`` must lie in that range).
+
+    :param ctx: the run's context (model with BN folded, layers, calibration data, calibrator, quantizer).
+    :returns: ``[len(names), len(bits)]`` float64.
+    :raises QcoreError: a bit-width outside ``min_bits..max_bits``, a layer unknown to ``ctx``, or a quantizer /
+        calibrator combination the curves cannot model (the message says what to use).
+    """
+    o = options if options is not None else RDOQOptions()
+    bad = [b for b in bits if not o.min_bits <= int(b) <= o.max_bits]
+    if bad:
+        raise QcoreError(f"rdoq curves are measured at {o.min_bits}..{o.max_bits} bits; {bad} is outside (raise "
+                         "-o max_bits or choose bit-widths in that range)")
+    unknown = [n for n in names if n not in ctx.layers]
+    if unknown:
+        raise QcoreError(f"rdoq curves: unknown layer(s) {', '.join(unknown[:3])}; pass names of ctx.layers")
+    if ctx.quantizer.name != "uniform":
+        raise QcoreError(f"rdoq curves price the uniform grid; --quantizer {ctx.quantizer.name} is not modelled "
+                         "(use --quantizer uniform)")
+    if not names:
+        return np.zeros((0, len(bits)))
+    alloc = RDOQAllocator(o)
+    dep = deployment(ctx, o.min_bits, False, False)
+    group = o.group or auto_group_size([ctx.layers[n].out_channels for n in ctx.layers if n not in ctx.pinned])
+    device = module_device(ctx.model)
+    batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
+    engine = make_engine("reference" if o.engine == "reference" else "fast", ctx.model, ctx.task.forward, batches,
+                         o.chunk) if o.engine != "second-order" else None
+    curves, _ = alloc.curves(ctx, list(names), group, batches, engine, dep.weights)
+    cols = [curves.bits.index(int(b)) for b in bits]
+    index = {n: i for i, n in enumerate(names)}
+    out = np.zeros((len(names), len(bits)))
+    for g, row in zip(curves.groups, curves.dist, strict=True):
+        out[index[g.layer]] += row[cols]
+    log.info("rdoq: layer curves of %d layers (%d groups, %s engine) in %.1f s", len(names), len(curves.groups),
+             curves.engine, curves.seconds)
+    return out
