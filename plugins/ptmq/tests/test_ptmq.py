@@ -19,7 +19,7 @@ def host():
 
 
 CALIB = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-BITS = (2, 3, 4, 5, 6, 7, 8)
+BITS = (3, 4, 5, 6, 7, 8)  # the default groups: low {3,4}, mid {5,6}, high {7,8}
 
 
 def quantize_tiny(host, seed: int = 0, **options):
@@ -142,7 +142,7 @@ def test_the_mixer_mask_is_resampled_every_step_and_bits_are_drawn_per_group(hos
     frac = torch.stack([m.float().mean() for m in masks]).mean()
     assert 0.4 < float(frac) < 0.6  # replace_prob 0.5
     for _, (low, mid, high) in seen:
-        assert low in (2, 3, 4) and mid in (5, 6) and high in (7, 8)
+        assert low in (3, 4) and mid in (5, 6) and high in (7, 8)
     assert len({b for _, b in seen}) > 1  # drawn anew, not fixed
 
 
@@ -185,7 +185,7 @@ def test_every_setting_evaluates_without_data_and_matches_switching_in_memory(ti
             y = loaded(CALIB)
             assert torch.equal(y, out.model(CALIB))
         errors[b] = float((y - ref).pow(2).mean())
-    assert errors[8] < errors[4] < errors[2]
+    assert errors[8] < errors[4] < errors[3]
     with pytest.raises(qcore.QcoreError, match="not 9"):
         qcore.load(path, tiny_resnet(), host=host, bits=(9, 9))
     plan = {"version": 1, "layers": {"blocks.0.conv1": {"weight": {"bits": 3}, "act": {"bits": 5}},
@@ -218,6 +218,8 @@ def test_runs_by_plugin_name_and_refuses_bad_input(host):
     result = run_tiny(host, plugin="ptmq", options={"iters": 3, "cache": "off"}).result
     assert result["method"] == "ptmq" and result["components"]["quantizer"] == "ptmq"
     assert result["measured"]["ptmq"]["switchable_bits"]["weight"] == list(BITS)
+    with_2 = run_tiny(host, plugin="ptmq", options={"iters": 1, "cache": "off", "low_bits": "2,3,4"}).result
+    assert with_2["measured"]["ptmq"]["switchable_bits"]["act"] == [2, *BITS]  # 2 bits only when asked for
     for bad in ({"lambdas": "0.5,0.5,0.5"}, {"low_bits": "two"}, {"replace_prob": 2.0}, {"gammas": "1,1"}):
         with pytest.raises(qcore.QcoreError):
             run_tiny(host, plugin="ptmq", options={"iters": 1, "cache": "off", **bad})

@@ -44,7 +44,8 @@ class PTMQOptions(ReconOptions):
     """``-o`` options of the ``ptmq`` calibrator (plus qcore-recon's: iters, recon_batch, round_lr, reg_weight,
     warmup, cache, weight_range, act_range)."""
 
-    low_bits: str = field(default="2,3,4", metadata={"help": "low-bit group (comma-separated bit-widths)"})
+    low_bits: str = field(default="3,4", metadata={"help": "low-bit group (comma-separated bit-widths; 2,3,4 adds 2 bits "
+                                                              "at a cost to 3 bits, see the README)"})
     mid_bits: str = field(default="5,6", metadata={"help": "middle-bit group"})
     high_bits: str = field(default="7,8", metadata={"help": "high-bit group (the distillation teacher)"})
     lambdas: str = field(default="0.3333333,0.3333333,0.3333334", metadata={
@@ -61,7 +62,7 @@ class PTMQOptions(ReconOptions):
     stem_fc: Literal["fixed8", "multibit"] = field(default="fixed8", metadata={
         "help": "first/last layer: 'fixed8' keeps weights and inputs at their pinned bits (8; reconstructed with "
                 "MSE); 'multibit' switches their weights with the rest (inputs stay pinned)"})
-    round_init_bits: int = field(default=4, metadata={
+    round_init_bits: int = field(default=3, metadata={
         "help": "the shared rounding starts at the FP weight's fractional part on this bit-width's grid"})
 
     def __post_init__(self) -> None:

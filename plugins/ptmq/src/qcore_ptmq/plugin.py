@@ -31,5 +31,5 @@ def qcore_register_calibrators(register: Any) -> None:
 @hookimpl
 def qcore_register_methods(register: Any) -> None:
     register(Method(name="ptmq", quantizer="ptmq", calibrator="ptmq", allocator="fixed", defaults=dict(PTMQ_DEFAULTS),
-                    default=True, description="PTMQ: one reconstruction serving bit-widths 2..8 (groups low 2-4, mid "
+                    default=True, description="PTMQ: one reconstruction serving bit-widths 3..8 (groups low 3-4, mid "
                     "5-6, high 7-8), switched at run time (qcore eval --w-bits B --a-bits B); evaluated at W4A4"))
