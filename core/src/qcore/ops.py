@@ -242,3 +242,88 @@ def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: b
             q.sub_(zero)
         err = q.mul_(scale).sub_(x)
         return (err.square_() if p == 2.0 else err.abs_().pow_(p)).mean(dim=dim)
+
+
+# -- candidate quantization for rate-distortion curves ---------------------------------------------------------
+
+__all__ += ["quantize_rows", "candidate_quantize", "CANDIDATE_STEPS", "CANDIDATE_LOWEST"]
+
+#: the MSE clip search of :func:`candidate_quantize`: :func:`qcore.ranges.mse_range`'s defaults
+CANDIDATE_STEPS, CANDIDATE_LOWEST = 100, 0.05
+
+
+def quantize_rows(rows: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: bool) -> Tensor:
+    """Every row of ``rows`` (``[R, N]``) fake-quantized at every bit-width of ``bits`` (``[B]``) on its own clip
+    range: ``lo``/``hi`` are ``[B, R]``; the result is ``[B, R, N]`` in ``rows``' dtype, 0-bit candidates 0.
+
+    The arithmetic of :func:`fake_quantize` with the grid of :func:`qparams_from_range`, one set of parameters
+    per (bit-width, row): what a per-group :class:`~qcore.UniformFakeQuant` deploys for those ranges.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    nbits = bits.to(device=lo.device, dtype=torch.float32)[:, None].expand(lo.shape)
+    scale, zero, qmin, qmax = (t[..., None] for t in qparams_from_range(lo, hi, nbits, symmetric))
+    out = fake_quantize(rows.unsqueeze(0), scale, zero, qmin, qmax, bits=nbits[..., None], prune_value=0.0)
+    return out.to(rows.dtype)
+
+
+def _candidates_reference(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    from qcore.ranges import mse_range  # qcore.ranges builds on this module
+
+    n_bits, n_rows = bits.numel(), rows.shape[0]
+    if n_bits == 0:
+        empty = rows.new_empty((0, n_rows), dtype=torch.float32)
+        return empty, empty.clone(), rows.new_empty((0, *rows.shape))
+    # every bit-width's rows stacked into one search, as one call of the range estimator would see them
+    row_bits = bits.to(device=rows.device, dtype=torch.float32).repeat_interleave(n_rows)
+    lo, hi = mse_range(torch.cat([rows] * n_bits), row_bits, symmetric, steps=steps, lowest=lowest)
+    lo, hi = lo.reshape(n_bits, n_rows), hi.reshape(n_bits, n_rows)
+    return lo, hi, quantize_rows(rows, lo, hi, bits, symmetric)
+
+
+@torch.library.custom_op("qcore::candidate_quantize", mutates_args=())
+def _candidates_op(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (bit-width, row) candidate of a layer: MSE clip search and fake quantization (see
+    :func:`candidate_quantize`). Implementation on every device: the reference."""
+    return _candidates_reference(rows, bits, symmetric, steps, lowest)
+
+
+@_candidates_op.register_fake
+def _(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float) -> tuple[Tensor, Tensor, Tensor]:
+    n_bits, n_rows = bits.shape[0], rows.shape[0]
+    lo = rows.new_empty((n_bits, n_rows), dtype=torch.float32)
+    return lo, torch.empty_like(lo), rows.new_empty((n_bits, *rows.shape))
+
+
+def candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int = CANDIDATE_STEPS,
+                       lowest: float = CANDIDATE_LOWEST, *, kernels: str | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """All quantization candidates of a layer in one call: for every bit-width ``b`` of ``bits`` (``[B]``) and
+    every row of ``rows`` (``[R, N]``: a channel group's values, as :meth:`UniformFakeQuant.rows_of
+    <qcore.UniformFakeQuant.rows_of>` gives them), the MSE clip search and the quantized row.
+
+    Returns ``(lo, hi, q)``: ``lo``/``hi`` ``[B, R]`` (float32) are the clip ranges that
+    :func:`qcore.ranges.mse_range` chooses (``steps`` shrink factors of each row's min/max in ``[lowest, 1]``;
+    ``steps=1, lowest=1`` is the plain min/max range) on the rows of all bit-widths stacked, and ``q``
+    ``[B, R, N]`` is :func:`quantize_rows` on those ranges. This is what an RD curve needs per layer
+    (qcore-rdoq's candidates); rows are independent, so each result equals what the range estimator and the
+    deployed quantizer give that row alone.
+
+    Goes through the torch op ``qcore::candidate_quantize`` (a device kernel registered for it runs: one launch
+    for every candidate, search included), unless ``kernels`` (default ``QCORE_KERNELS``) is ``"reference"``.
+    A kernel's clip choice can differ from the reference's only where two shrink factors' errors are equal
+    within float32 rounding (the error is a sum whose order is the device's); ``q`` on a given range is exact.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    if rows.dim() != 2 or bits.dim() != 1:
+        raise QcoreError(f"candidate_quantize takes rows [R, N] and bits [B]; got shapes {tuple(rows.shape)} and "
+                         f"{tuple(bits.shape)}: reshape them (UniformFakeQuant.rows_of gives the rows)")
+    if steps < 1 or not 0.0 < lowest <= 1.0:
+        raise QcoreError(f"candidate_quantize: steps={steps}, lowest={lowest} is not a clip search; use steps >= 1 "
+                         "and 0 < lowest <= 1")
+    if _kernels_mode(kernels) == "reference":
+        return _candidates_reference(rows, bits, symmetric, steps, lowest)
+    return torch.ops.qcore.candidate_quantize(rows, bits, symmetric, steps, lowest)

@@ -61,3 +61,32 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: 
 
 torch.library.register_kernel(OPS[0], "cuda", _forward)
 torch.library.register_kernel(OPS[1], "cuda", _backward)
+
+
+# -- kernel 2: every quantization candidate of a layer (RD curves) ---------------------------------------------
+
+OPS = OPS + ("qcore::candidate_quantize",)
+
+_candidate_kernels: ModuleType | None = None
+
+
+def candidate_kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.candidates`, imported on first use; None when Triton is not installed."""
+    global _candidate_kernels
+    if _candidate_kernels is None and importlib.util.find_spec("triton") is not None:
+        from qcore_cuda import candidates
+
+        _candidate_kernels = candidates
+        log.info("qcore-cuda: Triton kernel active for CUDA tensors (candidate_quantize)")
+    return _candidate_kernels
+
+
+def _candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    k = candidate_kernels()
+    if k is None or not k.supports(rows, bits):
+        return ops.candidate_quantize(rows, bits, symmetric, steps, lowest, kernels="reference")
+    return k.candidate_quantize(rows, bits, symmetric, steps, lowest)
+
+
+torch.library.register_kernel("qcore::candidate_quantize", "cuda", _candidate_quantize)
