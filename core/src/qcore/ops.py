@@ -327,3 +327,217 @@ def candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int =
     if _kernels_mode(kernels) == "reference":
         return _candidates_reference(rows, bits, symmetric, steps, lowest)
     return torch.ops.qcore.candidate_quantize(rows, bits, symmetric, steps, lowest)
+
+
+# -- learned quantization for block reconstruction: LSQ step sizes and AdaRound --------------------------------
+
+__all__ += ["lsq_fake_quantize", "lsq_fake_quantize_grad", "ADAROUND_ZETA", "ADAROUND_GAMMA", "rectified_sigmoid",
+            "adaround_dequantize", "adaround_fake_quantize", "adaround_fake_quantize_grad"]
+
+
+def _clamp_grad(g: Tensor, v: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """The gradient torch's ``clamp(v, qmin, qmax)`` (tensor bounds) passes to ``v``: 0 outside, half on exactly
+    one end, ``g`` inside (see :func:`fake_quantize_grad`)."""
+    outside = (v < qmin) | (v > qmax)
+    half = (v == qmin) ^ (v == qmax)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(outside, zero, torch.where(half, g * 0.5, g))
+
+
+def lsq_fake_quantize_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                           bits: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`fake_quantize_channels` with respect to ``x`` and to the per-channel ``scale`` (LSQ's
+    learned step), given the output's ``grad``: ``(grad_x, grad_scale)``, ``grad_scale`` shaped as ``scale``.
+
+    Autograd's own operations on the reference, in its order: ``g = 0`` on 0-bit channels; from
+    ``out = (q - zp) * s``: ``g * (q - zp)`` to ``s`` and ``g * s`` on to the clamp (0 outside, half on one end);
+    from ``t = x / s``: ``g / s`` to ``x`` and ``-g * ((x / s) / s)`` to ``s``; each of the two ``s`` terms summed
+    over the values of its channel (``sum_to_size``), then added. The step's sign convention and LSQ's gradient
+    scale are the caller's (qcore-recon applies them outside).
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    with torch.no_grad():
+        ax = axis % max(x.dim(), 1)
+        s, zp, lo, hi, b = (_channel_shaped(t, x.dim(), ax) for t in (scale, zero_point, qmin, qmax, bits))
+        t = x / s
+        v = round_ste(t) + zp
+        q = torch.clamp(v, lo, hi)
+        g = grad.to(v.dtype)
+        g = torch.where(b == 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+        gs_out = (g * (q - zp)).sum_to_size(s.shape)
+        gv = _clamp_grad(g * s, v, lo, hi)
+        gx = (gv / s).to(x.dtype)
+        gs_div = (-gv * ((x / s) / s)).sum_to_size(s.shape)
+        return gx, (gs_out + gs_div).reshape(scale.shape)
+
+
+@torch.library.custom_op("qcore::lsq_fake_quantize", mutates_args=())
+def _lsq_op(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+            prune_value: Tensor, axis: int) -> Tensor:
+    """:func:`fake_quantize_channels`'s forward with a learnable per-channel ``scale`` (LSQ); its backward
+    (``qcore::lsq_fake_quantize_backward``) differentiates ``x`` and ``scale``. Reference on every device."""
+    return _channels_reference(x, scale, zero_point, qmin, qmax, bits, prune_value, axis)
+
+
+@_lsq_op.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+      prune_value: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qcore::lsq_fake_quantize_backward", mutates_args=())
+def _lsq_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                     bits: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_scale)`` of ``qcore::lsq_fake_quantize``: :func:`lsq_fake_quantize_grad` on every device."""
+    return lsq_fake_quantize_grad(grad, x, scale, zero_point, qmin, qmax, bits, axis)
+
+
+@_lsq_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+      axis: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(scale)
+
+
+def _lsq_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's signature
+    x, scale, zero_point, qmin, qmax, bits, _prune_value, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point, qmin, qmax, bits)
+    ctx.axis = axis
+
+
+def _lsq_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    x, scale, zero_point, qmin, qmax, bits = ctx.saved_tensors
+    gx, gs = torch.ops.qcore.lsq_fake_quantize_backward(grad, x, scale, zero_point, qmin, qmax, bits, ctx.axis)
+    return gx, gs, None, None, None, None, None, None
+
+
+_lsq_op.register_autograd(_lsq_backward, setup_context=_lsq_setup)
+
+
+def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+                      prune_value: Tensor, axis: int, *, kernels: str | None = None) -> Tensor:
+    """LSQ's fake quantization: :func:`fake_quantize_channels` (same arguments, same output bit for bit) with a
+    gradient for the per-channel ``scale`` as well as for ``x`` (:func:`lsq_fake_quantize_grad`), through the
+    torch op ``qcore::lsq_fake_quantize`` so a device kernel can fuse both. ``kernels="reference"`` (or
+    ``QCORE_KERNELS=reference``) runs the reference with plain autograd instead.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    axis = axis % max(x.dim(), 1)
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    if _kernels_mode(kernels) == "reference":
+        return _channels_reference(x, *params, axis)
+    return torch.ops.qcore.lsq_fake_quantize(x, *params, axis)
+
+
+#: AdaRound's rectified sigmoid stretch (Nagel et al., 2020): ``h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA,
+#: 0, 1)``
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """AdaRound's h(V) = clip(sigmoid(V)(zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
+
+
+def adaround_dequantize(h: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                        bits: Tensor, prune_value: Tensor) -> Tensor:
+    """AdaRound's weight for rounding offsets ``h`` in [0, 1]: ``s * (clamp(floor + h + zp, qmin, qmax) - zp)``,
+    ``prune_value`` where ``bits == 0``; parameters broadcast against ``floor`` (= ``floor(w / s)``).
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    q = torch.clamp(floor + h + zero_point, qmin, qmax)
+    out = (q - zero_point) * scale
+    return torch.where(bits == 0, prune_value, out)
+
+
+def adaround_fake_quantize_grad(grad: Tensor, v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor,
+                                qmin: Tensor, qmax: Tensor, bits: Tensor, axis: int) -> Tensor:
+    """The gradient of :func:`adaround_fake_quantize` with respect to ``v``: autograd's operations in its order
+    (0 on 0-bit channels, ``* s``, the grid clamp's gradient, h's clamp passes ``0 <= u <= 1``,
+    ``* (ZETA - GAMMA)``, sigmoid's ``g * (1 - y) * y``).
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    with torch.no_grad():
+        ax = axis % max(v.dim(), 1)
+        s, zp, lo, hi, b = (_channel_shaped(t, v.dim(), ax) for t in (scale, zero_point, qmin, qmax, bits))
+        y = torch.sigmoid(v)
+        u = y * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+        t = floor + torch.clamp(u, 0.0, 1.0) + zp
+        g = torch.where(b == 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+        g = _clamp_grad(g * s, t, lo, hi)
+        g = torch.where((u >= 0.0) & (u <= 1.0), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g = g * (ADAROUND_ZETA - ADAROUND_GAMMA)
+        return g * (1 - y) * y
+
+
+def _adaround_reference(v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                        bits: Tensor, prune_value: Tensor, axis: int) -> Tensor:
+    p = [_channel_shaped(t, v.dim(), axis) for t in (scale, zero_point, qmin, qmax, bits, prune_value)]
+    return adaround_dequantize(rectified_sigmoid(v), floor, *p)
+
+
+@torch.library.custom_op("qcore::adaround_fake_quantize", mutates_args=())
+def _adaround_op(v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                 bits: Tensor, prune_value: Tensor, axis: int) -> Tensor:
+    """AdaRound's soft-quantized weight (see :func:`adaround_fake_quantize`). Reference on every device."""
+    return _adaround_reference(v, floor, scale, zero_point, qmin, qmax, bits, prune_value, axis)
+
+
+@_adaround_op.register_fake
+def _(v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+      prune_value: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op("qcore::adaround_fake_quantize_backward", mutates_args=())
+def _adaround_backward_op(grad: Tensor, v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                          qmax: Tensor, bits: Tensor, axis: int) -> Tensor:
+    """The gradient of ``qcore::adaround_fake_quantize`` with respect to ``v`` (the reference on every device)."""
+    return adaround_fake_quantize_grad(grad, v, floor, scale, zero_point, qmin, qmax, bits, axis)
+
+
+@_adaround_backward_op.register_fake
+def _(grad: Tensor, v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+      bits: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(v)
+
+
+def _adaround_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's signature
+    v, floor, scale, zero_point, qmin, qmax, bits, _prune_value, axis = inputs
+    ctx.save_for_backward(v, floor, scale, zero_point, qmin, qmax, bits)
+    ctx.axis = axis
+
+
+def _adaround_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    if any(ctx.needs_input_grad[1:]):
+        raise QcoreError("qcore::adaround_fake_quantize differentiates only v; use kernels='reference' for "
+                         "gradients of its other inputs")
+    v, floor, scale, zero_point, qmin, qmax, bits = ctx.saved_tensors
+    gv = torch.ops.qcore.adaround_fake_quantize_backward(grad, v, floor, scale, zero_point, qmin, qmax, bits,
+                                                         ctx.axis)
+    return gv, None, None, None, None, None, None, None, None
+
+
+_adaround_op.register_autograd(_adaround_backward, setup_context=_adaround_setup)
+
+
+def adaround_fake_quantize(v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                           bits: Tensor, prune_value: Tensor, axis: int, *, kernels: str | None = None) -> Tensor:
+    """AdaRound's soft-quantized weight ``adaround_dequantize(rectified_sigmoid(v), floor, ...)`` and its gradient
+    with respect to ``v`` (:func:`adaround_fake_quantize_grad`), through the torch op
+    ``qcore::adaround_fake_quantize`` so a device kernel can fuse them.
+
+    ``v`` and ``floor`` have the weight's shape; the other parameters are 1-D per channel along ``axis`` (or one
+    value), as in :func:`fake_quantize_channels`. ``kernels="reference"`` (or ``QCORE_KERNELS=reference``), or
+    a parameter other than ``v`` that needs a gradient, runs the reference with plain autograd.
+
+    .. versionadded:: 0.1 (plugin API 1)
+    """
+    axis = axis % max(v.dim(), 1)
+    params = (floor, scale, zero_point, qmin, qmax, bits, prune_value)
+    if _kernels_mode(kernels) == "reference" or any(t.requires_grad for t in params):
+        return _adaround_reference(v, *params, axis)
+    return torch.ops.qcore.adaround_fake_quantize(v, *params, axis)

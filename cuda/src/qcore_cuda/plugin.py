@@ -90,3 +90,63 @@ def _candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int,
 
 
 torch.library.register_kernel("qcore::candidate_quantize", "cuda", _candidate_quantize)
+
+
+# -- kernel 3: LSQ and AdaRound fake quantization for block reconstruction ---------------------------------------
+
+OPS = OPS + ("qcore::lsq_fake_quantize", "qcore::lsq_fake_quantize_backward", "qcore::adaround_fake_quantize",
+             "qcore::adaround_fake_quantize_backward")
+
+_recon_kernels: dict[str, ModuleType] = {}
+
+
+def recon_kernels() -> dict[str, ModuleType]:
+    """``{"lsq": qcore_cuda.lsq, "adaround": qcore_cuda.adaround}``, imported on first use; empty without Triton."""
+    if not _recon_kernels and importlib.util.find_spec("triton") is not None:
+        from qcore_cuda import adaround, lsq
+
+        _recon_kernels.update(lsq=lsq, adaround=adaround)
+        log.info("qcore-cuda: Triton kernels active for CUDA tensors (lsq_fake_quantize, adaround_fake_quantize)")
+    return _recon_kernels
+
+
+def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+                 prune_value: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    k = recon_kernels().get("lsq")
+    if k is None or not k.supports(x, *params):
+        return ops.fake_quantize_channels(x, *params, axis, kernels="reference")
+    return k.lsq_fake_quantize(x, *params, axis)
+
+
+def _lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                  bits: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    params = (scale, zero_point, qmin, qmax, bits)
+    k = recon_kernels().get("lsq")
+    if k is None or not k.supports(x, *params):
+        return ops.lsq_fake_quantize_grad(grad, x, *params, axis)
+    return k.lsq_fake_quantize_grad(grad, x, *params, axis)
+
+
+def _adaround_forward(v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                      bits: Tensor, prune_value: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    k = recon_kernels().get("adaround")
+    if k is None or not k.supports(v, floor, *params):
+        return ops.adaround_fake_quantize(v, floor, *params, axis, kernels="reference")
+    return k.adaround_fake_quantize(v, floor, *params, axis)
+
+
+def _adaround_backward(grad: Tensor, v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                       qmax: Tensor, bits: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits)
+    k = recon_kernels().get("adaround")
+    if k is None or not k.supports(v, floor, *params):
+        return ops.adaround_fake_quantize_grad(grad, v, floor, *params, axis)
+    return k.adaround_fake_quantize_grad(grad, v, floor, *params, axis)
+
+
+torch.library.register_kernel("qcore::lsq_fake_quantize", "cuda", _lsq_forward)
+torch.library.register_kernel("qcore::lsq_fake_quantize_backward", "cuda", _lsq_backward)
+torch.library.register_kernel("qcore::adaround_fake_quantize", "cuda", _adaround_forward)
+torch.library.register_kernel("qcore::adaround_fake_quantize_backward", "cuda", _adaround_backward)
