@@ -10,8 +10,9 @@ Computes what ``qcore::adaround_fake_quantize`` computes (:func:`qcore.ops.adaro
 
 Every operation after the sigmoid is the reference's, in float32 and in its order. The sigmoid is
 ``1 / (1 + exp(-V))`` with the device's ``exp``, which may differ from torch's CPU ``exp`` in the last bit, so
-outputs equal the reference's bit for bit where ``sigmoid(V)`` does (the tests measure how often) and otherwise
-within the rounding of one ulp of ``h`` times the scale.
+forward outputs equal the reference's bit for bit where ``sigmoid(V)`` does (the tests measure how often) and
+otherwise within one ulp of ``h`` times the scale; the backward, which multiplies by the sigmoid, is within
+float32 rounding.
 
 Set ``TRITON_INTERPRET=1`` before this module is imported to run it on CPU tensors with Triton's interpreter.
 """
