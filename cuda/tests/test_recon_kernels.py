@@ -4,8 +4,9 @@ LSQ: forward bit for bit (it is kernel 1's forward); backward to ``x`` bit for b
 rounding (the per-channel sum is torch's on the device; on CPU it is the reference's own sum). AdaRound: every
 operation after the sigmoid is the reference's, the sigmoid's ``exp`` is the device's: outputs equal the
 reference's bit for bit wherever the sigmoids agree (checked to be almost everywhere) and within one ulp of ``h``
-times the scale elsewhere; the backward, which uses the sigmoid directly, within float32 rounding. Random cases from ``qcore.testing.fake_quant_case`` (odd shapes, any axis, per tensor
-/ channel / group, bits 0..16, zero ranges); float32, the kernels' inputs.
+times the scale elsewhere; the backward, which uses the sigmoid directly, within float32 rounding. Random cases
+from ``qcore.testing.fake_quant_case`` (odd shapes, any axis, per tensor / channel / group, bits 0..16, zero
+ranges); float32, the kernels' inputs.
 """
 
 from __future__ import annotations

@@ -67,18 +67,23 @@ torch.library.register_kernel(OPS[1], "cuda", _backward)
 
 OPS = OPS + ("qcore::candidate_quantize",)
 
-_candidate_kernels: ModuleType | None = None
+_modules: dict[str, ModuleType] = {}
+
+
+def _kernel_modules(*names: str) -> dict[str, ModuleType]:
+    """The kernel modules ``qcore_cuda.<name>``, imported on first use; empty when Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return {}
+    for name in names:
+        if name not in _modules:
+            _modules[name] = importlib.import_module(f"qcore_cuda.{name}")
+            log.info("qcore-cuda: Triton kernels of qcore_cuda.%s active for CUDA tensors", name)
+    return {name: _modules[name] for name in names}
 
 
 def candidate_kernels() -> ModuleType | None:
     """:mod:`qcore_cuda.candidates`, imported on first use; None when Triton is not installed."""
-    global _candidate_kernels
-    if _candidate_kernels is None and importlib.util.find_spec("triton") is not None:
-        from qcore_cuda import candidates
-
-        _candidate_kernels = candidates
-        log.info("qcore-cuda: Triton kernel active for CUDA tensors (candidate_quantize)")
-    return _candidate_kernels
+    return _kernel_modules("candidates").get("candidates")
 
 
 def _candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float
@@ -97,17 +102,9 @@ torch.library.register_kernel("qcore::candidate_quantize", "cuda", _candidate_qu
 OPS = OPS + ("qcore::lsq_fake_quantize", "qcore::lsq_fake_quantize_backward", "qcore::adaround_fake_quantize",
              "qcore::adaround_fake_quantize_backward")
 
-_recon_kernels: dict[str, ModuleType] = {}
-
-
 def recon_kernels() -> dict[str, ModuleType]:
     """``{"lsq": qcore_cuda.lsq, "adaround": qcore_cuda.adaround}``, imported on first use; empty without Triton."""
-    if not _recon_kernels and importlib.util.find_spec("triton") is not None:
-        from qcore_cuda import adaround, lsq
-
-        _recon_kernels.update(lsq=lsq, adaround=adaround)
-        log.info("qcore-cuda: Triton kernels active for CUDA tensors (lsq_fake_quantize, adaround_fake_quantize)")
-    return _recon_kernels
+    return _kernel_modules("lsq", "adaround")
 
 
 def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
