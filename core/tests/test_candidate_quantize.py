@@ -36,3 +36,8 @@ def test_bad_shapes_and_searches_are_one_line_errors():
         candidate_quantize(torch.zeros(3), torch.tensor([4.0]), True)
     with pytest.raises(QcoreError, match="steps"):
         candidate_quantize(torch.zeros(3, 2), torch.tensor([4.0]), True, steps=0)
+
+
+def test_op_passes_torch_library_checks():
+    rows = torch.randn(3, 11, generator=torch.Generator().manual_seed(1))
+    torch.library.opcheck(torch.ops.qcore.candidate_quantize.default, (rows, torch.tensor([0.0, 3.0]), False, 7, 0.2))

@@ -59,3 +59,21 @@ def test_adaround_op_refuses_gradients_it_does_not_compute():
     out = torch.ops.qcore.adaround_fake_quantize(v, torch.zeros_like(v), s, *case.params[1:], case.axis)
     with pytest.raises(QcoreError, match="differentiates only v"):
         out.sum().backward()
+
+
+def test_ops_pass_torch_library_checks():
+    # the AOT-dispatch check (torch.compile's path) once, on the LSQ op; schema, fake and autograd on all four
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    case = next(c for c in CASES if c.x.dim() >= 2 and c.granularity == "channel")
+    x = case.x.clone().requires_grad_(True)
+    s = case.params[0].clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.qcore.lsq_fake_quantize.default, (x, s, *case.params[1:], case.axis))
+    floor = torch.floor(case.x / _shaped(case.params[0], case))
+    v = torch.randn(case.x.shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.qcore.adaround_fake_quantize.default, (v, floor, *case.params, case.axis),
+                          test_utils=quick)
+    grad = torch.randn(case.x.shape)
+    torch.library.opcheck(torch.ops.qcore.lsq_fake_quantize_backward.default,
+                          (grad, case.x, *case.params[:5], case.axis), test_utils=quick)
+    torch.library.opcheck(torch.ops.qcore.adaround_fake_quantize_backward.default,
+                          (grad, v.detach(), floor, *case.params[:5], case.axis), test_utils=quick)
