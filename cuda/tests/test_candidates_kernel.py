@@ -105,6 +105,7 @@ def test_unsupported_inputs_are_left_to_the_reference():
     assert not kernels.supports(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([4.0]))
     assert not kernels.supports(torch.zeros(2, 0), torch.tensor([4.0]))
     assert not kernels.supports(torch.zeros(2, 3), torch.tensor([2.5]))
+    assert not kernels.supports(torch.tensor([[0.0, float("nan")]]), torch.tensor([4.0]))
     assert kernels.supports(torch.zeros(2, 3), torch.tensor([0.0, 16.0]))
 
 

@@ -78,6 +78,16 @@ def test_adaround_forward_and_backward_are_the_reference(case):
     torch.testing.assert_close(gv, want_gv, rtol=4 * EPS, atol=4 * EPS * float(want_gv.abs().max()) + 1e-30)
 
 
+def test_nan_and_inf_pass_through_as_in_the_reference():
+    v = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3])
+    floor = torch.tensor([1.0, float("nan"), 2.0, 3.0])
+    p = (torch.full((1,), 0.5), torch.zeros(1), torch.full((1,), -8.0), torch.full((1,), 7.0), torch.full((1,), 4.0),
+         torch.zeros(1))
+    got = adaround.adaround_fake_quantize(v.to(DEVICE), floor.to(DEVICE), *_dev(p), 0).cpu()
+    want = ops.adaround_fake_quantize(v, floor, *p, 0, kernels="reference")
+    torch.testing.assert_close(got, want, rtol=0.0, atol=0.0, equal_nan=True)  # a NaN's sign bit is free
+
+
 def test_the_plugin_registers_the_kernels_for_cuda_only():
     for name in ("lsq_fake_quantize", "lsq_fake_quantize_backward", "adaround_fake_quantize",
                  "adaround_fake_quantize_backward"):

@@ -39,7 +39,7 @@ def _soft(v, floor, zp, qmin, qmax):
     """``(y, u, t)``: the sigmoid, the stretched sigmoid before its clamp, and ``floor + h + zp``."""
     y = 1.0 / (1.0 + tl.exp(-v))
     u = y * _STRETCH + _GAMMA
-    h = tl.minimum(tl.maximum(u, 0.0), 1.0)
+    h = tl.minimum(tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
     t = floor + h + zp
     return y, u, t
 

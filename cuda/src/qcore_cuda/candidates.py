@@ -124,12 +124,13 @@ def interpreted() -> bool:
 
 
 def supports(rows: Tensor, bits: Tensor) -> bool:
-    """Whether the kernel computes what the reference computes: float32 rows ``[R, N]`` with ``N >= 1``, bit-widths
-    that are whole numbers in 0..16."""
+    """Whether the kernel computes what the reference computes: finite float32 rows ``[R, N]`` with ``N >= 1``,
+    bit-widths that are whole numbers in 0..16. (A NaN or inf goes to the reference, whose non-finite range the
+    caller reports: the kernel's min/max reduction does not promise to propagate NaN.)"""
     if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[1] == 0 or bits.dim() != 1:
         return False
     b = bits.float()
-    return bool(((b >= 0) & (b <= 16) & (b == b.round())).all())
+    return bool(((b >= 0) & (b <= 16) & (b == b.round())).all() and torch.isfinite(rows).all())
 
 
 def candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float
