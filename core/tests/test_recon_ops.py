@@ -77,3 +77,20 @@ def test_ops_pass_torch_library_checks():
                           (grad, case.x, *case.params[:5], case.axis), test_utils=quick)
     torch.library.opcheck(torch.ops.qcore.adaround_fake_quantize_backward.default,
                           (grad, v.detach(), floor, *case.params[:5], case.axis), test_utils=quick)
+
+
+def test_switching_bits_in_place_after_forward_keeps_the_forward_grid():
+    # PTMQ's multi-bit quantizers switch their bits in place between a forward and its backward
+    case = next(c for c in CASES if c.granularity == "tensor" and c.params[4].item() > 1)
+    grad = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for switch in (False, True):
+        bits = case.params[4].clone()
+        x = case.x.clone().requires_grad_(True)
+        s = case.params[0].clone().requires_grad_(True)
+        out = ops.lsq_fake_quantize(x, s, *case.params[1:4], bits, case.params[5], case.axis)
+        if switch:
+            bits.fill_(0.0)
+        out.backward(grad)
+        grads.append((x.grad, s.grad))
+    assert same_bits(grads[0][0], grads[1][0]) and same_bits(grads[0][1], grads[1][1])

@@ -401,7 +401,9 @@ def _(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, 
 
 def _lsq_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's signature
     x, scale, zero_point, qmin, qmax, bits, _prune_value, axis = inputs
-    ctx.save_for_backward(x, scale, zero_point, qmin, qmax, bits)
+    # copies of the small per-channel grid parameters: a quantizer may switch its bits in place between forward
+    # and backward (PTMQ's multi-bit quantizers do), and the gradient belongs to the grid of the forward pass
+    ctx.save_for_backward(x, scale, *(t.clone() for t in (zero_point, qmin, qmax, bits)))
     ctx.axis = axis
 
 
@@ -507,7 +509,8 @@ def _(grad: Tensor, v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor,
 
 def _adaround_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library's signature
     v, floor, scale, zero_point, qmin, qmax, bits, _prune_value, axis = inputs
-    ctx.save_for_backward(v, floor, scale, zero_point, qmin, qmax, bits)
+    # copies of the per-channel parameters, as for LSQ: the gradient belongs to the forward pass's grid
+    ctx.save_for_backward(v, floor, *(t.clone() for t in (scale, zero_point, qmin, qmax, bits)))
     ctx.axis = axis
 
 
