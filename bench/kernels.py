@@ -14,6 +14,12 @@ also reads the gradient; the per-channel parameters are counted too) and its fra
 (``--peak-gbs``, else ``2 x memory clock x bus width`` from the device properties). Every Triton output is
 checked bit for bit against the eager reference before it is timed.
 
+The same table then gets rows for kernel 2 (``cand``: every RDOQ candidate of the layer, 6 bit-widths x groups of
+8 output channels, the 100-factor MSE clip search included; Triton vs eager) and kernel 3 (``lsq-bwd``,
+``ada-fwd``, ``ada-bwd``: LSQ's backward and AdaRound's soft weight and its backward on the layer's weight;
+Triton vs eager vs ``torch.compile``), each checked against the reference first (see :func:`check_candidates`
+and :func:`check_recon`).
+
 Without a GPU there is nothing to time: the script runs the kernels under Triton's interpreter on CPU tensors
 for small slices of the same layers, checks them against the reference and says so. Timings never come from
 the interpreter.
@@ -144,6 +150,130 @@ def run_interpreter() -> None:
                  name, "x".join(map(str, small)))
 
 
+# -- kernel 2 (RD-curve candidates) and kernel 3 (LSQ / AdaRound for reconstruction) -----------------------------
+
+from qcore.ops import (  # noqa: E402
+    CANDIDATE_LOWEST,
+    CANDIDATE_STEPS,
+    adaround_fake_quantize,
+    adaround_fake_quantize_grad,
+    candidate_quantize,
+    lsq_fake_quantize_grad,
+    quantize_rows,
+)
+from qcore_cuda import adaround, candidates, lsq  # noqa: E402
+
+#: RDOQ's candidate bit-widths and channels per group (its defaults on the zoo models)
+RD_BITS, RD_GROUP = (2, 3, 4, 5, 6, 8), 8
+
+
+def candidate_problem(shape: tuple[int, ...], device: str, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A weight's group rows (``RD_GROUP`` output channels per row, as RDOQ sees them) and RDOQ's bit-widths."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+    rows = w.reshape(-(-shape[0] // RD_GROUP), -1) if shape[0] % RD_GROUP == 0 else w.reshape(shape[0], -1)
+    return rows.to(device), torch.tensor(RD_BITS, dtype=torch.float32, device=device)
+
+
+def check_candidates(rows: Tensor, bits: Tensor, steps: int = CANDIDATE_STEPS) -> int:
+    """Kernel 2 against the reference: rows quantized bit for bit on the kernel's ranges, ranges bit for bit
+    except where two factors tie within rounding; returns how many (bit-width, row) choices differ."""
+    lo, hi, q = candidates.candidate_quantize(rows, bits, True, steps, CANDIDATE_LOWEST)
+    want_lo, want_hi, _ = candidate_quantize(rows, bits, True, steps, CANDIDATE_LOWEST, kernels="reference")
+    if not same_bits(q, quantize_rows(rows, lo, hi, bits, True)):
+        raise RuntimeError("the Triton candidates differ from the reference quantization")
+    return int(((lo != want_lo) | (hi != want_hi)).sum())
+
+
+def recon_problem(shape: tuple[int, ...], device: str) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """A weight, AdaRound's ``V`` and ``floor(W / s)`` and per-channel parameters (kernel 1's problem)."""
+    w, params = problem(shape, device)
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device) * 2
+    floor = torch.floor(w / params[0].reshape(-1, *([1] * (w.dim() - 1))))
+    return w, torch.stack([v, floor]), params
+
+
+def check_recon(w: Tensor, vf: Tensor, params: tuple[Tensor, ...]) -> None:
+    """Kernel 3 against the reference (LSQ backward; AdaRound forward and backward within rounding)."""
+    grad = torch.randn_like(w)
+    gx, gs = lsq.lsq_fake_quantize_grad(grad, w, *params[:5], 0)
+    want_gx, want_gs = lsq_fake_quantize_grad(grad, w, *params[:5], 0)
+    if not same_bits(gx, want_gx):
+        raise RuntimeError("the Triton LSQ gradient to x differs from the reference")
+    torch.testing.assert_close(gs, want_gs, rtol=1e-5, atol=1e-5 * float(want_gs.abs().max()))
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(adaround.adaround_fake_quantize(vf[0], vf[1], *params, 0),
+                               adaround_fake_quantize(vf[0], vf[1], *params, 0, kernels="reference"),
+                               rtol=2 * eps, atol=float(params[0].max()) * eps)
+    want = adaround_fake_quantize_grad(grad, vf[0], vf[1], *params[:5], 0)
+    torch.testing.assert_close(adaround.adaround_fake_quantize_grad(grad, vf[0], vf[1], *params[:5], 0), want,
+                               rtol=4 * eps, atol=4 * eps * float(want.abs().max()))
+
+
+def _row(name: str, what: str, impl: str, ms: float, nbytes: float, peak: float) -> None:
+    gbs = nbytes / ms / 1e6
+    log.info("%-28s %-8s %-8s %10.1f %9.0f %7.1f", name, what, impl, ms * 1e3, gbs, 100 * gbs / peak)
+
+
+def _compiled(fn: Callable[..., object]) -> Callable[..., object] | None:
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as exc:  # a backend that cannot compile it: the row says n/a
+        log.info("torch.compile unavailable for %s: %s", getattr(fn, "__name__", fn), exc)
+        return None
+
+
+def run_gpu_rd_recon(repeat: int, peak: float | None) -> None:
+    """Rows for kernels 2 and 3 in the same table. Bytes: kernel 2 counts every read of a row (min/max,
+    ``steps`` factors, the final quantization) per bit-width and the quantized rows written; LSQ backward reads
+    ``x`` and the gradient and writes ``grad_x`` and the step's two per-element terms; AdaRound reads ``V`` and
+    ``floor`` (and the gradient) and writes one tensor."""
+    peak = peak or peak_gbs()
+    for name, shape in LAYERS.items():
+        _gpu_rd_recon_layer(name, shape, repeat, peak)
+
+
+def _gpu_rd_recon_layer(name: str, shape: tuple[int, ...], repeat: int, peak: float) -> None:
+    rows, bits = candidate_problem(shape, "cuda")
+    ties = check_candidates(rows, bits)
+    nbytes = rows.numel() * 4 * len(RD_BITS) * (CANDIDATE_STEPS + 3)
+    _row(name, "cand", "triton", time_ms(lambda: candidates.candidate_quantize(
+        rows, bits, True, CANDIDATE_STEPS, CANDIDATE_LOWEST), max(3, repeat // 10)), nbytes, peak)
+    _row(name, "cand", "eager", time_ms(lambda: candidate_quantize(rows, bits, True, kernels="reference"),
+                                        max(3, repeat // 10)), nbytes, peak)
+    if ties:
+        log.info("%-28s %d of %d clip choices differ from the reference (float32 ties)", name, ties,
+                 rows.shape[0] * len(RD_BITS))
+    w, vf, params = recon_problem(shape, "cuda")
+    check_recon(w, vf, params)
+    grad = torch.randn_like(w)
+    n = w.numel() * 4
+    rows_ = (("lsq-bwd", 5 * n, lambda: lsq.lsq_fake_quantize_grad(grad, w, *params[:5], 0),
+              lambda: lsq_fake_quantize_grad(grad, w, *params[:5], 0)),
+             ("ada-fwd", 3 * n, lambda: adaround.adaround_fake_quantize(vf[0], vf[1], *params, 0),
+              lambda: adaround_fake_quantize(vf[0], vf[1], *params, 0, kernels="reference")),
+             ("ada-bwd", 4 * n, lambda: adaround.adaround_fake_quantize_grad(grad, vf[0], vf[1], *params[:5], 0),
+              lambda: adaround_fake_quantize_grad(grad, vf[0], vf[1], *params[:5], 0)))
+    for what, nbytes, triton_fn, eager_fn in rows_:
+        _row(name, what, "triton", time_ms(triton_fn, repeat), nbytes, peak)
+        _row(name, what, "eager", time_ms(eager_fn, repeat), nbytes, peak)
+        compiled = _compiled(eager_fn)
+        if compiled is not None:
+            _row(name, what, "compile", time_ms(compiled, repeat), nbytes, peak)
+
+
+def run_interpreter_rd_recon() -> None:
+    """Kernels 2 and 3 under the interpreter on small slices of the same layers: correctness only."""
+    for name, shape in LAYERS.items():
+        small = (min(shape[0], 2 * RD_GROUP + 3), *(min(s, 5) for s in shape[1:]))
+        # two groups and 3 factors: the interpreter runs each (bit-width, row) program's loops slowly
+        rows, bits = candidate_problem((min(shape[0], 2 * RD_GROUP), *small[1:]), "cpu")
+        ties = check_candidates(rows, bits, steps=3)
+        w, vf, params = recon_problem(small, "cpu")
+        check_recon(w, vf, params)
+        log.info("%-28s slice %-18s candidates (2 groups, 3 factors; %d float32 ties), LSQ backward, AdaRound: "
+                 "triton == reference", name, "x".join(map(str, small)), ties)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=50, help="timed runs per measurement (median reported)")
@@ -153,8 +283,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cpu or not torch.cuda.is_available():
         run_interpreter()
+        run_interpreter_rd_recon()
     else:
         run_gpu(args.repeat, args.peak_gbs)
+        run_gpu_rd_recon(args.repeat, args.peak_gbs)
     return 0
 
 

@@ -123,3 +123,77 @@ if importlib.util.find_spec("qcore_latticeq") is not None:
     import qcore_latticeq.cvp  # noqa: F401 - defines the op
 
     torch.library.register_kernel(LATTICE_OPS[0], "cuda", _closest_points)
+
+
+# -- kernel 2: every quantization candidate of a layer (RD curves) ---------------------------------------------
+
+OPS = OPS + ("qcore::candidate_quantize",)
+
+def candidate_kernels() -> ModuleType | None:
+    """:mod:`qcore_cuda.candidates`, imported on first use; None when Triton is not installed."""
+    return _kernel_module("candidates")
+
+
+def _candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int, lowest: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    k = candidate_kernels()
+    if k is None or not k.supports(rows, bits):
+        return ops.candidate_quantize(rows, bits, symmetric, steps, lowest, kernels="reference")
+    return k.candidate_quantize(rows, bits, symmetric, steps, lowest)
+
+
+torch.library.register_kernel("qcore::candidate_quantize", "cuda", _candidate_quantize)
+
+
+# -- kernel 3: LSQ and AdaRound fake quantization for block reconstruction ---------------------------------------
+
+OPS = OPS + ("qcore::lsq_fake_quantize", "qcore::lsq_fake_quantize_backward", "qcore::adaround_fake_quantize",
+             "qcore::adaround_fake_quantize_backward")
+
+
+def recon_kernels() -> dict[str, ModuleType]:
+    """``{"lsq": qcore_cuda.lsq, "adaround": qcore_cuda.adaround}``, imported on first use; empty without Triton."""
+    found = {name: _kernel_module(name) for name in ("lsq", "adaround")}
+    return {name: m for name, m in found.items() if m is not None}
+
+
+def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
+                 prune_value: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    k = recon_kernels().get("lsq")
+    if k is None or not k.supports(x, *params):
+        return ops.fake_quantize_channels(x, *params, axis, kernels="reference")
+    return k.lsq_fake_quantize(x, *params, axis)
+
+
+def _lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                  bits: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    params = (scale, zero_point, qmin, qmax, bits)
+    k = recon_kernels().get("lsq")
+    if k is None or not k.supports(x, *params):
+        return ops.lsq_fake_quantize_grad(grad, x, *params, axis)
+    return k.lsq_fake_quantize_grad(grad, x, *params, axis)
+
+
+def _adaround_forward(v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                      bits: Tensor, prune_value: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits, prune_value)
+    k = recon_kernels().get("adaround")
+    if k is None or not k.supports(v, floor, *params):
+        return ops.adaround_fake_quantize(v, floor, *params, axis, kernels="reference")
+    return k.adaround_fake_quantize(v, floor, *params, axis)
+
+
+def _adaround_backward(grad: Tensor, v: Tensor, floor: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                       qmax: Tensor, bits: Tensor, axis: int) -> Tensor:
+    params = (scale, zero_point, qmin, qmax, bits)
+    k = recon_kernels().get("adaround")
+    if k is None or not k.supports(v, floor, *params):
+        return ops.adaround_fake_quantize_grad(grad, v, floor, *params, axis)
+    return k.adaround_fake_quantize_grad(grad, v, floor, *params, axis)
+
+
+torch.library.register_kernel("qcore::lsq_fake_quantize", "cuda", _lsq_forward)
+torch.library.register_kernel("qcore::lsq_fake_quantize_backward", "cuda", _lsq_backward)
+torch.library.register_kernel("qcore::adaround_fake_quantize", "cuda", _adaround_forward)
+torch.library.register_kernel("qcore::adaround_fake_quantize_backward", "cuda", _adaround_backward)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from qcore import LayerInfo, QcoreError, QuantSpec, UniformFakeQuant, WeightCorrection
-from qcore.ops import fake_quantize, qparams_from_range
+from qcore.ops import candidate_quantize, quantize_rows
 from qcore_rdoq.deadzone import DeadZoneFakeQuant, fit_layers
 from qcore_rdoq.deployment import WEIGHT_CLIP, Clip
 
@@ -76,26 +76,39 @@ def quantize_at(weight: Tensor, info: LayerInfo, group_size: int, bits: int, cli
 
 
 def _clip_ranges(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], clip: Clip
-                 ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
-    """The layer's rows (one per group, as the deployed quantizer sees them) and each bit-width's clip range
-    per row.
+                 ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]], dict[int, Tensor]]:
+    """The layer's rows (one per group, as the deployed quantizer sees them), each bit-width's clip range per
+    row, and each bit-width's rows quantized on the plain grid with that range.
 
     The clip search runs once for all bit-widths (rows stacked); rows are independent in the range estimators,
-    so each range equals what deployment computes for that bit-width alone. A pruned (0-bit) group has no range
-    to search and keeps its min/max.
+    so each range equals what deployment computes for that bit-width alone. With the MSE estimator, search and
+    quantization are one call of :func:`qcore.ops.candidate_quantize` (the torch op a device kernel serves);
+    other estimators set the ranges and :func:`qcore.ops.quantize_rows` quantizes. A pruned (0-bit) group has
+    no range to search and keeps its min/max.
     """
     rows = _fake_quant(info, group_size, max(bits), weight.device, 0.0, clip.symmetric).rows_of(weight)
     ranges = {0: (rows.amin(dim=1), rows.amax(dim=1))}
+    quantized: dict[int, Tensor] = {}
     searched = [b for b in bits if b > 0]
     if searched:
-        row_bits = torch.cat([torch.full((rows.shape[0],), float(b), device=rows.device) for b in searched])
-        lo, hi = clip.fn()(torch.cat([rows] * len(searched)), row_bits, clip.symmetric)
+        sb = torch.tensor(searched, dtype=torch.float32, device=rows.device)
         r = rows.shape[0]
-        ranges |= {b: (lo[k * r:(k + 1) * r], hi[k * r:(k + 1) * r]) for k, b in enumerate(searched)}
+        if clip.estimator == "mse":
+            lo, hi, q = candidate_quantize(rows, sb, clip.symmetric)
+        else:
+            lo, hi = clip.fn()(torch.cat([rows] * len(searched)), sb.repeat_interleave(r), clip.symmetric)
+            lo, hi = lo.reshape(len(searched), r), hi.reshape(len(searched), r)
+            q = quantize_rows(rows, lo, hi, sb, clip.symmetric)
+        ranges |= {b: (lo[k], hi[k]) for k, b in enumerate(searched)}
+        quantized |= {b: q[k] for k, b in enumerate(searched)}
+    if 0 in bits:
+        lo0, hi0 = ranges[0]
+        quantized[0] = quantize_rows(rows, lo0[None], hi0[None], torch.zeros(1, device=rows.device),
+                                     clip.symmetric)[0]
     if not all(bool(torch.isfinite(t).all()) for pair in ranges.values() for t in pair):
         raise QcoreError(f"layer {info.name!r}: a weight clip range is not finite (NaN or inf in the weights); "
                          "check the model")
-    return rows, {b: ranges[b] for b in bits}
+    return rows, {b: ranges[b] for b in bits}, {b: quantized[b] for b in bits}
 
 
 def _quantizers(info: LayerInfo, group_size: int, rows: Tensor, ranges: dict[int, tuple[Tensor, Tensor]],
@@ -117,29 +130,22 @@ def _ranged(weight: Tensor, info: LayerInfo, group_size: int, bits: list[int], c
             deadzones: Sequence[float] = (0.0,)) -> dict[float, dict[int, UniformFakeQuant]]:
     """The deployed quantizer at each dead-zone ratio and bit-width, ranged and fitted (see
     :func:`_clip_ranges` and :func:`_quantizers`)."""
-    rows, ranges = _clip_ranges(weight, info, group_size, bits, clip)
+    rows, ranges, _ = _clip_ranges(weight, info, group_size, bits, clip)
     return _quantizers(info, group_size, rows, ranges, deadzones, clip.symmetric)
 
 
-def _plain_tables(weight: Tensor, info: LayerInfo, group_size: int, ranges: dict[int, tuple[Tensor, Tensor]],
-                  symmetric: bool = True) -> dict[int, Tensor]:
-    """Every bit-width's weight on the plain grid in one vectorised pass, bit-width as a leading axis.
+def _plain_tables(weight: Tensor, info: LayerInfo, quantized: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Every bit-width's quantized rows (from :func:`_clip_ranges`) put back into the weight's layout.
 
-    The arithmetic of :meth:`UniformFakeQuant.forward <qcore.UniformFakeQuant.forward>` (per-channel
-    scales from the group ranges, :func:`~qcore.ops.fake_quantize`, 0 for pruned groups) without building one
-    module per bit-width, which cost more than the quantization itself on small layers; the tests check it equals
-    the modules bit for bit.
+    The rows are the per-group quantizer's (:meth:`UniformFakeQuant.rows_of <qcore.UniformFakeQuant.rows_of>`:
+    channels along the weight axis moved first, a short last group padded with its last channel), so each value
+    is the one :meth:`UniformFakeQuant.forward <qcore.UniformFakeQuant.forward>` gives it with the same ranges;
+    the tests check the tables equal the modules bit for bit.
     """
     c, axis = info.out_channels, info.weight_axis % weight.dim()
-    bits = list(ranges)
-    lo = torch.stack([ranges[b][0].repeat_interleave(group_size)[:c] for b in bits])  # [B, C]
-    hi = torch.stack([ranges[b][1].repeat_interleave(group_size)[:c] for b in bits])
-    nbits = torch.tensor(bits, dtype=torch.float32, device=weight.device)[:, None].expand(len(bits), c)
-    shape = [len(bits)] + [1] * weight.dim()
-    shape[1 + axis] = c
-    scale, zero, qmin, qmax = (t.reshape(shape) for t in qparams_from_range(lo, hi, nbits, symmetric))
-    out = fake_quantize(weight.unsqueeze(0), scale, zero, qmin, qmax, bits=nbits.reshape(shape), prune_value=0.0)
-    return dict(zip(bits, out.to(weight.dtype).unbind(0), strict=True))
+    moved = weight.movedim(axis, 0).shape
+    per_channel = int(torch.Size(moved[1:]).numel())
+    return {b: q.reshape(-1, per_channel)[:c].reshape(moved).movedim(0, axis) for b, q in quantized.items()}
 
 
 @torch.no_grad()
@@ -154,12 +160,12 @@ def candidate_tables(weight: Tensor, info: LayerInfo, group_size: int, bits: lis
     channel as deployment applies it. A ratio > 0 puts every group on the dead-zone grid with that ratio
     (:mod:`qcore_rdoq.deadzone`).
     """
-    rows, ranges = _clip_ranges(weight, info, group_size, bits, clip)
+    rows, ranges, plain = _clip_ranges(weight, info, group_size, bits, clip)
     fitted = [d for d in deadzones if d > 0]
     quantized = {d: {b: fq(weight) for b, fq in by_bits.items()}
                  for d, by_bits in _quantizers(info, group_size, rows, ranges, fitted, clip.symmetric).items()}
     if len(fitted) < len(deadzones):
-        quantized[0.0] = _plain_tables(weight, info, group_size, ranges, clip.symmetric)
+        quantized[0.0] = _plain_tables(weight, info, plain)
     return {d: {b: q if correction is None else correction.correct(weight, q, info.weight_axis)
                 for b, q in quantized[d].items()}
             for d in deadzones}

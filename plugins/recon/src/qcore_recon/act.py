@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 import qcore
-from qcore.ops import fake_quantize
-from qcore_recon.rounding import broadcast, grad_scale, lsq_grad_factor, plain_uniform, scale_of
+from qcore.ops import lsq_fake_quantize
+from qcore_recon.rounding import grad_scale, lsq_grad_factor, plain_uniform, scale_of
 
 
 class ActQuant(nn.Module):
@@ -64,12 +64,10 @@ class LSQAct(ActQuant):
         rows = self.step.numel()
         g = lsq_grad_factor(x.numel() // rows, float(self.qmax.max()))
         step = torch.clamp(grad_scale(self.step, g), min=1e-8)
-        per = [q.channel_values(t) for t in (step, self.zero, self.qmin, self.qmax)]
+        per = [q.channel_values(t).reshape(-1) for t in (step, self.zero, self.qmin, self.qmax)]
         axis = q.axis if q.spec.granularity != "tensor" else 0
-        s, z, lo, hi = (broadcast(t, x.dim(), axis) for t in per)
-        bits = broadcast(q.bits, x.dim(), axis)
-        pv = broadcast(q.prune_value, x.dim(), axis)
-        return fake_quantize(x, s, z, lo, hi, bits=bits, prune_value=pv).to(x.dtype)
+        # core's fake quantization with a gradient for the step too (a torch op a device kernel fuses)
+        return lsq_fake_quantize(x, *per, q.bits.reshape(-1), q.prune_value.reshape(-1), axis)
 
     @torch.no_grad()
     def commit(self) -> None:

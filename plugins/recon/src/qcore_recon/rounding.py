@@ -20,10 +20,17 @@ import torch
 from torch import Tensor, nn
 
 import qcore
-from qcore.ops import qparams_from_range
+from qcore.ops import (
+    ADAROUND_GAMMA,
+    ADAROUND_ZETA,
+    adaround_dequantize,
+    adaround_fake_quantize,
+    qparams_from_range,
+    rectified_sigmoid,
+)
 
-#: AdaRound's rectified-sigmoid stretch: h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
-ZETA, GAMMA = 1.1, -0.1
+#: AdaRound's rectified-sigmoid stretch: h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1) (core's constants)
+ZETA, GAMMA = ADAROUND_ZETA, ADAROUND_GAMMA
 
 #: ``(quantizer, FP weight) -> WeightRounding``: how :func:`qcore_recon.reconstruct` learns one weight
 RoundingFactory = Callable[[qcore.FakeQuantizer, Tensor], "WeightRounding"]
@@ -58,11 +65,6 @@ def broadcast(v: Tensor, ndim: int, axis: int) -> Tensor:
     return v.reshape(shape)
 
 
-def rectified_sigmoid(v: Tensor) -> Tensor:
-    """AdaRound's h(V) = clip(sigmoid(V)(zeta - gamma) + gamma, 0, 1)."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
 def inverse_rectified_sigmoid(r: Tensor) -> Tensor:
     """V with h(V) = r for r in [0, 1): V = -log((zeta - gamma) / (r - gamma) - 1)."""
     return -torch.log((ZETA - GAMMA) / (r - GAMMA) - 1.0)
@@ -74,6 +76,7 @@ class AdaRound(WeightRounding):
     Ŵ = s·(clip(⌊W/s⌋ + h(V) + z, qmin, qmax) − z) with the quantizer's scales ``s`` and zero points ``z``
     frozen; V starts where h(V) is the fractional part of W/s, so :meth:`soft` starts at the FP weight (inside
     the clip range). Hard rounding at the end is h = 1[V >= 0]. 0-bit channels keep the quantizer's prune value.
+    The arithmetic is core's (:func:`qcore.ops.adaround_fake_quantize`, a torch op a device kernel fuses).
     """
 
     def __init__(self, quantizer: qcore.UniformFakeQuant, weight: Tensor) -> None:
@@ -81,6 +84,7 @@ class AdaRound(WeightRounding):
         w = weight.detach().float()
         scale, zero, qmin, qmax, bits = quantizer.qparams()
         axis, nd = quantizer.axis, w.dim()
+        self.axis = axis % max(nd, 1)
         for key, t in (("scale", scale), ("zero", zero), ("qmin", qmin), ("qmax", qmax), ("bits", bits),
                        ("prune", quantizer.prune_value)):
             self.register_buffer(key, broadcast(t.detach().float().to(w.device), nd, axis))
@@ -89,15 +93,14 @@ class AdaRound(WeightRounding):
         self.v = nn.Parameter(inverse_rectified_sigmoid(x - self.floor))
 
     def _dequant(self, h: Tensor) -> Tensor:
-        q = torch.clamp(self.floor + h + self.zero, self.qmin, self.qmax)
-        out = (q - self.zero) * self.scale
-        return torch.where(self.bits == 0, self.prune, out)
+        return adaround_dequantize(h, self.floor, self.scale, self.zero, self.qmin, self.qmax, self.bits, self.prune)
 
     def h(self) -> Tensor:
         return rectified_sigmoid(self.v)
 
     def soft(self) -> Tensor:
-        return self._dequant(self.h())
+        per_channel = (t.reshape(-1) for t in (self.scale, self.zero, self.qmin, self.qmax, self.bits, self.prune))
+        return adaround_fake_quantize(self.v, self.floor, *per_channel, self.axis)
 
     def regularizer(self, beta: float) -> Tensor:
         """Σ (1 − |2h(V) − 1|^beta): zero only when every h is 0 or 1."""
