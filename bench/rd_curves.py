@@ -1,6 +1,10 @@
 """Time RD-curve generation with each engine on a zoo model and compare the curves, in one run.
 
     python bench/rd_curves.py --model fmnist_resnet --device cpu --samples 64 --group 8
+    python bench/rd_curves.py --model tv:resnet50 --device cuda --engines reference fast --samples 32 --group 64
+
+The second line is issue 17's GPU target (fast engine >= 20x the reference on a ResNet-50-size model); no GPU
+number has been measured yet (see BENCHMARKS.md).
 
 Prints one line per engine (seconds, candidates, candidates/s) and the largest relative difference between
 the reference and fast curves, per entry (where the reference distortion is above 1e-12) and relative to each
@@ -73,7 +77,11 @@ def fast_flop_ceiling(model, batch, layers, group: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="fmnist_resnet")
+    p.add_argument("--model", default="fmnist_resnet",
+                   help="a zoo model (fmnist_resnet, fmnist_vit) or tv:ARCH, a torchvision architecture with seeded "
+                        "random weights and Gaussian inputs (e.g. tv:resnet50 for issue 17's GPU target: timing "
+                        "and fast-vs-reference agreement need no trained weights)")
+    p.add_argument("--input-size", type=int, default=224, help="input side for tv: models (default 224)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=64, help="curve calibration samples")
     p.add_argument("--batch", type=int, default=64, help="calibration batch size")
@@ -92,12 +100,22 @@ def main() -> int:
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     dev = torch.device(args.device)
-    loaded = load_zoo(args.model, None)
-    model = loaded.model.eval()
-    fold_batchnorm(model)
-    model.to(dev)
-    data = load_data(None, loaded.input, args.samples, 1, args.batch, seed=0)
-    batches = [b.to(dev) for b in data.calibration]
+    if args.model.startswith("tv:"):  # a torchvision architecture, seeded random weights, Gaussian inputs
+        import torchvision
+
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, args.model[3:])(weights=None).eval()
+        fold_batchnorm(model)
+        model.to(dev)
+        x = torch.randn(args.samples, 3, args.input_size, args.input_size)
+        batches = [b.to(dev) for b in x.split(args.batch)]
+    else:
+        loaded = load_zoo(args.model, None)
+        model = loaded.model.eval()
+        fold_batchnorm(model)
+        model.to(dev)
+        data = load_data(None, loaded.input, args.samples, 1, args.batch, seed=0)
+        batches = [b.to(dev) for b in data.calibration]
     layers = discover_layers(model, torch_layer_info)
     measure_layers(model, layers, lambda m: m(batches[0]))
     fwd = lambda m, b: m(b)  # noqa: E731
