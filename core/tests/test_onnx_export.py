@@ -104,8 +104,8 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_int32_bias_is_what_onnxruntime_computes(tmp_path, calib) -> None:
     """``-o bias=int32``: the simulation rounds each (folded) bias to int32 at s_x * s_w, the export writes those
-    codes, and onnxruntime's fused integer kernels (which round a float bias the same way) give the simulated
-    outputs. With float biases (qcore's default simulation) they do not. 4-bit inputs: this CPU's 8-bit u8s8
+    codes, and onnxruntime's fused integer kernels give the simulated outputs (a float bias they quantize on
+    their own). With float biases (qcore's default simulation) they do not. 4-bit inputs: this CPU's 8-bit u8s8
     kernels may saturate 16-bit pair sums (AVX2), which no simulation models. The affine output correction is
     folded into the bias first (and gives the bias-free convolutions a bias)."""
     x = calib[16:80]

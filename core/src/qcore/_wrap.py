@@ -119,13 +119,13 @@ class QuantLayer(nn.Module):
             s_x = aq.qparams()[0].float()
             if s_x.numel() != 1:
                 return None
-            s_w = wq.qparams()[0].float()
             n = m.weight.shape[0]
-            scale = (s_x.reshape(()) * s_w).expand(n) if s_w.numel() == 1 else s_x.reshape(()) * s_w
-            folded = bias.detach().float() if bias is not None else torch.zeros(n, device=scale.device)
-            if self.out_scale is not None:
-                scale = scale * self.out_scale.float()
+            s_w = wq.qparams()[0].float().expand(n)
+            folded = bias.detach().float() if bias is not None else torch.zeros(n, device=s_w.device)
+            if self.out_scale is not None:  # the folded weight scale, as the export writes it
+                s_w = s_w * self.out_scale.float()
                 folded = folded * self.out_scale.float()
+            scale = s_x.reshape(()) * s_w
             if self.out_correction is not None:
                 folded = folded + self.out_correction.float()
             safe = torch.where(scale == 0, torch.ones_like(scale), scale)
