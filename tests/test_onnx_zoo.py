@@ -55,5 +55,5 @@ def test_int32_bias_needs_a_uniform_grid() -> None:
     """A non-uniform format (the example plugin's power-of-two scales) has no int32 bias grid to model."""
     calib = torch.randn(32, 1, 8, 8)
     with pytest.raises(qcore.QcoreError, match="bias=int32 needs a uniform integer grid"):
-        qcore.quantize(qcore.testing.tiny_convnet(), calib, method="uniform", w_bits=4, a_bits=4, quantizer="example-pow2",
-                       options={"bias": "int32"})
+        qcore.quantize(qcore.testing.tiny_convnet(), calib, method="uniform", w_bits=4, a_bits=4,
+                       quantizer="example-pow2", options={"bias": "int32"})
