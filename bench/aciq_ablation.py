@@ -38,6 +38,9 @@ ROWS: list[tuple[str, bool, dict[str, Any]]] = [
       "options": {"weight_correction": "none", "act_granularity": "tensor"}}),
     ("ACIQ clip + alloc W + bias corr, per-tensor A", True,
      {"options": {"act_granularity": "tensor", "alloc_acts": False}}),
+    # the deployable uniform baseline with the same weight correction as the row above (like for like)
+    ("bias correction W, per-tensor A", True,
+     {"calibrator": "minmax", "allocator": "fixed", "options": {"act_granularity": "tensor"}}),
 ]
 
 
@@ -46,6 +49,8 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["zoo:fmnist_resnet", "zoo:fmnist_vit"])
     p.add_argument("--bits", nargs="+", default=["W4A4", "W3A3", "W4A8", "W8A4"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", nargs="+", default=[r[0] for r in ROWS], choices=[r[0] for r in ROWS],
+                   help="run only these rows (default: all)")
     p.add_argument("--json", type=Path, default=None, help="also write every result here")
     args = p.parse_args()
     host = load_host()
@@ -57,6 +62,8 @@ def main() -> int:
                 p.error(f"--bits {bits}: use the form W4A4")
             w, a = int(m.group(1)), int(m.group(2))
             for label, deployable, settings in ROWS:
+                if label not in args.rows:
+                    continue
                 cfg = RunConfig(plugin="aciq", model=model, w_bits=w, a_bits=a, device=args.device,
                                 calibrator=settings.get("calibrator"), allocator=settings.get("allocator"),
                                 options=dict(settings["options"]))
@@ -74,6 +81,8 @@ def main() -> int:
         print("| row | deployable | " + " | ".join(args.bits) + " |")
         print("|---|---|" + "---|" * len(args.bits))
         for label, deployable, _ in ROWS:
+            if label not in args.rows:
+                continue
             cells = [next(r for r in sub if r["row"] == label and r["bits"] == b) for b in args.bits]
             print(f"| {label} | {'yes' if deployable else 'no'} | "
                   + " | ".join(f"{c['quant']:.2f} ({c['w_bits_avg']:.2f}/{c['a_bits_avg']:.2f})" for c in cells) + " |")

@@ -2,9 +2,12 @@
 uniform at several bit-widths and RDOQ at a 4-bit average on the weights of all 3-D sparse convolutions (the
 RDOQ seed's setting), as a Markdown table.
 
-    python bench/detection_table.py [--eval-size 100] [--calib-size 16] [--rows ...]
+    python bench/detection_table.py [--eval-size 100] [--calib-size 16] [--rows ...] [--resamples 1000]
 
-Every cell is one in-process ``qcore run --task detection`` (CPU; spconv's CPU path runs single-threaded).
+Every cell is one in-process ``qcore run --task detection`` (CPU; spconv's CPU path runs single-threaded). The
+run's own evaluations (FP, then the quantized model) keep their per-scene predictions, and every difference
+(against FP, and for the PAIRS below) gets a 95 % paired-bootstrap interval over scenes
+(:func:`qcore_detection.metric.paired_bootstrap`); a difference whose interval contains 0 is printed as a tie.
 """
 
 from __future__ import annotations
@@ -18,7 +21,34 @@ from typing import Any
 
 import torch
 
+import qcore_detection.zoo
 from qcore import RunConfig, load_host, run
+from qcore_detection.metric import BootstrapInterval, detection_ap, paired_bootstrap
+from qcore_detection.train import predict
+from qcore_detection.zoo import MODELS, load_detector
+
+#: (preds, gts, mAP) of every evaluation the runs made, in order
+_EVALUATED: list[tuple[list[dict[str, Any]], list[dict[str, Any]], float]] = []
+
+
+def _evaluate_keeping_predictions(model: Any, scenes: Any, vcfg: Any, batch_size: int, device: Any
+                                  ) -> tuple[dict[str, float], float]:
+    """The zoo task's evaluation (``qcore_detection.train.evaluate``), also keeping the per-scene predictions."""
+    t0 = time.perf_counter()
+    preds, gts = predict(model, scenes, vcfg, batch_size, device)
+    metrics = detection_ap(preds, gts, model.cfg.class_names)
+    _EVALUATED.append((preds, gts, metrics["mAP"]))
+    return metrics, len(scenes) / max(time.perf_counter() - t0, 1e-9)
+
+
+def _predictions(m_ap: float, back: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The predictions of the evaluation ``back`` places from the latest (a run evaluates FP, then the quantized
+    model), checked against the run's reported mAP."""
+    preds, gts, value = _EVALUATED[-back]
+    if value != m_ap:
+        raise RuntimeError(f"the recorded evaluation gave mAP {value}, the run reported {m_ap}")
+    return preds, gts
+
 
 THREE_D = "backbone.conv_input.*,backbone.conv[1-6].*"
 ROWS: dict[str, dict[str, Any]] = {
@@ -42,6 +72,17 @@ ROWS: dict[str, dict[str, Any]] = {
                     "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8, "act_correction": "none"}},
 }
 
+#: method comparisons at the same setting (the first row minus the second), besides every row against FP
+PAIRS = [
+    ("aciq W4A4 (all 42, first/last 8; per-channel A, simulation)", "uniform W4A4 (all 42, first/last 8)"),
+    ("rdoq 4-bit average, 30 3-D convs, weights only", "uniform W4, 30 3-D convs, weights only"),
+    ("rdoq 3-bit average, 30 3-D convs, weights only", "uniform W3, 30 3-D convs, weights only"),
+]
+
+
+def _verdict(ci: Any) -> str:
+    return f"{ci} {'tie' if ci.tie else 'differs'}"
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,32 +90,55 @@ def main() -> int:
     p.add_argument("--calib-size", type=int, default=16)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--resamples", type=int, default=1000, help="paired-bootstrap resamples of the scenes")
     args = p.parse_args()
     host = load_host()
-    out = []
+    classes = load_detector(MODELS["voxelnext_lite"])[1]["class_names"]
+    qcore_detection.zoo.evaluate = _evaluate_keeping_predictions  # type: ignore[attr-defined]
+    out: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
+    preds: dict[str, list[dict[str, Any]]] = {}
+    gts: list[dict[str, Any]] = []
     for label in args.rows:
         spec = dict(ROWS[label])
         cfg = RunConfig(task="detection", eval_size=args.eval_size, calib_size=args.calib_size,
                         options=dict(spec.pop("options", {})), **spec)
         t0 = time.perf_counter()
         r = run(cfg, host).result
+        if not preds:
+            preds["FP"], gts = _predictions(r["fp_metrics"]["mAP"], 2)
+        preds[label], _ = _predictions(r["quant_metrics"]["mAP"], 1)
         out.append({"row": label, "fp": r["fp_metrics"], "quant": r["quant_metrics"], "w_bits_avg": r["w_bits_avg"],
                     "a_bits_avg": r["a_bits_avg"], "seconds": round(time.perf_counter() - t0, 1),
                     "stages": r["seconds"]})
-        print(f"done {label}: {r['quant']:.2f} (FP {r['fp']:.2f}) in {out[-1]['seconds']} s", flush=True)
+        ci = paired_bootstrap(preds[label], preds["FP"], gts, classes, resamples=args.resamples)
+        out[-1]["vs_fp"] = ci.__dict__
+        print(f"done {label}: {r['quant']:.2f} (FP {r['fp']:.2f}), vs FP {_verdict(ci)}, in {out[-1]['seconds']} s",
+              flush=True)
+        for a, b in PAIRS:
+            if label in (a, b) and a in preds and b in preds:
+                pairs.append({"first": a, "second": b, **paired_bootstrap(preds[a], preds[b], gts, classes,
+                                                                          resamples=args.resamples).__dict__})
         if args.json:  # after every row, so an interrupted run keeps what it measured
-            args.json.write_text(json.dumps(out, indent=1))
+            args.json.write_text(json.dumps({"rows": out, "pairs": pairs}, indent=1))
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; {args.eval_size} val scenes, {args.calib_size} calibration scenes\n")
-    print("| run | mAP | AP car | AP pedestrian | AP cyclist | W avg | A avg | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | mAP | vs FP: difference [95 % interval] | AP car | AP pedestrian | AP cyclist | W avg | A avg | "
+          "seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fp = out[0]["fp"]
-    print(f"| FP | {fp['mAP']:.2f} | {fp['AP/car']:.2f} | {fp['AP/pedestrian']:.2f} | {fp['AP/cyclist']:.2f} | 32 | 32 | |")
+    print(f"| FP | {fp['mAP']:.2f} | | {fp['AP/car']:.2f} | {fp['AP/pedestrian']:.2f} | {fp['AP/cyclist']:.2f} | "
+          "32 | 32 | |")
     for o in out:
         q = o["quant"]
+        ci = BootstrapInterval(**o["vs_fp"])
         ab = "-" if o["a_bits_avg"] is None else f"{o['a_bits_avg']:.2f}"
-        print(f"| {o['row']} | {q['mAP']:.2f} | {q['AP/car']:.2f} | {q['AP/pedestrian']:.2f} | {q['AP/cyclist']:.2f} | "
-              f"{o['w_bits_avg']:.2f} | {ab} | {o['seconds']:.0f} |")
+        print(f"| {o['row']} | {q['mAP']:.2f} | {_verdict(ci)} | {q['AP/car']:.2f} | {q['AP/pedestrian']:.2f} | "
+              f"{q['AP/cyclist']:.2f} | {o['w_bits_avg']:.2f} | {ab} | {o['seconds']:.0f} |")
+    print("\n| comparison (first minus second) | difference [95 % interval] |\n|---|---|")
+    for pair in pairs:
+        ci = BootstrapInterval(**{k: v for k, v in pair.items() if k not in ("first", "second")})
+        print(f"| {pair['first']} vs {pair['second']} | {_verdict(ci)} |")
     return 0
 
 

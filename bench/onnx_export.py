@@ -6,7 +6,10 @@ PyTorch (fake quantization) and by onnxruntime (CPU, graph optimisations on, so 
 kernels). Latency: onnxruntime on one thread, the FP model exported the same way vs the quantized one,
 interleaved and repeated; median milliseconds per batch.
 
-    OMP_NUM_THREADS=1 python bench/onnx_export.py [--model zoo:fmnist_resnet] [--settings W8A8,W4A4]
+    OMP_NUM_THREADS=1 python bench/onnx_export.py [--model zoo:fmnist_resnet] [--settings W8A8,W4A4] [--bias float]
+
+``--bias int32`` (the default here) quantizes with ``-o bias=int32``: biases rounded to int32 at input scale x weight
+scale in the simulation and written so in the file, the arithmetic onnxruntime's integer kernels use.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def main() -> None:
     ap.add_argument("--model", default="zoo:fmnist_resnet")
     ap.add_argument("--settings", default="W8A8,W4A8,W4A4")
     ap.add_argument("--method", default="uniform")
+    ap.add_argument("--bias", choices=("int32", "float"), default="int32",
+                    help="-o bias: int32 (default here) simulates and exports the int32 biases onnxruntime's integer "
+                         "kernels use; float is qcore's default simulation (onnxruntime then rounds biases itself)")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--no-int4", action="store_true", help="keep 4-bit codes in 8-bit types (export_onnx(int4=False))")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
@@ -87,11 +93,13 @@ def main() -> None:
         for setting in args.settings.split(","):
             w, a = (int(v) for v in setting[1:].split("A"))
             t = time.perf_counter()
-            q = qcore.quantize(loaded.model, data.calibration, method=args.method, w_bits=w, a_bits=a)
+            q = qcore.quantize(loaded.model, data.calibration, method=args.method, w_bits=w, a_bits=a,
+                               options={"bias": args.bias})
             seconds = time.perf_counter() - t
             path = Path(tmp) / f"{setting}.onnx"
             report = qcore.export_onnx(q.model, test[0][0], path, int4=not args.no_int4)
-            row = {"model": args.model, "method": args.method, "setting": setting, "fp_onnx_top1": fp_top1,
+            row = {"model": args.model, "method": args.method, "setting": setting, "bias": args.bias,
+                   "int32_bias_layers": len(report.int32_biases), "fp_onnx_top1": fp_top1,
                    "fake_quant_top1": _top1_torch(q.model, test), "onnxruntime_top1": _top1_ort(_session(path), test),
                    "max_abs_diff_first_batch": report.max_abs_diff, "int4_weight_tensors": len(report.int4_weights), "int4_inputs": report.int4_inputs,
                    "onnx_bytes": path.stat().st_size, "fp_onnx_bytes": fp_path.stat().st_size,

@@ -41,6 +41,10 @@ class PipelineOptions:
                 "folds into weight scale and bias): 'static' = add FP minus quantized mean; 'affine' = gain and "
                 "shift that give FP's channel mean and std (undoes what MSE clipping shrinks; best from 3 bits "
                 "down, see BENCHMARKS.md); 'local' = remove only the mean shift each layer's own quantization adds"})
+    bias: Literal["float", "int32"] = field(default="float", metadata={
+        "help": "biases of quantized layers: 'float' (as the FP model) or 'int32' (rounded to int32 at input scale x "
+                "weight scale, output corrections folded in, as onnxruntime's integer kernels hold them; needs "
+                "the uniform quantizer; saved in model.qcore and written so by the ONNX export)"})
 
     def __post_init__(self) -> None:
         if self.first_last not in ("same", "fp"):

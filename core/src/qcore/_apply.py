@@ -9,6 +9,7 @@ from torch import nn
 
 from qcore._components import RunContext
 from qcore._errors import QcoreError
+from qcore._fake_quant import UniformFakeQuant
 from qcore._layers import LayerInfo
 from qcore._spec import LayerSpec, Plan
 from qcore._wrap import QuantLayer, quant_layers, replace_module
@@ -36,11 +37,23 @@ def apply_plan(model: nn.Module, plan: Plan, ctx: RunContext, inplace: bool = Fa
         wrapped = ctx.hooks.qcore_wrap_module(module=module, info=ctx.layers[name], spec=spec, ctx=ctx)
         if wrapped is None:
             raise QcoreError(f"no plugin can wrap layer {name!r} of type {type(module).__name__}")
+        if isinstance(wrapped, QuantLayer):
+            _set_bias_mode(wrapped, name, getattr(ctx.pipeline, "bias", "float"))
         param = next(module.parameters(), None)
         if param is not None:  # new quantizer state lives where the layer does
             wrapped = wrapped.to(param.device)
         replace_module(qmodel, name, wrapped)
     return qmodel
+
+
+def _set_bias_mode(layer: QuantLayer, name: str, mode: str) -> None:
+    """Give ``layer`` the pipeline's bias mode; ``int32`` needs quantizers with a uniform integer grid."""
+    if mode == "int32":
+        for role, q in (("weight", layer.weight_quantizer), ("act", layer.act_quantizer)):
+            if q is not None and not isinstance(q, UniformFakeQuant):
+                raise QcoreError(f"-o bias=int32 needs a uniform integer grid, but layer {name!r} quantizes its {role} "
+                                 f"with {type(q).__name__}; use --quantizer uniform or -o bias=float")
+    layer.bias_mode = mode
 
 
 def _check_axes(module: nn.Module, name: str, spec: LayerSpec, info: LayerInfo) -> None:

@@ -13,6 +13,11 @@ activations of at most 8 bits) into an ONNX file that onnxruntime (or any QDQ-aw
   range, so the values are exactly those of the narrower grid;
 * an output correction (``affine``: per-channel scale and shift) folds into the weight's scales and the bias of
   convolutions and linear layers, as qcore's reports say it does.
+* a model quantized with ``-o bias=int32`` gets each such layer's (folded) bias as int32 codes with the scale
+  ``s_x * s_w`` read by a ``DequantizeLinear``: the arithmetic qcore simulated, and what onnxruntime's integer
+  kernels use as is. A float bias is quantized by onnxruntime on its own where it fuses a layer, which the
+  float-bias simulation does not model (ResNet W4A4: 93.35 in onnxruntime vs 93.55 simulated; with int32
+  biases 93.58 both: BENCHMARKS.md "ONNX QDQ export").
 
 The exported graph computes what the fake-quantized model computes, up to float rounding order (the test checks
 outputs and top-1). Formats without a uniform integer grid, weight corrections that move weights off their grid,
@@ -56,6 +61,9 @@ class ExportReport:
     :param int4_inputs: layer inputs quantized as INT4/UINT4 (4-bit grids; without ``int4`` they are held in an
         8-bit type behind a Clip).
     :param per_channel_acts: layers with per-channel input quantization (not deployable on most runtimes).
+    :param int32_biases: layers whose bias is written as int32 codes read by a ``DequantizeLinear`` (models
+        quantized with ``-o bias=int32``: :meth:`QuantLayer.int32_bias`); other biases stay float, and
+        onnxruntime then quantizes them on its own where it fuses a layer into an integer kernel.
     :param max_abs_diff: largest difference between onnxruntime's and PyTorch's outputs on the example input
         (None when not checked).
     """
@@ -65,6 +73,7 @@ class ExportReport:
     int4_weights: list[str] = field(default_factory=list)
     per_channel_acts: list[str] = field(default_factory=list)
     int4_inputs: int = 0
+    int32_biases: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
 
 
@@ -161,6 +170,7 @@ class _QDQLayer(nn.Module):
         with torch.no_grad():
             self._weight(name, layer)
             self._input(layer)
+            self._int32_bias(layer)
 
     def _weight(self, name: str, layer: QuantLayer) -> None:
         w = layer.quantized_weight().detach().float()
@@ -227,6 +237,19 @@ class _QDQLayer(nn.Module):
         # exporter's optimiser merged Max/Min on tensors into a Clip whose bound it left undefined)
         self.a_bounds = None if self.per_channel_act else (float(self.a_lo), float(self.a_hi))
 
+    def _int32_bias(self, layer: QuantLayer) -> None:
+        """With ``-o bias=int32``: the folded bias as int32 grid points (Q/DQ in the graph, folded into int32
+        codes later), scale ``s_x * s_w * out_scale`` -- exactly :meth:`QuantLayer.int32_bias`."""
+        qbias = layer.int32_bias()
+        self.int32_bias = qbias is not None
+        if qbias is None:
+            return
+        codes, scale = qbias
+        self._set_bias(torch.zeros_like(scale))  # replaced in forward; a buffer, so functional_call can swap it
+        self.register_buffer("b_grid", (codes * scale).float().contiguous())
+        self.register_buffer("b_scale", scale.float().contiguous())
+        self.register_buffer("b_zero", torch.zeros(scale.shape, dtype=torch.int32))
+
     def weight(self) -> Tensor:
         """The weight as Q/DQ of its grid points (exact: every point is on the grid)."""
         return _qdq(self.w_grid, self.w_scale, self.w_zero, self.w_axis)
@@ -240,6 +263,8 @@ class _QDQLayer(nn.Module):
                 x = torch.minimum(torch.maximum(x, lo), hi)
             x = _qdq(x, self.a_scale, self.a_zero, self.a_axis)
         params = {"weight": self.weight()} if hasattr(self, "w_grid") else {}
+        if self.int32_bias:
+            params["bias"] = _qdq(self.b_grid, self.b_scale, self.b_zero, 0)
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
         if self.post_scale is not None or self.post_shift is not None:
             out = output_correction(out, self.post_scale, self.post_shift, self.out_axis)
@@ -266,6 +291,8 @@ def _int_tensor(name: str, dtype: int, values: Any) -> Any:
         if nibbles.size % 2:
             nibbles = np.append(nibbles, np.uint8(0))
         raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    elif dtype == onnx.TensorProto.INT32:
+        raw = flat.astype("<i4").tobytes()
     else:
         raw = flat.astype(np.int8 if dtype == onnx.TensorProto.INT8 else np.uint8).tobytes()
     return onnx.helper.make_tensor(name, dtype, list(np.shape(values)), raw, raw=True)
@@ -292,13 +319,14 @@ def _fold_weight_quantize(proto: Any, int4: bool) -> list[str]:
             shape[axis] = -1
         z = zero.astype(np.int32).reshape(shape)
         info = np.iinfo(zero.dtype)
-        codes = np.clip(np.round(w.astype(np.float32) / scale.astype(np.float32).reshape(shape)) + z,
-                        info.min, info.max)
+        wide = zero.dtype == np.int32  # an int32 bias: codes beyond float32's integers, so divide in float64
+        real = np.float64 if wide else np.float32
+        codes = np.clip(np.round(w.astype(real) / scale.astype(real).reshape(shape)) + z, info.min, info.max)
         signed = info.min < 0
         lo4, hi4 = (-8, 7) if signed else (0, 15)
-        use4 = int4 and codes.min() >= lo4 and codes.max() <= hi4
-        dtype = (onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4) if use4 else (
-            onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8)
+        use4 = int4 and not wide and codes.min() >= lo4 and codes.max() <= hi4
+        dtype = onnx.TensorProto.INT32 if wide else (onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4) \
+            if use4 else (onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8)
         name = node.output[0]
         graph.initializer.append(_int_tensor(name, dtype, codes))
         if use4:
@@ -392,6 +420,8 @@ def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, i
         new = _QDQLayer(name, layer)
         replace_module(work, name, new)
         report.layers.append(name)
+        if new.int32_bias:
+            report.int32_biases.append(name)
         if new.per_channel_act:
             report.per_channel_acts.append(name)
     x = example_input.detach().cpu()

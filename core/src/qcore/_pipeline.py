@@ -451,7 +451,10 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
                + f"; {len(folded)} BatchNorm layers folded"
                + (f"; weight bias correction: {wc.summary}" if wc is not None else "")
                + (f"; {oc.name} output correction: {oc.summary}" if oc is not None else "")
-               + "; not quantized: biases, norms, residual sums, pooling, attention matmuls, softmax")
+               + ("; biases of layers with quantized inputs rounded to int32 at input x weight scale (-o bias=int32)"
+                  if pipeline.bias == "int32" else "")
+               + f"; not quantized: {'' if pipeline.bias == 'int32' else 'biases, '}norms, residual sums, pooling, "
+               "attention matmuls, softmax")
     return {"summary": summary, "weight_layers": wl, "act_layers": al, "fp_layers": fp,
             "activations": "inputs of quantized layers" if al else "none",
             "first_last": pipeline.first_last,
@@ -459,6 +462,7 @@ def describe_quantized(plan: Plan, layers: dict[str, LayerInfo], pipeline: Pipel
             "act_granularity": act_gran, "bn_folded": [list(p) for p in folded],
             "weight_correction": pipeline.weight_correction,
             "act_correction": pipeline.act_correction,
+            "bias": pipeline.bias,
             "deployable": deployable,
             "deployable_means": "per-tensor activation scales and an integer grid (no simulated-only features)"}
 

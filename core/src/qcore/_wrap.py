@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore._components import WeightCorrection
+from qcore._fake_quant import UniformFakeQuant
 from qcore._layers import LayerInfo
 from qcore._spec import LayerSpec
 
@@ -26,7 +27,15 @@ class QuantLayer(nn.Module):
     The quantized weight is computed once and cached while the model is frozen (:meth:`freeze`), so
     evaluation pays for weight quantization once; calibrators that change weight ranges call
     :meth:`unfreeze` or simply run before freezing.
+
+    :attr:`bias_mode` (``-o bias``, set by ``apply_plan``) says how the layer's bias is simulated: ``"float"`` as
+    in the FP model, or ``"int32"``: rounded to int32 codes at the scale ``s_x * s_w`` (input scale times each
+    output channel's weight scale), as integer runtimes (onnxruntime's QDQ kernels) store it; see
+    :meth:`int32_bias`.
     """
+
+    #: ``"float"`` or ``"int32"``; an instance attribute once ``apply_plan`` sets it from the pipeline options
+    bias_mode: str = "float"
 
     def __init__(self, module: nn.Module, info: LayerInfo, spec: LayerSpec,
                  weight_quantizer: nn.Module | None, act_quantizer: nn.Module | None,
@@ -71,10 +80,58 @@ class QuantLayer(nn.Module):
             q = self.info.quantize_input
             x = q(x, self.act_quantizer) if q is not None else self.act_quantizer(x)
         params = {"weight": self.quantized_weight()}
+        qbias = self.int32_bias()
+        if qbias is not None:  # the whole bias (corrections folded in) is added on its int32 grid
+            codes, scale = qbias
+            if getattr(self.module, "bias", None) is not None:
+                params["bias"] = torch.zeros_like(self.module.bias)
+            out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+            return output_correction(out, self.out_scale, codes * scale, self.info.act_axis)
         out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
         if self.out_correction is not None or self.out_scale is not None:
             out = self.info.output_tensor(out, self._add_correction)
         return out
+
+    def int32_bias(self) -> tuple[Tensor, Tensor] | None:
+        """With :attr:`bias_mode` ``"int32"``: the layer's bias as an integer runtime holds it, ``(codes, scale)``
+        per output channel, so that the layer adds ``codes * scale``.
+
+        The bias is the folded one, ``bias * out_scale + out_correction`` (output corrections fold into weight
+        scale and bias, as at export), and ``scale = s_x * s_w * out_scale`` (``s_x`` the input's per-tensor scale,
+        ``s_w`` the output channel's weight scale, both from :meth:`UniformFakeQuant.qparams`): the grid of the
+        int32 accumulator of an integer convolution or matmul. ``codes`` are ``round(bias / scale)`` clamped to
+        int32 (float tensors holding integers; 0 where the scale is 0). None where a runtime keeps a float
+        bias, and the layer then runs as in ``"float"`` mode: ``bias_mode`` ``"float"``; not a torch
+        Conv1d/2d/3d or Linear with output channels on weight axis 0; weight or input not quantized on a uniform
+        grid; per-channel input scales; quantizers not calibrated yet or observing; no bias and no correction.
+        """
+        m, wq, aq = self.module, self.weight_quantizer, self.act_quantizer
+        if self.bias_mode != "int32" or not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) \
+                or self.info.weight_axis != 0 or not isinstance(wq, UniformFakeQuant) \
+                or not isinstance(aq, UniformFakeQuant):
+            return None
+        if not (wq.calibrated and aq.calibrated) or aq.observer is not None or wq.observer is not None:
+            return None
+        bias = m.bias
+        if bias is None and self.out_correction is None:
+            return None
+        with torch.no_grad():
+            s_x = aq.qparams()[0].float()
+            if s_x.numel() != 1:
+                return None
+            n = m.weight.shape[0]
+            s_w = wq.qparams()[0].float().expand(n)
+            folded = bias.detach().float() if bias is not None else torch.zeros(n, device=s_w.device)
+            if self.out_scale is not None:  # the folded weight scale, as the export writes it
+                s_w = s_w * self.out_scale.float()
+                folded = folded * self.out_scale.float()
+            scale = s_x.reshape(()) * s_w
+            if self.out_correction is not None:
+                folded = folded + self.out_correction.float()
+            safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+            codes = torch.clamp(torch.round(folded / safe), -2.0 ** 31, 2.0 ** 31 - 1)
+            codes = torch.where(scale == 0, torch.zeros_like(codes), codes)
+        return codes, scale
 
     def _add_correction(self, y: Tensor) -> Tensor:
         return output_correction(y, self.out_scale, self.out_correction, self.info.act_axis)

@@ -12,6 +12,9 @@ rescaled by ``1 / (1 - min_precision)`` -- nuScenes' ``accumulate`` and ``calc_a
 Results are percentages (0..100). A class without ground truth gets AP NaN and is left out of ``mAP``; a
 class with ground truth but no predictions gets 0. nuScenes' other filters (500 boxes per sample, range and
 bike-rack filtering) are not applied.
+
+:func:`paired_bootstrap` gives the difference of two methods' mAP on the same scenes a confidence interval by
+resampling scenes (BENCHMARKS.md's detection tables call differences inside it ties).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,3 +126,128 @@ def detection_ap(preds: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str, 
         log.debug("class %s: %d gt, %d predictions, AP %.2f", name, npos, len(scores), result[f"AP/{name}"])
     result["mAP"] = float(np.mean(class_means)) if class_means else math.nan
     return result
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A paired-bootstrap confidence interval of ``mAP(a) - mAP(b)`` (percentage points).
+
+    :param difference: the difference on the scenes as given.
+    :param low, high: the interval's ends (percentiles of the resampled differences).
+    :param map_a, map_b: each method's mAP on the scenes as given.
+    :param confidence: the interval's coverage (0.95).
+    :param resamples: how many resamples of the scenes it used.
+    :param std_error: the standard deviation of the resampled differences.
+    """
+
+    difference: float
+    low: float
+    high: float
+    map_a: float
+    map_b: float
+    confidence: float
+    resamples: int
+    std_error: float
+
+    @property
+    def tie(self) -> bool:
+        """True when the interval contains 0: the two methods cannot be told apart on these scenes."""
+        return self.low <= 0.0 <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.difference:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+@dataclass
+class _ClassTable:
+    """One class's predictions, per scene: scores and true-positive flags (per threshold, within-scene greedy
+    matching), and the scene's ground-truth count."""
+
+    scores: list[np.ndarray]
+    tp: list[np.ndarray]  # [n_thresholds, n] per scene
+    n_gt: np.ndarray
+
+
+def _class_tables(preds: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str, Any]], n_classes: int,
+                  thresholds: Sequence[float]) -> list[_ClassTable]:
+    """Per class, each scene's predictions with their true-positive flags. Greedy matching never crosses
+    scenes, and the global score order restricted to one scene is that scene's own order, so the flags of a
+    scene are the same in every resample that contains it: :func:`detection_ap` on a resampled list equals
+    re-sorting these flags."""
+    if len(preds) != len(gts):
+        raise ValueError(f"{len(preds)} prediction entries for {len(gts)} scenes")
+    tables = []
+    for c in range(1, n_classes + 1):
+        scores, flags, n_gt = [], [], []
+        for p, g in zip(preds, gts, strict=True):
+            lab = _np(p["pred_labels"]).reshape(-1).astype(np.int64)
+            m = lab == c
+            s = _np(p["pred_scores"]).reshape(-1).astype(np.float64)[m]
+            g_xy = _xy(g["gt_boxes"])[_np(g["gt_labels"]).reshape(-1).astype(np.int64) == c]
+            d = np.linalg.norm(_xy(p["pred_boxes"])[m][:, None] - g_xy[None], axis=-1)
+            order = np.argsort(s, kind="stable")[::-1]
+            tp = np.zeros((len(thresholds), len(s)), dtype=bool)
+            for t, thr in enumerate(thresholds):
+                tp[t, order] = _match(np.zeros(len(s), np.int64), [d], np.arange(len(s)), order, [len(g_xy)],
+                                      float(thr))
+            scores.append(s)
+            flags.append(tp)
+            n_gt.append(len(g_xy))
+        tables.append(_ClassTable(scores, flags, np.asarray(n_gt)))
+    return tables
+
+
+def _resampled_map(tables: list[_ClassTable], idx: np.ndarray, min_recall: float, min_precision: float) -> float:
+    """mAP (percent) over the scenes ``idx`` (with repeats), as :func:`detection_ap` computes it."""
+    means = []
+    for t in tables:
+        npos = int(t.n_gt[idx].sum())
+        if npos == 0:
+            continue
+        scores = _cat([t.scores[i] for i in idx], np.float64)
+        tp = np.concatenate([t.tp[i] for i in idx], axis=1) if len(idx) else np.zeros((0, 0), bool)
+        order = np.argsort(scores, kind="stable")[::-1]
+        means.append(100.0 * float(np.mean([_ap_from_tp(row[order], npos, min_recall, min_precision)
+                                            for row in tp])))
+    return float(np.mean(means)) if means else math.nan
+
+
+def paired_bootstrap(preds_a: Sequence[Mapping[str, Any]], preds_b: Sequence[Mapping[str, Any]],
+                     gts: Sequence[Mapping[str, Any]], class_names: Sequence[str], resamples: int = 1000,
+                     confidence: float = 0.95, seed: int = 0,
+                     dist_thresholds: Sequence[float] = (0.5, 1.0, 2.0, 4.0), min_recall: float = 0.1,
+                     min_precision: float = 0.1) -> BootstrapInterval:
+    """Paired bootstrap over scenes of the mAP difference of two methods evaluated on the same scenes.
+
+    ``preds_a``/``preds_b``: each method's predictions per scene, ``gts`` the ground truth of those scenes (the
+    formats of :func:`detection_ap`). Each resample draws ``len(gts)`` scenes with replacement, the same scenes
+    for both methods, and computes ``mAP(a) - mAP(b)`` exactly as :func:`detection_ap` would on that list; the
+    interval is the central ``confidence`` percentile range of those differences. A difference whose interval
+    contains 0 is a tie (:attr:`BootstrapInterval.tie`). Deterministic for a given ``seed``.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence} must lie strictly between 0 and 1")
+    if resamples < 1:
+        raise ValueError(f"resamples={resamples} must be at least 1")
+    if len(preds_a) != len(gts) or len(preds_b) != len(gts):
+        raise ValueError(f"paired bootstrap needs both methods on the same scenes: {len(preds_a)} and "
+                         f"{len(preds_b)} prediction entries for {len(gts)} scenes")
+    if not gts:
+        raise ValueError("no scenes to resample")
+    thresholds = [float(t) for t in dist_thresholds]
+    ta = _class_tables(preds_a, gts, len(class_names), thresholds)
+    tb = _class_tables(preds_b, gts, len(class_names), thresholds)
+    every = np.arange(len(gts))
+    map_a = _resampled_map(ta, every, min_recall, min_precision)
+    map_b = _resampled_map(tb, every, min_recall, min_precision)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for r in range(resamples):
+        idx = rng.integers(0, len(gts), len(gts))
+        diffs[r] = _resampled_map(ta, idx, min_recall, min_precision) - _resampled_map(tb, idx, min_recall,
+                                                                                       min_precision)
+    diffs = diffs[np.isfinite(diffs)]
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = (float(v) for v in np.percentile(diffs, [tail, 100.0 - tail]))
+    return BootstrapInterval(difference=map_a - map_b, low=low, high=high, map_a=map_a, map_b=map_b,
+                             confidence=confidence, resamples=len(diffs), std_error=float(np.std(diffs)))

@@ -84,17 +84,26 @@ class FlippedScenes(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
+def predict(model: torch.nn.Module, scenes: Sequence[Scene], vcfg: VoxelConfig, batch_size: int, device: torch.device
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``model``'s predictions per scene (CPU tensors) and the scenes' ground truth, in the formats of
+    :func:`~qcore_detection.metric.detection_ap` and :func:`~qcore_detection.metric.paired_bootstrap`."""
+    model.eval()
+    preds, gts = [], []
+    with torch.no_grad():
+        for i in range(0, len(scenes), batch_size):
+            chunk = scenes[i:i + batch_size]
+            pred_dicts, _ = model(batch_to_device(collate(chunk, vcfg), device))
+            preds += [{k: v.cpu() for k, v in p.items()} for p in pred_dicts]
+            gts += [{"gt_boxes": s.gt_boxes, "gt_labels": s.gt_labels} for s in chunk]
+    return preds, gts
+
+
 def evaluate(model: VoxelNeXtLite, scenes: Sequence[Scene], vcfg: VoxelConfig, batch_size: int,
              device: torch.device) -> tuple[dict[str, float], float]:
     """nuScenes-style AP of ``model`` on ``scenes`` and the throughput in scenes/s (voxelization included)."""
-    model.eval()
-    preds, gts = [], []
     t0 = time.perf_counter()
-    for i in range(0, len(scenes), batch_size):
-        chunk = scenes[i:i + batch_size]
-        pred_dicts, _ = model(batch_to_device(collate(chunk, vcfg), device))
-        preds += [{k: v.cpu() for k, v in p.items()} for p in pred_dicts]
-        gts += [{"gt_boxes": s.gt_boxes, "gt_labels": s.gt_labels} for s in chunk]
+    preds, gts = predict(model, scenes, vcfg, batch_size, device)
     seconds = time.perf_counter() - t0
     return detection_ap(preds, gts, model.cfg.class_names), len(scenes) / max(seconds, 1e-9)
 
