@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 
 import qcore
@@ -49,11 +50,15 @@ def test_packed_layers_hold_codes_not_floats_and_give_the_same_outputs(tmp_path)
     assert _weight_bytes(pk) < 0.4 * _weight_bytes(fp)
 
 
-def test_packed_linear_on_3d_input_matches_within_float32_rounding():
+@pytest.mark.parametrize("options", [{}, {"bias": "int32", "act_correction": "affine"}])
+def test_packed_linear_on_3d_input_matches_within_float32_rounding(options):
     host = make_host()
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 12))
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1))
-    q = qcore.quantize(model, x, w_bits=3, a_bits=8, host=host)
+    q = qcore.quantize(model, x, w_bits=3, a_bits=8, host=host, options=options)
+    if options:  # the int32 bias and the output correction run on the packed path too
+        layers = qcore.quant_layers(q.model).values()
+        assert all(layer.out_scale is not None and layer.int32_bias() is not None for layer in layers)
     with torch.no_grad():
         want = q.model(x)
         packed = packing.pack_layers(q.model)
