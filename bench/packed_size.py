@@ -18,7 +18,12 @@ Columns:
   activation parameters and the metadata);
 * ``codes``: bytes of the packed codes in memory (:func:`qcore.packing.packed_nbytes` per layer) and
   ``+ scales``: plus one float32 scale and zero point per output channel: what a packed layer holds in memory
-  instead of its float32 weight; ``ratio`` = FP weights / (codes + scales).
+  instead of its float32 weight; ``ratio`` = FP weights / (codes + scales);
+* ``mem float`` / ``mem packed``: measured in memory, the bytes of every parameter and buffer of the model that
+  :func:`qcore.load` returns (``packed=False`` / ``packed=True``: packed layers hold their uint8 codes and per-row
+  parameters instead of a float weight, :func:`qcore.packing.pack_layers`), and in brackets the weights alone
+  (float weights of the quantized layers / their ``packed_*`` buffers and any float weight left).
+  ``outputs same`` also requires the in-memory packed model's outputs to equal the float model's bit for bit.
 """
 
 from __future__ import annotations
@@ -36,6 +41,18 @@ import qcore
 from qcore import RunConfig, load_host, packing, quant_layers, run
 
 SETTINGS = {"W4": ("uniform", 4), "W3": ("uniform", 3), "W2": ("uniform", 2), "rdoq4": ("rdoq", 4)}
+
+
+def tensor_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of every parameter and buffer of ``model``, bytes of its quantized layers' weights: float weights
+    or packed codes plus per-row parameters)."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weights = 0
+    for layer in quant_layers(model).values():
+        w = layer.module.weight
+        held = [w] if w is not None else [b for n, b in layer.named_buffers(recurse=False) if n.startswith("packed_")]
+        weights += sum(t.numel() * t.element_size() for t in held)
+    return total, weights
 
 
 def cell(host: Any, model: str, setting: str, out: Path) -> dict[str, Any]:
@@ -62,13 +79,16 @@ def cell(host: Any, model: str, setting: str, out: Path) -> dict[str, Any]:
     assert outcome.ctx is not None
     x = outcome.ctx.task.example
     x = x[0] if isinstance(x, (tuple, list)) else x
+    in_memory = qcore.load(pk_file, outcome.fp_model, host=host, packed=True)
     with torch.no_grad():
         same = torch.equal(loaded(x).view(torch.int32), q.model(x).view(torch.int32))
+        same = same and torch.equal(in_memory(x).view(torch.int32), q.model(x).view(torch.int32))
     if not same:
         raise SystemExit(f"{name}: the packed file does not reproduce the model's outputs")
     return {"model": model, "setting": setting, "w_bits_avg": outcome.result["w_bits_avg"], "fp_weights": fp_weights,
             "file_fp": fp_file.stat().st_size, "file_packed": pk_file.stat().st_size, "codes": codes,
-            "scales": scales, "same": same, "seconds": time.perf_counter() - t0}
+            "scales": scales, "same": same,
+            "mem_fp": tensor_bytes(loaded), "mem_packed": tensor_bytes(in_memory), "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -84,8 +104,8 @@ def main() -> None:
         print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}")
         print("| model | setting | W avg bits | FP weights KiB | file float KiB | file packed KiB | codes KiB "
-              "| codes + scales KiB | ratio | outputs same | s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| codes + scales KiB | ratio | mem float KiB (weights) | mem packed KiB (weights) | outputs same | s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for model in args.models:
             for setting in args.settings:
                 r = cell(host, model, setting, out)
@@ -93,7 +113,10 @@ def main() -> None:
                 print(f"| {model} | {setting} | {r['w_bits_avg']:.2f} | {kib['fp_weights']:.1f} | "
                       f"{kib['file_fp']:.1f} | {kib['file_packed']:.1f} | {kib['codes']:.1f} | "
                       f"{kib['codes'] + kib['scales']:.1f} | "
-                      f"{r['fp_weights'] / (r['codes'] + r['scales']):.2f}x | {'yes' if r['same'] else 'NO'} | "
+                      f"{r['fp_weights'] / (r['codes'] + r['scales']):.2f}x | "
+                      f"{r['mem_fp'][0] / 1024:.1f} ({r['mem_fp'][1] / 1024:.1f}) | "
+                      f"{r['mem_packed'][0] / 1024:.1f} ({r['mem_packed'][1] / 1024:.1f}) | "
+                      f"{'yes' if r['same'] else 'NO'} | "
                       f"{r['seconds']:.0f} |", flush=True)
 
 

@@ -165,7 +165,8 @@ class _Headline:
 
 
 def load(path: str | Path, model: nn.Module, device: str = "cpu", host: Host | None = None,
-         bits: tuple[int | None, int | None] | None = None, plan: Plan | dict[str, Any] | None = None) -> nn.Module:
+         bits: tuple[int | None, int | None] | None = None, plan: Plan | dict[str, Any] | None = None,
+         packed: bool = False) -> nn.Module:
     """The quantized model saved in ``path`` (by :meth:`Quantized.save` or ``qcore run``'s ``model.qcore``),
     re-applied to ``model``, a freshly built FP model of the same architecture (copied, not changed). Its
     outputs equal the saved model's exactly. Safe: safetensors and JSON, nothing unpickled.
@@ -174,6 +175,9 @@ def load(path: str | Path, model: nn.Module, device: str = "cpu", host: Host | N
     holds without data or recalibration: ``bits=(w_bits, a_bits)`` selects one everywhere (None keeps a role as
     saved), ``plan`` selects per-layer bits (a :class:`Plan` or a ``plan.json`` dict; see :func:`select_bits`).
 
-    .. versionchanged:: 0.1 ``bits`` and ``plan`` (plugin API 1, addition)
+    With ``packed=True`` the layers whose weights a packed file stores as codes hold only those packed codes and
+    their per-channel parameters in memory, not float weights (:func:`qcore.packing.pack_layers`; for inference).
+
+    .. versionchanged:: 0.1 ``bits`` and ``plan``; ``packed`` (plugin API 1, additions)
     """
-    return load_quantized(path, model, host=host, device=device, bits=bits, plan=plan)
+    return load_quantized(path, model, host=host, device=device, bits=bits, plan=plan, packed=packed)

@@ -200,11 +200,12 @@ def _component(host: Host, kind: str, name: str, options: str) -> Any:
 
 
 def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None, device: str = "cpu",
-                   bits: tuple[int | None, int | None] | None = None, plan: Plan | dict[str, Any] | None = None
-                   ) -> nn.Module:
+                   bits: tuple[int | None, int | None] | None = None, plan: Plan | dict[str, Any] | None = None,
+                   packed: bool = False) -> nn.Module:
     """Re-apply the ``.qcore`` file ``path`` to ``model`` (a freshly built FP model of the same architecture;
     it is copied, not changed) and return the quantized model in eval mode. ``bits=(w, a)`` or ``plan`` (per-layer
-    bits) then select a bit-width setting of a multi-bit model (:func:`qcore.select_bits`)."""
+    bits) then select a bit-width setting of a multi-bit model (:func:`qcore.select_bits`). With ``packed``, the
+    packable layers hold packed codes in memory instead of float weights (:func:`qcore.packing.pack_layers`)."""
     tensors, meta = _read(Path(path))
     host = host or load_host()
     saved_plan = Plan.from_json(meta["plan"])
@@ -230,6 +231,8 @@ def load_quantized(path: str | Path, model: nn.Module, host: Host | None = None,
             raise QcoreError(f"{path} holds one bit-width setting (no quantizer switches); load it without bits=")
         select_bits(qmodel, w, a, plan)
     freeze(qmodel)
+    if packed:
+        packing.pack_layers(qmodel)
     return qmodel.to(device).eval()
 
 

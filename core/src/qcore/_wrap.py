@@ -36,6 +36,10 @@ class QuantLayer(nn.Module):
 
     #: ``"float"`` or ``"int32"``; an instance attribute once ``apply_plan`` sets it from the pipeline options
     bias_mode: str = "float"
+    #: the float weight's shape while the layer holds packed codes instead (:meth:`hold_packed`), else None
+    packed_shape: tuple[int, ...] | None = None
+    #: the weight axis of the packed rows (the weight quantizer's channel axis)
+    packed_axis: int = 0
 
     def __init__(self, module: nn.Module, info: LayerInfo, spec: LayerSpec,
                  weight_quantizer: nn.Module | None, act_quantizer: nn.Module | None,
@@ -58,6 +62,8 @@ class QuantLayer(nn.Module):
         """The fake-quantized weight (the float weight when weights are not quantized)."""
         if self._wq is not None:
             return self._wq
+        if self.packed_shape is not None:
+            return self._decoded_weight()
         w = self.module.weight
         if self.weight_quantizer is None:
             return w
@@ -70,24 +76,72 @@ class QuantLayer(nn.Module):
         """Cache the quantized weight (no gradient) for fast evaluation."""
         with torch.no_grad():
             self._wq = None
-            self._wq = self.quantized_weight().detach()
+            if self.packed_shape is None:  # a packed layer decodes at each call: caching would hold a float copy
+                self._wq = self.quantized_weight().detach()
 
     def unfreeze(self) -> None:
         self._wq = None
+
+    def hold_packed(self, codes: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, bits: Tensor,
+                    prune_value: Tensor, axis: int) -> None:
+        """Drop the module's float weight and hold it as packed codes (:mod:`qcore.packing`, rows along weight
+        ``axis``) with per-row ``scale``, ``zero_point``, ``qmin``, ``bits``, ``prune_value`` (``[C]`` buffers);
+        the forward decodes the fake-quantized weight from them (a Linear on 2-D/3-D float32 input multiplies
+        through :func:`qcore.packing.dequant_matmul`). For inference: nothing trains, saves or recalibrates the
+        float weight afterwards. Used by :func:`qcore.packing.pack_layers`."""
+        self.packed_shape = tuple(self.module.weight.shape)
+        self.packed_axis = axis
+        self.register_buffer("packed_codes", codes)
+        for name, t in (("scale", scale), ("zero_point", zero_point), ("qmin", qmin), ("bits", bits),
+                        ("prune_value", prune_value)):
+            self.register_buffer(f"packed_{name}", t.float().reshape(-1).contiguous())
+        self.module.weight = None  # the parameter stays registered, as None (torch's way of "no weight")
+        self._wq = None
+
+    def _packed_rows(self) -> tuple[Tensor, ...]:
+        return (self.packed_codes, self.packed_bits, self.packed_scale, self.packed_zero_point, self.packed_qmin,
+                self.packed_prune_value)
+
+    def _decoded_weight(self) -> Tensor:
+        assert self.packed_shape is not None
+        from qcore import packing
+
+        codes, bits, scale, zero, qmin, prune = self._packed_rows()
+        moved = torch.Size(self.packed_shape).numel() // self.packed_shape[self.packed_axis]
+        rows = packing.dequantize(packing.unpack_codes(codes, bits, moved), scale, zero, qmin, bits, prune)
+        shape = list(self.packed_shape)
+        shape.insert(0, shape.pop(self.packed_axis))
+        return rows.reshape(shape).movedim(0, self.packed_axis)
+
+    def _packed_linear(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call multiplies through :func:`qcore.packing.dequant_matmul`."""
+        return (self.packed_shape is not None and type(self.module) is nn.Linear and self.packed_axis == 0
+                and isinstance(x, Tensor) and x.dim() in (2, 3) and x.dtype == torch.float32
+                and not args and not kwargs)
+
+    def _call(self, params: dict[str, Tensor], x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if "weight" in params:
+            return torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+        from qcore import packing
+
+        codes, bits, scale, zero, qmin, prune = self._packed_rows()
+        out = packing.dequant_matmul(x, codes, bits, scale, zero, qmin, prune, self.packed_shape[1])  # type: ignore[index]
+        bias = params.get("bias", self.module.bias)
+        return out if bias is None else out + bias
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if self.act_quantizer is not None:
             q = self.info.quantize_input
             x = q(x, self.act_quantizer) if q is not None else self.act_quantizer(x)
-        params = {"weight": self.quantized_weight()}
+        params = {} if self._packed_linear(x, args, kwargs) else {"weight": self.quantized_weight()}
         qbias = self.int32_bias()
         if qbias is not None:  # the whole bias (corrections folded in) is added on its int32 grid
             codes, scale = qbias
             if getattr(self.module, "bias", None) is not None:
                 params["bias"] = torch.zeros_like(self.module.bias)
-            out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+            out = self._call(params, x, args, kwargs)
             return output_correction(out, self.out_scale, codes * scale, self.info.act_axis)
-        out = torch.func.functional_call(self.module, params, (x, *args), kwargs, strict=False)
+        out = self._call(params, x, args, kwargs)
         if self.out_correction is not None or self.out_scale is not None:
             out = self.info.output_tensor(out, self._add_correction)
         return out
@@ -119,7 +173,7 @@ class QuantLayer(nn.Module):
             s_x = aq.qparams()[0].float()
             if s_x.numel() != 1:
                 return None
-            n = m.weight.shape[0]
+            n = m.weight.shape[0] if self.packed_shape is None else self.packed_shape[0]
             s_w = wq.qparams()[0].float().expand(n)
             folded = bias.detach().float() if bias is not None else torch.zeros(n, device=s_w.device)
             if self.out_scale is not None:  # the folded weight scale, as the export writes it

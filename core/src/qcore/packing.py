@@ -30,7 +30,7 @@ from qcore._errors import QcoreError
 from qcore.ops import _kernels_mode
 
 __all__ = ["MAX_BITS", "row_bytes", "row_offsets", "codes_from_weight", "pack_codes", "unpack_codes",
-           "dequantize", "dequant_matmul", "dequant_matmul_reference", "packed_nbytes"]
+           "dequantize", "dequant_matmul", "dequant_matmul_reference", "packed_nbytes", "pack_layers"]
 
 #: the widest code :func:`pack_codes` stores
 MAX_BITS = 16
@@ -161,3 +161,32 @@ def packed_nbytes(bits: Tensor, length: int) -> int:
     """Bytes of the packed codes of ``[C, length]`` rows with ``bits`` (what the file and memory hold for the
     integers; per-row scales and zero points come on top)."""
     return int(row_bytes(bits, length).sum())
+
+
+def pack_layers(qmodel: torch.nn.Module) -> dict[str, int]:
+    """Make ``qmodel``'s weights really hold their bits in memory: every layer that a packed file would pack
+    (:func:`qcore._saved.packable_layers`: plain :class:`qcore.UniformFakeQuant` weight, no weight correction)
+    drops its float weight and keeps only its packed codes (a ``uint8`` buffer) and per-row parameters
+    (:meth:`qcore.QuantLayer.hold_packed`); its forward decodes the fake-quantized weight, so outputs are the
+    unpacked model's (a Conv's bit for bit; a Linear on 2-D/3-D input goes through :func:`dequant_matmul`, the
+    Triton kernel on CUDA with ``qcore-cuda``, equal within float32 rounding). Changes ``qmodel`` in place, for
+    inference only (no training, saving or recalibration afterwards); returns ``{layer name: packed bytes}``.
+    ``qcore.load(path, model, packed=True)`` calls it.
+
+    .. versionadded:: 0.1 (plugin API 1, addition)
+    """
+    from qcore._saved import _rows_params, packable_layers
+
+    done: dict[str, int] = {}
+    for name, layer in packable_layers(qmodel).items():
+        if layer.packed_shape is not None:  # already packed
+            continue
+        wq = layer.weight_quantizer
+        w = layer.module.weight.detach()
+        axis = int(wq.axis) % w.dim()  # type: ignore[union-attr]
+        rows = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+        scale, zero, qmin, qmax, bits, prune = (t.to(w.device) for t in _rows_params(wq, rows.shape[0]))  # type: ignore[arg-type]
+        codes = pack_codes(codes_from_weight(rows, scale, zero, qmin, qmax), bits)
+        layer.hold_packed(codes, scale, zero, qmin, bits, prune, axis)
+        done[name] = codes.numel()
+    return done
