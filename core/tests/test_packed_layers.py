@@ -48,6 +48,12 @@ def test_packed_layers_hold_codes_not_floats_and_give_the_same_outputs(tmp_path)
     assert not [k for k in pk.state_dict() if k.endswith("module.weight")]
     # 4-bit inner conv, 8-bit first/last: codes are 1/8 and 1/4 of float32, per-row parameters on top
     assert _weight_bytes(pk) < 0.4 * _weight_bytes(fp)
+    # inference only: saving or exporting the in-memory packed model is refused in one line
+    from qcore._saved import unsaved_reason
+
+    assert "packed weight codes in memory" in unsaved_reason(pk)
+    with pytest.raises(qcore.QcoreError, match="cannot be exported"):
+        qcore.export_onnx(pk, x[:2], tmp_path / "m.onnx", check=False)
 
 
 @pytest.mark.parametrize("options", [{}, {"bias": "int32", "act_correction": "affine"}])

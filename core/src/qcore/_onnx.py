@@ -97,7 +97,10 @@ def _is_uniform(q: nn.Module) -> bool:
 
 def _problems(qmodel: nn.Module) -> list[str]:
     """Why each part of ``qmodel`` cannot be exported (empty when all can)."""
-    out: list[str] = []
+    from qcore._saved import packed_reason
+
+    why = packed_reason(qmodel, "exported")
+    out: list[str] = [why] if why is not None else []
     for layer, role, q in iter_quantizers(qmodel):
         if not isinstance(q, UniformFakeQuant):
             out.append(f"{layer}.{role}: {type(q).__name__} is not a uniform integer grid (ONNX QDQ export needs "

@@ -52,7 +52,17 @@ def unsaved_reason(qmodel: nn.Module) -> str | None:
     if odd:
         return (f"{len(odd)} quantizer(s) are not qcore.FakeQuantizer modules, e.g. {odd[0]}: a calibrator "
                 "replaced them (test-time statistics?), and a saved file could not rebuild them")
-    return None
+    return packed_reason(qmodel, "saved")
+
+
+def packed_reason(qmodel: nn.Module, what: str) -> str | None:
+    """Why ``qmodel`` cannot be ``what`` (saved, exported) because layers hold packed codes in memory, or None."""
+    held = [name for name, layer in quant_layers(qmodel).items() if layer.packed_shape is not None]
+    if not held:
+        return None
+    return (f"{len(held)} layer(s) hold packed weight codes in memory (e.g. {held[0]}; qcore.packing.pack_layers or "
+            f"qcore.load(..., packed=True)), which is for inference only and cannot be {what}; use the unpacked "
+            "model (Quantized.save(path, packed=True) writes packed codes to the file)")
 
 
 def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext, packed: bool = False) -> bytes:
