@@ -109,3 +109,19 @@ def test_a_packed_file_holds_the_bits_and_loads_back_to_the_same_outputs(tmp_pat
     with torch.no_grad():
         assert same_bits(loaded(x), q.model(x))
         assert same_bits(loaded(x), qcore.load(fp, model, host=host)(x))
+
+
+def test_a_packed_file_into_another_architecture_is_a_one_line_error(tmp_path):
+    from qcore._saved import read_meta
+
+    host = make_host()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    q = qcore.quantize(tiny_convnet(), x, w_bits=4, a_bits=8, host=host)
+    pk = q.save(tmp_path / "packed.qcore", packed=True)
+    assert read_meta(pk)["format_version"] == 2  # a reader of format 1 only says "upgrade qcore"
+    assert read_meta(q.save(tmp_path / "plain.qcore"))["format_version"] == 1
+    wider = tiny_convnet()
+    wider[3] = torch.nn.Conv2d(8, 24, 3, stride=2, padding=1, bias=False)  # 24 output channels instead of 16
+    wider[4] = torch.nn.BatchNorm2d(24)
+    with pytest.raises(qcore.QcoreError, match="does not fit this model"):
+        qcore.load(pk, wider, host=host)

@@ -22,10 +22,11 @@ def _shaped(t, case):
 def test_lsq_op_gradients_are_autograds(case):
     grad = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
-    for kernels in ("reference", "auto"):
+    for kernels in ("reference", "op"):  # the public function runs the reference on CPU: call the op itself
         x = case.x.clone().requires_grad_(True)
         s = case.params[0].clone().requires_grad_(True)
-        out = ops.lsq_fake_quantize(x, s, *case.params[1:], case.axis, kernels=kernels)
+        out = (ops.lsq_fake_quantize(x, s, *case.params[1:], case.axis, kernels=kernels) if kernels == "reference"
+               else torch.ops.qcore.lsq_fake_quantize(x, s, *case.params[1:], case.axis % max(x.dim(), 1)))
         out.backward(grad)
         outs.append(out)
         grads.append((x.grad, s.grad))
@@ -41,9 +42,11 @@ def test_adaround_op_gradient_is_autograds(case):
     floor = torch.floor(case.x / _shaped(scale, case))
     grad = torch.randn(case.x.shape, generator=gen)
     results = []
-    for kernels in ("reference", "auto"):
+    for kernels in ("reference", "op"):
         v = v0.clone().requires_grad_(True)
-        out = ops.adaround_fake_quantize(v, floor, *case.params, case.axis, kernels=kernels)
+        out = (ops.adaround_fake_quantize(v, floor, *case.params, case.axis, kernels=kernels)
+               if kernels == "reference"
+               else torch.ops.qcore.adaround_fake_quantize(v, floor, *case.params, case.axis % max(v.dim(), 1)))
         out.backward(grad)
         results.append((out, v.grad))
     assert same_bits(results[0][0], results[1][0]) and same_bits(results[0][1], results[1][1])
@@ -88,9 +91,33 @@ def test_switching_bits_in_place_after_forward_keeps_the_forward_grid():
         bits = case.params[4].clone()
         x = case.x.clone().requires_grad_(True)
         s = case.params[0].clone().requires_grad_(True)
-        out = ops.lsq_fake_quantize(x, s, *case.params[1:4], bits, case.params[5], case.axis)
+        out = torch.ops.qcore.lsq_fake_quantize(x, s, *case.params[1:4], bits, case.params[5],
+                                                case.axis % max(x.dim(), 1))
         if switch:
             bits.fill_(0.0)
         out.backward(grad)
         grads.append((x.grad, s.grad))
     assert same_bits(grads[0][0], grads[1][0]) and same_bits(grads[0][1], grads[1][1])
+
+
+def test_cpu_tensors_and_zero_point_gradients_take_the_reference():
+    """On CPU the op's implementation is the reference, so the public functions skip the op (it was slower); a
+    zero point that needs a gradient also takes the reference (the op differentiates x and scale only)."""
+    case = CASES[0]
+    calls = []
+    real = torch.ops.qcore.lsq_fake_quantize
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(torch.ops.qcore, "lsq_fake_quantize", Spy()):
+        ops.lsq_fake_quantize(case.x, *case.params, case.axis)
+    assert not calls
+    zp = case.params[1].clone().requires_grad_(True)
+    out = ops.lsq_fake_quantize(case.x, case.params[0], zp, *case.params[2:], case.axis)
+    out.sum().backward()
+    assert zp.grad is not None

@@ -122,6 +122,7 @@ def export_saved(path: Path, onnx_path: Path, host: Host, w_bits: int | None = N
     report = export_onnx(r.model, example[:2], onnx_path, int4=int4)
     return {"file": str(path), "onnx": str(onnx_path), "model": r.instance.model_name, "layers": len(report.layers),
             "int4_weights": len(report.int4_weights), "int4_inputs": report.int4_inputs,
-            "per_channel_inputs": report.per_channel_acts, "max_abs_diff": report.max_abs_diff,
+            "per_channel_inputs": report.per_channel_acts, "int32_biases": len(report.int32_biases),
+            "max_abs_diff": report.max_abs_diff,
             "bits": {"weights": w_bits, "acts": a_bits, "plan": str(bit_plan) if bit_plan else None},
             "bits_in_effect": bits_in_effect(r.model), "seconds": round(time.perf_counter() - t0, 2)}

@@ -190,6 +190,9 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
     correctors = {k: None if cls is None else cls(build_options(cls.Options, values, f"correction {cls.name!r}"))
                   for k, cls in corrections.items()}
+    if pipeline.bias == "int32" and not getattr(comps["quantizer"], "integer_grid", True):
+        raise QcoreError(f"-o bias=int32 needs a uniform integer grid, but quantizer {comps['quantizer'].name!r} "
+                         "has none; use --quantizer uniform or -o bias=float")
     defaults = method.defaults
     budget = Budget(
         w_bits=config.w_bits if config.w_bits is not None else defaults.get("w_bits"),

@@ -36,7 +36,10 @@ from qcore._wrap import QuantLayer, iter_quantizers, quant_layers
 log = logging.getLogger(__name__)
 
 FORMAT = "qcore-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format 1: float weights; format 2 adds packed weight codes (``packed_weights``), written only by
+#: ``save(..., packed=True)`` so that a qcore that reads format 1 only says "upgrade" instead of failing later
+_READS = ("1", "2")
 
 
 def _options(component: Any) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def saved_bytes(qmodel: nn.Module, plan: Plan, ctx: RunContext, packed: bool = F
         raise QcoreError(f"this quantized model cannot be saved: {why}")
 
     wc = ctx.weight_correction
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "qcore_version": __version__,
+    meta = {"format": FORMAT, "format_version": "2" if packed else "1", "qcore_version": __version__,
             "plan": plan.to_json(), "quantizer": ctx.quantizer.name,
             "quantizer_options": json.dumps(_options(ctx.quantizer), default=str),
             "weight_correction": wc.name if wc is not None else "none",
@@ -149,12 +152,16 @@ def _unpack_weights(qmodel: nn.Module, tensors: dict[str, Tensor], packed: dict[
                              "was saved from")
         wq = layer.weight_quantizer
         prefix = f"{name}.weight_quantizer."
-        wq.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        w = layer.module.weight
-        moved = w.movedim(axis, 0).shape
-        scale, zero, qmin, _, bits, prune = _rows_params(wq, moved[0])
-        rows = packing.dequantize(packing.unpack_codes(codes, bits, int(torch.Size(moved[1:]).numel())),
-                                  scale, zero, qmin, bits, prune)
+        try:
+            wq.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            w = layer.module.weight
+            moved = w.movedim(axis, 0).shape
+            scale, zero, qmin, _, bits, prune = _rows_params(wq, moved[0])
+            rows = packing.dequantize(packing.unpack_codes(codes, bits, int(torch.Size(moved[1:]).numel())),
+                                      scale, zero, qmin, bits, prune)
+        except (RuntimeError, QcoreError) as exc:  # another width or kernel size than the file's
+            raise QcoreError(f"packed weight {key} does not fit this model ({str(exc).splitlines()[0][:120]}); "
+                             "build the same architecture the file was saved from") from None
         tensors[key] = rows.reshape(moved).movedim(0, axis).contiguous()
 
 
@@ -198,7 +205,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise QcoreError(f"cannot read {path} ({exc}); it is not a .qcore file or it is corrupt") from None
     if meta.get("format") != FORMAT:
         raise QcoreError(f"{path} is a safetensors file but not a qcore model (no qcore metadata)")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in _READS:
         raise QcoreError(f"{path} has qcore model format {meta.get('format_version')}; this qcore reads "
                          f"{FORMAT_VERSION}: upgrade qcore")
     return tensors, meta

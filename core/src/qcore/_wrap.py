@@ -183,7 +183,7 @@ class QuantLayer(nn.Module):
             if self.out_correction is not None:
                 folded = folded + self.out_correction.float()
             safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-            codes = torch.clamp(torch.round(folded / safe), -2.0 ** 31, 2.0 ** 31 - 1)
+            codes = torch.clamp(torch.round(folded / safe), -2.0 ** 31, 2.0 ** 31 - 128)  # largest float32 below 2^31
             codes = torch.where(scale == 0, torch.zeros_like(codes), codes)
         return codes, scale
 
