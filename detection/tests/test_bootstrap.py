@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import qcore
 from qcore_detection.metric import detection_ap, paired_bootstrap
 
 CLASSES = ("car", "pedestrian")
@@ -76,5 +77,5 @@ def test_a_resample_equals_detection_ap_on_the_resampled_scenes() -> None:
 
 def test_unpaired_inputs_are_refused() -> None:
     gts = _world(5)
-    with pytest.raises(ValueError, match="same scenes"):
+    with pytest.raises(qcore.QcoreError, match="same scenes"):
         paired_bootstrap(_detector(gts, 1.0, 0.1, 1), _detector(gts[:4], 1.0, 0.1, 1), gts, CLASSES)

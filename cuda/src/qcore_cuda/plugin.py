@@ -2,8 +2,13 @@
 
 Importing this module (qcore does when it loads plugins) registers, for CUDA tensors only:
 
-* ``qcore::fake_quantize_channels`` -> :func:`qcore_cuda.fake_quant.fake_quantize_channels`;
-* ``qcore::fake_quantize_channels_backward`` -> :func:`qcore_cuda.fake_quant.fake_quantize_channels_grad`.
+* ``qcore::fake_quantize_channels`` (+ ``_backward``) -> :mod:`qcore_cuda.fake_quant` (kernel 1);
+* ``qcore::candidate_quantize`` -> :mod:`qcore_cuda.candidates` (kernel 2, RD-curve candidates);
+* ``qcore::lsq_fake_quantize`` and ``qcore::adaround_fake_quantize`` (+ ``_backward``) -> :mod:`qcore_cuda.lsq`,
+  :mod:`qcore_cuda.adaround` (kernel 3, block reconstruction);
+* ``qcore_latticeq::closest_points`` -> :mod:`qcore_cuda.lattice` (kernel 4; only when qcore-latticeq is
+  installed, which owns the op);
+* ``qcore::dequant_matmul`` -> :mod:`qcore_cuda.packed` (kernel 5, packed low-bit weights).
 
 Inputs the kernels do not cover (see :func:`qcore_cuda.fake_quant.supports`) and machines without Triton run
 qcore's reference on the GPU instead, so registering never changes a number. Triton is imported on the first

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from qcore import QcoreError
+
 log = logging.getLogger(__name__)
 
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
@@ -226,14 +228,14 @@ def paired_bootstrap(preds_a: Sequence[Mapping[str, Any]], preds_b: Sequence[Map
     contains 0 is a tie (:attr:`BootstrapInterval.tie`). Deterministic for a given ``seed``.
     """
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must lie strictly between 0 and 1")
+        raise QcoreError(f"confidence={confidence} must lie strictly between 0 and 1")
     if resamples < 1:
-        raise ValueError(f"resamples={resamples} must be at least 1")
+        raise QcoreError(f"resamples={resamples} must be at least 1")
     if len(preds_a) != len(gts) or len(preds_b) != len(gts):
-        raise ValueError(f"paired bootstrap needs both methods on the same scenes: {len(preds_a)} and "
+        raise QcoreError(f"paired bootstrap needs both methods on the same scenes: {len(preds_a)} and "
                          f"{len(preds_b)} prediction entries for {len(gts)} scenes")
     if not gts:
-        raise ValueError("no scenes to resample")
+        raise QcoreError("no scenes to resample")
     thresholds = [float(t) for t in dist_thresholds]
     ta = _class_tables(preds_a, gts, len(class_names), thresholds)
     tb = _class_tables(preds_b, gts, len(class_names), thresholds)
@@ -247,6 +249,9 @@ def paired_bootstrap(preds_a: Sequence[Mapping[str, Any]], preds_b: Sequence[Map
         diffs[r] = _resampled_map(ta, idx, min_recall, min_precision) - _resampled_map(tb, idx, min_recall,
                                                                                        min_precision)
     diffs = diffs[np.isfinite(diffs)]
+    if not len(diffs):
+        raise QcoreError("every bootstrap resample had an undefined mAP (no ground-truth object of any class in "
+                         "the drawn scenes); evaluate on more scenes")
     tail = 100.0 * (1.0 - confidence) / 2.0
     low, high = (float(v) for v in np.percentile(diffs, [tail, 100.0 - tail]))
     return BootstrapInterval(difference=map_a - map_b, low=low, high=high, map_a=map_a, map_b=map_b,

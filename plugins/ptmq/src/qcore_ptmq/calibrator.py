@@ -44,8 +44,8 @@ class PTMQOptions(ReconOptions):
     """``-o`` options of the ``ptmq`` calibrator (plus qcore-recon's: iters, recon_batch, round_lr, reg_weight,
     warmup, cache, weight_range, act_range)."""
 
-    low_bits: str = field(default="3,4", metadata={"help": "low-bit group (comma-separated bit-widths; 2,3,4 adds 2 bits "
-                                                              "at a cost to 3 bits, see the README)"})
+    low_bits: str = field(default="3,4", metadata={
+        "help": "low-bit group (comma-separated bit-widths; 2,3,4 adds 2 bits at a cost to 3 bits, see the README)"})
     mid_bits: str = field(default="5,6", metadata={"help": "middle-bit group"})
     high_bits: str = field(default="7,8", metadata={"help": "high-bit group (the distillation teacher)"})
     lambdas: str = field(default="0.3333333,0.3333333,0.3333334", metadata={

@@ -38,8 +38,8 @@ class BitGroupOptions:
     """The bit groups (``-o low_bits=3,4 -o mid_bits=5,6 -o high_bits=7,8``): every bit-width a PTMQ model
     serves; during reconstruction one bit is drawn per group per step, for weights and activations together."""
 
-    low_bits: str = field(default="3,4", metadata={"help": "low-bit group (comma-separated bit-widths; 2,3,4 adds 2 bits "
-                                                              "at a cost to 3 bits, see the README)"})
+    low_bits: str = field(default="3,4", metadata={
+        "help": "low-bit group (comma-separated bit-widths; 2,3,4 adds 2 bits at a cost to 3 bits, see the README)"})
     mid_bits: str = field(default="5,6", metadata={"help": "middle-bit group"})
     high_bits: str = field(default="7,8", metadata={"help": "high-bit group (the distillation teacher)"})
 
