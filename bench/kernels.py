@@ -20,6 +20,10 @@ The same table then gets rows for kernel 2 (``cand``: every RDOQ candidate of th
 Triton vs eager vs ``torch.compile``), each checked against the reference first (see :func:`check_candidates`
 and :func:`check_recon`).
 
+Then kernels 4 and 5 (``bench/kernels_packed.py``: lattice closest points, packed-weight dequant-matmul; their own
+tables) and, on a GPU, RDOQ's fast engine against its reference on a ResNet-50 (``bench/rd_curves.py --model
+tv:resnet50``: issue 17's 20x target), unless ``--skip-packed`` / ``--skip-rdoq``.
+
 Without a GPU there is nothing to time: the script runs the kernels under Triton's interpreter on CPU tensors
 for small slices of the same layers, checks them against the reference and says so. Timings never come from
 the interpreter.
@@ -31,6 +35,7 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -279,14 +284,36 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=50, help="timed runs per measurement (median reported)")
     p.add_argument("--peak-gbs", type=float, default=None, help="the device's peak memory bandwidth, GB/s")
     p.add_argument("--cpu", action="store_true", help="interpreter correctness run even when a GPU is present")
+    p.add_argument("--skip-packed", action="store_true", help="leave out kernels 4 and 5 (bench/kernels_packed.py)")
+    p.add_argument("--skip-rdoq", action="store_true",
+                   help="leave out RDOQ's fast vs reference engine on ResNet-50 (GPU only; minutes)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.cpu or not torch.cuda.is_available():
+    gpu = torch.cuda.is_available() and not args.cpu
+    if not gpu:
         run_interpreter()
         run_interpreter_rd_recon()
     else:
         run_gpu(args.repeat, args.peak_gbs)
         run_gpu_rd_recon(args.repeat, args.peak_gbs)
+    if not args.skip_packed:  # kernels 4 and 5: their own tables (other columns), same interpreter/GPU rule
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import kernels_packed
+
+        print()
+        if kernels_packed.packed.interpreted():
+            kernels_packed.run_interpreter()
+        else:
+            kernels_packed.run_gpu(args.repeat)
+    rd = [sys.executable, str(ROOT / "bench/rd_curves.py"), "--model", "tv:resnet50", "--device", "cuda", "--engines",
+          "reference", "fast", "--samples", "32", "--group", "64"]
+    if gpu and not args.skip_rdoq:  # issue 17's 20x target: RDOQ's fast engine vs the reference on ResNet-50
+        print("\nRDOQ curves, fast vs reference engine, ResNet-50 (seeded random weights): bench/rd_curves.py",
+              " ".join(rd[2:]))
+        subprocess.run(rd, check=True)
+    else:
+        print("\nRDOQ fast vs reference engine on ResNet-50 (the 20x target): GPU only, not run here; on a GPU this "
+              "script runs: python bench/rd_curves.py " + " ".join(rd[2:]))
     return 0
 
 
