@@ -60,17 +60,6 @@ class QATOptions:
                 raise qcore.QcoreError(f"{key}={v} must be a finite number >= 0")
 
 
-class _STEWeight(nn.Module):
-    """Stands in for a layer's weight quantizer while its STE weight is trained."""
-
-    def __init__(self, rounding: Any) -> None:
-        super().__init__()
-        self.rounding = rounding
-
-    def forward(self, w: Tensor) -> Tensor:
-        return self.rounding.soft().to(w.dtype)
-
-
 def distill_loss(out: Tensor, ref: Tensor) -> Tensor:
     """KL(softmax(ref) || softmax(out)) per sample (2-D logits), half the mean squared error otherwise."""
     if out.dim() == 2:
@@ -91,7 +80,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, ctx: qcore.RunContext, opti
     """Fine-tune ``qmodel`` (calibrated, frozen) in place as the module docstring says; returns what it did
     (epochs, steps, seconds per epoch, the loss at the start and end, the share of weights whose quantized
     value changed) for result.json."""
-    from qcore_recon import STERounding, act_quant_for
+    from qcore_recon import SoftWeight, STERounding, act_quant_for
 
     o = options
     if not o.distill:
@@ -117,7 +106,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, ctx: qcore.RunContext, opti
         if isinstance(wq, qcore.FakeQuantizer):
             r = STERounding(wq, layer.module.weight).to(device)
             weights[n] = r
-            layer.weight_quantizer = _STEWeight(r)
+            layer.weight_quantizer = SoftWeight(r)
             layer.weight_correction = None  # the trained weight is deployed as is (as qcore-recon does)
         if isinstance(layer.act_quantizer, qcore.FakeQuantizer):
             a = act_quant_for(layer.act_quantizer, True).to(device)

@@ -20,6 +20,7 @@ from qcore_recon.recon import (
     Objective,
     ReconReport,
     ReconSettings,
+    SoftWeight,
     UnitReport,
     acts_disabled,
     fisher_weights,
@@ -31,6 +32,7 @@ from qcore_recon.rounding import AdaRound, STERounding, WeightRounding, rectifie
 
 __all__ = [
     "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "lp_loss", "acts_disabled",
+    "SoftWeight",
     "fisher_weights",
     "LossFn", "Objective",
     "Unit", "find_units", "is_block",

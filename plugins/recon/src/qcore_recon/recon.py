@@ -159,8 +159,9 @@ class ReconReport:
         }
 
 
-class _SoftWeight(nn.Module):
-    """Stands in for a layer's weight quantizer while its rounding is learned."""
+class SoftWeight(nn.Module):
+    """Stands in for a layer's weight quantizer while its rounding (AdaRound, STE, ...) is learned: the layer's
+    forward then uses ``rounding.soft()`` as its weight. Also used by qcore-ompq's QAT fine-tuning."""
 
     def __init__(self, rounding: WeightRounding) -> None:
         super().__init__()
@@ -344,7 +345,7 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
         if s.learn_weights and layer.weight_quantizer is not None:
             r = make_rounding(layer.weight_quantizer, layer.module.weight)
             roundings[n] = r.to(layer.module.weight.device)
-            layer.weight_quantizer = _SoftWeight(roundings[n])
+            layer.weight_quantizer = SoftWeight(roundings[n])
             # what is learned is deployed as is: a weight correction would see the baked weight as FP
             layer.weight_correction = None
         if s.acts and layer.act_quantizer is not None:
