@@ -100,6 +100,7 @@ class LatticeSearchCalibrator(qcore.Calibrator):
                     facts[name] = {"n": q.n, "gain_db": round(gain, 3), "rows_improved": rep["rows_improved"],
                                    "rows_with_basis": kept, "rows": rep["rows"],
                                    "basis_bits_stored": q.stored_extra_bits(),
+                                   "gain_equal_rate_db": rep.get("gain_equal_rate_db"),
                                    "seconds": round(time.perf_counter() - start, 2)}
                     log.info("lattice-search %s: n=%d, %s loss %+.2f dB vs the scalar grid, %d/%d channels improved, "
                              "%d keep a basis", name, q.n, self.options.loss, gain, rep["rows_improved"], rep["rows"],
