@@ -39,9 +39,9 @@ class LatticeSearchOptions:
     refine: int = field(default=8, metadata={
         "help": "straight-through refinement rounds per restart (least-squares basis for the fixed codes)"})
     select: bool = field(default=True, metadata={
-        "help": "per channel, keep the searched basis only where it pays for its n^2 * basis_bits stored bits "
-                "(rate-distortion choice against the scalar grid, a 1-bit flag per channel counted when mixed); "
-                "false: every searched basis is kept"})
+        "help": "keep the searched bases of the channels that pay for their n^2 * basis_bits stored bits, chosen "
+                "exactly per tensor (best gain over the scalar grid at equal rate, a 1-bit flag per channel counted "
+                "when mixed; never below the scalar grid); false: every searched basis is kept"})
     loss: Literal["mse", "cubic"] = field(default="mse", metadata={
         "help": "basis-search loss: squared weight error, or the seed's cubic error sum |w_hat - w|^3"})
     act_quantile: float = field(default=0.0, metadata={
