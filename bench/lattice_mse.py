@@ -2,7 +2,8 @@
 (basis storage included) and vs the Shannon bound, at 2, 3 and 4 bits.
 
     OMP_NUM_THREADS=1 python bench/lattice_mse.py [--models fmnist_resnet fmnist_vit] [--bits 2 3 4]
-        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--no-select] [--tensors NAME ...] [--device cpu] [--json FILE]
+        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--no-select]
+        [--tensors NAME ...] [--device cpu] [--json FILE]
 
 Sources: every Conv2d/Linear weight of the zoo models (BatchNorm folded, as ``qcore run`` quantizes them; every
 layer, first and last included, at the bench's bit-width), and synthetic Gaussian and Laplacian weights
