@@ -2,7 +2,8 @@
 (basis storage included) and vs the Shannon bound, at 2, 3 and 4 bits.
 
     OMP_NUM_THREADS=1 python bench/lattice_mse.py [--models fmnist_resnet fmnist_vit] [--bits 2 3 4]
-        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--no-select] [--device cpu] [--json FILE]
+        [--steps 20 --restarts 1 --refine 8] [--basis-bits 8] [--dim 2] [--no-select]
+        [--tensors NAME ...] [--device cpu] [--json FILE]
 
 Sources: every Conv2d/Linear weight of the zoo models (BatchNorm folded, as ``qcore run`` quantizes them; every
 layer, first and last included, at the bench's bit-width), and synthetic Gaussian and Laplacian weights
@@ -109,6 +110,8 @@ def sources(args: argparse.Namespace) -> list[tuple[str, str, torch.Tensor, Laye
         model = load_zoo(name, None).model.eval()
         fold_batchnorm(model)
         for layer, info in discover_layers(model, torch_layer_info).items():
+            if args.tensors is not None and layer not in args.tensors:
+                continue
             found.append((name, layer, model.get_submodule(layer).weight.detach(), info))
     return found
 
@@ -126,6 +129,8 @@ def main() -> int:
     p.add_argument("--no-select", dest="select", action="store_false",
                    help="keep every searched basis (no rate-distortion choice against the scalar grid)")
     p.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="zoo weights only")
+    p.add_argument("--tensors", nargs="*", default=None,
+                   help="only these zoo layers (e.g. layers.1.conv2 blocks.3.mlp.fc1); synthetic sources unaffected")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()

@@ -123,42 +123,77 @@ def test_stored_bits_follow_the_cheapest_layout():
     assert q.basis_rows().all() and q.stored_extra_bits() == 4 * 32  # no flags needed
 
 
-def test_rate_distortion_selection_prices_every_stored_bit():
-    scalar = torch.tensor([1.0, 1.0, 1.0, 1.0])
-    # 6 dB per bit, rows of 64 weights, 32-bit bases: a basis (plus its flag) costs 10^(6*33/64/10) = 2.04x
-    lattice = torch.tensor([0.4, 0.9, 0.45, 0.99])
-    keep, rep = select_rows(scalar, lattice, 6.0, 64, 32)
+def _equal_rate_gain(scalar: torch.Tensor, lattice: torch.Tensor, keep: torch.Tensor, slope: float, length: int,
+                     basis_bits: float) -> float:
+    """Reference: the tensor's gain over the scalar grid at equal rate (dB) when the rows ``keep`` keep a basis,
+    the rate from the cheapest stored layout, written out per case."""
+    rows, k = scalar.numel(), int(keep.sum())
+    extra = 0.0 if k == 0 else min(rows * basis_bits, rows + k * basis_bits)
+    loss = float(torch.where(keep, lattice, scalar).double().sum())
+    return 10 * math.log10(float(scalar.double().sum()) / loss) - slope * extra / (rows * length)
+
+
+def test_tensor_choice_equals_brute_force_over_every_subset():
+    gen = torch.Generator().manual_seed(5)
+    for case in range(12):
+        rows, length, bits = 7, int(torch.randint(16, 300, (1,), generator=gen)), float(4 * (1 + case % 3) ** 2)
+        scalar = torch.rand(rows, generator=gen) + 0.1
+        lattice = scalar * (0.3 + 0.7 * torch.rand(rows, generator=gen))
+        lattice[case % rows] = scalar[case % rows]  # a row the search did not improve
+        slope = 4.0 + 3.0 * float(torch.rand(1, generator=gen))
+        keep, rep = select_rows(scalar, lattice, slope, length, bits)
+        subsets = torch.tensor([[(m >> i) & 1 for i in range(rows)] for m in range(2 ** rows)], dtype=torch.bool)
+        brute = max(_equal_rate_gain(scalar, lattice, sub, slope, length, bits) for sub in subsets)
+        got = _equal_rate_gain(scalar, lattice, keep, slope, length, bits)
+        assert got == pytest.approx(brute, abs=1e-9) and got == pytest.approx(rep["gain_equal_rate_db"], abs=1e-9)
+        assert got >= 0.0 and rep["k"] == int(keep.sum())
+        assert rep["layout"] == ("scalar" if not keep.any() else "basis" if rep["extra_bits"] == rows * bits
+                                 else "mixed")
+
+
+def test_tensor_choice_layouts():
+    scalar = torch.ones(4)
+    # 6 dB per bit, 4 rows of 64 weights, 32-bit bases: k = 2 costs 4 + 64 bits = 0.27 bits per weight (1.59 dB)
+    keep, rep = select_rows(scalar, torch.tensor([0.2, 0.9, 0.25, 0.99]), 6.0, 64, 32)
     assert rep["layout"] == "mixed" and keep.tolist() == [True, False, True, False]
-    keep, rep = select_rows(scalar, scalar * 0.9, 6.0, 64, 32)  # no row pays: all scalar, no flags
-    assert rep["layout"] == "scalar" and not keep.any()
+    keep, rep = select_rows(scalar, torch.tensor([0.4, 0.9, 0.45, 0.99]), 6.0, 64, 32)  # 1.47 dB < 1.59 dB
+    assert rep["layout"] == "scalar" and not keep.any() and rep["gain_equal_rate_db"] == 0.0
     keep, rep = select_rows(scalar, scalar * 0.1, 6.0, 64, 32)  # every row pays: no flags needed
-    assert rep["layout"] == "basis" and keep.all()
+    assert rep["layout"] == "basis" and keep.all() and rep["extra_bits"] == 4 * 32
 
 
 def test_selected_search_never_loses_at_equal_rate():
-    """Short rows (48 weights, a 2x2 8-bit basis = 0.67 bits per weight): every searched basis kept loses to the
-    scalar grid once its bits are priced; the selected layout never does, and stores what it reports."""
+    """Random tensors, among them short rows (48 weights, a 2x2 8-bit basis = 0.67 bits per weight) where every
+    searched basis kept loses to the scalar grid once its bits are priced: the chosen configuration's measured
+    gain at equal rate (stored bits as the quantizer counts them) is the one reported, and never negative."""
     gen = torch.Generator().manual_seed(3)
-    w = torch.randn(16, 48, generator=gen)
     settings = SearchSettings(steps=4, restarts=1, refine=2, noise=(0.2, 0.05))
     priced = {}
-    for select in (False, True):
-        q = _lattice(2, 16, 2)
-        rows = q.rows_of(w)
-        q.fit(rows)
-        scalar = float((q(w) - w).pow(2).sum())
-        more = _lattice(3, 16, 2)
-        more.fit(rows)
-        slope = 10 * math.log10(scalar / float((more(w) - w).pow(2).sum()))
-        basis, rep = search_bases(q, rows, dataclasses.replace(settings, select=select))
-        q.set_basis(basis)
-        loss = float((q(w) - w).pow(2).sum())
-        assert loss <= scalar * (1 + 1e-6)
-        priced[select] = loss * 10 ** (slope * q.stored_extra_bits() / w.numel() / 10) / scalar
-        if select:
-            assert rep["rows_with_basis"] == int(q.basis_rows().sum())
-            assert rep["slope_db"] == pytest.approx(slope, abs=1e-3)
-    assert priced[False] > 1.0 >= priced[True] - 1e-6
+    for rows_, length, laplace in ((16, 48, False), (8, 96, True), (12, 144, False), (6, 400, True)):
+        w = torch.randn(rows_, length, generator=gen)
+        if laplace:
+            w = w.sign() * w.pow(2)
+        for select in (False, True):
+            q = _lattice(2, rows_, 2)
+            rows = q.rows_of(w)
+            q.fit(rows)
+            scalar = float((q(w) - w).pow(2).sum())
+            more = _lattice(3, rows_, 2)
+            more.fit(rows)
+            slope = 10 * math.log10(scalar / float((more(w) - w).pow(2).sum()))
+            basis, rep = search_bases(q, rows, dataclasses.replace(settings, select=select))
+            q.set_basis(basis)
+            loss = float((q(w) - w).pow(2).sum())
+            assert loss <= scalar * (1 + 1e-6)
+            gain = 10 * math.log10(scalar / loss) - slope * q.stored_extra_bits() / w.numel()
+            priced[rows_, select] = gain
+            if select:
+                assert gain >= -1e-6
+                assert gain == pytest.approx(rep["gain_equal_rate_db"], abs=1e-3)
+                assert rep["rows_with_basis"] == int(q.basis_rows().sum())
+                assert rep["slope_db"] == pytest.approx(slope, abs=1e-3)
+        assert priced[rows_, True] >= priced[rows_, False] - 1e-6
+    assert priced[16, False] < 0.0  # the short rows: keeping every basis loses, the choice does not
 
 
 def test_search_cubic_loss_and_tensor_granularity():

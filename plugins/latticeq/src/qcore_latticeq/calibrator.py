@@ -39,9 +39,9 @@ class LatticeSearchOptions:
     refine: int = field(default=8, metadata={
         "help": "straight-through refinement rounds per restart (least-squares basis for the fixed codes)"})
     select: bool = field(default=True, metadata={
-        "help": "per channel, keep the searched basis only where it pays for its n^2 * basis_bits stored bits "
-                "(rate-distortion choice against the scalar grid, a 1-bit flag per channel counted when mixed); "
-                "false: every searched basis is kept"})
+        "help": "keep the searched bases of the channels that pay for their n^2 * basis_bits stored bits, chosen "
+                "exactly per tensor (best gain over the scalar grid at equal rate, a 1-bit flag per channel counted "
+                "when mixed; never below the scalar grid); false: every searched basis is kept"})
     loss: Literal["mse", "cubic"] = field(default="mse", metadata={
         "help": "basis-search loss: squared weight error, or the seed's cubic error sum |w_hat - w|^3"})
     act_quantile: float = field(default=0.0, metadata={
@@ -100,6 +100,7 @@ class LatticeSearchCalibrator(qcore.Calibrator):
                     facts[name] = {"n": q.n, "gain_db": round(gain, 3), "rows_improved": rep["rows_improved"],
                                    "rows_with_basis": kept, "rows": rep["rows"],
                                    "basis_bits_stored": q.stored_extra_bits(),
+                                   "gain_equal_rate_db": rep.get("gain_equal_rate_db"),
                                    "seconds": round(time.perf_counter() - start, 2)}
                     log.info("lattice-search %s: n=%d, %s loss %+.2f dB vs the scalar grid, %d/%d channels improved, "
                              "%d keep a basis", name, q.n, self.options.loss, gain, rep["rows_improved"], rep["rows"],

@@ -15,9 +15,10 @@ Per row (an output channel) independently, with a shared random stream:
    ``B = (Z^T Z)^-1 Z^T V``, which is taken directly (then quantized, re-coded and accepted on improvement:
    Lloyd's iteration for a lattice);
 4. keep each row's best basis over all restarts;
-5. with ``select`` (default): decide, per row, between the searched basis and the scalar grid it started from by
-   the rate-distortion trade-off with every stored bit paid (:func:`select_rows`): a basis costs ``n^2 * B``
-   bits, a tensor mixing both kinds a 1-bit flag per row, a scalar row nothing beyond its scale.
+5. with ``select`` (default): decide which rows keep the searched basis and which go back to the scalar grid they
+   started from, exactly for the whole tensor, by its gain over the scalar grid at the same total rate with every
+   stored bit paid (:func:`select_rows`): a basis costs ``n^2 * B`` bits, a tensor mixing both kinds a 1-bit flag
+   per row, a scalar row nothing beyond its scale; keeping no basis (gain 0) is always a candidate.
 
 The loss is the squared error (``mse``, default) or the seed's cubic error ``sum |w_hat - w|^3`` (``cubic``),
 of the decoded weights in the layer's own units. Every step is a tensor operation over all rows, on whatever
@@ -106,33 +107,36 @@ def _least_squares(z: Tensor, v: Tensor) -> Tensor:
 
 def select_rows(scalar_loss: Tensor, lattice_loss: Tensor, slope_db: float, length: int,
                 basis_bits: float) -> tuple[Tensor, dict]:
-    """Per row, keep the searched basis (``True``) or the scalar grid (``False``) so that the tensor's
-    distortion at equal rate is smallest, every stored bit paid.
+    """Per row, keep the searched basis (``True``) or the scalar grid (``False``), chosen exactly for the whole
+    tensor: the choice whose distortion beats the scalar grid's at the same total rate by the most dB.
 
-    The rate-distortion exchange rate is the tensor's own: one more bit per weight divides the scalar grid's
-    loss by ``10^(slope_db / 10)`` (``slope_db`` measured between ``M`` and ``M + 1`` bits), so ``x`` extra bits
-    on a row of ``length`` weights are worth the same as multiplying its loss by ``10^(slope_db x / length /
-    10)``. Three layouts are priced (:meth:`LatticeFakeQuant.stored_extra_bits` counts the same ones): every row
-    scalar (no extra bits), every row a basis (``basis_bits`` = ``n^2 B`` each), and mixed (1 flag bit per row,
-    plus ``basis_bits`` where a basis pays for itself). Returns the per-row choice and the three priced losses.
+    The scalar grid at equal rate is extrapolated at the tensor's own slope: ``slope_db`` dB per bit per weight
+    (measured between ``M`` and ``M + 1`` bits), so ``E`` stored bits on a tensor of ``R`` rows of ``length``
+    weights are worth ``slope_db * E / (R * length)`` dB. Only the number ``k`` of rows keeping a basis sets the
+    rate (:meth:`LatticeFakeQuant.stored_extra_bits`: ``E = 0`` for ``k = 0``, else the cheaper of every row a
+    basis, ``R * basis_bits``, and mixed, ``R + k * basis_bits`` with a 1-bit flag per row), so for each ``k``
+    the best rows are the ``k`` with the largest loss reductions: rows sorted once, every ``k`` scored by a
+    cumulative sum, the best taken (``k = 0``, the scalar grid itself at 0 dB, is always a candidate, so the
+    chosen gain is never negative). Returns the per-row choice and a report (``layout``, ``k``, the predicted
+    ``gain_equal_rate_db`` and the stored ``extra_bits``).
     """
-    def price(bits: float) -> float:
-        return 10 ** (slope_db * bits / length / 10)
-
-    all_scalar = scalar_loss.sum()
-    all_basis = lattice_loss.sum() * price(basis_bits)
-    mixed_rows = torch.minimum(scalar_loss * price(1.0), lattice_loss * price(1.0 + basis_bits))
-    mixed = mixed_rows.sum()
-    best = min(("scalar", float(all_scalar)), ("basis", float(all_basis)), ("mixed", float(mixed)),
-               key=lambda kv: kv[1])[0]
-    if best == "scalar":
-        keep = torch.zeros_like(scalar_loss, dtype=torch.bool)
-    elif best == "basis":
-        keep = torch.ones_like(scalar_loss, dtype=torch.bool)
-    else:
-        keep = lattice_loss * price(1.0 + basis_bits) < scalar_loss * price(1.0)
-    return keep, {"layout": best, "priced_loss": {"scalar": float(all_scalar), "basis": float(all_basis),
-                                                  "mixed": float(mixed)}}
+    rows = scalar_loss.shape[0]
+    s = scalar_loss.detach().double()
+    gain = (s - lattice_loss.detach().double()).clamp_min(0.0)  # the search never ends above its start
+    order = torch.argsort(gain, descending=True)
+    total = s.sum()
+    distortion = total - torch.cat([gain.new_zeros(1), torch.cumsum(gain[order], 0)])  # keep the k best: [R + 1]
+    k = torch.arange(rows + 1, device=s.device, dtype=s.dtype)
+    extra = torch.minimum(torch.full_like(k, rows * basis_bits), rows + k * basis_bits)
+    extra[0] = 0.0
+    tiny = torch.finfo(s.dtype).tiny
+    db = 10 * torch.log10(total.clamp_min(tiny) / distortion.clamp_min(tiny)) - slope_db * extra / (rows * length)
+    db[0] = 0.0
+    best = int(torch.argmax(db))  # first maximum: the fewest bases among equal gains
+    keep = torch.zeros(rows, dtype=torch.bool, device=scalar_loss.device)
+    keep[order[:best]] = True
+    layout = "scalar" if best == 0 else ("basis" if extra[best] == rows * basis_bits else "mixed")
+    return keep, {"layout": layout, "k": best, "gain_equal_rate_db": float(db[best]), "extra_bits": float(extra[best])}
 
 
 def _scalar_loss(q: LatticeFakeQuant, rows: Tensor, score: _Scorer, extra_bits: int) -> Tensor:
@@ -190,5 +194,7 @@ def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | N
         best = torch.where(keep[:, None, None], best, start)
         best_loss = torch.where(keep, best_loss, start_loss)
         report.update(rep, slope_db=round(slope, 3), rows_with_basis=int(keep.sum()))
+    if s.select:  # no row improved (or n = 1): the scalar grid, 0 dB at equal rate
+        report.setdefault("gain_equal_rate_db", 0.0)
     report["loss_end"] = float(best_loss.sum())
     return best, report
