@@ -132,9 +132,8 @@ def _pack_weights(qmodel: nn.Module, tensors: dict[str, Tensor]) -> dict[str, in
         if key not in tensors:  # a wrapper that holds its weight elsewhere keeps it as it is
             continue
         w = tensors.pop(key)
-        rows = w.movedim(wq.axis, 0).reshape(w.shape[wq.axis], -1)
-        scale, zero, qmin, qmax, bits, _ = _rows_params(wq, rows.shape[0])
-        tensors[key + ".packed"] = packing.pack_codes(packing.codes_from_weight(rows, scale, zero, qmin, qmax), bits)
+        scale, zero, qmin, qmax, bits, _ = _rows_params(wq, w.shape[wq.axis])
+        tensors[key + ".packed"] = packing.pack_weight(w, wq.axis, scale, zero, qmin, qmax, bits)
         done[key] = wq.axis
     return done
 
@@ -154,15 +153,13 @@ def _unpack_weights(qmodel: nn.Module, tensors: dict[str, Tensor], packed: dict[
         prefix = f"{name}.weight_quantizer."
         try:
             wq.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            w = layer.module.weight
-            moved = w.movedim(axis, 0).shape
-            scale, zero, qmin, _, bits, prune = _rows_params(wq, moved[0])
-            rows = packing.dequantize(packing.unpack_codes(codes, bits, int(torch.Size(moved[1:]).numel())),
-                                      scale, zero, qmin, bits, prune)
+            shape = layer.module.weight.shape
+            scale, zero, qmin, _, bits, prune = _rows_params(wq, shape[axis])
+            w = packing.unpack_weight(codes, shape, axis, scale, zero, qmin, bits, prune)
         except (RuntimeError, QcoreError) as exc:  # another width or kernel size than the file's
             raise QcoreError(f"packed weight {key} does not fit this model ({str(exc).splitlines()[0][:120]}); "
                              "build the same architecture the file was saved from") from None
-        tensors[key] = rows.reshape(moved).movedim(0, axis).contiguous()
+        tensors[key] = w.contiguous()
 
 
 #: the RunConfig fields that rebuild a run's model and evaluation data (``qcore eval``)

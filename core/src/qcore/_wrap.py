@@ -107,11 +107,7 @@ class QuantLayer(nn.Module):
         from qcore import packing
 
         codes, bits, scale, zero, qmin, prune = self._packed_rows()
-        moved = torch.Size(self.packed_shape).numel() // self.packed_shape[self.packed_axis]
-        rows = packing.dequantize(packing.unpack_codes(codes, bits, moved), scale, zero, qmin, bits, prune)
-        shape = list(self.packed_shape)
-        shape.insert(0, shape.pop(self.packed_axis))
-        return rows.reshape(shape).movedim(0, self.packed_axis)
+        return packing.unpack_weight(codes, self.packed_shape, self.packed_axis, scale, zero, qmin, bits, prune)
 
     def _packed_linear(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this call multiplies through :func:`qcore.packing.dequant_matmul`."""

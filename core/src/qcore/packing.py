@@ -23,6 +23,8 @@ op ``qcore::dequant_matmul``, whose implementation on every device is :func:`deq
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,8 @@ from qcore._errors import QcoreError
 from qcore.ops import _kernels_mode
 
 __all__ = ["MAX_BITS", "row_bytes", "row_offsets", "codes_from_weight", "pack_codes", "unpack_codes",
-           "dequantize", "dequant_matmul", "dequant_matmul_reference", "packed_nbytes", "pack_layers"]
+           "dequantize", "pack_weight", "unpack_weight", "dequant_matmul", "dequant_matmul_reference",
+           "packed_nbytes", "pack_layers"]
 
 #: the widest code :func:`pack_codes` stores
 MAX_BITS = 16
@@ -121,6 +124,32 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, b
     return torch.where(p[3] == 0, p[4], out)
 
 
+def pack_weight(w: Tensor, axis: int, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
+                bits: Tensor) -> Tensor:
+    """The packed codes of a whole weight ``w`` (any shape) quantized per channel along ``axis`` (one value per
+    channel in each parameter): its rows ``[C, K]`` (channels moved first) through :func:`codes_from_weight` and
+    :func:`pack_codes`. :func:`unpack_weight` is the inverse up to quantization.
+
+    .. versionadded:: 0.1 (plugin API 1, addition)
+    """
+    rows = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    return pack_codes(codes_from_weight(rows, scale, zero_point, qmin, qmax), bits)
+
+
+def unpack_weight(packed: Tensor, shape: Sequence[int], axis: int, scale: Tensor, zero_point: Tensor, qmin: Tensor,
+                  bits: Tensor, prune_value: Tensor) -> Tensor:
+    """The fake-quantized weight of ``shape`` (float32) that :func:`pack_weight` packed along ``axis``: the rows
+    decoded by :func:`unpack_codes` and :func:`dequantize`, moved back to their axis.
+
+    .. versionadded:: 0.1 (plugin API 1, addition)
+    """
+    moved = list(shape)
+    moved.insert(0, moved.pop(axis))
+    rows = dequantize(unpack_codes(packed, bits, int(torch.Size(moved[1:]).numel())), scale, zero_point, qmin, bits,
+                      prune_value)
+    return rows.reshape(moved).movedim(0, axis)
+
+
 def dequant_matmul_reference(x: Tensor, packed: Tensor, bits: Tensor, scale: Tensor, zero_point: Tensor,
                              qmin: Tensor, prune_value: Tensor, length: int) -> Tensor:
     """``x @ W^T`` (float32) with ``W = dequantize(unpack_codes(packed, bits, length), ...)``: ``x`` is
@@ -184,9 +213,8 @@ def pack_layers(qmodel: torch.nn.Module) -> dict[str, int]:
         wq = layer.weight_quantizer
         w = layer.module.weight.detach()
         axis = int(wq.axis) % w.dim()  # type: ignore[union-attr]
-        rows = w.movedim(axis, 0).reshape(w.shape[axis], -1)
-        scale, zero, qmin, qmax, bits, prune = (t.to(w.device) for t in _rows_params(wq, rows.shape[0]))  # type: ignore[arg-type]
-        codes = pack_codes(codes_from_weight(rows, scale, zero, qmin, qmax), bits)
+        scale, zero, qmin, qmax, bits, prune = (t.to(w.device) for t in _rows_params(wq, w.shape[axis]))  # type: ignore[arg-type]
+        codes = pack_weight(w, axis, scale, zero, qmin, qmax, bits)
         layer.hold_packed(codes, scale, zero, qmin, bits, prune, axis)
         done[name] = codes.numel()
     return done
