@@ -80,7 +80,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, ctx: qcore.RunContext, opti
     """Fine-tune ``qmodel`` (calibrated, frozen) in place as the module docstring says; returns what it did
     (epochs, steps, seconds per epoch, the loss at the start and end, the share of weights whose quantized
     value changed) for result.json."""
-    from qcore_recon import SoftWeight, STERounding, act_quant_for
+    from qcore_recon import STERounding, act_quant_for, learning_layers
 
     o = options
     if not o.distill:
@@ -94,69 +94,54 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, ctx: qcore.RunContext, opti
     with torch.no_grad():
         ref_all = torch.cat([forward(fp_model, x_all[i:i + 256]) for i in range(0, len(x_all), 256)])
     layers = qcore.quant_layers(qmodel)
-    saved: dict[str, tuple[Any, Any, Any]] = {}
-    weights: dict[str, Any] = {}
-    acts: dict[str, Any] = {}
-    before: dict[str, Tensor] = {}
-    for n, layer in layers.items():
-        before[n] = layer.quantized_weight().detach().clone()
-        layer.unfreeze()
-        saved[n] = (layer.weight_quantizer, layer.act_quantizer, layer.weight_correction)
-        wq = layer.weight_quantizer
-        if isinstance(wq, qcore.FakeQuantizer):
-            r = STERounding(wq, layer.module.weight).to(device)
-            weights[n] = r
-            layer.weight_quantizer = SoftWeight(r)
-            layer.weight_correction = None  # the trained weight is deployed as is (as qcore-recon does)
-        if isinstance(layer.act_quantizer, qcore.FakeQuantizer):
-            a = act_quant_for(layer.act_quantizer, True).to(device)
-            acts[n] = a
-            layer.act_quantizer = a
-    w_params = [p for r in weights.values() for p in r.parameters() if p.requires_grad]
-    a_params = [p for a in acts.values() for p in a.parameters() if p.requires_grad]
-    frozen = [(p, p.requires_grad) for p in qmodel.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for p in w_params + a_params:
-        p.requires_grad_(True)
-    opts = []
-    if w_params and o.finetune_lr > 0:
-        opts.append(torch.optim.Adam(w_params, lr=o.finetune_lr))
-    if a_params and o.finetune_act_lr > 0:
-        opts.append(torch.optim.Adam(a_params, lr=o.finetune_act_lr))
+    before = {n: layer.quantized_weight().detach().clone() for n, layer in layers.items()}
+
+    def ste_weight(wq: Any, weight: Tensor) -> Any:
+        return STERounding(wq, weight) if isinstance(wq, qcore.FakeQuantizer) else None
+
+    def lsq_act(aq: Any) -> Any:
+        return act_quant_for(aq, True) if isinstance(aq, qcore.FakeQuantizer) else None
+
     gen = torch.Generator().manual_seed(ctx.config.seed * 1000003 + 7)
     n_samples = len(x_all)
     bs = min(o.finetune_batch_size, n_samples)
     steps_per_epoch = max(n_samples // bs, 1)
     losses: list[float] = []
     epoch_seconds: list[float] = []
+    frozen = [(p, p.requires_grad) for p in qmodel.parameters()]
     try:
-        for epoch in range(o.finetune_epochs):
-            t0 = time.perf_counter()
-            order = torch.randperm(n_samples, generator=gen)
-            for s in qcore.track(range(steps_per_epoch), desc=f"ompq QAT epoch {epoch + 1}/{o.finetune_epochs}",
-                                 unit="step", postfix=lambda: f"loss {losses[-1]:.4g}" if losses else ""):
-                idx = order[s * bs:(s + 1) * bs].to(device)
-                loss = distill_loss(forward(qmodel, x_all[idx]), ref_all[idx])
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                losses.append(float(loss.detach()))
-            epoch_seconds.append(time.perf_counter() - t0)
-            log.info("ompq QAT epoch %d/%d: %d steps of %d samples, loss %.5g, %.1f s", epoch + 1,
-                     o.finetune_epochs, steps_per_epoch, bs, losses[-1], epoch_seconds[-1])
+        # the stand-ins write the trained weights back (deployed as is: weight corrections off while training)
+        with learning_layers(layers, ste_weight, lsq_act) as (weights, acts):
+            w_params = [p for r in weights.values() for p in r.parameters() if p.requires_grad]
+            a_params = [p for a in acts.values() for p in a.parameters() if p.requires_grad]
+            for p, _ in frozen:
+                p.requires_grad_(False)
+            for p in w_params + a_params:
+                p.requires_grad_(True)
+            opts = []
+            if w_params and o.finetune_lr > 0:
+                opts.append(torch.optim.Adam(w_params, lr=o.finetune_lr))
+            if a_params and o.finetune_act_lr > 0:
+                opts.append(torch.optim.Adam(a_params, lr=o.finetune_act_lr))
+            for epoch in range(o.finetune_epochs):
+                t0 = time.perf_counter()
+                order = torch.randperm(n_samples, generator=gen)
+                for s in qcore.track(range(steps_per_epoch), desc=f"ompq QAT epoch {epoch + 1}/{o.finetune_epochs}",
+                                     unit="step", postfix=lambda: f"loss {losses[-1]:.4g}" if losses else ""):
+                    idx = order[s * bs:(s + 1) * bs].to(device)
+                    loss = distill_loss(forward(qmodel, x_all[idx]), ref_all[idx])
+                    for opt in opts:
+                        opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for opt in opts:
+                        opt.step()
+                    losses.append(float(loss.detach()))
+                epoch_seconds.append(time.perf_counter() - t0)
+                log.info("ompq QAT epoch %d/%d: %d steps of %d samples, loss %.5g, %.1f s", epoch + 1,
+                         o.finetune_epochs, steps_per_epoch, bs, losses[-1], epoch_seconds[-1])
     finally:
-        with torch.no_grad():
-            for n, layer in layers.items():
-                wq, aq, corr = saved[n]
-                if n in weights:
-                    layer.module.weight.data.copy_(weights[n].final_weight().to(layer.module.weight.dtype))
-                if n in acts:
-                    acts[n].commit()
-                layer.weight_quantizer, layer.act_quantizer, layer.weight_correction = wq, aq, corr
-                layer.freeze()
+        for layer in layers.values():
+            layer.freeze()
         for p, flag in frozen:
             p.requires_grad_(flag)
     changed = sum(int((layers[n].quantized_weight() != before[n]).sum()) for n in layers)

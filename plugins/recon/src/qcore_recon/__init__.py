@@ -24,6 +24,7 @@ from qcore_recon.recon import (
     UnitReport,
     acts_disabled,
     fisher_weights,
+    learning_layers,
     lp_loss,
     mse_loss,
     reconstruct,
@@ -32,7 +33,7 @@ from qcore_recon.rounding import AdaRound, STERounding, WeightRounding, rectifie
 
 __all__ = [
     "reconstruct", "ReconSettings", "ReconReport", "UnitReport", "mse_loss", "lp_loss", "acts_disabled",
-    "SoftWeight",
+    "SoftWeight", "learning_layers",
     "fisher_weights",
     "LossFn", "Objective",
     "Unit", "find_units", "is_block",

@@ -172,6 +172,48 @@ class SoftWeight(nn.Module):
 
 
 @contextlib.contextmanager
+def learning_layers(layers: dict[str, Any], make_rounding: Callable[[Any, Tensor], WeightRounding | None] | None,
+                    make_act: Callable[[Any], ActQuant | None] | None, commit_acts: bool = True
+                    ) -> Iterator[tuple[dict[str, WeightRounding], dict[str, ActQuant]]]:
+    """Swap trainable stand-ins into ``layers`` (``{name: qcore.QuantLayer}``) for the block: each weight quantizer
+    for which ``make_rounding(quantizer, weight)`` returns a rounding is replaced by :class:`SoftWeight` (and the
+    layer's weight correction is switched off: what is learned is deployed as is, and a correction would see the
+    baked weight as FP), each activation quantizer for which ``make_act(quantizer)`` returns one by that
+    :class:`ActQuant`; ``None`` factories (or results) leave the role alone. Yields ``(roundings, acts)`` by layer
+    name. On exit, also after an error: every learned weight is written to the layer (``final_weight()``), the
+    activation steps are committed (when ``commit_acts``) and the original quantizers and corrections restored.
+    Layers are unfrozen on entry and left unfrozen. Used by :func:`reconstruct` and qcore-ompq's QAT."""
+    saved: dict[str, tuple[Any, Any, Any]] = {}
+    roundings: dict[str, WeightRounding] = {}
+    acts: dict[str, ActQuant] = {}
+    for n, layer in layers.items():
+        layer.unfreeze()
+        saved[n] = (layer.weight_quantizer, layer.act_quantizer, layer.weight_correction)
+        device = layer.module.weight.device
+        r = None if make_rounding is None or layer.weight_quantizer is None else make_rounding(
+            layer.weight_quantizer, layer.module.weight)
+        if r is not None:
+            roundings[n] = r.to(device)
+            layer.weight_quantizer = SoftWeight(roundings[n])
+            layer.weight_correction = None
+        a = None if make_act is None or layer.act_quantizer is None else make_act(layer.act_quantizer)
+        if a is not None:
+            acts[n] = a.to(device)
+            layer.act_quantizer = acts[n]
+    try:
+        yield roundings, acts
+    finally:
+        with torch.no_grad():
+            for n, layer in layers.items():
+                wq, aq, corr = saved[n]
+                if n in roundings:
+                    layer.module.weight.data.copy_(roundings[n].final_weight().to(layer.module.weight.dtype))
+                if n in acts and commit_acts:
+                    acts[n].commit()
+                layer.weight_quantizer, layer.act_quantizer, layer.weight_correction = wq, aq, corr
+
+
+@contextlib.contextmanager
 def acts_disabled(model: nn.Module) -> Iterator[None]:
     """Every activation quantizer of ``model`` off (inputs pass unquantized) inside the block."""
     saved = {n: layer.act_quantizer for n, layer in qcore.quant_layers(model).items()}
@@ -335,42 +377,34 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
                                f"and {tuple(fp_in.shape)} in the FP model; the models do not match")
     qlayers = qcore.quant_layers(model)
     layers = {n: qlayers[n] for n in unit.layers}
-    saved: dict[str, tuple[Any, Any, Any]] = {}
-    roundings: dict[str, WeightRounding] = {}
-    acts: dict[str, ActQuant] = {}
     drop_gen = torch.Generator().manual_seed(s.seed * 1000003 + 2 * index + 1)
-    for n, layer in layers.items():
-        layer.unfreeze()
-        saved[n] = (layer.weight_quantizer, layer.act_quantizer, layer.weight_correction)
-        if s.learn_weights and layer.weight_quantizer is not None:
-            r = make_rounding(layer.weight_quantizer, layer.module.weight)
-            roundings[n] = r.to(layer.module.weight.device)
-            layer.weight_quantizer = SoftWeight(roundings[n])
-            # what is learned is deployed as is: a weight correction would see the baked weight as FP
-            layer.weight_correction = None
-        if s.acts and layer.act_quantizer is not None:
-            a = make_act(layer.act_quantizer, s.learn_acts).to(layer.module.weight.device)
-            a.keep_prob, a.generator = s.keep_prob, drop_gen
-            acts[n] = a
-            layer.act_quantizer = a
+
+    def unit_act(q: Any) -> ActQuant | None:
+        if not s.acts:
+            return None
+        a = make_act(q, s.learn_acts)
+        a.keep_prob, a.generator = s.keep_prob, drop_gen
+        return a
+
     module = model.get_submodule(unit.name)
-    w_params = [p for r in roundings.values() for p in r.parameters() if p.requires_grad]
-    a_params = [p for a in acts.values() for p in a.parameters() if p.requires_grad] if s.learn_acts else []
-    opts: list[torch.optim.Optimizer] = []
-    scheds: list[Any] = []
-    if w_params:
-        opts.append(torch.optim.Adam(w_params, lr=s.round_lr))
-    if a_params:
-        opt = torch.optim.Adam(a_params, lr=s.act_lr)
-        opts.append(opt)
-        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(s.iters, 1), eta_min=0.0))
-    lam = s.lam(unit)
-    gen = torch.Generator().manual_seed(s.seed * 1000003 + 2 * index)
-    n_samples = fp_in.shape[0]
-    mixed = s.inputs == "mixed" and s.keep_prob is not None
     losses: list[float] = []
-    iters = s.iters if opts else 0
-    try:
+    with learning_layers(layers, make_rounding if s.learn_weights else None, unit_act,
+                         commit_acts=s.learn_acts) as (roundings, acts):
+        w_params = [p for r in roundings.values() for p in r.parameters() if p.requires_grad]
+        a_params = [p for a in acts.values() for p in a.parameters() if p.requires_grad] if s.learn_acts else []
+        opts: list[torch.optim.Optimizer] = []
+        scheds: list[Any] = []
+        if w_params:
+            opts.append(torch.optim.Adam(w_params, lr=s.round_lr))
+        if a_params:
+            opt = torch.optim.Adam(a_params, lr=s.act_lr)
+            opts.append(opt)
+            scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(s.iters, 1), eta_min=0.0))
+        lam = s.lam(unit)
+        gen = torch.Generator().manual_seed(s.seed * 1000003 + 2 * index)
+        n_samples = fp_in.shape[0]
+        mixed = s.inputs == "mixed" and s.keep_prob is not None
+        iters = s.iters if opts else 0
         for it in qcore.track(range(iters), desc=f"{desc} {unit.name}", unit="it",
                               postfix=lambda: f"loss {losses[-1]:.4g}" if losses else ""):
             idx = torch.randint(n_samples, (min(s.batch_size, n_samples),), generator=gen)
@@ -394,15 +428,6 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
             for sch in scheds:
                 sch.step()
             losses.append(float(rec.detach()))
-    finally:
-        with torch.no_grad():
-            for n, layer in layers.items():
-                wq, aq, corr = saved[n]
-                if n in roundings:
-                    layer.module.weight.data.copy_(roundings[n].final_weight().to(layer.module.weight.dtype))
-                if n in acts and s.learn_acts:
-                    acts[n].commit()
-                layer.weight_quantizer, layer.act_quantizer, layer.weight_correction = wq, aq, corr
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
     rep = UnitReport(unit.name, unit.kind, len(layers), seconds, losses[0] if losses else math.nan,
