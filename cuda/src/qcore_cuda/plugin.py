@@ -18,6 +18,7 @@ The plugin registers no components, so it implements no hooks.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -33,18 +34,27 @@ log = logging.getLogger(__name__)
 #: the ops this plugin implements on CUDA
 OPS = ("qcore::fake_quantize_channels", "qcore::fake_quantize_channels_backward")
 
-_kernels: ModuleType | None = None
+_lazy: dict[str, ModuleType] = {}
+
+
+@functools.cache
+def _have_triton() -> bool:
+    """Whether Triton is installed (asked once: the kernels' dispatchers call this on every CUDA op call)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernel_module(name: str) -> ModuleType | None:
+    """``qcore_cuda.<name>``, imported on first use (so tests can choose the interpreter first); None when
+    Triton is not installed."""
+    if name not in _lazy and _have_triton():
+        _lazy[name] = importlib.import_module(f"qcore_cuda.{name}")
+        log.info("qcore-cuda: Triton kernels of qcore_cuda.%s active for CUDA tensors", name)
+    return _lazy.get(name)
 
 
 def kernels() -> ModuleType | None:
     """:mod:`qcore_cuda.fake_quant`, imported on first use; None when Triton is not installed."""
-    global _kernels
-    if _kernels is None and importlib.util.find_spec("triton") is not None:
-        from qcore_cuda import fake_quant
-
-        _kernels = fake_quant
-        log.info("qcore-cuda: Triton kernels active for CUDA tensors (fake_quantize_channels)")
-    return _kernels
+    return _kernel_module("fake_quant")
 
 
 def _forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor, bits: Tensor,
@@ -74,16 +84,6 @@ torch.library.register_kernel(OPS[1], "cuda", _backward)
 #: ``qcore::dequant_matmul`` (registered by :mod:`qcore.packing`) -> :func:`qcore_cuda.packed.dequant_matmul`
 PACKED_OPS = ("qcore::dequant_matmul",)
 
-_lazy: dict[str, ModuleType] = {}
-
-
-def _kernel_module(name: str) -> ModuleType | None:
-    """``qcore_cuda.<name>``, imported on first use (so tests can choose the interpreter first); None when
-    Triton is not installed."""
-    if name not in _lazy and importlib.util.find_spec("triton") is not None:
-        _lazy[name] = importlib.import_module(f"qcore_cuda.{name}")
-        log.info("qcore-cuda: Triton kernels of qcore_cuda.%s active for CUDA tensors", name)
-    return _lazy.get(name)
 
 
 def packed_kernels() -> ModuleType | None:
