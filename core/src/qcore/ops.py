@@ -30,7 +30,8 @@ from torch import Tensor
 from qcore._errors import QcoreError
 
 __all__ = ["round_ste", "int_range", "qparams_from_range", "fake_quantize", "fake_quantize_grad",
-           "fake_quantize_channels", "fake_quantize_channels_grad", "quantize_error", "KERNELS_ENV"]
+           "fake_quantize_channels", "fake_quantize_channels_grad", "quantize_error", "KERNELS_ENV",
+           "kernels_mode"]
 
 #: Environment variable choosing the kernels: ``auto`` (default: the torch op, so a registered device kernel
 #: is used) or ``reference`` (always the reference arithmetic of this module, no op).
@@ -192,7 +193,13 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
 _fq_channels_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kernels_mode(kernels: str | None = None) -> str:
+def kernels_mode(kernels: str | None = None) -> str:
+    """The kernel choice in force: ``kernels`` when given, else the ``QCORE_KERNELS`` environment variable, else
+    ``"auto"``; a :class:`qcore.QcoreError` for anything but ``"auto"`` or ``"reference"``. Every function that
+    can run through a torch op (here, in :mod:`qcore.packing` and in plugins with ops of their own) asks this.
+
+    .. versionadded:: 0.1 (plugin API 1, addition)
+    """
     mode = kernels or os.environ.get(KERNELS_ENV, "auto") or "auto"
     if mode not in ("auto", "reference"):
         raise QcoreError(f"{KERNELS_ENV}={mode!r} is not a kernel choice; use 'auto' (the default) or 'reference'")
@@ -217,7 +224,7 @@ def fake_quantize_channels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: T
     """
     axis = axis % max(x.dim(), 1)
     params = (scale, zero_point, qmin, qmax, bits, prune_value)
-    if _kernels_mode(kernels) == "reference" or any(t.requires_grad for t in params):
+    if kernels_mode(kernels) == "reference" or any(t.requires_grad for t in params):
         return _channels_reference(x, *params, axis)
     return torch.ops.qcore.fake_quantize_channels(x, *params, axis)
 
@@ -324,7 +331,7 @@ def candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int =
     if steps < 1 or not 0.0 < lowest <= 1.0:
         raise QcoreError(f"candidate_quantize: steps={steps}, lowest={lowest} is not a clip search; use steps >= 1 "
                          "and 0 < lowest <= 1")
-    if _kernels_mode(kernels) == "reference":
+    if kernels_mode(kernels) == "reference":
         return _candidates_reference(rows, bits, symmetric, steps, lowest)
     return torch.ops.qcore.candidate_quantize(rows, bits, symmetric, steps, lowest)
 
@@ -430,7 +437,7 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor
     """
     axis = axis % max(x.dim(), 1)
     params = (scale, zero_point, qmin, qmax, bits, prune_value)
-    if _kernels_mode(kernels) == "reference" or x.device.type == "cpu" \
+    if kernels_mode(kernels) == "reference" or x.device.type == "cpu" \
             or any(t.requires_grad for t in (zero_point, qmin, qmax, prune_value)):
         return _channels_reference(x, *params, axis)
     return torch.ops.qcore.lsq_fake_quantize(x, *params, axis)
@@ -546,6 +553,6 @@ def adaround_fake_quantize(v: Tensor, floor: Tensor, scale: Tensor, zero_point: 
     """
     axis = axis % max(v.dim(), 1)
     params = (floor, scale, zero_point, qmin, qmax, bits, prune_value)
-    if _kernels_mode(kernels) == "reference" or v.device.type == "cpu" or any(t.requires_grad for t in params):
+    if kernels_mode(kernels) == "reference" or v.device.type == "cpu" or any(t.requires_grad for t in params):
         return _adaround_reference(v, *params, axis)
     return torch.ops.qcore.adaround_fake_quantize(v, *params, axis)

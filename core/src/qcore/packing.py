@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from qcore._errors import QcoreError
-from qcore.ops import _kernels_mode
+from qcore.ops import kernels_mode
 
 __all__ = ["MAX_BITS", "row_bytes", "row_offsets", "codes_from_weight", "pack_codes", "unpack_codes",
            "dequantize", "pack_weight", "unpack_weight", "dequant_matmul", "dequant_matmul_reference",
@@ -181,7 +181,7 @@ def dequant_matmul(x: Tensor, packed: Tensor, bits: Tensor, scale: Tensor, zero_
     if x.shape[-1] != length:
         raise QcoreError(f"dequant_matmul: x has {x.shape[-1]} features but the packed rows hold {length}")
     args = (x, packed, bits.float(), scale.float(), zero_point.float(), qmin.float(), prune_value.float(), length)
-    if _kernels_mode(kernels) == "reference":
+    if kernels_mode(kernels) == "reference":
         return dequant_matmul_reference(*args)
     return torch.ops.qcore.dequant_matmul(*args)
 

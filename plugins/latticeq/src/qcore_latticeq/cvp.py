@@ -25,7 +25,6 @@ implementation when this plugin is installed: :func:`closest_points_reference` w
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 
 import torch
@@ -142,8 +141,7 @@ def closest_points(v: Tensor, basis: Tensor, qmin: Tensor | float, qmax: Tensor 
     """
     lo, hi = _bounds(qmin, qmax, v)
     lo, hi = lo.reshape(-1), hi.reshape(-1)
-    mode = kernels or os.environ.get(ops.KERNELS_ENV, "auto") or "auto"
-    if mode == "reference" or v.requires_grad or basis.requires_grad:
+    if ops.kernels_mode(kernels) == "reference" or v.requires_grad or basis.requires_grad:
         return closest_points_reference(v, basis, lo, hi, max_offsets)
     return torch.ops.qcore_latticeq.closest_points(v, basis, lo, hi, max_offsets)
 
