@@ -41,3 +41,13 @@ def test_bad_shapes_and_searches_are_one_line_errors():
 def test_op_passes_torch_library_checks():
     rows = torch.randn(3, 11, generator=torch.Generator().manual_seed(1))
     torch.library.opcheck(torch.ops.qcore.candidate_quantize.default, (rows, torch.tensor([0.0, 3.0]), False, 7, 0.2))
+
+
+def test_the_candidate_search_defaults_are_mse_ranges():
+    """ops cannot import qcore.ranges (ranges builds on ops), so the defaults are written twice: keep them equal."""
+    import inspect
+
+    from qcore.ops import CANDIDATE_LOWEST, CANDIDATE_STEPS
+
+    params = inspect.signature(mse_range).parameters
+    assert (CANDIDATE_STEPS, CANDIDATE_LOWEST) == (params["steps"].default, params["lowest"].default)
