@@ -91,6 +91,15 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qm
     return out
 
 
+def _clamp_grad(g: Tensor, v: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
+    """The gradient torch's ``clamp(v, qmin, qmax)`` (tensor bounds) passes to ``v``: 0 outside, half on exactly
+    one end, ``g`` inside (see :func:`fake_quantize_grad`)."""
+    outside = (v < qmin) | (v > qmax)  # a NaN is not outside: torch's clamp passes its gradient
+    half = (v == qmin) ^ (v == qmax)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(outside, zero, torch.where(half, g * 0.5, g))
+
+
 def fake_quantize_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
                        bits: Tensor | None = None) -> Tensor:
     """The gradient of ``fake_quantize(x, ...).to(x.dtype)`` with respect to ``x``, given the output's ``grad``.
@@ -106,15 +115,10 @@ def fake_quantize_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tenso
     """
     with torch.no_grad():
         v = round_ste(x / scale) + zero_point
-        outside = (v < qmin) | (v > qmax)  # a NaN is not outside: torch's clamp passes its gradient
-        half = (v == qmin) ^ (v == qmax)
         g = grad.to(v.dtype)
-        zero = torch.zeros((), dtype=g.dtype, device=g.device)
         if bits is not None:
-            g = torch.where(bits == 0, zero, g)
-        g = g * scale
-        g = torch.where(outside, zero, torch.where(half, g * 0.5, g))
-        return (g / scale).to(x.dtype)
+            g = torch.where(bits == 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+        return (_clamp_grad(g * scale, v, qmin, qmax) / scale).to(x.dtype)
 
 
 # -- the torch op: one entry point that devices can implement --------------------------------------------------
@@ -340,15 +344,6 @@ def candidate_quantize(rows: Tensor, bits: Tensor, symmetric: bool, steps: int =
 
 __all__ += ["lsq_fake_quantize", "lsq_fake_quantize_grad", "ADAROUND_ZETA", "ADAROUND_GAMMA", "rectified_sigmoid",
             "adaround_dequantize", "adaround_fake_quantize", "adaround_fake_quantize_grad"]
-
-
-def _clamp_grad(g: Tensor, v: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:
-    """The gradient torch's ``clamp(v, qmin, qmax)`` (tensor bounds) passes to ``v``: 0 outside, half on exactly
-    one end, ``g`` inside (see :func:`fake_quantize_grad`)."""
-    outside = (v < qmin) | (v > qmax)
-    half = (v == qmin) ^ (v == qmax)
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    return torch.where(outside, zero, torch.where(half, g * 0.5, g))
 
 
 def lsq_fake_quantize_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, qmax: Tensor,
