@@ -65,20 +65,18 @@ def _ap_from_tp(tp: np.ndarray, npos: int, min_recall: float, min_precision: flo
     return float(np.mean(np.clip(prec, 0.0, None))) / (1.0 - min_precision)
 
 
-def _match(scene_of: np.ndarray, dists: list[np.ndarray], local: np.ndarray, order: np.ndarray,
-           n_gt: Sequence[int], threshold: float) -> np.ndarray:
-    """Greedy matching in ``order``; returns true-positive flags in that order. Only predictions with some
-    ground truth of their scene within ``threshold`` are visited."""
-    nearest = _cat([d.min(1) if d.shape[1] else np.full(len(d), np.inf) for d in dists], np.float64)
-    taken = [np.zeros(n, dtype=bool) for n in n_gt]
+def _match(d: np.ndarray, order: np.ndarray, threshold: float) -> np.ndarray:
+    """Greedy matching of one scene's predictions (rows of ``d``: distances to the scene's ground truths of the
+    class) in ``order``; returns true-positive flags in that order. Only predictions with some ground truth
+    within ``threshold`` are visited."""
+    nearest = d.min(1) if d.shape[1] else np.full(len(d), np.inf)
+    taken = np.zeros(d.shape[1], dtype=bool)
     tp = np.zeros(len(order), dtype=bool)
     for rank in np.nonzero(nearest[order] < threshold)[0]:
-        i = order[rank]
-        s = scene_of[i]
-        d = np.where(taken[s], np.inf, dists[s][local[i]])
-        j = int(np.argmin(d))
-        if d[j] < threshold:
-            taken[s][j] = True
+        dist = np.where(taken, np.inf, d[order[rank]])
+        j = int(np.argmin(dist))
+        if dist[j] < threshold:
+            taken[j] = True
             tp[rank] = True
     return tp
 
@@ -93,39 +91,20 @@ def detection_ap(preds: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str, 
     arrays or torch tensors. Returns ``mAP`` (mean over classes with ground truth of the per-class mean over
     thresholds), ``AP/<class>`` and ``AP/<class>@<thr>`` with ``<thr>`` as ``str(float(thr))`` (``0.5``,
     ``1.0``, ...)."""
-    if len(preds) != len(gts):
-        raise ValueError(f"{len(preds)} prediction entries for {len(gts)} scenes")
-    p_xy = [_xy(p["pred_boxes"]) for p in preds]
-    p_score = [_np(p["pred_scores"]).reshape(-1).astype(np.float64) for p in preds]
-    p_label = [_np(p["pred_labels"]).reshape(-1).astype(np.int64) for p in preds]
-    g_xy = [_xy(g["gt_boxes"]) for g in gts]
-    g_label = [_np(g["gt_labels"]).reshape(-1).astype(np.int64) for g in gts]
-
+    thresholds = [float(t) for t in dist_thresholds]
+    tables = _class_tables(preds, gts, len(class_names), thresholds)
+    every = np.arange(len(gts))
     result: dict[str, float] = {}
     class_means: list[float] = []
-    for c, name in enumerate(class_names, start=1):
-        gt_c = [xy[lab == c] for xy, lab in zip(g_xy, g_label, strict=True)]
-        n_gt = [len(g) for g in gt_c]
-        npos = sum(n_gt)
-        sel = [lab == c for lab in p_label]
-        scores = _cat([s[m] for s, m in zip(p_score, sel, strict=True)], np.float64)
-        scene_of = _cat([np.full(int(m.sum()), i) for i, m in enumerate(sel)], np.int64)
-        local = _cat([np.arange(int(m.sum())) for m in sel], np.int64)
-        dists = [np.linalg.norm(xy[m][:, None] - g[None], axis=-1) for xy, m, g in zip(p_xy, sel, gt_c, strict=True)]
-        order = np.argsort(scores, kind="stable")[::-1]  # nuScenes: descending, ties with the later one first
-        aps = []
-        for thr in dist_thresholds:
-            if npos == 0:
-                ap = math.nan
-            else:
-                tp = _match(scene_of, dists, local, order, n_gt, float(thr))
-                ap = 100.0 * _ap_from_tp(tp, npos, min_recall, min_precision)
-            result[f"AP/{name}@{float(thr)}"] = ap
-            aps.append(ap)
-        result[f"AP/{name}"] = float(np.mean(aps)) if npos else math.nan
-        if npos:
+    for name, table in zip(class_names, tables, strict=True):
+        aps = _class_aps(table, every, min_recall, min_precision)
+        for thr, ap in zip(thresholds, aps or [math.nan] * len(thresholds), strict=True):
+            result[f"AP/{name}@{thr}"] = ap
+        result[f"AP/{name}"] = float(np.mean(aps)) if aps is not None else math.nan
+        if aps is not None:
             class_means.append(result[f"AP/{name}"])
-        log.debug("class %s: %d gt, %d predictions, AP %.2f", name, npos, len(scores), result[f"AP/{name}"])
+        log.debug("class %s: %d gt, %d predictions, AP %.2f", name, int(table.n_gt.sum()),
+                  sum(len(s) for s in table.scores), result[f"AP/{name}"])
     result["mAP"] = float(np.mean(class_means)) if class_means else math.nan
     return result
 
@@ -190,8 +169,7 @@ def _class_tables(preds: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str,
             order = np.argsort(s, kind="stable")[::-1]
             tp = np.zeros((len(thresholds), len(s)), dtype=bool)
             for t, thr in enumerate(thresholds):
-                tp[t, order] = _match(np.zeros(len(s), np.int64), [d], np.arange(len(s)), order, [len(g_xy)],
-                                      float(thr))
+                tp[t, order] = _match(d, order, float(thr))
             scores.append(s)
             flags.append(tp)
             n_gt.append(len(g_xy))
@@ -199,18 +177,23 @@ def _class_tables(preds: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str,
     return tables
 
 
+def _class_aps(table: _ClassTable, idx: np.ndarray, min_recall: float, min_precision: float) -> list[float] | None:
+    """One class's AP (percent) per distance threshold over the scenes ``idx`` (with repeats): the scenes'
+    predictions in one global score order (descending; ties with the later one first, as nuScenes), their
+    true-positive flags from the table. None when those scenes hold no ground truth of the class."""
+    npos = int(table.n_gt[idx].sum())
+    if npos == 0:
+        return None
+    scores = _cat([table.scores[i] for i in idx], np.float64)
+    tp = np.concatenate([table.tp[i] for i in idx], axis=1)
+    order = np.argsort(scores, kind="stable")[::-1]
+    return [100.0 * _ap_from_tp(row[order], npos, min_recall, min_precision) for row in tp]
+
+
 def _resampled_map(tables: list[_ClassTable], idx: np.ndarray, min_recall: float, min_precision: float) -> float:
     """mAP (percent) over the scenes ``idx`` (with repeats), as :func:`detection_ap` computes it."""
-    means = []
-    for t in tables:
-        npos = int(t.n_gt[idx].sum())
-        if npos == 0:
-            continue
-        scores = _cat([t.scores[i] for i in idx], np.float64)
-        tp = np.concatenate([t.tp[i] for i in idx], axis=1) if len(idx) else np.zeros((0, 0), bool)
-        order = np.argsort(scores, kind="stable")[::-1]
-        means.append(100.0 * float(np.mean([_ap_from_tp(row[order], npos, min_recall, min_precision)
-                                            for row in tp])))
+    means = [float(np.mean(aps)) for t in tables
+             if (aps := _class_aps(t, idx, min_recall, min_precision)) is not None]
     return float(np.mean(means)) if means else math.nan
 
 
