@@ -241,3 +241,49 @@ def test_full_size_synthetic_scene() -> None:
         preds, _ = m(bd)
     assert bev_dense(bd).shape == (1, 8, 120, 120)
     assert len(preds) == 1 and preds[0]["pred_boxes"].shape[1] == 7
+
+
+# --- RDOQ's replay RD engine on this tiny detector: torch.fx cannot trace it, so ``engine=fast`` uses replay,
+# whose curves are the reference engine's (the same operations on the same values), with the head skipped when
+# the distortion target is the BEV map and rerun when it is the head.
+import numpy as np  # noqa: E402
+
+from qcore_detection.model import bev_dense, head_outputs  # noqa: E402
+from qcore_detection.spconv_layers import spconv_layer_info  # noqa: E402
+from qcore_rdoq.curves import first_order_curves  # noqa: E402
+from qcore_rdoq.replay import ReplayEngine  # noqa: E402
+
+REPLAY_LAYERS = ["backbone.conv2.0.conv", "backbone.conv3.1.conv2", "head.branches.hm.conv"]
+
+
+def _target(kind):
+    def forward(model, batch):
+        bd = dict(batch)
+        model(bd)
+        return bev_dense(bd) if kind == "bev" else head_outputs(bd)
+    return forward
+
+
+@pytest.mark.parametrize("kind", ["bev", "head"])
+def test_replay_equals_reference_on_spconv(kind):
+    from qcore_rdoq.curves import make_engine
+
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    batches = [tiny_batch(seed=1, voxels=150), tiny_batch(seed=2, voxels=100)]
+    fwd = _target(kind)
+    layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules() if n in REPLAY_LAYERS[:2 if kind == "bev"
+                                                                                                 else 3]}
+    measure_layers(model, layers, lambda m: fwd(m, batches[0]))
+    eng = make_engine("fast", model, fwd, batches)  # fx cannot trace spconv: replay, not the reference
+    assert isinstance(eng, ReplayEngine)
+    assert eng.upstream("backbone.conv3.1.conv2") == ["backbone.conv_input", "backbone.conv1", "backbone.conv2",
+                                                       "backbone.conv3.0", "backbone.conv3.1.conv1",
+                                                       "backbone.conv3.1.bn1"]
+    bits = [0, 4]
+    ref = first_order_curves(model, fwd, batches, layers, 8, bits, engine="reference")
+    rep = first_order_curves(model, fwd, batches, layers, 8, bits, engine=eng)
+    assert set(rep.layer_engines.values()) == {"replay"}
+    np.testing.assert_allclose(rep.dist, ref.dist, rtol=1e-6, atol=0)
+    assert (ref.dist[:, 0] > ref.dist[:, 1]).all() and (ref.dist > 0).all()
+    assert eng._irrelevant == {"head": kind == "bev"}  # the head is rerun when the target reads it

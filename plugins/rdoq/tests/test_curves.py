@@ -47,7 +47,72 @@ def test_untraceable_model_falls_back_to_reference():
     model = Branchy().eval()
     batches, layers = setup(model)
     curves = first_order_curves(model, lambda m, b: m(b), batches, layers, 2, [2, 4], engine="fast")
-    assert curves.engine == "reference"
+    assert curves.engine == "replay"
+    ref = first_order_curves(model, lambda m, b: m(b), batches, layers, 2, [2, 4], engine="reference")
+    assert np.array_equal(curves.dist, ref.dist)
+
+
+class _Untraceable(torch.nn.Module):
+    """Data-dependent control flow (no torch.fx), a layer called twice, and a head the target ignores."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(4, 4, 3, padding=1))
+        self.shared = torch.nn.Conv2d(4, 4, 1)
+        self.head = torch.nn.Linear(4, 3)
+        self.seen = {}
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.mean() > -1:  # data-dependent: torch.fx cannot trace this
+            h = h + self.body(h)
+        h = self.shared(self.shared(h))  # called twice: replay leaves it to the reference engine
+        self.seen["logits"] = self.head(h.mean((2, 3)))  # not part of the target below
+        return h
+
+
+def test_replay_engine_equals_reference_and_skips_what_the_target_ignores(caplog):
+    from qcore_rdoq.replay import ReplayEngine
+
+    model = _Untraceable().eval()
+    batches, layers = setup(model)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    bits = [0, 2, 3, 6]
+    ref = first_order_curves(model, fwd, batches, layers, 2, bits, engine="reference")
+    eng = ReplayEngine(model, fwd, batches)
+    assert eng.upstream("body.2") == ["stem", "body.0", "body.1"]
+    assert eng.upstream("stem.0") == []
+    with caplog.at_level("INFO"):
+        rep = first_order_curves(model, fwd, batches, layers, 2, bits, engine=eng)
+    assert rep.layer_engines["shared"] == "reference" and rep.layer_engines["body.2"] == "replay"
+    assert np.array_equal(rep.dist, ref.dist)  # the same operations on the same values
+    # the target does not read the head, so it is not rerun; what feeds the target is
+    assert eng._irrelevant == {"body": False, "shared": False, "head": True}
+    assert "called 2 times" in caplog.text
+    assert all(m.__dict__.get("forward") is None for m in model.modules())  # every stub removed
+
+
+def test_replay_refuses_a_model_that_edits_recorded_outputs():
+    from qcore_rdoq.replay import ReplayEngine
+
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.a(x.flatten(1))
+            h.mul_(0.5)  # edits a's output after its hook recorded it
+            return self.b(h)
+
+    model = InPlace().eval()
+    batches, layers = setup(model)
+    with pytest.raises((ValueError, RuntimeError), match="recorded"):
+        first_order_curves(model, lambda m, b: m(b), batches, {"b": layers["b"]}, 2, [2, 4],
+                           engine=ReplayEngine(model, lambda m, b: m(b), batches))
 
 
 def test_candidate_is_what_deployment_quantizes():

@@ -28,6 +28,7 @@ from qcore import distributed as qdist
 from qcore.ops import fake_quantize, qparams_from_range
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
 from qcore_rdoq.deployment import ACT_CLIP, Clip
+from qcore_rdoq.replay import ReplayEngine
 from qcore_rdoq.second_order import output_directions
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ def _quantizers(sample: Tensor, bits: Sequence[int], clip: Clip) -> list[Callabl
     return out
 
 
-def _reference_layer(eng: ReferenceEngine, name: str, quants: list[Callable[[Tensor], Tensor]]) -> np.ndarray:
+def _reference_layer(eng: ReferenceEngine | ReplayEngine, name: str, quants: list[Callable[[Tensor], Tensor]]
+                     ) -> np.ndarray:
+    """Candidates put in by a forward pre-hook: the reference engine reruns the whole model, replay the layer's
+    downstream part."""
     module = eng.model.get_submodule(name)
 
     @contextmanager
@@ -57,6 +61,8 @@ def _reference_layer(eng: ReferenceEngine, name: str, quants: list[Callable[[Ten
         finally:
             h.remove()
 
+    if isinstance(eng, ReplayEngine):
+        return eng.measure(name, len(quants), quantized_input)
     return eng.measure(len(quants), quantized_input)
 
 
@@ -84,7 +90,9 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
         if isinstance(eng, FastEngine) and eng.serves(name):
             done[name] = _fast_layer(eng, name, quants)
         else:
-            done[name] = _reference_layer(eng.reference() if isinstance(eng, FastEngine) else eng, name, quants)
+            serves = not isinstance(eng, ReplayEngine) or eng.serves(name)
+            done[name] = _reference_layer(eng.reference() if isinstance(eng, FastEngine) or not serves else eng,
+                                          name, quants)
     for part in qdist.all_gather_object(done):
         done.update(part)
     return np.stack([done[n] for n in names]), time.perf_counter() - t0

@@ -47,8 +47,10 @@ class RDOQOptions:
 
     group: int = field(default=0, metadata={
         "help": "output channels per weight group; 0 = auto (8, or 128 when a layer has >= 512 channels)"})
-    engine: Literal["fast", "reference", "second-order"] = field(default="fast", metadata={
-        "help": "RD curves: fast (cached, downstream only, batched), reference (rerun the whole model), "
+    engine: Literal["fast", "reference", "replay", "second-order"] = field(default="fast", metadata={
+        "help": "RD curves: fast (torch.fx: cached, downstream only, batched; models fx cannot trace, e.g. "
+                "spconv detectors, use replay), reference (rerun the whole model), replay (forward hooks: "
+                "recorded upstream outputs, downstream only; the reference's curves without tracing), "
                 "second-order (Gauss-Newton estimate from per-sample Jacobians, no pass per candidate)"})
     projections: int = field(default=0, metadata={
         "help": "second-order engine: 0 = exact Gauss-Newton (one backward pass per output of the distortion "
@@ -272,7 +274,7 @@ class RDOQAllocator(Allocator):
                         (ceiling + target * total - budget) / total)
         device = module_device(ctx.model)  # the engines call the model's parts directly: batches go where it is
         batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
-        first_order = "reference" if o.engine == "reference" else "fast"  # activations: always first order
+        first_order = o.engine if o.engine in ("reference", "replay") else "fast"  # activations: first order
         tensors = all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches)
         engine = (make_engine(first_order, ctx.model, ctx.task.forward, batches, o.chunk)
                   if o.engine != "second-order" or (acts and not tensors) else None)
@@ -434,8 +436,8 @@ def layer_curves(ctx: RunContext, names: list[str] | tuple[str, ...], bits: list
     group = o.group or auto_group_size([ctx.layers[n].out_channels for n in ctx.layers if n not in ctx.pinned])
     device = module_device(ctx.model)
     batches = [to_device(b, device) for b in _curve_batches(list(ctx.calibration_batches()), o.curve_samples)]
-    engine = make_engine("reference" if o.engine == "reference" else "fast", ctx.model, ctx.task.forward, batches,
-                         o.chunk) if o.engine != "second-order" else None
+    engine = make_engine(o.engine if o.engine in ("reference", "replay") else "fast", ctx.model, ctx.task.forward,
+                         batches, o.chunk) if o.engine != "second-order" else None
     curves, _ = alloc.curves(ctx, list(names), group, batches, engine, dep.weights)
     cols = [curves.bits.index(int(b)) for b in bits]
     index = {n: i for i, n in enumerate(names)}

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -286,20 +286,36 @@ class FastEngine:
 
 
 def make_engine(kind: str, model: nn.Module, forward: Forward, batches: Sequence[Any], chunk: int = 0
-                ) -> ReferenceEngine | FastEngine:
-    """Build the engine ``kind``; ``fast`` falls back to ``reference`` (logged) when the model cannot be traced."""
+                ) -> Engine:
+    """Build the engine ``kind``; ``fast`` falls back to ``replay`` (hook-based, the same curves) when the model
+    cannot be traced, and to ``reference`` if replay cannot record it either (both logged)."""
+    from qcore_rdoq.replay import ReplayEngine
+
     if kind == "reference":
         return ReferenceEngine(model, forward, batches)
+    if kind == "replay":
+        return ReplayEngine(model, forward, batches)
     if kind == "fast":
         try:
             return FastEngine(model, forward, batches, chunk)
         except Exception as exc:
-            log.warning("fast RD engine unavailable (%s); using the reference engine", exc)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log.info("fast RD engine unavailable (torch.fx: %s)", reason)
+        try:
+            eng = ReplayEngine(model, forward, batches)
+        except Exception as exc:  # noqa: BLE001 - any failure to record: the reference engine still works
+            log.warning("replay RD engine unavailable (%s); using the reference engine", exc)
             return ReferenceEngine(model, forward, batches)
+        log.warning("rdoq: the model cannot be traced by torch.fx; RD curves from the replay engine (hooks: "
+                    "recorded upstream outputs, only each layer's downstream part reruns; the reference's curves)")
+        return eng
     raise QcoreError(f"unknown RD curve engine {kind!r}")
 
 
-Engine = ReferenceEngine | FastEngine
+if TYPE_CHECKING:
+    from qcore_rdoq.replay import ReplayEngine
+
+Engine = Union[ReferenceEngine, FastEngine, "ReplayEngine"]
 
 
 def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any], layers: dict[str, LayerInfo],
@@ -331,7 +347,7 @@ def first_order_curves(model: nn.Module, forward: Forward, batches: Sequence[Any
             weight = model.get_submodule(name).weight.detach().clone()  # engines write into the module weight
             table = candidate_table(weight, layers[name], group_size, list(bits), clip, correction, deadzone)
             cands = Candidates(weight, table, gs, bits)
-            layer_eng = eng.reference() if isinstance(eng, FastEngine) and not eng.serves(name) else eng
+            layer_eng = eng.reference() if hasattr(eng, "serves") and not eng.serves(name) else eng
             d = layer_eng.layer(name, cands).reshape(len(gs), len(bits))
             if cache is not None:
                 cache.save(name, d)
