@@ -71,12 +71,23 @@ ROWS: dict[str, dict[str, Any]] = {
         "options": {"include": THREE_D, "act_targets": "none", "first_last": "same", "engine": "reference",
                     "curve_samples": 4, "group": 16, "min_bits": 2, "max_bits": 8, "act_correction": "none"}},
 }
+SEED_RDOQ = {"include": THREE_D, "act_targets": "none", "first_last": "same", "curve_samples": 4, "group": 16,
+             "min_bits": 2, "max_bits": 8, "act_correction": "none"}
+for _bits in (4, 3):  # the same allocation from the replay engine (the reference's curves, tested) and from GN
+    ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, replay curves"] = {
+        "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "replay"}}
+    ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, second-order curves"] = {
+        "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "second-order"}}
 
 #: method comparisons at the same setting (the first row minus the second), besides every row against FP
 PAIRS = [
     ("aciq W4A4 (all 42, first/last 8; per-channel A, simulation)", "uniform W4A4 (all 42, first/last 8)"),
     ("rdoq 4-bit average, 30 3-D convs, weights only", "uniform W4, 30 3-D convs, weights only"),
     ("rdoq 3-bit average, 30 3-D convs, weights only", "uniform W3, 30 3-D convs, weights only"),
+    *[(f"rdoq {b}-bit average, 30 3-D convs, weights only, second-order curves",
+       f"rdoq {b}-bit average, 30 3-D convs, weights only, replay curves") for b in (4, 3)],
+    *[(f"rdoq {b}-bit average, 30 3-D convs, weights only, replay curves",
+       f"uniform W{b}, 30 3-D convs, weights only") for b in (4, 3)],
 ]
 
 

@@ -248,8 +248,6 @@ def test_full_size_synthetic_scene() -> None:
 # the distortion target is the BEV map and rerun when it is the head.
 import numpy as np  # noqa: E402
 
-from qcore_detection.model import bev_dense, head_outputs  # noqa: E402
-from qcore_detection.spconv_layers import spconv_layer_info  # noqa: E402
 from qcore_rdoq.curves import first_order_curves  # noqa: E402
 from qcore_rdoq.replay import ReplayEngine  # noqa: E402
 

@@ -39,8 +39,9 @@ def test_uniform_w8a8_keeps_the_fp_map(host):
 def test_rdoq_runs_on_sparse_layers_without_special_cases(host):
     out = run(RunConfig(plugin="rdoq", target_bits=4.0, **SMALL,
                         options={"include": "backbone.conv_input.*,backbone.conv1.0.*", "act_targets": "none",
-                                 "first_last": "same", "engine": "reference", "curve_samples": 2, "group": 16,
+                                 "first_last": "same", "curve_samples": 2, "group": 16,
                                  "min_bits": 2, "max_bits": 6}), host)
+    assert out.plan.meta["engine"] == "replay"  # torch.fx cannot trace spconv: the hook-based engine, exact
     assert out.result["w_bits_avg"] <= 4.0 + 1e-9
     assert len(out.plan.layers) == 3
     assert any(s.weight.mixed and len(set(s.weight.group_bits)) > 1 for s in out.plan.layers.values()) or \
@@ -48,11 +49,14 @@ def test_rdoq_runs_on_sparse_layers_without_special_cases(host):
 
 
 def test_rdoq_deadzone_search_on_sparse_layers(host):
-    """The dead-zone grid fits spconv weights ([C_out, k, k, k, C_in]) through the same generic path."""
-    out = run(RunConfig(method="rdoq-deadzone", target_bits=3.0, **SMALL,
-                        options={"include": "backbone.conv_input.*,backbone.conv1.0.*", "act_targets": "none",
-                                 "first_last": "same", "engine": "reference", "curve_samples": 2, "group": 8,
-                                 "min_bits": 2, "max_bits": 4, "deadzones": 2}), host)
+    """The dead-zone grid fits spconv weights ([C_out, k, k, k, C_in]) through the same generic path; curves from
+    projected Gauss-Newton (backward passes through spconv inside the task's grad_context)."""
+    opts = {"include": "backbone.conv_input.*,backbone.conv1.0.*", "act_targets": "none", "first_last": "same",
+            "engine": "second-order", "curve_samples": 2, "group": 8, "min_bits": 2, "max_bits": 4, "deadzones": 2}
+    with pytest.raises(QcoreError, match="projections=K"):
+        run(RunConfig(method="rdoq-deadzone", target_bits=3.0, **SMALL, options=opts), host)
+    out = run(RunConfig(method="rdoq-deadzone", target_bits=3.0, **SMALL, options={**opts, "projections": 2}), host)
+    assert out.plan.meta["engine"] == "second-order" and out.plan.meta["projections"] == 2
     assert out.result["w_bits_avg"] <= 3.0 + 1e-9 and out.result["quant"] is not None
     specs = [s.weight for s in out.plan.layers.values()]
     assert all(s.quantizer == "deadzone" and s.group_params is not None for s in specs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -168,6 +169,9 @@ class TaskInstance:
     #: one output layer per head branch); those that are quantizable and included are pinned. Empty, or none of
     #: them included: the last quantizable layer in forward order, as for any model
     last_layers: tuple[str, ...] = ()
+    #: a context manager factory that backward passes through this task's models must run inside, when they need
+    #: one (spconv's CPU kernels do: the detection task gives its ``spconv_cpu_guard``); None: none needed
+    grad_context: Callable[[], AbstractContextManager[Any]] | None = None
 
 
 class Task(Component):

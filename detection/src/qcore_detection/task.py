@@ -47,4 +47,13 @@ class DetectionTask(Task):
         return TaskInstance(model=setup.model, model_name=spec, metric=setup.metric, forward=setup.target,
                             evaluate=setup.evaluate, calibration=setup.calibration, example=setup.calibration[0],
                             data=setup.data, untraceable="sparse-convolution detectors: spconv tensors do not trace",
-                            last_layers=setup.last_layers)
+                            last_layers=setup.last_layers, grad_context=lambda: _grad_guard(setup.model))
+
+
+def _grad_guard(model: Any) -> Any:
+    """spconv's CPU kernels need :func:`~qcore_detection.spconv_layers.spconv_cpu_guard` around backward passes
+    too (one thread; no CUDA stream lookup without CUDA); imported here so the task loads without spconv."""
+    from qcore import module_device
+    from qcore_detection.spconv_layers import spconv_cpu_guard
+
+    return spconv_cpu_guard(module_device(model))

@@ -1,5 +1,6 @@
 """The dead-zone grid (``--quantizer deadzone``) and rdoq's dead-zone search."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -223,3 +224,40 @@ def test_bad_group_params_and_stray_projections_are_one_line_errors(host):
         QuantSpec(bits=4, granularity="group", group_size=4, group_params=0.2)
     with pytest.raises(QcoreError, match="engine=second-order"):
         run_tiny(host, method="rdoq", target_bits=3.0, options={"projections": 2})
+
+
+def test_projected_curves_for_any_batch_type_estimate_the_exact_expansion():
+    """The backward-pass estimate (batches that are not tensors, e.g. a detector's dicts) is unbiased for the
+    Gauss-Newton curves, which on a linear model are the measured ones; it is reproducible from its seed, runs the
+    backward passes inside the task's grad_context, and restores requires_grad."""
+    from qcore import discover_layers, measure_layers, torch_layer_info
+    from qcore_rdoq.curves import first_order_curves
+    from qcore_rdoq.second_order import projected_curve_set
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Linear(8, 4)).eval()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    layers = discover_layers(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]))
+    bits = [2, 4]
+    exact = first_order_curves(model, lambda m, b: m(b), batches, layers, 4, bits, engine="reference").dist
+    dicts = [{"x": b} for b in batches]
+    fwd = lambda m, b: m(b["x"])  # noqa: E731
+    entered = []
+
+    @contextlib.contextmanager
+    def guard():
+        entered.append(1)
+        yield
+
+    model[1].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    runs = np.stack([projected_curve_set(model, fwd, dicts, layers, 4, bits, [0.0], 16, seed=s,
+                                         grad_context=guard)[0].dist for s in range(12)])
+    assert len(entered) == 12 * 16 * len(batches)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not np.allclose(runs[0], exact)  # an estimate...
+    z = (runs.mean(axis=0) - exact) / (runs.std(axis=0) / np.sqrt(len(runs)))
+    assert np.abs(z).max() < 4.0 and abs(runs.mean() / exact.mean() - 1) < 0.1  # ...unbiased (seeded: deterministic)
+    again = projected_curve_set(model, fwd, dicts, layers, 4, bits, [0.0], 16, seed=0)[0].dist
+    assert np.array_equal(again, runs[0])

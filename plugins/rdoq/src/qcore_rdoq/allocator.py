@@ -153,12 +153,19 @@ class RDOQAllocator(Allocator):
         corr = ctx.weight_correction  # curves see the weights exactly as deployment corrects them
         caches = self._caches(ctx, batches, group, bits, corr.name if corr else "none", ratios, clip)
         layers = {n: ctx.layers[n] for n in free}
-        if engine is None:
+        if engine is None and not all(isinstance(b, torch.Tensor) for b in batches):
+            from qcore_rdoq.second_order import projected_curve_set
+
+            if not o.projections:
+                raise QcoreError("engine=second-order on batches that are not tensors (e.g. detection) estimates "
+                                 "with random projections of the whole distortion target: add -o projections=K "
+                                 "(e.g. 16; the exact expansion needs one backward pass per output)")
+            per_ratio = projected_curve_set(ctx.model, ctx.task.forward, batches, layers, group, bits, ratios,
+                                            o.projections, clip=clip, caches=caches, correction=corr,
+                                            seed=ctx.config.seed, grad_context=ctx.task.grad_context)
+        elif engine is None:
             from qcore_rdoq.second_order import second_order_curve_set
 
-            if not all(isinstance(b, torch.Tensor) for b in batches):
-                raise NotImplementedMethodError("rdoq engine 'second-order' needs tensor batches (classification-"
-                                                "style tasks); use engine=fast or engine=reference")
             per_ratio = second_order_curve_set(ctx.model, batches, layers, group, bits, ratios, clip=clip,
                                                caches=caches, correction=corr, projections=o.projections,
                                                seed=ctx.config.seed)

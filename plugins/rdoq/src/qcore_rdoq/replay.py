@@ -222,7 +222,7 @@ class ReplayEngine:
         before = _checksum(self.outputs[0])
         sse = np.zeros(n)
         with exact_math():
-            for j, (batch, ref) in enumerate(zip(self.batches, self.ref)):
+            for j, (batch, ref) in enumerate(zip(self.batches, self.ref, strict=True)):
                 with self._stubbed(j, stubs):
                     for i in range(n):
                         with perturb(i):

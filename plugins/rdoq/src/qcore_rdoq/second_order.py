@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
 import numpy as np
@@ -155,6 +155,90 @@ def _curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, Layer
     return out
 
 
+def _group_deltas(model: nn.Module, layers: dict[str, LayerInfo], group_size: int, bits: Sequence[int],
+                  deadzones: Sequence[float], clip: Clip, correction: WeightCorrection | None) -> dict[str, Tensor]:
+    """Per layer, every candidate's weight change by group: ``[groups, ratios * bits, group elements]``."""
+    deltas: dict[str, Tensor] = {}
+    for n in layers:
+        w = model.get_submodule(n).weight.detach()
+        tables = candidate_tables(w, layers[n], group_size, list(bits), clip, correction, deadzones)
+        deltas[n] = _by_group(torch.stack([tables[d][b] for d in deadzones for b in bits]) - w, group_size)
+    return deltas
+
+
+def projected_curve_set(model: nn.Module, forward: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any],
+                        layers: dict[str, LayerInfo], group_size: int, bits: Sequence[int],
+                        deadzones: Sequence[float], projections: int, clip: Clip = WEIGHT_CLIP,
+                        caches: Sequence[CurveCache | None] | None = None,
+                        correction: WeightCorrection | None = None, seed: int = 0,
+                        grad_context: Callable[[], AbstractContextManager[Any]] | None = None) -> list[Curves]:
+    """Gauss-Newton estimates of ``D_g(b)`` for any batch type (a detector's batch dicts), with random projections
+    of the whole batch's distortion target and plain backward passes (no ``vmap``, no tracing).
+
+    For each calibration batch, one forward pass of ``forward`` keeps its graph; each of ``projections`` backward
+    passes of ``r . f`` (``r`` independent +-1 entries over the batch's whole target ``f``) gives ``J^T r`` for
+    every layer's weight at once, and ``D(dw) ~ (1 / count) mean_r (r . J dw)^2``, unbiased for
+    ``||J dw||^2 / count`` (relative standard deviation up to ``sqrt(2 / projections)`` per entry).
+    ``grad_context`` is the task's context for backward passes (spconv's CPU kernels need one).
+    """
+    t0 = time.perf_counter()
+    caches = list(caches) if caches is not None else [None] * len(deadzones)
+    names = list(layers)
+    groups = {n: weight_groups(layers[n], group_size) for n in names}
+    flat = [g for n in names for g in groups[n]]
+    with ExitStack() as locks:
+        for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
+            locks.enter_context(folder[1].locked())
+        if all(c is not None for c in caches):
+            hits = [[c.load(n, (len(groups[n]), len(bits))) for n in names] for c in caches]  # type: ignore[union-attr]
+            if all(h is not None for hit in hits for h in hit):
+                return [Curves(groups=flat, bits=list(bits), dist=np.concatenate(hit, axis=0),  # type: ignore[arg-type]
+                               engine="second-order", seconds=time.perf_counter() - t0,
+                               layer_engines={n: "cache" for n in names}) for hit in hits]
+        deltas = _group_deltas(model, layers, group_size, bits, deadzones, clip, correction)
+        nb = len(bits)
+        sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
+        params = [model.get_submodule(n).weight for n in names]
+        saved = [p.requires_grad for p in params]
+        gen = torch.Generator().manual_seed(seed)
+        context = grad_context or nullcontext
+        count = 0
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with exact_math():
+                for batch in track(list(batches), desc="RD curves (second-order, projected)", unit="batch"):
+                    with torch.enable_grad():
+                        out = forward(model, batch)
+                        count += out.numel()
+                        for k in range(projections):
+                            r = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out)
+                            with context():
+                                grads = torch.autograd.grad(out, params, grad_outputs=r,
+                                                            retain_graph=k < projections - 1)
+                            for n, g in zip(names, grads, strict=True):
+                                proj = torch.bmm(deltas[n], _by_group(g.detach()[None], group_size).transpose(1, 2))
+                                sums[n] += proj.double().pow(2).sum(dim=2).cpu() / projections
+                    del out
+        finally:
+            for p, flag in zip(params, saved, strict=True):
+                p.requires_grad_(flag)
+        out_curves = []
+        for r_i, cache in enumerate(caches):
+            dist = np.concatenate([(sums[n][:, r_i * nb:(r_i + 1) * nb] / count).numpy() for n in names], axis=0)
+            if cache is not None:
+                at = 0
+                for n in names:
+                    cache.save(n, dist[at:at + len(groups[n])])
+                    at += len(groups[n])
+            out_curves.append(Curves(groups=flat, bits=list(bits), dist=dist, engine="second-order",
+                                     seconds=time.perf_counter() - t0,
+                                     layer_engines={n: "second-order" for n in names}))
+        log.info("rdoq: projected Gauss-Newton curves of %d layers from %d backward passes in %.1f s", len(names),
+                 projections * len(batches), time.perf_counter() - t0)
+        return out_curves
+
+
 def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
                        bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, clip: Clip,
                        correction: WeightCorrection | None, projections: int, seed: int) -> list[np.ndarray]:
@@ -162,11 +246,7 @@ def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[st
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
     nb = len(bits)
-    deltas: dict[str, Tensor] = {}  # per layer: [groups, ratios * bits, group elements]
-    for n in names:
-        w = model.get_submodule(n).weight.detach()
-        tables = candidate_tables(w, layers[n], group_size, list(bits), clip, correction, deadzones)
-        deltas[n] = _by_group(torch.stack([tables[d][b] for d in deadzones for b in bits]) - w, group_size)
+    deltas = _group_deltas(model, layers, group_size, bits, deadzones, clip, correction)
     sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
     count = 0
     outputs = _output_count(model, batches[0])
