@@ -73,11 +73,11 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 SEED_RDOQ = {"include": THREE_D, "act_targets": "none", "first_last": "same", "curve_samples": 4, "group": 16,
              "min_bits": 2, "max_bits": 8, "act_correction": "none"}
-for _bits in (4, 3):  # the same allocation from the replay engine (the reference's curves, tested) and from GN
+for _bits in (4, 3):  # the allocation from replay (the reference's curves, tested) and from projected Gauss-Newton
     ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, replay curves"] = {
         "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "replay"}}
     ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, second-order curves"] = {
-        "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "second-order"}}
+        "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
 
 #: method comparisons at the same setting (the first row minus the second), besides every row against FP
 PAIRS = [

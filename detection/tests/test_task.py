@@ -130,3 +130,16 @@ def test_exception_without_message_is_reported(tmp_path, monkeypatch):
     (tmp_path / "m.json").write_text("{}")
     with pytest.raises(QcoreError, match=r"\(EOFError: \(no message\)\)"):
         zoo.load_detector(tmp_path / "m.safetensors")
+
+
+def test_task_gives_backward_passes_their_spconv_guard(host):
+    """Backward passes through spconv on CPU need spconv_cpu_guard (one thread, no CUDA stream lookup); the task
+    hands it to allocators as TaskInstance.grad_context (core's default: None)."""
+    from qcore import TaskInstance
+
+    assert TaskInstance.__dataclass_fields__["grad_context"].default is None
+    inst = host.get("task", "detection")().build(RunConfig(**SMALL), host)
+    threads = torch.get_num_threads()
+    with inst.grad_context():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
