@@ -98,7 +98,7 @@ class LatticeSearchCalibrator(qcore.Calibrator):
 
         qcore.watch_layers(ctx.model, ctx.task.forward, ctx.calibration_batches(), names, on_input=on_input)
         out = {}
-        for name, info in names.items():
+        for name in names:
             if name not in sums:
                 continue
             m = sums[name] / max(counts[name], 1)

@@ -25,8 +25,8 @@ of the decoded weights in the layer's own units; with ``weights`` (one non-negat
 e.g. the second moment ``E[x_j^2]`` of the input each weight multiplies: the diagonal of ``E[x x^T]``, so the
 loss is the diagonal approximation of the output error ``E|(W - W_hat) x|^2``) each weight's error counts that
 much, in the scalar start (:func:`weighted_scalar_step`), the search, the refinement (weighted least squares)
-and the basis choice. The codes stay the Euclidean closest points (the stored format decodes them so). Every step is a tensor operation over all rows, on whatever
-device the weight is.
+and the basis choice. The codes stay the Euclidean closest points (the stored format decodes them so). Every
+step is a tensor operation over all rows, on whatever device the weight is.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 import qcore
-
 from qcore.ops import int_range, qparams_from_range
 from qcore_latticeq.cvp import closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, quantize_basis
