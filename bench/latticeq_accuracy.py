@@ -31,6 +31,11 @@ weights, which is easier); residual sums, pooling, attention matmuls and softmax
 reuses latticeq-family cells (and the rdoq cells whose target they set) measured with the same options.
 
 Prints one markdown table per model: top-1 (w_bits_avg / a_bits_avg) and seconds per cell.
+
+``--paired`` also records which test images each cell gets right (evaluating the quantized model once more, with
+a hook on its logits; the embedded test labels) and prints, for every cell with a ``uniform`` cell of the same
+setting, the paired difference to uniform with its 95 % interval (mean of per-image differences +- 1.96 standard
+errors; the same images for both, so much tighter than two separate binomial intervals).
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from qcore import RunConfig, load_host, run
+from qcore import RunConfig, RunOutcome, load_host, run
 
 ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "scalar-grid", "qdrop"]
 
@@ -68,6 +74,29 @@ def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | N
     return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
 
 
+def correct_images(outcome: RunOutcome) -> tuple[str, int]:
+    """Which test images the quantized model gets right, as a hex string of packed bits (evaluation order), and
+    how many images."""
+    from qcore_classification.fashion_mnist import read_embedded
+
+    preds: list[torch.Tensor] = []
+    hook = outcome.model.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(dim=1).cpu()))
+    try:
+        outcome.ctx.task.evaluate(outcome.model)
+    finally:
+        hook.remove()
+    p = torch.cat(preds).numpy()
+    return np.packbits(p == read_embedded()["test"].labels[: len(p)]).tobytes().hex(), len(p)
+
+
+def paired_difference(a: str, b: str, n: int) -> tuple[float, float]:
+    """Top-1 of ``a`` minus ``b`` (points) over the same ``n`` images and the half-width of its 95 % interval."""
+    ua = np.unpackbits(np.frombuffer(bytes.fromhex(a), dtype=np.uint8))[:n].astype(float)
+    ub = np.unpackbits(np.frombuffer(bytes.fromhex(b), dtype=np.uint8))[:n].astype(float)
+    d = ua - ub
+    return 100 * float(d.mean()), 100 * 1.96 * float(d.std(ddof=1)) / float(np.sqrt(n))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["zoo:fmnist_resnet"])
@@ -75,6 +104,8 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--jsonl", type=Path, default=None, help="append every cell here as it finishes")
+    p.add_argument("--paired", action="store_true",
+                   help="record each cell's correct test images; print paired differences to uniform (zoo models)")
     p.add_argument("--lattice-option", action="append", default=[], metavar="KEY=VALUE",
                    help="-o KEY=VALUE for the latticeq rows (repeatable), e.g. weighting=input")
     args = p.parse_args()
@@ -111,15 +142,18 @@ def main() -> int:
                 lat = next((c["w_bits_avg"] for c in results if c["model"] == model and c["setting"] == setting
                             and c["row"] == "latticeq"), None)
                 t0 = time.perf_counter()
-                r = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device, lat_opts),
-                        host).result
+                outcome = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device,
+                                     lat_opts), host)
+                r = outcome.result
                 cell = {"model": model, "setting": setting, "row": row, "fp": r["fp"], "quant": r["quant"],
                         "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
                         "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1)}
                 if row not in ("uniform", "aciq", "qdrop"):
                     cell["lattice_options"] = lat_opts
+                if args.paired:
+                    cell["correct"], cell["images"] = correct_images(outcome)
                 results.append(cell)
-                print(json.dumps(cell), flush=True)
+                print(json.dumps({k: v for k, v in cell.items() if k != "correct"}), flush=True)
                 if args.jsonl:
                     with args.jsonl.open("a") as fh:
                         fh.write(json.dumps(cell) + "\n")
@@ -136,6 +170,13 @@ def main() -> int:
             print(f"| {row} | {'yes' if dep else 'no'} | " + " | ".join(
                 f"{c['quant']:.2f} ({c['w_bits_avg']:.2f}/{c['a_bits_avg']:.2f}), {c['seconds']:.0f} s" if c else "-"
                 for c in cells) + " |")
+        paired = [(c, u) for c in sub if c["row"] != "uniform" and "correct" in c
+                  for u in sub if u["row"] == "uniform" and u["setting"] == c["setting"] and "correct" in u]
+        if paired:
+            print(f"\n{model}: paired difference to uniform on the same test images (points, 95 % interval)\n")
+            for c, u in paired:
+                d, half = paired_difference(c["correct"], u["correct"], min(c["images"], u["images"]))
+                print(f"* {c['row']} {c['setting']}: {d:+.2f} +- {half:.2f}")
     return 0
 
 
