@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/latticeq_accuracy.py [--models zoo:fmnist_resnet] [--settings W4A8B8 W4A4B4 W3A8B8]
         [--rows uniform latticeq aciq rdoq latticeq+recon scalar-grid qdrop] [--jsonl FILE] [--device cpu]
+        [--lattice-option weighting=input ...]
 
 Cells run row by row (all settings of a row, then the next row); with ``--jsonl`` the cells already in the file
 are kept and not re-run (resume).
@@ -25,7 +26,16 @@ weights, which is easier); residual sums, pooling, attention matmuls and softmax
   what the lattice itself adds is the difference to the ``latticeq`` row;
 * ``qdrop``: ``--plugin qdrop --w-bits W --a-bits A`` (uniform grid + block reconstruction, deployable).
 
+``--lattice-option KEY=VALUE`` (repeatable) adds ``-o KEY=VALUE`` to the three latticeq rows (e.g.
+``weighting=input``, the output-aware loss); each cell records them (``lattice_options``) and a resumed file only
+reuses latticeq-family cells (and the rdoq cells whose target they set) measured with the same options.
+
 Prints one markdown table per model: top-1 (w_bits_avg / a_bits_avg) and seconds per cell.
+
+``--paired`` also records which test images each cell gets right (evaluating the quantized model once more, with
+a hook on its logits; the embedded test labels) and prints, for every cell with a ``uniform`` cell of the same
+setting, the paired difference to uniform with its 95 % interval (mean of per-image differences +- 1.96 standard
+errors; the same images for both, so much tighter than two separate binomial intervals).
 """
 
 from __future__ import annotations
@@ -38,14 +48,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from qcore import RunConfig, load_host, run
+from qcore import RunConfig, RunOutcome, load_host, run
 
 ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "scalar-grid", "qdrop"]
 
 
-def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str) -> RunConfig:
+def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str,
+           lattice_options: dict[str, Any] | None = None) -> RunConfig:
     """The run of one cell."""
     common: dict[str, Any] = {"model": model, "device": device}
     if row == "rdoq":
@@ -53,13 +65,36 @@ def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | N
             raise SystemExit("the rdoq row needs the latticeq row first (its w_bits_avg is rdoq's target)")
         return RunConfig(plugin="rdoq", target_bits=lattice_bits, a_bits=a, **common)
     if row.startswith("latticeq") or row == "scalar-grid":
-        opts: dict[str, Any] = {"basis_bits": b}
+        opts: dict[str, Any] = {"basis_bits": b, **(lattice_options or {})}
         if row.endswith("+recon"):
             opts["recon"] = True
         if row == "scalar-grid":
             opts["restarts"] = 0
         return RunConfig(plugin="latticeq", w_bits=w, a_bits=a, options=opts, **common)
     return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
+
+
+def correct_images(outcome: RunOutcome) -> tuple[str, int]:
+    """Which test images the quantized model gets right, as a hex string of packed bits (evaluation order), and
+    how many images."""
+    from qcore_classification.fashion_mnist import read_embedded
+
+    preds: list[torch.Tensor] = []
+    hook = outcome.model.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(dim=1).cpu()))
+    try:
+        outcome.ctx.task.evaluate(outcome.model)
+    finally:
+        hook.remove()
+    p = torch.cat(preds).numpy()
+    return np.packbits(p == read_embedded()["test"].labels[: len(p)]).tobytes().hex(), len(p)
+
+
+def paired_difference(a: str, b: str, n: int) -> tuple[float, float]:
+    """Top-1 of ``a`` minus ``b`` (points) over the same ``n`` images and the half-width of its 95 % interval."""
+    ua = np.unpackbits(np.frombuffer(bytes.fromhex(a), dtype=np.uint8))[:n].astype(float)
+    ub = np.unpackbits(np.frombuffer(bytes.fromhex(b), dtype=np.uint8))[:n].astype(float)
+    d = ua - ub
+    return 100 * float(d.mean()), 100 * 1.96 * float(d.std(ddof=1)) / float(np.sqrt(n))
 
 
 def main() -> int:
@@ -69,7 +104,20 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--jsonl", type=Path, default=None, help="append every cell here as it finishes")
+    p.add_argument("--paired", action="store_true",
+                   help="record each cell's correct test images; print paired differences to uniform (zoo models)")
+    p.add_argument("--lattice-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="-o KEY=VALUE for the latticeq rows (repeatable), e.g. weighting=input")
     args = p.parse_args()
+    lat_opts: dict[str, Any] = {}
+    for item in args.lattice_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--lattice-option {item}: use KEY=VALUE")
+        try:  # numbers and true/false as JSON, anything else as text
+            lat_opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            lat_opts[key] = value
     host = load_host()
     rows = [r for r in ROWS if r in args.rows]
     settings = []
@@ -81,6 +129,8 @@ def main() -> int:
     done: list[dict[str, Any]] = []
     if args.jsonl and args.jsonl.exists():  # resume: keep the cells already measured
         done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
+    # cells of the latticeq family (and rdoq, whose target is latticeq's bits) count only with the same options
+    done = [c for c in done if c["row"] in ("uniform", "aciq", "qdrop") or c.get("lattice_options", {}) == lat_opts]
     results: list[dict[str, Any]] = list(done)
     # row by row (every setting of the cheap rows first), latticeq before rdoq (its bits are rdoq's target)
     order = sorted(rows, key=lambda r: (r == "rdoq", ROWS.index(r)))
@@ -92,12 +142,18 @@ def main() -> int:
                 lat = next((c["w_bits_avg"] for c in results if c["model"] == model and c["setting"] == setting
                             and c["row"] == "latticeq"), None)
                 t0 = time.perf_counter()
-                r = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device), host).result
+                outcome = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device,
+                                     lat_opts), host)
+                r = outcome.result
                 cell = {"model": model, "setting": setting, "row": row, "fp": r["fp"], "quant": r["quant"],
                         "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
                         "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1)}
+                if row not in ("uniform", "aciq", "qdrop"):
+                    cell["lattice_options"] = lat_opts
+                if args.paired:
+                    cell["correct"], cell["images"] = correct_images(outcome)
                 results.append(cell)
-                print(json.dumps(cell), flush=True)
+                print(json.dumps({k: v for k, v in cell.items() if k != "correct"}), flush=True)
                 if args.jsonl:
                     with args.jsonl.open("a") as fh:
                         fh.write(json.dumps(cell) + "\n")
@@ -114,6 +170,13 @@ def main() -> int:
             print(f"| {row} | {'yes' if dep else 'no'} | " + " | ".join(
                 f"{c['quant']:.2f} ({c['w_bits_avg']:.2f}/{c['a_bits_avg']:.2f}), {c['seconds']:.0f} s" if c else "-"
                 for c in cells) + " |")
+        paired = [(c, u) for c in sub if c["row"] != "uniform" and "correct" in c
+                  for u in sub if u["row"] == "uniform" and u["setting"] == c["setting"] and "correct" in u]
+        if paired:
+            print(f"\n{model}: paired difference to uniform on the same test images (points, 95 % interval)\n")
+            for c, u in paired:
+                d, half = paired_difference(c["correct"], u["correct"], min(c["images"], u["images"]))
+                print(f"* {c['row']} {c['setting']}: {d:+.2f} +- {half:.2f}")
     return 0
 
 

@@ -17,7 +17,7 @@ from qcore_latticeq import plugin
 from qcore_latticeq.activations import quantile, quantile_range
 from qcore_latticeq.cvp import babai_nearest_plane, brute_force_points, closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeQuantizer, lattice_dim, quantize_basis
-from qcore_latticeq.search import SearchSettings, search_bases, select_rows
+from qcore_latticeq.search import SearchSettings, row_loss, search_bases, select_rows, weighted_scalar_step
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,62 @@ def test_search_never_loses_to_the_scalar_grid_and_usually_gains():
     assert (lattice <= scalar * (1 + 1e-6)).all()
     assert rep["loss_end"] <= rep["loss_start"] and rep["rows_improved"] >= 1
     assert torch.equal(quantize_basis(q.basis, 8), q.basis)  # the stored basis is on its 8-bit grid
+
+
+def test_weighted_scalar_step_is_mse_range_with_equal_weights_and_wins_on_its_own_loss():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 96, generator=gen) * torch.linspace(0.2, 3.0, 96)  # columns of very different spread
+    q = _lattice(3, 6, 2)
+    rows = q.rows_of(w)
+    bits = q.row_bits()
+    assert torch.allclose(weighted_scalar_step(rows, bits, torch.ones(96)), q.scalar_step(rows), rtol=1e-6)
+    h = torch.rand(96, generator=gen) ** 4 * 50  # a few heavy inputs
+
+    def weighted_err(step):
+        qmin, qmax = int_range(bits, symmetric=True)
+        z = torch.minimum(torch.maximum(torch.round(rows / step[:, None]), qmin[:, None]), qmax[:, None])
+        return ((z * step[:, None] - rows).pow(2) * h).sum(dim=1)
+
+    assert (weighted_err(weighted_scalar_step(rows, bits, h)) <= weighted_err(q.scalar_step(rows)) * (1 + 1e-6)).all()
+
+
+def test_input_weighted_search_never_loses_on_its_loss_and_equal_weights_change_nothing():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(8, 32, generator=gen)
+    settings = SearchSettings(steps=3, restarts=1, refine=2, noise=(0.1,))
+    h = torch.rand(32, generator=gen) * 4
+    runs = {}
+    for name, weights in (("plain", None), ("ones", torch.ones(32)), ("input", h)):
+        q = _lattice(3, 8, 2)
+        rows = q.rows_of(w)
+        q.fit(rows)
+        if weights is not None:
+            step = weighted_scalar_step(rows, q.row_bits(), weights)
+            q.set_basis(step[:, None, None] * torch.eye(2))
+        start = q.basis.clone()
+        basis, rep = search_bases(q, rows, settings, weights)
+        runs[name] = (start, basis, rep)
+    assert runs["ones"][2]["loss_end"] == pytest.approx(runs["plain"][2]["loss_end"], rel=1e-4)
+    start, basis, rep = runs["input"]
+    q = _lattice(3, 8, 2)
+    rows = q.rows_of(w)
+    weight = h.reshape(1, -1, 2)
+
+    def loss(b):
+        return row_loss(decode(q.codes(rows, b), b) - q.vectors_of(rows), weight, "mse")
+
+    assert (loss(basis) <= loss(start) * (1 + 1e-6)).all() and rep["loss_end"] <= rep["loss_start"]
+    assert rep["loss_end"] == pytest.approx(float(loss(basis).sum()), rel=1e-4)
+    with pytest.raises(qcore.QcoreError, match="non-negative"):
+        search_bases(q, rows, settings, -h)
+
+
+def test_input_weighting_runs_through_the_pipeline(host):
+    out = run_tiny(host, plugin="latticeq", options={"first_last": "same", "steps": 2, "restarts": 1, "refine": 1,
+                                                     "weighting": "input"})
+    facts = out.result["measured"]["lattice-search"]["layers"]
+    searched = [f for f in facts.values() if f["n"] > 1]
+    assert searched and all(f["loss"] == "mse, input-weighted" for f in searched)
 
 
 def test_stored_bits_follow_the_cheapest_layout():

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import qcore
 from qcore.ranges import RangeFn, mse_range
 from qcore_latticeq.activations import quantile_range
 from qcore_latticeq.quantizer import LatticeFakeQuant
-from qcore_latticeq.search import SearchSettings, search_bases
+from qcore_latticeq.search import SearchSettings, search_bases, weighted_scalar_step
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ class LatticeSearchOptions:
                 "when mixed; never below the scalar grid); false: every searched basis is kept"})
     loss: Literal["mse", "cubic"] = field(default="mse", metadata={
         "help": "basis-search loss: squared weight error, or the seed's cubic error sum |w_hat - w|^3"})
+    weighting: Literal["none", "input"] = field(default="none", metadata={
+        "help": "input: weight each weight's error by the second moment E[x_j^2] of the input it multiplies "
+                "(the diagonal of E[x x^T] on the calibration data, FP model: an output-aware loss) in the scalar "
+                "start, the basis search and the basis choice; none: plain weight error"})
     act_quantile: float = field(default=0.0, metadata={
         "help": "activation clip quantile in (0.5, 1]; 0 = the seed's level for the bit-width (4 bits: 0.9997)"})
     act_samples: int = field(default=2**20, metadata={
@@ -77,10 +81,36 @@ class LatticeSearchCalibrator(qcore.Calibrator):
         return SearchSettings(steps=o.steps, restarts=o.restarts, refine=o.refine, loss=o.loss, seed=seed,
                               select=o.select)
 
+    def input_weights(self, model: nn.Module, ctx: qcore.RunContext) -> dict[str, Tensor]:
+        """Per lattice layer, one loss weight per weight of a row (``rows_of`` order ``C_in, kh, kw``): the
+        second moment ``E[x_c^2]`` of input channel ``c`` on the calibration data, through the FP model
+        (``ctx.model``), divided by its mean and floored at 1e-3 of it (a dead input still counts a little)."""
+        names = {name: layer.info for name, layer in qcore.quant_layers(model).items()
+                 if isinstance(layer.weight_quantizer, LatticeFakeQuant)}
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def on_input(name: str, x: Tensor) -> None:
+            info = names[name]
+            rows = x.detach().float().movedim(info.act_axis, 0).reshape(info.in_channels, -1)
+            sums[name] = sums.get(name, 0) + rows.pow(2).sum(dim=1)
+            counts[name] = counts.get(name, 0) + rows.shape[1]
+
+        qcore.watch_layers(ctx.model, ctx.task.forward, ctx.calibration_batches(), names, on_input=on_input)
+        out = {}
+        for name in names:
+            if name not in sums:
+                continue
+            m = sums[name] / max(counts[name], 1)
+            m = m / m.mean().clamp_min(1e-30)
+            out[name] = m.clamp_min(1e-3)
+        return out
+
     def calibrate_weights(self, model: nn.Module, ctx: qcore.RunContext) -> dict[str, Any]:
         """Fit every weight quantizer, then search the lattice ones; returns per-layer facts."""
         facts: dict[str, Any] = {}
         layers = qcore.quant_layers(model)
+        moments = self.input_weights(model, ctx) if self.options.weighting == "input" else {}
         for i, (name, layer) in enumerate(qcore.track(list(layers.items()), desc="lattice bases", unit="layer")):
             q = layer.weight_quantizer
             if q is None:
@@ -91,9 +121,19 @@ class LatticeSearchCalibrator(qcore.Calibrator):
             with torch.no_grad():
                 rows = q.rows_of(layer.module.weight.detach())
                 qcore.calibrate_rows(q, rows, mse_range)
+                weights = None
+                if isinstance(q, LatticeFakeQuant) and name in moments:
+                    m = moments[name].to(rows.device)
+                    if rows.shape[1] % m.numel() == 0:  # C_in inputs, each read by kh * kw weights of a row
+                        weights = m.repeat_interleave(rows.shape[1] // m.numel())
+                        step = weighted_scalar_step(rows, q.row_bits().to(rows.device), weights, self.options.loss)
+                        q.set_basis(step[:, None, None] * torch.eye(q.n, device=rows.device))
+                    else:
+                        log.warning("lattice-search %s: %d input channels do not divide its rows of %d weights; "
+                                    "plain weight error", name, m.numel(), rows.shape[1])
                 if isinstance(q, LatticeFakeQuant) and q.n > 1:
                     start = time.perf_counter()
-                    basis, rep = search_bases(q, rows, self.settings(ctx.config.seed + i))
+                    basis, rep = search_bases(q, rows, self.settings(ctx.config.seed + i), weights)
                     q.set_basis(basis)
                     gain = 10 * math.log10(rep["loss_end"] / rep["loss_start"]) if rep["loss_start"] > 0 else 0.0
                     kept = int(q.basis_rows().sum())
@@ -101,6 +141,7 @@ class LatticeSearchCalibrator(qcore.Calibrator):
                                    "rows_with_basis": kept, "rows": rep["rows"],
                                    "basis_bits_stored": q.stored_extra_bits(),
                                    "gain_equal_rate_db": rep.get("gain_equal_rate_db"),
+                                   "loss": self.options.loss + ("" if weights is None else ", input-weighted"),
                                    "seconds": round(time.perf_counter() - start, 2)}
                     log.info("lattice-search %s: n=%d, %s loss %+.2f dB vs the scalar grid, %d/%d channels improved, "
                              "%d keep a basis", name, q.n, self.options.loss, gain, rep["rows_improved"], rep["rows"],

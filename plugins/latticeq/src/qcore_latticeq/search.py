@@ -21,8 +21,12 @@ Per row (an output channel) independently, with a shared random stream:
    per row, a scalar row nothing beyond its scale; keeping no basis (gain 0) is always a candidate.
 
 The loss is the squared error (``mse``, default) or the seed's cubic error ``sum |w_hat - w|^3`` (``cubic``),
-of the decoded weights in the layer's own units. Every step is a tensor operation over all rows, on whatever
-device the weight is.
+of the decoded weights in the layer's own units; with ``weights`` (one non-negative value per weight of a row,
+e.g. the second moment ``E[x_j^2]`` of the input each weight multiplies: the diagonal of ``E[x x^T]``, so the
+loss is the diagonal approximation of the output error ``E|(W - W_hat) x|^2``) each weight's error counts that
+much, in the scalar start (:func:`weighted_scalar_step`), the search, the refinement (weighted least squares)
+and the basis choice. The codes stay the Euclidean closest points (the stored format decodes them so). Every
+step is a tensor operation over all rows, on whatever device the weight is.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from qcore.ops import int_range
+import qcore
+from qcore.ops import int_range, qparams_from_range
 from qcore_latticeq.cvp import closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, quantize_basis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSettings", "search_bases", "row_loss", "select_rows"]
+__all__ = ["SearchSettings", "search_bases", "row_loss", "select_rows", "weighted_scalar_step"]
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,36 @@ class SearchSettings:
 
 
 def row_loss(err: Tensor, mask: Tensor, loss: str) -> Tensor:
-    """Per-row loss of decoding errors ``err`` (``[R, L, n]``) over the real (unpadded) entries ``mask``."""
-    e = err.abs() * mask
-    return (e.pow(2) if loss == "mse" else e.pow(3)).sum(dim=(1, 2))
+    """Per-row loss of decoding errors ``err`` (``[R, L, n]``) over the real (unpadded) entries ``mask`` (0/1,
+    or each entry's non-negative weight, 0 on padding)."""
+    e = err.abs()
+    return ((e.pow(2) if loss == "mse" else e.pow(3)) * mask).sum(dim=(1, 2))
+
+
+@torch.no_grad()
+def weighted_scalar_step(rows: Tensor, bits: Tensor, weights: Tensor, loss: str = "mse", steps: int = 100,
+                         lowest: float = 0.05) -> Tensor:
+    """Per-row step of the symmetric scalar grid (core's, ``bits`` per row) minimising the *weighted* loss
+    ``sum_j weights_j |q(w_j) - w_j|^p``: the clip range ``max|w|`` is shrunk by ``steps`` factors in
+    ``[lowest, 1]`` (:func:`qcore.ranges.mse_range`'s grid search; with equal weights the same answer), first
+    minimum kept. ``rows`` ``[R, L]``, ``bits`` ``[R]``, ``weights`` ``[L]``."""
+    x = rows.float()
+    w = weights.to(x).reshape(1, -1)
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    b = bits.to(x.device).float()
+    qmin, qmax = int_range(b, symmetric=True)
+    best_err = torch.full((x.shape[0],), torch.inf, device=x.device)
+    best = torch.zeros(x.shape[0], device=x.device)
+    for f in torch.linspace(lowest, 1.0, steps).tolist():
+        scale, _, _, _ = qparams_from_range(lo * f, hi * f, b, True)
+        s = scale.to(x).reshape(-1, 1)
+        q = torch.minimum(torch.maximum(torch.round(x / s), qmin.to(x)[:, None]), qmax.to(x)[:, None]) * s
+        e = (q - x).abs()
+        err = ((e.pow(2) if loss == "mse" else e.pow(3)) * w).sum(dim=1)
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best = torch.where(take, s[:, 0], best)
+    return best
 
 
 def _defect(basis: Tensor) -> Tensor:
@@ -74,15 +106,23 @@ def _defect(basis: Tensor) -> Tensor:
 class _Scorer:
     """Loss of candidate bases on fixed vectors (exact closest codes), ``inf`` for refused bases."""
 
-    def __init__(self, q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings) -> None:
+    def __init__(self, q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings,
+                 weights: Tensor | None = None) -> None:
         self.v = q.vectors_of(rows.detach().float())
         n, length = q.n, rows.shape[1]
         idx = torch.arange(self.v.shape[1] * n, device=rows.device).reshape(1, -1, n)
         self.mask = (idx < length).to(self.v.dtype)
+        #: per-weight loss weights (``[1, L, n]``, 0 on padding), None: every weight counts once
+        self.weights = None if weights is None else q.vectors_of(weights.to(self.v).reshape(1, -1)) * self.mask
         qmin, qmax = q.code_bounds(rows.device)
         self.qmin, self.qmax = qmin.to(self.v), qmax.to(self.v)
         self.settings = settings
         self.evaluations = 0
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """What each entry's error counts in the loss: its weight, or 1 (0 on padding)."""
+        return self.mask if self.weights is None else self.weights
 
     def codes(self, basis: Tensor) -> Tensor:
         return closest_points(self.v, basis, self.qmin, self.qmax)
@@ -93,7 +133,7 @@ class _Scorer:
                            .amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
         z = self.codes(safe)
         self.evaluations += 1
-        loss = row_loss(decode(z, safe) - self.v, self.mask, self.settings.loss)
+        loss = row_loss(decode(z, safe) - self.v, self.loss_mask, self.settings.loss)
         return torch.where(ok & torch.isfinite(loss), loss, torch.full_like(loss, torch.inf))
 
 
@@ -103,6 +143,17 @@ def _least_squares(z: Tensor, v: Tensor) -> Tensor:
     eye = torch.eye(z.shape[-1], device=z.device, dtype=z.dtype)
     ridge = 1e-6 * ztz.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)[:, None, None]
     return torch.linalg.solve(ztz + ridge * eye, z.mT @ v)
+
+
+def _weighted_least_squares(z: Tensor, v: Tensor, w: Tensor) -> Tensor:
+    """Per row, the basis minimising ``sum w * (z B - v)^2`` with per-entry weights ``w`` (``[1, L, n]``): each
+    column ``k`` of ``B`` is its own weighted least-squares problem (same ridge as :func:`_least_squares`)."""
+    ztz = torch.einsum("rli,lk,rlj->rkij", z, w[0], z)  # [R, n(k), n, n]
+    rhs = torch.einsum("rli,lk,rlk->rki", z, w[0], v)  # [R, n(k), n]
+    eye = torch.eye(z.shape[-1], device=z.device, dtype=z.dtype)
+    ridge = 1e-6 * ztz.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)[..., None, None]
+    cols = torch.linalg.solve(ztz + ridge * eye, rhs.unsqueeze(-1)).squeeze(-1)  # [R, k, i] = B[i, k]
+    return cols.mT
 
 
 def select_rows(scalar_loss: Tensor, lattice_loss: Tensor, slope_db: float, length: int,
@@ -139,23 +190,35 @@ def select_rows(scalar_loss: Tensor, lattice_loss: Tensor, slope_db: float, leng
     return keep, {"layout": layout, "k": best, "gain_equal_rate_db": float(db[best]), "extra_bits": float(extra[best])}
 
 
-def _scalar_loss(q: LatticeFakeQuant, rows: Tensor, score: _Scorer, extra_bits: int) -> Tensor:
-    """Per-row loss of the MSE-optimal scalar grid with ``extra_bits`` more bits than ``q``'s (exact search on the
-    basis ``step * I``, so it is the uniform symmetric grid)."""
-    step = q.scalar_step(rows, extra_bits).to(score.v)
+def _scalar_loss(q: LatticeFakeQuant, rows: Tensor, score: _Scorer, extra_bits: int,
+                 weights: Tensor | None = None) -> Tensor:
+    """Per-row loss of the MSE-optimal scalar grid (optimal for the ``weights``' loss, when given) with
+    ``extra_bits`` more bits than ``q``'s (exact search on the basis ``step * I``, so it is the uniform symmetric
+    grid)."""
+    bits = q.row_bits().to(rows.device) + extra_bits
+    if weights is None:
+        step = q.scalar_step(rows, extra_bits).to(score.v)
+    else:
+        step = weighted_scalar_step(rows, bits, weights, score.settings.loss).to(score.v)
     basis = step[:, None, None] * torch.eye(q.n, device=score.v.device, dtype=score.v.dtype)
-    qmin, qmax = int_range(q.row_bits().to(rows.device) + extra_bits, symmetric=True)
+    qmin, qmax = int_range(bits, symmetric=True)
     z = closest_points(score.v, basis, qmin.to(score.v), qmax.to(score.v))
-    return row_loss(decode(z, basis) - score.v, score.mask, score.settings.loss)
+    return row_loss(decode(z, basis) - score.v, score.loss_mask, score.settings.loss)
 
 
 @torch.no_grad()
-def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | None = None) -> tuple[Tensor, dict]:
+def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | None = None,
+                 weights: Tensor | None = None) -> tuple[Tensor, dict]:
     """Search better bases for ``q`` from its weight ``rows`` (``q.rows_of(weight)``); ``q`` must be fitted
-    (its basis is the start). Returns the bases (``[rows, n, n]``, on the ``basis_bits`` grid) and a report:
-    loss at the start and at the end (summed over rows), evaluations, and rows improved."""
+    (its basis is the start: with ``weights``, fit it to :func:`weighted_scalar_step` first). ``weights``
+    (``[values]``, one per weight of a row, non-negative; None: all 1) weight each weight's error in the loss.
+    Returns the bases (``[rows, n, n]``, on the ``basis_bits`` grid) and a report: loss at the start and at the
+    end (summed over rows), evaluations, and rows improved."""
     s = settings or SearchSettings()
-    score = _Scorer(q, rows, s)
+    if weights is not None and (weights.shape != rows.shape[1:] or not bool((weights >= 0).all())):
+        raise qcore.QcoreError(f"search weights of shape {tuple(weights.shape)} must be one non-negative value per "
+                               f"weight of a row ({rows.shape[1]})")
+    score = _Scorer(q, rows, s, weights)
     start = q.basis.detach().to(score.v)
     start_loss = score(start)
     best, best_loss = start.clone(), start_loss.clone()
@@ -175,7 +238,10 @@ def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | N
                     cur_loss = torch.where(take, cand_loss, cur_loss)
             for _ in range(s.refine):
                 z = score.codes(cur)
-                cand = _least_squares(z, score.v * score.mask)
+                if score.weights is None:
+                    cand = _least_squares(z, score.v * score.mask)
+                else:
+                    cand = _weighted_least_squares(z, score.v, score.weights)
                 cand = quantize_basis(torch.where(torch.isfinite(cand), cand, cur), bits)
                 cand_loss = score(cand)
                 take = cand_loss < cur_loss
@@ -188,7 +254,7 @@ def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | N
               "evaluations": score.evaluations, "rows_improved": int((best_loss < start_loss).sum()),
               "rows": int(best.shape[0]), "n": q.n}
     if q.n > 1 and s.select and bool((best_loss < start_loss).any()):
-        more = _scalar_loss(q, rows, score, 1)
+        more = _scalar_loss(q, rows, score, 1, weights)
         slope = 10 * math.log10(float(start_loss.sum()) / max(float(more.sum()), 1e-300))
         keep, rep = select_rows(start_loss, best_loss, slope, rows.shape[1], q.n * q.n * (bits or 32))
         best = torch.where(keep[:, None, None], best, start)
