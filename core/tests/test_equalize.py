@@ -10,18 +10,8 @@ import torch
 from torch import nn
 
 import qcore
+from qcore.testing import tiny_gelu_mlp as gelu_mlp
 from qcore.testing import tiny_resnet
-
-
-def gelu_mlp(seed: int = 0) -> nn.Module:
-    """Flatten-Linear-GELU-Dropout-Linear-ReLU-Linear on ``[B, 1, 8, 8]``; a few hidden channels of the GELU
-    output are 30x larger than the rest (the ViT's fc2 input in small)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 24),
-                          nn.ReLU(), nn.Linear(24, 6))
-    with torch.no_grad():
-        model[1].weight[:3] *= 30.0
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
