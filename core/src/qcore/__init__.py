@@ -64,6 +64,7 @@ from qcore._components import (  # noqa: E402
 )
 from qcore._cost import Cost, mean_bits, plan_cost  # noqa: E402
 from qcore._devices import module_device, to_device  # noqa: E402
+from qcore._equalize import equalization_scales, equalize_inputs  # noqa: E402
 from qcore._errors import MissingDependencyError, NotImplementedMethodError, QcoreError  # noqa: E402
 from qcore._fake_quant import FakeQuantizer, Observer, UniformFakeQuant  # noqa: E402
 from qcore._fold import fold_batchnorm  # noqa: E402
@@ -97,7 +98,7 @@ __all__ = [
     "calibrate_rows", "observe_activations", "observe_inputs", "watch_layers",
     # model helpers
     "discover_layers", "measure_layers", "torch_layer_info", "fold_batchnorm", "replace_module", "module_device",
-    "to_device",
+    "to_device", "equalize_inputs", "equalization_scales",
     # cost
     "Cost", "mean_bits", "plan_cost",
     # running

@@ -13,6 +13,8 @@ activations of at most 8 bits) into an ONNX file that onnxruntime (or any QDQ-aw
   range, so the values are exactly those of the narrower grid;
 * an output correction (``affine``: per-channel scale and shift) folds into the weight's scales and the bias of
   convolutions and linear layers, as qcore's reports say it does.
+* an equalized input (``-o equalize``, :attr:`QuantLayer.input_scale`) is a per-channel ``Mul`` before the input's
+  ``QuantizeLinear`` (the weight already holds the scaled columns);
 * a model quantized with ``-o bias=int32`` gets each such layer's (folded) bias as int32 codes with the scale
   ``s_x * s_w`` read by a ``DequantizeLinear``: the arithmetic qcore simulated, and what onnxruntime's integer
   kernels use as is. A float bias is quantized by onnxruntime on its own where it fuses a layer, which the
@@ -75,6 +77,8 @@ class ExportReport:
     int4_inputs: int = 0
     int32_biases: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
+    #: layers whose input is equalized (``-o equalize``): a per-channel ``Mul`` before the input's QuantizeLinear
+    equalized_inputs: list[str] = field(default_factory=list)
 
 
 def _is_uniform(q: nn.Module) -> bool:
@@ -170,6 +174,10 @@ class _QDQLayer(nn.Module):
         self.post_scale: Tensor | None = None
         self.post_shift: Tensor | None = None
         self.out_axis = layer.info.act_axis  # output channels lie there, as for QuantLayer's correction
+        # input equalization: a per-channel Mul before the input's QuantizeLinear (QuantLayer.input_scale)
+        self.register_buffer("input_scale", None if layer.input_scale is None
+                             else layer.input_scale.detach().float().clone())
+        self.in_axis = layer.info.act_axis
         with torch.no_grad():
             self._weight(name, layer)
             self._input(layer)
@@ -258,6 +266,8 @@ class _QDQLayer(nn.Module):
         return _qdq(self.w_grid, self.w_scale, self.w_zero, self.w_axis)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.input_scale is not None:
+            x = x * _channel_shaped(self.input_scale, x.dim(), self.in_axis)
         if hasattr(self, "a_scale"):
             if self.a_clip and self.a_bounds is not None:
                 x = torch.clamp(x, self.a_bounds[0], self.a_bounds[1])
@@ -427,6 +437,8 @@ def export_onnx(qmodel: nn.Module, example_input: Tensor, path: str | Path, *, i
             report.int32_biases.append(name)
         if new.per_channel_act:
             report.per_channel_acts.append(name)
+        if new.input_scale is not None:
+            report.equalized_inputs.append(name)
     x = example_input.detach().cpu()
     # the batch dimension stays dynamic; torch.export specialises a size of 1, so trace with two samples
     traced = x if x.shape[0] > 1 else torch.cat([x, x])

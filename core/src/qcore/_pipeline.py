@@ -303,6 +303,7 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     with stages("apply"), prep.blame("quantizer", comps["quantizer"]):
         qmodel = apply_plan(work, plan, ctx)
     with stages("calibrate"):
+        equalized = _equalize(qmodel, work, inst, ctx, pipeline)
         with prep.blame("calibrator", comps["calibrator"]):
             comps["calibrator"].calibrate(qmodel, ctx)
         check_calibrated(qmodel, comps["calibrator"], host)
@@ -317,6 +318,8 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
     result = build_result(config, prep.plugin, prep.method, comps, inst.model_name, inst.metric, fp_metrics,
                           quant_metrics, cost, plan, layers, pipeline, folded, stages.seconds, prep.values, inst.data,
                           budget, prep.correctors, last_layers=inst.last_layers)
+    if equalized:
+        _describe_equalized(result["quantized"], equalized, pipeline)
     if ctx.measured:
         bad = {k: type(v).__name__ for k, v in ctx.measured.items() if not isinstance(v, dict)}
         if bad:
@@ -339,6 +342,34 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
         write_outputs(out, files)
     return RunOutcome(result=result, plan=plan, model=qmodel, out=out, stages=stages.seconds, fp_model=work,
                       ctx=ctx)
+
+
+def _equalize(qmodel: torch.nn.Module, work: torch.nn.Module, inst: TaskInstance, ctx: RunContext,
+              pipeline: PipelineOptions) -> dict[str, torch.Tensor]:
+    """``-o equalize``: equalize the chosen layers' inputs of ``qmodel`` on the calibration data (before the
+    calibrator sets any range); the scales by layer name (empty when off or no layer qualifies)."""
+    if pipeline.equalize == "off":
+        return {}
+    from qcore._equalize import equalize_inputs
+
+    scales = equalize_inputs(qmodel, work, inst.forward, ctx.calibration_batches(), pipeline.equalize,
+                             pipeline.equalize_alpha)
+    if not scales:
+        log.info("-o equalize=%s: no layer of this model qualifies; the model is unchanged", pipeline.equalize)
+    return scales
+
+
+def _describe_equalized(quantized: dict[str, Any], scales: dict[str, torch.Tensor],
+                        pipeline: PipelineOptions) -> None:
+    """Add the equalized layers to result.json's ``quantized`` entry (what was done and what it costs to deploy)."""
+    quantized["equalized"] = {"mode": pipeline.equalize, "alpha": pipeline.equalize_alpha, "layers": list(scales),
+                              "scale_range": [min(float(s.min()) for s in scales.values()),
+                                              max(float(s.max()) for s in scales.values())]}
+    quantized["summary"] += (
+        f"; inputs of {len(scales)} layers equalized (-o equalize={pipeline.equalize}, alpha "
+        f"{pipeline.equalize_alpha:g}: per-input-channel scales s moved into the weight columns, the input x/s "
+        "quantized per tensor; at run time one float multiply per input element before the quantizer, fusable "
+        "with a preceding GELU, foldable into a preceding LayerNorm's affine; a Mul in the ONNX export)")
 
 
 def calibration_samples(batches: Any) -> int | None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore._components import WeightCorrection
+from qcore._errors import QcoreError
 from qcore._fake_quant import UniformFakeQuant
 from qcore._layers import LayerInfo
 from qcore._spec import LayerSpec
@@ -57,6 +58,9 @@ class QuantLayer(nn.Module):
         #: by it (the ``affine`` correction). Both fold into the layer's per-channel weight scale and bias.
         self.register_buffer("out_correction", None)
         self.register_buffer("out_scale", None)
+        #: input equalization (:meth:`equalize`): per input channel, the factor the input is multiplied by before
+        #: its quantizer (``1 / s``, the weight's input columns hold ``W * s``); None when not equalized
+        self.register_buffer("input_scale", None)
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (the float weight when weights are not quantized)."""
@@ -125,7 +129,34 @@ class QuantLayer(nn.Module):
         bias = params.get("bias", self.module.bias)
         return out if bias is None else out + bias
 
+    def equalize(self, s: Tensor) -> None:
+        """Migrate per-input-channel scales ``s`` from the input into the weight, exactly in floating point: the
+        weight's input columns (axis 1: Linear, Conv with ``groups=1``) are multiplied by ``s`` and the input by
+        ``1 / s`` (:attr:`input_scale`, applied in :meth:`forward` before the activation quantizer). Repeated calls
+        compose. Call before calibration (quantizer ranges are not touched; a frozen weight is dropped)."""
+        w = self.module.weight
+        if self.packed_shape is not None or not isinstance(w, Tensor) or w.dim() < 2 or w.shape[1] != s.numel():
+            raise QcoreError(f"cannot equalize a {type(self.module).__name__} with weight "
+                             f"{None if not isinstance(w, Tensor) else tuple(w.shape)} by {s.numel()} input scales")
+        with torch.no_grad():
+            s = s.detach().to(device=w.device, dtype=torch.float32).reshape(-1)
+            shape = [1] * w.dim()
+            shape[1] = -1
+            w.mul_(s.reshape(shape).to(w.dtype))
+            inv = 1.0 / s
+            self.input_scale = inv if self.input_scale is None else self.input_scale * inv
+        self._wq = None
+
+    def _scaled_input(self, x: Any) -> Any:
+        """``x`` times :attr:`input_scale` along the input's channel axis (``x`` itself when not equalized)."""
+        if self.input_scale is None or not isinstance(x, Tensor):
+            return x
+        shape = [1] * x.dim()
+        shape[self.info.act_axis] = -1
+        return x * self.input_scale.to(x.dtype).reshape(shape)
+
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        x = self._scaled_input(x)
         if self.act_quantizer is not None:
             q = self.info.quantize_input
             x = q(x, self.act_quantizer) if q is not None else self.act_quantizer(x)

@@ -31,11 +31,12 @@ from qcore.testing.tiny import (
     make_host,
     tiny_convnet,
     tiny_gauss,
+    tiny_gelu_mlp,
     tiny_mlp,
     tiny_resnet,
 )
 
 __all__ = ["CORRECTION_TOLERANCE", "TINY_TASK_PLUGIN", "TinyTask", "W8A8_AGREEMENT_FLOOR", "check_allocator",
            "check_calibrator", "check_correction", "check_quantizer", "FakeQuantCase", "fake_quant_case", "same_bits",
-           "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_mlp", "tiny_resnet", "TinyResNet",
-           "uniform_sqnr_floor"]
+           "make_host", "run_tiny", "tiny_convnet", "tiny_gauss", "tiny_gelu_mlp", "tiny_mlp", "tiny_resnet",
+           "TinyResNet", "uniform_sqnr_floor"]

@@ -83,6 +83,18 @@ def tiny_mlp(seed: int = 0, classes: int = 4) -> nn.Module:
     return model.eval()
 
 
+def tiny_gelu_mlp(seed: int = 0, classes: int = 6) -> nn.Module:
+    """Flatten-Linear(64, 32)-GELU-Dropout-Linear(32, 24)-ReLU-Linear for ``[B, 1, 8, 8]`` inputs; three hidden
+    channels of the GELU output are 30x larger than the rest (a transformer MLP's fc2 input in small: what input
+    equalization, ``-o equalize=gelu``, is for). Layer names: ``1``, ``4`` (fed by the GELU), ``6``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 24),
+                          nn.ReLU(), nn.Linear(24, classes))
+    with torch.no_grad():
+        model[1].weight[:3] *= 30.0
+    return model.eval()
+
+
 def tiny_gauss(seed: int = 0, classes: int = 128) -> nn.Module:
     """Flatten-Linear(64, ``classes``) without bias whose weight is drawn from N(0, 1): one layer with a
     Gaussian weight ``[classes, 64]``, for measuring a quantizer's SQNR through the pipeline
