@@ -81,6 +81,7 @@ def test_all_mode_and_a_model_without_gelu(calib) -> None:
 def test_refused_where_it_cannot_apply(calib) -> None:
     q = qcore.quantize(gelu_mlp(), calib, method="uniform", w_bits=8, a_bits=8,
                        layers={"6": {"a_bits": "fp", "w_bits": 8}}, options={"first_last": "same"})
+    assert q.report["quantized"]["equalized"]["layers"] == ["4"]  # equalize=gelu is the default
     host_model = q.model
     with pytest.raises(qcore.QcoreError, match="cannot equalize layer '6': its input is not quantized"):
         qcore.equalize_inputs(host_model, gelu_mlp(), lambda m, b: m(b), [calib], ["6"])

@@ -139,8 +139,9 @@ def equalize_inputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[n
         if layers not in ("gelu", "all"):
             raise QcoreError(f"equalize={layers!r} is not known; use one of {', '.join(MODES)}")
         names = [n for n, layer in wrapped.items() if equalizable(layer) is None]
-        if layers == "gelu" and names and batches:
-            names = gelu_fed_layers(fp_model, forward, batches[0], names)
+        if layers == "gelu":  # no nn.GELU module: nothing to look for (and no forward pass spent on it)
+            has_gelu = any(isinstance(m, nn.GELU) for m in fp_model.modules())
+            names = gelu_fed_layers(fp_model, forward, batches[0], names) if names and batches and has_gelu else []
     else:
         names = list(layers)
         for n in names:
