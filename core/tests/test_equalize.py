@@ -119,7 +119,7 @@ def test_save_load_and_packed_layers_reproduce_the_equalized_model(tmp_path, cal
 def test_onnx_export_writes_a_mul_before_the_quantize_and_equals_the_fake_quant_model(tmp_path, calib) -> None:
     q = _quantize(calib, "gelu")
     path = tmp_path / "m.onnx"
-    report = qcore.export_onnx(q.model, calib[:8], path)
+    report = qcore.export_onnx(q.model, calib[:8], path, check=False)  # the test runs onnxruntime itself
     assert report.equalized_inputs == ["4"]
     graph = onnx.load(str(path)).graph
     producers = {o: n for n in graph.node for o in n.output}

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore._errors import QcoreError
-from qcore._layers import watch_layers
+from qcore._layers import run_hooked, watch_layers
 from qcore._wrap import QuantLayer, quant_layers
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,8 @@ def gelu_fed_layers(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
 
     handles = [m.register_forward_hook(on_gelu) for m in model.modules() if isinstance(m, nn.GELU)]
     handles += [model.get_submodule(n).register_forward_pre_hook(on_layer(n)) for n in names]
-    try:
-        with torch.no_grad():
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        run_hooked(model, forward, [batch], handles)
     return [n for n in names if n in fed]
 
 

@@ -369,7 +369,7 @@ def _describe_equalized(quantized: dict[str, Any], scales: dict[str, torch.Tenso
         f"; inputs of {len(scales)} layers equalized (-o equalize={pipeline.equalize}, alpha "
         f"{pipeline.equalize_alpha:g}: per-input-channel scales s moved into the weight columns, the input x/s "
         "quantized per tensor; at run time one float multiply per input element before the quantizer, fusable "
-        "with a preceding GELU or folded into a preceding LayerNorm's affine)")
+        "with a preceding GELU, foldable into a preceding LayerNorm's affine; a Mul in the ONNX export)")
 
 
 def calibration_samples(batches: Any) -> int | None:
