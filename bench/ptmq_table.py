@@ -11,7 +11,8 @@ Runs, each as the ``qcore`` command line (so every number has its exact command)
 
 Every run: 512 embedded train-split calibration images, seed 0, the full 10,000-image Fashion-MNIST test split;
 first and last layer (weights and inputs) at 8 bits, BN folded, the inputs of every conv/linear quantized per tensor
-(affine), weights per output channel (affine for ptmq/qdrop); deployable integer grids (simulated). Finished runs
+(affine), weights per output channel (affine for ptmq/qdrop), the inputs of GELU-fed layers equalized (qcore's and
+ptmq's default ``-o equalize=gelu``; none on the ResNet); deployable integer grids (simulated). Finished runs
 are kept under ``--out`` and skipped when the script is run again (a killed table resumes). Prints a Markdown table
 (top-1 and calibration seconds) and writes ``table.json`` and ``table.md`` under ``--out``.
 """

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import qcore
 from qcore.ranges import minmax_range
-from qcore.testing import make_host, run_tiny, tiny_resnet
+from qcore.testing import make_host, run_tiny, tiny_gelu_mlp, tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +252,44 @@ def test_a_switched_setting_exports_to_onnx_exactly(tiny, tmp_path):
             want = model(CALIB[:6])
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     qcore.select_bits(model, 4, 4)  # the fixture's setting, for the tests after this one
+
+
+# -- input equalization (the method's default -o equalize=gelu) -----------------------------------------------------
+def test_the_default_equalization_leaves_a_model_without_gelu_unchanged(tiny, host):
+    """``equalize=gelu`` is ptmq's default; on a model without GELU (the ResNet) no layer qualifies, so the run is
+    the ``equalize=off`` run exactly: same weights, roundings and every bit's steps."""
+    out, _ = tiny
+    assert "equalized" not in out.report["quantized"]
+    assert all(layer.input_scale is None for layer in qcore.quant_layers(out.model).values())
+    off = quantize_tiny(host, equalize="off")
+    a, b = out.model.state_dict(), off.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_the_default_equalizes_the_gelu_fed_input_and_every_bit_keeps_it(host, tmp_path):
+    """On a GELU MLP the default equalizes the GELU-fed layer's input (before the per-bit ranges are set); the
+    saved file holds the scales once, every switched setting loads them, and the low-bit settings gain from it."""
+    calib = CALIB
+    ref = tiny_gelu_mlp()(calib).detach()
+
+    def run(**options):
+        return qcore.quantize(tiny_gelu_mlp(), calib, "ptmq", w_bits=4, a_bits=4, seed=0, batch_size=32, host=host,
+                              options={"iters": 12, "cache": "off", **options})
+
+    eq, off = run(), run(equalize="off")
+    assert eq.report["quantized"]["equalized"]["layers"] == ["4"] and "equalized" not in off.report["quantized"]
+    path = eq.save(tmp_path / "eq.qcore")
+    saved = load_file(str(path))
+    assert "4.input_scale" in saved and "1.input_scale" not in saved
+    errors: dict[str, dict[int, float]] = {"eq": {}, "off": {}}
+    for b in (3, 4, 8):
+        loaded = qcore.load(path, tiny_gelu_mlp(), host=host, bits=(b, b))
+        assert torch.equal(loaded.get_submodule("4").input_scale, saved["4.input_scale"])
+        qcore.select_bits(eq.model, b, b)
+        qcore.select_bits(off.model, b, b)
+        with torch.no_grad():
+            y = loaded(calib)
+            assert torch.equal(y, eq.model(calib))
+            errors["eq"][b] = float((y - ref).pow(2).mean())
+            errors["off"][b] = float((off.model(calib) - ref).pow(2).mean())
+    assert errors["eq"][3] < errors["off"][3] and errors["eq"][4] < errors["off"][4], errors
