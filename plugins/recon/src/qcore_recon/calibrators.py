@@ -122,15 +122,16 @@ class _ReconCalibrator(RangeCalibrator):
         units = find_units(model, blocks=self.declared_blocks(ctx))
         facts: dict[str, Any] = {
             "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS,
-            "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 gives "
-                           "the paper's setting") if o.iters < PAPER_ITERS else "the papers' setting",
+            "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 "
+                           "--calib-size 1024 gives the papers' setting") if o.iters < PAPER_ITERS
+            else "the papers' steps per unit",
             "calibration_samples": _samples(ctx.calibration_batches()),
             "blocks": [u.name for u in units if u.kind == "block"],
             "layerwise": [u.name for u in units if u.kind == "layer"],
         }
         if o.iters < PAPER_ITERS:
-            log.info("%s: %d steps per block/layer (the papers use %d; -o iters=%d for their setting)", self.name,
-                     o.iters, PAPER_ITERS, PAPER_ITERS)
+            log.info("%s: %d steps per block/layer (the papers use %d on 1024 images; -o iters=%d --calib-size 1024 "
+                     "for their setting)", self.name, o.iters, PAPER_ITERS, PAPER_ITERS)
         start = time.perf_counter()
         root = None if o.cache == "off" else default_cache_root() if o.cache == "auto" else Path(o.cache)
         for stage, settings, loss in self.passes(ctx):
