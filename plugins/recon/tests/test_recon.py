@@ -270,6 +270,11 @@ def test_torchvision_resnet_and_mobilenet_blocks_are_recognised():
     r18, r50 = tv.models.resnet18(), tv.models.resnet50()
     assert is_block(r18.layer1[0]) and is_block(r50.layer1[0])  # BasicBlock, Bottleneck
     assert is_block(tv.models.mobilenet_v2().features[1])  # InvertedResidual
+    regnet = tv.models.regnet_x_400mf()
+    assert is_block(regnet.trunk_output.block1[0]) and type(regnet.trunk_output.block1[0]).__name__ == \
+        "ResBottleneckBlock"
+    mnas = tv.models.mnasnet0_5()
+    assert is_block(mnas.layers[8][0]) and type(mnas.layers[8][0]).__name__ == "_InvertedResidual"
     assert not is_block(r18.layer1) and not is_block(r18)
 
 
