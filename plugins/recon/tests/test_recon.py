@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,9 @@ def test_same_seed_same_model(host):
     b = quantize_tiny(host, seed=3).model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    # not vacuous: the seed reaches the reconstruction (mini-batches, QDrop masks), so another seed differs
+    c = quantize_tiny(host, seed=4).model.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a if isinstance(a[k], torch.Tensor))
 
 
 def test_qdrop_with_keep_prob_1_is_brecqs_activation_in_the_loop_block(host):
@@ -252,7 +256,7 @@ def test_each_method_runs_by_plugin_name(host, name, calibrator):
 
 
 @pytest.mark.parametrize("bad", [{"iters": -1}, {"drop_prob": 1.5}, {"warmup": 1.0}, {"recon_batch": 0},
-                                 {"cache": ""}])
+                                 {"memory_mb": -1}, {"cache": ""}])
 def test_bad_options_are_user_errors(host, bad):
     with pytest.raises(qcore.QcoreError):
         run_tiny(host, plugin="qdrop", options=bad)
@@ -266,6 +270,11 @@ def test_torchvision_resnet_and_mobilenet_blocks_are_recognised():
     r18, r50 = tv.models.resnet18(), tv.models.resnet50()
     assert is_block(r18.layer1[0]) and is_block(r50.layer1[0])  # BasicBlock, Bottleneck
     assert is_block(tv.models.mobilenet_v2().features[1])  # InvertedResidual
+    regnet = tv.models.regnet_x_400mf()
+    assert is_block(regnet.trunk_output.block1[0]) and type(regnet.trunk_output.block1[0]).__name__ == \
+        "ResBottleneckBlock"
+    mnas = tv.models.mnasnet0_5()
+    assert is_block(mnas.layers[8][0]) and type(mnas.layers[8][0]).__name__ == "_InvertedResidual"
     assert not is_block(r18.layer1) and not is_block(r18)
 
 
@@ -385,3 +394,26 @@ def test_brecq_with_the_fisher_loss(host):
     with pytest.raises(qcore.QcoreError, match="Fisher"):
         reconstruct(base.model, base.outcome.ctx.model, base.outcome.ctx, settings=ReconSettings(fisher=True),
                     loss=lambda p, t: (p - t).abs().mean())
+
+
+def test_cached_block_data_over_the_memory_limit_is_read_from_disk(host, tmp_path, monkeypatch):
+    """Block inputs/targets beyond -o memory_mb go to a temporary file, memory-mapped; the model is the same."""
+    import tempfile
+
+    from qcore_recon.recon import capture
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_resnet().eval()
+    batches = [CALIB[:24], CALIB[24:]]
+    x, y = capture(model, qcore.default_forward, batches, "blocks.1", output=True)
+    xd, yd = capture(model, qcore.default_forward, batches, "blocks.1", output=True, memory_limit=1000)
+    assert torch.equal(x, xd) and torch.equal(y, yd)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the spilled tensor's memory is a mapping of the (deleted) temporary file
+        ptr = xd.untyped_storage().data_ptr()
+        spans = [line.split()[0].split("-") for line in maps.read_text().splitlines() if "qcore-recon-" in line]
+        assert any(int(lo, 16) <= ptr < int(hi, 16) for lo, hi in spans)
+    assert list(tmp_path.iterdir()) == []  # the file is unlinked once mapped: nothing is left behind
+    in_memory = quantize_tiny(host).model.state_dict()
+    on_disk = quantize_tiny(host, memory_mb=0).model.state_dict()
+    assert all(torch.equal(in_memory[k], on_disk[k]) for k in in_memory if isinstance(in_memory[k], torch.Tensor))

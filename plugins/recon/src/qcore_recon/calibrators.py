@@ -18,7 +18,7 @@ from qcore import RangeCalibrator, RangeOptions
 from qcore.ranges import RangeFn, mse_range
 from qcore_recon.blocks import find_units
 from qcore_recon.cache import default_cache_root
-from qcore_recon.recon import LossFn, ReconSettings, lp_loss, reconstruct
+from qcore_recon.recon import DEFAULT_MEMORY_LIMIT, LossFn, ReconSettings, lp_loss, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class ReconOptions(RangeOptions):
     warmup: float = field(default=0.2, metadata={"help": "fraction of steps before the rounding regulariser starts"})
     recon_granularity: Literal["block", "layer"] = field(default="block", metadata={
         "help": "reconstruct residual blocks as units ('block'; other layers layer-wise) or every layer alone"})
+    memory_mb: float = field(default=DEFAULT_MEMORY_LIMIT / 2**20, metadata={
+        "help": "MB each cached block input/target may hold in memory; larger ones are written to a temporary file "
+                "($TMPDIR) and read memory-mapped (same result, slower steps)"})
     cache: str = field(default="auto", metadata={
         "help": "per-block resume cache: 'auto' ($QCORE_CACHE_DIR or ~/.cache/qcore/recon), 'off', or a folder"})
 
@@ -66,6 +69,9 @@ class ReconOptions(RangeOptions):
             raise qcore.QcoreError(f"reg_weight={self.reg_weight} must be 0 or more (the papers: 0.01, MobileNet 0.1)")
         if not 0.0 <= self.warmup < 1.0:
             raise qcore.QcoreError(f"warmup={self.warmup} must be in [0, 1) (the papers use 0.2)")
+        if not self.memory_mb >= 0:
+            raise qcore.QcoreError(f"memory_mb={self.memory_mb} must be 0 or more (0 writes every cached block "
+                                   "input/target to disk)")
         if not self.cache.strip():
             raise qcore.QcoreError("cache='' names no folder: use 'auto', 'off' or a folder")
 
@@ -122,20 +128,21 @@ class _ReconCalibrator(RangeCalibrator):
         units = find_units(model, blocks=self.declared_blocks(ctx))
         facts: dict[str, Any] = {
             "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS,
-            "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 gives "
-                           "the paper's setting") if o.iters < PAPER_ITERS else "the papers' setting",
+            "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 "
+                           "--calib-size 1024 gives the papers' setting") if o.iters < PAPER_ITERS
+            else "the papers' steps per unit",
             "calibration_samples": _samples(ctx.calibration_batches()),
             "blocks": [u.name for u in units if u.kind == "block"],
             "layerwise": [u.name for u in units if u.kind == "layer"],
         }
         if o.iters < PAPER_ITERS:
-            log.info("%s: %d steps per block/layer (the papers use %d; -o iters=%d for their setting)", self.name,
-                     o.iters, PAPER_ITERS, PAPER_ITERS)
+            log.info("%s: %d steps per block/layer (the papers use %d on 1024 images; -o iters=%d --calib-size 1024 "
+                     "for their setting)", self.name, o.iters, PAPER_ITERS, PAPER_ITERS)
         start = time.perf_counter()
         root = None if o.cache == "off" else default_cache_root() if o.cache == "auto" else Path(o.cache)
         for stage, settings, loss in self.passes(ctx):
             report = reconstruct(model, ctx.model, ctx, settings=settings, units=units, loss=loss,
-                                 desc=f"{self.name} {stage}", cache=root)
+                                 desc=f"{self.name} {stage}", cache=root, memory_limit=int(o.memory_mb * 2**20))
             facts[stage] = report.as_dict()
         facts["seconds"] = round(time.perf_counter() - start, 2)
         ctx.measured[self.name] = facts

@@ -16,6 +16,8 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,14 +240,81 @@ def _frozen_params(*models: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+#: bytes of cached unit inputs and targets (each tensor) held in memory before they go to a file on disk
+DEFAULT_MEMORY_LIMIT = 4 << 30
+
+
+class _Held:
+    """Tensors captured batch by batch and concatenated along dim 0: in memory up to ``limit`` bytes; beyond it,
+    written to an unlinked temporary file (``$TMPDIR``) and returned memory-mapped on the CPU (read-only use)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.parts, self.bytes, self.count = limit, [], 0, 0
+        self.file: Any = None
+        self.rows, self.shape, self.dtype = 0, None, None
+
+    def __len__(self) -> int:
+        return self.count  # tensors appended so far
+
+    def append(self, t: Tensor) -> None:
+        if self.shape is None:
+            self.shape, self.dtype = tuple(t.shape[1:]), t.dtype
+        elif tuple(t.shape[1:]) != self.shape or t.dtype != self.dtype:
+            self.limit = None  # ragged batches: torch.cat decides (and reports) as before
+            if self.file is not None:
+                raise qcore.QcoreError("captured batches differ in shape or dtype; reconstruction needs equal ones")
+        self.parts.append(t)
+        self.count += 1
+        self.bytes += t.numel() * t.element_size()
+        if self.limit is not None and self.bytes > self.limit:
+            self._spill()
+
+    def trim(self, n: int) -> None:
+        """Keep the first ``n`` captured parts (drop extra captures of one forward pass)."""
+        if self.file is None:
+            del self.parts[n:]
+
+    def _spill(self) -> None:
+        if self.file is None:
+            # open across appends, closed and unlinked in result()
+            self.file = tempfile.NamedTemporaryFile(prefix="qcore-recon-", suffix=".bin", delete=False)  # noqa: SIM115
+        for t in self.parts:
+            self.file.write(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+            self.rows += int(t.shape[0])
+        self.parts = []
+
+    def discard(self) -> None:
+        """Drop what was captured and delete the file, if any (capture failed)."""
+        self.parts = []
+        if self.file is not None:
+            self.file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.file.name)
+            self.file = None
+
+    def result(self) -> Tensor:
+        if self.file is None:
+            return torch.cat(self.parts)
+        self._spill()
+        self.file.close()
+        nbytes = os.path.getsize(self.file.name)
+        try:
+            flat = torch.from_file(self.file.name, shared=False, size=nbytes, dtype=torch.uint8)
+        finally:
+            os.unlink(self.file.name)  # the mapping stays valid; nothing is left on disk after the run
+        log.debug("%.1f MB of cached unit data memory-mapped from disk", nbytes / 2**20)
+        return flat.view(self.dtype).view(self.rows, *self.shape)
+
+
 @torch.no_grad()
 def capture(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Sequence[Any], name: str,
-            output: bool) -> tuple[Tensor, Tensor | None]:
+            output: bool, memory_limit: int | None = None) -> tuple[Tensor, Tensor | None]:
     """The input (and output, when ``output``) of submodule ``name`` over ``batches``, concatenated along the
-    batch dimension; each forward pass stops once the submodule has run."""
+    batch dimension; each forward pass stops once the submodule has run. A tensor over ``memory_limit`` bytes
+    (None: no limit) is written to disk batch by batch and returned memory-mapped on the CPU."""
     module = model.get_submodule(name)
-    ins: list[Tensor] = []
-    outs: list[Tensor] = []
+    ins = _Held(memory_limit)
+    outs = _Held(memory_limit)
 
     def take_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
@@ -271,17 +340,22 @@ def capture(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches:
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
         for batch in batches:
-            n = len(ins)
+            n, m = len(ins.parts), len(outs.parts)
+            before = len(ins)
             with contextlib.suppress(_Stop):
                 forward(model, batch)
-            if len(ins) == n:
+            if len(ins) == before:
                 raise qcore.QcoreError(f"the calibration data never reached unit {name!r}")
-            del ins[n + 1:]
-            del outs[n + 1:]
+            ins.trim(n + 1)
+            outs.trim(m + 1)
+    except BaseException:
+        ins.discard()
+        outs.discard()
+        raise
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(ins), (torch.cat(outs) if output else None)
+    return ins.result(), (outs.result() if output else None)
 
 
 def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | Sequence[Any], *,
@@ -289,8 +363,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
                 blocks: Sequence[str] | None = None, units: Sequence[Unit] | None = None,
                 loss: LossFn | None = None, objective: Objective | None = None,
                 weight_rounding: RoundingFactory | None = None,
-                act_quant: ActFactory | None = None, desc: str = "recon", cache: Path | str | None = None
-                ) -> ReconReport:
+                act_quant: ActFactory | None = None, desc: str = "recon", cache: Path | str | None = None,
+                memory_limit: int | None = DEFAULT_MEMORY_LIMIT) -> ReconReport:
     """Reconstruct ``model`` (wrapped by qcore, every quantizer calibrated) towards ``fp_model`` unit by unit.
 
     :param model: the quantized model; its weights and input quantizers are updated in place.
@@ -309,6 +383,9 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
     :param desc: names the pass in logs, progress bars and the cache key.
     :param cache: a folder for per-unit resume (:mod:`qcore_recon.cache`); None for none. Custom ``loss``,
         ``objective``, ``weight_rounding`` and ``act_quant`` enter the key by their qualified names only.
+    :param memory_limit: bytes each of a unit's cached tensors (quantized-model input, FP input, FP output) may
+        hold in memory; a larger one is written to a temporary file and read memory-mapped (None: no limit). The
+        result does not depend on it.
     :returns: per unit, the seconds and the loss before and after.
     """
     s = settings or ReconSettings()
@@ -355,7 +432,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
                 continue
             later = [n for u in todo[i + 1:] for n in u.layers]
             rep = _reconstruct_unit(model, fp_model, batches, forward, unit, s, i, objective, make_rounding,
-                                    make_act, desc, later)
+                                    make_act, desc, later, memory_limit)
             report.units.append(rep)
             if store is not None:
                 state = {k: v.detach().cpu() for k, v in model.get_submodule(unit.name).state_dict().items()}
@@ -366,12 +443,13 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: qcore.RunContext | 
 def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[Any],
                       forward: Callable[[nn.Module, Any], Any], unit: Unit, s: ReconSettings, index: int,
                       objective: Objective, make_rounding: RoundingFactory, make_act: ActFactory, desc: str,
-                      later: Sequence[str] = ()) -> UnitReport:
+                      later: Sequence[str] = (), memory_limit: int | None = None) -> UnitReport:
     start = time.perf_counter()
-    fp_in, target = capture(fp_model, forward, batches, unit.name, output=True)
+    fp_in, target = capture(fp_model, forward, batches, unit.name, output=True, memory_limit=memory_limit)
     assert target is not None
     fisher = fisher_weights(model, fp_model, forward, batches, unit.name, later) if s.fisher else None
-    q_in = fp_in if s.inputs == "fp" else capture(model, forward, batches, unit.name, output=False)[0]
+    q_in = fp_in if s.inputs == "fp" else capture(model, forward, batches, unit.name, output=False,
+                                                   memory_limit=memory_limit)[0]
     if q_in.shape != fp_in.shape:
         raise qcore.QcoreError(f"unit {unit.name!r} sees inputs of shape {tuple(q_in.shape)} in the quantized model "
                                f"and {tuple(fp_in.shape)} in the FP model; the models do not match")
@@ -403,19 +481,21 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
         lam = s.lam(unit)
         gen = torch.Generator().manual_seed(s.seed * 1000003 + 2 * index)
         n_samples = fp_in.shape[0]
+        device = fisher.device if fisher is not None else _device_of(module, fp_in)
         mixed = s.inputs == "mixed" and s.keep_prob is not None
         iters = s.iters if opts else 0
         for it in qcore.track(range(iters), desc=f"{desc} {unit.name}", unit="it",
                               postfix=lambda: f"loss {losses[-1]:.4g}" if losses else ""):
             idx = torch.randint(n_samples, (min(s.batch_size, n_samples),), generator=gen)
-            x = q_in[idx]
+            x = q_in[idx].to(device)  # .to: no-op unless the tensor was spilled to disk (memory_limit)
             if mixed:
-                u = torch.rand(x.shape, generator=drop_gen).to(x.device)
-                x = torch.where(u < s.keep_prob, x, fp_in[idx])
+                u = torch.rand(x.shape, generator=drop_gen).to(device)
+                x = torch.where(u < s.keep_prob, x, fp_in[idx].to(device))
+            y = target[idx].to(device)
             if fisher is not None:
-                rec = lp_loss(module(x), target[idx], 2.0, weight=fisher[idx])
+                rec = lp_loss(module(x), y, 2.0, weight=fisher[idx])
             else:
-                rec = objective(module, x, target[idx], unit)
+                rec = objective(module, x, y, unit)
             total = rec
             beta = s.beta_at(it)
             if beta is not None and roundings:
@@ -435,6 +515,13 @@ def _reconstruct_unit(model: nn.Module, fp_model: nn.Module, batches: Sequence[A
     log.info("%s %s (%s, %d layer(s)): %d steps, loss %.5g -> %.5g, %.1f s", desc, unit.name, unit.kind,
              len(layers), iters, rep.loss_start, rep.loss_end, seconds)
     return rep
+
+
+def _device_of(module: nn.Module, fallback: Tensor) -> torch.device:
+    """Where the unit computes: its first parameter's or buffer's device, else ``fallback``'s."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return fallback.device
 
 
 @contextlib.contextmanager
