@@ -62,6 +62,23 @@ def run_peer(peer: str, model: str, data: Path, out: Path, fp_top1: float, only:
                                                            error=reason))
 
 
+def _fp_top1(model: str, data: Path, out: Path) -> float:
+    """The FP model's top-1 on ``data``, measured once per model and kept in ``out/<model>/fp.json`` (every later
+    run_all.py call on the same export reuses it instead of another pass over the 10,000 test images)."""
+    cache = out / model / "fp.json"
+    key = {"data": data.name, "data_mtime": data.stat().st_mtime, "weights_mtime":
+           (common.WEIGHTS / f"{model}.safetensors").stat().st_mtime}
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if {k: kept.get(k) for k in key} == key:
+            return float(kept["fp_top1"])
+    fp_top1 = round(common.evaluate(common.load_model(model), common.load_data(data)), 2)
+    log.info("%s FP top-1 %.2f", model, fp_top1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({**key, "fp_top1": fp_top1}) + "\n")
+    return fp_top1
+
+
 def _bits(r: dict) -> str:
     return f"W{r['w_bits']}A{r['a_bits']}" if r["w_bits"] else "-"
 
@@ -104,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             if not data.exists():
                 log.info("exporting the calibration/evaluation tensors to %s", data)
                 common.export_data(data, model=model)
-            fp_top1 = round(common.evaluate(common.load_model(model), common.load_data(data)), 2)
-            log.info("%s FP top-1 %.2f", model, fp_top1)
+            fp_top1 = _fp_top1(model, data, args.out)
             for peer in args.peer or ("qcore",) + PEERS:
                 run_peer(peer, model, data, args.out, fp_top1, args.only, args.skip)
     text = "\n".join(table(args.out, m) for m in models if (args.out / m).is_dir())
