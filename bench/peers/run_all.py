@@ -94,7 +94,7 @@ def table(out: Path, model: str) -> str:
              "| W/A | toolkit | method | top-1 | Δ FP | calib s | first/last | residual adds | weights | "
              "activations | deployable? |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else f"failed: {r['error']}"
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else f"failed: {' '.join(str(r['error']).split())}"
         delta = f"{r['top1'] - r['fp_top1']:+.2f}" if r["top1"] is not None and r["fp_top1"] else ""
         tk = f"{r['toolkit']} {r['version']}".strip()
         lines.append(f"| {_bits(r)} | {tk} | {r['method']} | {top1} | {delta} | {r['calibration_seconds'] or ''} | "
