@@ -45,19 +45,21 @@ def data_file(out: Path, model: str) -> Path:
     return out / ("data.npz" if (channels, size) == (1, 28) else f"data-{channels}x{size}.npz")
 
 
-def export_data(path: Path, calib_size: int = CALIB_SIZE, seed: int = SEED, model: str = "fmnist_resnet") -> dict[str, str]:
+def export_data(path: Path, calib_size: int = CALIB_SIZE, seed: int = SEED, model: str = "fmnist_resnet",
+                eval_size: int | None = None) -> dict[str, str]:
     """Write the calibration and evaluation tensors to ``path`` (.npz), picked and normalised by qcore's own
     classification data path (``fashion_mnist_embedded``, the default of ``qcore run`` on zoo models), adapted to
     ``model``'s input (the same images for every model; 32 px RGB models get them resized and repeated).
 
     Arrays: ``calib`` float32 [N, C, S, S], ``test_x`` float32 [10000, C, S, S], ``test_y`` int64 [10000],
-    all already normalised with the zoo models' mean and std. Returns the data description qcore records.
+    all already normalised with the zoo models' mean and std (``eval_size``: only the first that many test images,
+    for tests). Returns the data description qcore records.
     """
     from qcore_classification.data import fashion_mnist_embedded
     from qcore_classification.loaders import load_zoo
 
     spec = load_zoo(model, None).input
-    data = fashion_mnist_embedded(spec, calib_size, None, 256, seed)
+    data = fashion_mnist_embedded(spec, calib_size, eval_size, 256, seed)
     calib = torch.cat(data.calibration).numpy().astype(np.float32)
     xs, ys = zip(*data.evaluation())
     path.parent.mkdir(parents=True, exist_ok=True)
