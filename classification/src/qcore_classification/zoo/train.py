@@ -10,11 +10,12 @@ The torchvision models of the zoo (``fmnist_tv_*``) were trained on a CPU budget
 float16 weights run in float32, which is the FP reference every benchmark uses)::
 
     python -m qcore_classification.zoo.train --arch fmnist_tv_mobilenetv2 --data /usr/share/datasets/fashion-mnist \
-        --out classification/src/qcore_classification/zoo/weights --epochs 2 --train-size 20000 --fp16 --seed 0
+        --out classification/src/qcore_classification/zoo/weights --epochs 1 --train-size 16000 --fp16 --seed 0
 
 Augmentation: random shifts by up to 2 pixels (zero padding) and horizontal flips, applied to whole batches
 on the training device; models with another input (``zoo.models.INPUTS``: 3 channels, 32 px) get the augmented
-28 px batch resized and repeated to their input exactly as ``qcore_classification.data.adapt`` does. Optimiser: SGD with Nesterov momentum (ResNet) or AdamW (ViT), cosine schedule with
+28 px batch resized and repeated to their input exactly as ``qcore_classification.data.adapt`` does.
+Optimiser: SGD with Nesterov momentum (ResNet) or AdamW (ViT), cosine schedule with
 warm-up, label smoothing 0.1. Works on CPU; a GPU makes it fast.
 """
 
@@ -134,7 +135,8 @@ def train(arch: str, data: Path, out: Path, epochs: int | None, seed: int, devic
             sched.step()
             running += float(loss.detach())
             if (i + 1) % 50 == 0:
-                log.debug("%s epoch %d step %d/%d loss %.4f", arch, epoch + 1, i + 1, steps_per_epoch, running / (i + 1))
+                log.debug("%s epoch %d step %d/%d loss %.4f", arch, epoch + 1, i + 1, steps_per_epoch,
+                          running / (i + 1))
         last = epoch == recipe["epochs"] - 1  # the last epoch's top-1 is the final evaluation below (one pass less)
         acc = evaluate(model, xte, yte) if (epoch % 5 == 4 and not last) else None
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "test_top1": acc,
@@ -154,7 +156,8 @@ def train(arch: str, data: Path, out: Path, epochs: int | None, seed: int, devic
         "command": "python -m qcore_classification.zoo.train " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "train_seconds": round(time.time() - t0, 1), "history": history,
-        "data": f"Fashion-MNIST train split ({xtr.shape[0]:,}{'' if train_size is None else f' of 60,000, seed {seed}'}) "
+        "data": f"Fashion-MNIST train split ({xtr.shape[0]:,}"
+                f"{'' if train_size is None else f' of 60,000, seed {seed}'}) "
                 "for training; test split (10,000) for the reported top-1",
         "input": "x".join(map(str, (INPUTS[arch][0], INPUTS[arch][1], INPUTS[arch][1]))),
         "storage": "float16" if fp16 else "float32",
