@@ -63,3 +63,23 @@ def test_table_lists_failures_with_their_error(tmp_path: Path) -> None:
     text = run_all.table(tmp_path, "fmnist_resnet")
     assert "| W4A4 | qcore 0.1.0 | uniform | 93.50 | -1.15 | 2.0 | 8-bit (W8A8) |" in text
     assert "failed: ValueError: no 4-bit" in text
+
+
+def test_torchvision_zoo_models_get_their_own_export(tmp_path: Path) -> None:
+    """MobileNetV2 (3x32x32 input) reads data-3x32.npz: the same picked images, adapted by qcore's data path."""
+    from qcore_classification.data import fashion_mnist_embedded
+    from qcore_classification.loaders import load_zoo
+
+    common = _load("common")
+    assert common.data_file(tmp_path, "fmnist_vit") == tmp_path / "data.npz"
+    path = common.data_file(tmp_path, "fmnist_tv_mobilenetv2")
+    assert path == tmp_path / "data-3x32.npz" and common.data_file(tmp_path, "fmnist_tv_resnet18") == path
+    common.export_data(path, calib_size=8, seed=0, model="fmnist_tv_mobilenetv2", eval_size=16)
+    data = common.load_data(path)
+    assert data.calib.shape == (8, 3, 32, 32) and data.test_x.shape == (16, 3, 32, 32)
+    ref = fashion_mnist_embedded(load_zoo("fmnist_tv_mobilenetv2", None).input, 8, 16, 16, 0)
+    assert torch.equal(data.calib, torch.cat(ref.calibration))
+    assert torch.equal(data.test_x[:16], next(iter(ref.evaluation()))[0])
+    model = common.load_model("fmnist_tv_mobilenetv2")  # float16 on disk, float32 here
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert common.first_last(model) == ("features.0.0", "classifier.1")

@@ -29,25 +29,37 @@ log = logging.getLogger("peers")
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "classification" / "src" / "qcore_classification" / "zoo" / "weights"
-MODELS = ("fmnist_resnet", "fmnist_vit")
+MODELS = ("fmnist_resnet", "fmnist_vit", "fmnist_tv_resnet18", "fmnist_tv_mobilenetv2")
 CALIB_SIZE = 512
 SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------------- data
 
-def export_data(path: Path, calib_size: int = CALIB_SIZE, seed: int = SEED) -> dict[str, str]:
-    """Write the calibration and evaluation tensors to ``path`` (.npz), picked and normalised by qcore's own
-    classification data path (``fashion_mnist_embedded``, the default of ``qcore run`` on zoo models).
+def data_file(out: Path, model: str) -> Path:
+    """The export for ``model``'s input under ``out``: ``data.npz`` for the 1x28x28 zoo models (the file name of the
+    first tables), ``data-3x32.npz`` for the 32 px RGB torchvision ones (same images, same picks)."""
+    from qcore_classification.zoo.models import INPUTS
 
-    Arrays: ``calib`` float32 [N, 1, 28, 28], ``test_x`` float32 [10000, 1, 28, 28], ``test_y`` int64 [10000],
-    all already normalised with the zoo models' mean and std. Returns the data description qcore records.
+    channels, size = INPUTS[model]
+    return out / ("data.npz" if (channels, size) == (1, 28) else f"data-{channels}x{size}.npz")
+
+
+def export_data(path: Path, calib_size: int = CALIB_SIZE, seed: int = SEED, model: str = "fmnist_resnet",
+                eval_size: int | None = None) -> dict[str, str]:
+    """Write the calibration and evaluation tensors to ``path`` (.npz), picked and normalised by qcore's own
+    classification data path (``fashion_mnist_embedded``, the default of ``qcore run`` on zoo models), adapted to
+    ``model``'s input (the same images for every model; 32 px RGB models get them resized and repeated).
+
+    Arrays: ``calib`` float32 [N, C, S, S], ``test_x`` float32 [10000, C, S, S], ``test_y`` int64 [10000],
+    all already normalised with the zoo models' mean and std (``eval_size``: only the first that many test images,
+    for tests). Returns the data description qcore records.
     """
     from qcore_classification.data import fashion_mnist_embedded
     from qcore_classification.loaders import load_zoo
 
-    spec = load_zoo("fmnist_resnet", None).input  # both zoo models take the same input
-    data = fashion_mnist_embedded(spec, calib_size, None, 256, seed)
+    spec = load_zoo(model, None).input
+    data = fashion_mnist_embedded(spec, calib_size, eval_size, 256, seed)
     calib = torch.cat(data.calibration).numpy().astype(np.float32)
     xs, ys = zip(*data.evaluation())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,14 +92,15 @@ def load_data(path: Path) -> Data:
 # ---------------------------------------------------------------------------------------------------- model
 
 def load_model(name: str) -> nn.Module:
-    """The zoo model ``name`` in eval mode with its shipped FP32 safetensors weights."""
+    """The zoo model ``name`` in eval mode with its shipped safetensors weights, as float32 (the torchvision zoo
+    models are stored in float16; that stored model is the FP reference)."""
     from safetensors.torch import load_file
 
     from qcore_classification.zoo.models import ARCHITECTURES
 
     model = ARCHITECTURES[name](10)
     model.load_state_dict(load_file(str(WEIGHTS / f"{name}.safetensors")))
-    return model.eval()
+    return model.float().eval()
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -168,6 +181,7 @@ def run_rows(toolkit: str, version: str, rows: Iterable[Row], argv: list[str] | 
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", action="append", default=[], help="run only rows whose 'method-WxAy' contains this")
+    ap.add_argument("--skip", action="append", default=[], help="leave out rows whose 'method-WxAy' contains this")
     ap.add_argument("--fp-top1", type=float, help="FP top-1 measured once by run_all.py (default: measure it)")
     ap.add_argument("--limit", type=int, help="debugging only: evaluate on the first N test images")
     args = ap.parse_args(argv)
@@ -181,7 +195,7 @@ def run_rows(toolkit: str, version: str, rows: Iterable[Row], argv: list[str] | 
     results = []
     for row in rows:
         tag = f"{row.method}-W{row.w_bits}A{row.a_bits}"
-        if args.only and not any(s in tag for s in args.only):
+        if (args.only and not any(s in tag for s in args.only)) or any(s in tag for s in args.skip):
             continue
         res = Result(args.model, toolkit, version, row.method, row.w_bits, row.a_bits, fp_top1=fp_top1,
                      **row.describe)
@@ -209,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("what", choices=["export"])
     ap.add_argument("out", type=Path)
+    ap.add_argument("--model", choices=MODELS, default="fmnist_resnet", help="export for this model's input")
     args = ap.parse_args(argv)
-    desc = export_data(args.out)
+    desc = export_data(args.out, model=args.model)
     print(json.dumps(desc))
 
 

@@ -7,6 +7,7 @@ rows itself)::
     bash bench/peers/setup_venvs.sh                      # once: one venv per peer under .venvs-peers/
     OMP_NUM_THREADS=1 python bench/peers/run_all.py      # every peer + qcore, zoo:fmnist_resnet
     python bench/peers/run_all.py --model fmnist_vit --peer brevitas --only W4A4
+    python bench/peers/run_all.py --model fmnist_tv_mobilenetv2 --only W4A4 --skip "gptq"
     python bench/peers/run_all.py --table-only           # rebuild the tables from the result.json files
 
 Each peer runs in a subprocess with its own venv (``.venvs-peers/<peer>/bin/python bench/peers/<peer>/run.py``); a peer
@@ -36,13 +37,15 @@ def _python(peer: str) -> Path:
     return Path(sys.executable) if peer == "qcore" else HERE.parents[1] / ".venvs-peers" / peer / "bin" / "python"
 
 
-def run_peer(peer: str, model: str, data: Path, out: Path, fp_top1: float, only: list[str]) -> None:
+def run_peer(peer: str, model: str, data: Path, out: Path, fp_top1: float, only: list[str],
+             skip: list[str] | None = None) -> None:
     """Run one peer's script; on a missing venv or a crash before any row, write an error row."""
     dest = out / model / peer
     dest.mkdir(parents=True, exist_ok=True)
     py = _python(peer)
     cmd = [str(py), str(HERE / peer / "run.py"), "--model", model, "--data", str(data), "--out", str(dest),
-           "--fp-top1", str(fp_top1)] + [a for s in only for a in ("--only", s)]
+           "--fp-top1", str(fp_top1)] + [a for s in only for a in ("--only", s)] + \
+        [a for s in skip or () for a in ("--skip", s)]
     logfile = dest / "run.log"
     if not py.exists():
         reason = f"no venv at {py.parent.parent}: run bash bench/peers/setup_venvs.sh {peer}"
@@ -57,6 +60,23 @@ def run_peer(peer: str, model: str, data: Path, out: Path, fp_top1: float, only:
     if rc != 0 and not list(dest.glob("*/result.json")):
         common.write_result(dest / "failed", common.Result(model, peer, "", "(script)", 0, 0, fp_top1=fp_top1,
                                                            error=reason))
+
+
+def _fp_top1(model: str, data: Path, out: Path) -> float:
+    """The FP model's top-1 on ``data``, measured once per model and kept in ``out/<model>/fp.json`` (every later
+    run_all.py call on the same export reuses it instead of another pass over the 10,000 test images)."""
+    cache = out / model / "fp.json"
+    key = {"data": data.name, "data_mtime": data.stat().st_mtime, "weights_mtime":
+           (common.WEIGHTS / f"{model}.safetensors").stat().st_mtime}
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if {k: kept.get(k) for k in key} == key:
+            return float(kept["fp_top1"])
+    fp_top1 = round(common.evaluate(common.load_model(model), common.load_data(data)), 2)
+    log.info("%s FP top-1 %.2f", model, fp_top1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({**key, "fp_top1": fp_top1}) + "\n")
+    return fp_top1
 
 
 def _bits(r: dict) -> str:
@@ -74,7 +94,7 @@ def table(out: Path, model: str) -> str:
              "| W/A | toolkit | method | top-1 | Δ FP | calib s | first/last | residual adds | weights | "
              "activations | deployable? |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else f"failed: {r['error']}"
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else f"failed: {' '.join(str(r['error']).split())}"
         delta = f"{r['top1'] - r['fp_top1']:+.2f}" if r["top1"] is not None and r["fp_top1"] else ""
         tk = f"{r['toolkit']} {r['version']}".strip()
         lines.append(f"| {_bits(r)} | {tk} | {r['method']} | {top1} | {delta} | {r['calibration_seconds'] or ''} | "
@@ -89,22 +109,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", action="append", choices=common.MODELS, help="default: fmnist_resnet")
     ap.add_argument("--peer", action="append", choices=("qcore",) + PEERS, help="default: all and qcore")
     ap.add_argument("--only", action="append", default=[], help="rows whose 'method-WxAy' contains this")
+    ap.add_argument("--skip", action="append", default=[], help="leave out rows whose 'method-WxAy' contains this")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     models = args.model or ["fmnist_resnet"]
-    data = args.out / "data.npz"
     if not args.table_only:
-        if not data.exists():
-            log.info("exporting the calibration/evaluation tensors to %s", data)
-            common.export_data(data)
-        loaded = common.load_data(data)
         for model in models:
-            fp_top1 = round(common.evaluate(common.load_model(model), loaded), 2)
-            log.info("%s FP top-1 %.2f", model, fp_top1)
+            data = common.data_file(args.out, model)
+            if not data.exists():
+                log.info("exporting the calibration/evaluation tensors to %s", data)
+                common.export_data(data, model=model)
+            fp_top1 = _fp_top1(model, data, args.out)
             for peer in args.peer or ("qcore",) + PEERS:
-                run_peer(peer, model, data, args.out, fp_top1, args.only)
+                run_peer(peer, model, data, args.out, fp_top1, args.only, args.skip)
     text = "\n".join(table(args.out, m) for m in models if (args.out / m).is_dir())
     (args.out / "peers_tables.md").write_text(text)
     print(text)

@@ -35,7 +35,8 @@ from aimet_torch.seq_mse import apply_seq_mse  # noqa: E402
 CONFIG = str(Path(aimet_torch.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json")
 ADAROUND_ITERS = 300
 #: the op whose output is the last layer's input, per model (its output quantizer is pinned to 8 bits too)
-LAST_INPUT = {"ResNet": "pool", "VisionTransformer": "norm"}
+LAST_INPUT = {"ResNet": ("pool", "avgpool"), "VisionTransformer": ("norm",),
+              "MobileNetV2": ("features.18.2",)}  # MobileNetV2 pools functionally: its last ReLU6 feeds the head
 
 DESCRIBE = {
     "first_last": "8-bit (W8A8)",
@@ -48,7 +49,7 @@ DESCRIBE = {
 
 def _pin_8bit(sim: QuantizationSimModel, model: torch.nn.Module) -> None:
     names = list(common.first_last(model))
-    names += [n for k, n in LAST_INPUT.items() if k in type(model).__name__]
+    names += [n for k, ns in LAST_INPUT.items() if k in type(model).__name__ for n in ns]
     modules = dict(sim.model.named_modules())
     for name in names:
         qm = modules.get(name)

@@ -44,31 +44,44 @@ def _row(method: str, label: str, w_bits: int | None, a_bits: int | None, bits: 
 
 
 AFFINE = {"act_correction": "affine"}
-ROWS = [
-    _row("uniform", "uniform", 8, 8, (8, 8)),
-    _row("uniform", "uniform", 4, 8, (4, 8)),
-    _row("uniform", "uniform", 4, 4, (4, 4)),
-    _row("uniform", "uniform + affine correction", 4, 4, (4, 4), AFFINE),
-    _row("aciq", "aciq (per-tensor A, alloc W, bias corr)", 4, 4, (4, 4),
-         {"act_granularity": "tensor", "alloc_acts": False},
-         weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
-         deployable="integer grids, per-tensor A; mixed W bits per channel"),
-    _row("aciq", "aciq (default, per-channel A)", 4, 4, (4, 4), {},
-         weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
-         activations="per-CHANNEL affine, per-channel bits (avg 4)", deployable="simulated (per-channel A)"),
-    _row("rdoq", "rdoq (default: affine correction)", None, 4, (4, 4), {},
-         weights="per group of 8 channels, 3-6 bits (avg 4), symmetric, MSE ranges",
-         deployable="simulated (mixed bits per channel group)"),
-    _row("rdoq", "rdoq, no correction", None, 4, (4, 4), {"act_correction": "none"},
-         weights="per group of 8 channels, 3-6 bits (avg 4), symmetric, MSE ranges",
-         deployable="simulated (mixed bits per channel group)"),
-    _row("qdrop", "qdrop (300 steps/block)", 4, 4, (4, 4), {"cache": "off"},
-         weights="per-channel affine, MSE init, AdaRound"),
-    _row("qdrop", "qdrop + affine correction", 4, 4, (4, 4), {"cache": "off", **AFFINE},
-         weights="per-channel affine, MSE init, AdaRound"),
-    _row("brecq", "brecq (300+75 steps/block)", 4, 4, (4, 4), {"cache": "off"},
-         weights="per-channel affine, MSE init, AdaRound"),
-]
+_RDOQ_W = "per group of 8 channels, 3-6 bits (avg 4), symmetric, MSE ranges"
+
+
+def _low_bit_rows(a_bits: int) -> list[common.Row]:
+    """qcore's rows at 4-bit weights and ``a_bits``-bit activations: every method with and without the affine
+    output correction (ACIQ's per-channel-activation default only at A4, where it was the headline number)."""
+    bits = (4, a_bits)
+    rows = [
+        _row("uniform", "uniform", 4, a_bits, bits),
+        _row("uniform", "uniform + affine correction", 4, a_bits, bits, AFFINE),
+        _row("aciq", "aciq (per-tensor A, alloc W, bias corr)", 4, a_bits, bits,
+             {"act_granularity": "tensor", "alloc_acts": False},
+             weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
+             deployable="integer grids, per-tensor A; mixed W bits per channel"),
+        _row("aciq", "aciq (per-tensor A) + affine correction", 4, a_bits, bits,
+             {"act_granularity": "tensor", "alloc_acts": False, **AFFINE},
+             weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
+             deployable="integer grids, per-tensor A; mixed W bits per channel"),
+        _row("rdoq", "rdoq (default: affine correction)", None, a_bits, bits, {}, weights=_RDOQ_W,
+             deployable="simulated (mixed bits per channel group)"),
+        _row("rdoq", "rdoq, no correction", None, a_bits, bits, {"act_correction": "none"}, weights=_RDOQ_W,
+             deployable="simulated (mixed bits per channel group)"),
+        _row("qdrop", "qdrop (300 steps/block)", 4, a_bits, bits, {"cache": "off"},
+             weights="per-channel affine, MSE init, AdaRound"),
+        _row("qdrop", "qdrop + affine correction", 4, a_bits, bits, {"cache": "off", **AFFINE},
+             weights="per-channel affine, MSE init, AdaRound"),
+        _row("brecq", "brecq (300+75 steps/block)", 4, a_bits, bits, {"cache": "off"},
+             weights="per-channel affine, MSE init, AdaRound"),
+    ]
+    if a_bits == 4:
+        rows.insert(4, _row("aciq", "aciq (default, per-channel A)", 4, 4, bits, {},
+                            weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
+                            activations="per-CHANNEL affine, per-channel bits (avg 4)",
+                            deployable="simulated (per-channel A)"))
+    return rows
+
+
+ROWS = [_row("uniform", "uniform", 8, 8, (8, 8)), *_low_bit_rows(8), *_low_bit_rows(4)]
 
 if __name__ == "__main__":
     common.run_rows("qcore", getattr(qcore, "__version__", "0.1.0"), ROWS)

@@ -195,7 +195,7 @@ def _reserved(args: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None
 
 def load_zoo(name: str, weights: Path | None, model_args: Mapping[str, Any] | None = None) -> LoadedModel:
     """One of qcore's own models, with its shipped weights unless ``weights`` is given."""
-    from qcore_classification.zoo.models import ARCHITECTURES
+    from qcore_classification.zoo.models import ARCHITECTURES, INPUTS
 
     if name not in ARCHITECTURES:
         raise QcoreError(f"unknown zoo model {name!r}; available: {', '.join(sorted(ARCHITECTURES))}")
@@ -205,13 +205,18 @@ def load_zoo(name: str, weights: Path | None, model_args: Mapping[str, Any] | No
     build = ARCHITECTURES[name]
     if weights is None:
         ref = resources.files("qcore_classification") / "zoo" / "weights" / f"{name}.safetensors"
+        if not ref.is_file():
+            raise QcoreError(f"zoo model {name!r} has no shipped weights yet; train them with python -m "
+                             f"qcore_classification.zoo.train --arch {name} ... and pass --weights PATH")
         with resources.as_file(ref) as path:
             model, classes = _from_weights(build, Path(path), 10)
         source = f"shipped zoo weights ({name}.safetensors)"
     else:
         model, classes = _from_weights(build, weights, 10)
         source = str(weights)
-    return LoadedModel(model.eval(), InputSpec(1, 28, (FMNIST_MEAN,), (FMNIST_STD,), crop_pct=1.0), classes, source)
+    channels, size = INPUTS[name]
+    spec = InputSpec(channels, size, (FMNIST_MEAN,) * channels, (FMNIST_STD,) * channels, crop_pct=1.0)
+    return LoadedModel(model.eval(), spec, classes, source)
 
 
 def load_torchvision(name: str, weights: Path | None, model_args: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -353,7 +358,8 @@ def load_python(name: str, weights: Path | None, model_args: Mapping[str, Any] |
 
 
 LOADERS: dict[str, tuple[Callable[[str, Path | None, Mapping[str, Any] | None], LoadedModel], str]] = {
-    "zoo": (load_zoo, "qcore's models trained on Fashion-MNIST (fmnist_resnet, fmnist_vit), weights shipped"),
+    "zoo": (load_zoo, "qcore's models trained on Fashion-MNIST (fmnist_resnet, fmnist_vit, fmnist_tv_resnet18, "
+                       "fmnist_tv_mobilenetv2), weights shipped"),
     "tv": (load_torchvision, "torchvision classification models (tv:resnet18, tv:mobilenet_v2, ...)"),
     "timm": (load_timm, "timm models (timm:deit_tiny_patch16_224, timm:resnet50, ...)"),
     "py": (load_python, "your own model: py:path/to/file.py:function runs that file and calls "

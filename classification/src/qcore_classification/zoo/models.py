@@ -1,6 +1,10 @@
-"""Architectures of qcore's own zoo: small networks for 28x28 single-channel images.
+"""Architectures of qcore's own zoo, all trained by us on Fashion-MNIST.
 
-Both take the normalized image ``(x / 255 - MEAN) / STD`` of shape ``[B, 1, 28, 28]``.
+``fmnist_resnet`` and ``fmnist_vit`` are small networks for 28x28 single-channel images: they take the normalized
+image ``(x / 255 - MEAN) / STD`` of shape ``[B, 1, 28, 28]``. ``fmnist_tv_resnet18`` and ``fmnist_tv_mobilenetv2``
+are the unmodified torchvision ResNet-18 and MobileNetV2 (10 classes) fed 32x32 RGB: the grey image resized
+(bilinear, antialiased) to 32 px and repeated to 3 channels, normalized with the same MEAN and STD on every
+channel (:data:`INPUTS`; ``qcore_classification.data.adapt`` does exactly this).
 """
 
 from __future__ import annotations
@@ -71,8 +75,33 @@ def fmnist_vit(num_classes: int = 10) -> nn.Module:
                              depth=6, num_heads=4, mlp_ratio=2.0, class_token=True, global_pool="token")
 
 
+def fmnist_tv_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision ``resnet18`` (ImageNet stem: 7x7/2 conv and max pool, so 32 px ends at 1x1), 11.2 M parameters."""
+    from torchvision.models import resnet18
+
+    return resnet18(weights=None, num_classes=num_classes)
+
+
+def fmnist_tv_mobilenetv2(num_classes: int = 10) -> nn.Module:
+    """torchvision ``mobilenet_v2`` (width 1.0, depthwise-separable inverted residuals, ReLU6), 2.2 M parameters."""
+    from torchvision.models import mobilenet_v2
+
+    return mobilenet_v2(weights=None, num_classes=num_classes)
+
+
 #: Zoo architecture name -> constructor taking ``num_classes``.
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "fmnist_resnet": fmnist_resnet,
     "fmnist_vit": fmnist_vit,
+    "fmnist_tv_resnet18": fmnist_tv_resnet18,
+    "fmnist_tv_mobilenetv2": fmnist_tv_mobilenetv2,
+}
+
+#: Zoo architecture name -> (channels, square input size) it was trained on; the normalization is
+#: Fashion-MNIST's MEAN/STD on every channel.
+INPUTS: dict[str, tuple[int, int]] = {
+    "fmnist_resnet": (1, 28),
+    "fmnist_vit": (1, 28),
+    "fmnist_tv_resnet18": (3, 32),
+    "fmnist_tv_mobilenetv2": (3, 32),
 }
