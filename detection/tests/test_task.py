@@ -126,3 +126,14 @@ def test_exception_without_message_is_reported(tmp_path, monkeypatch):
     (tmp_path / "m.json").write_text("{}")
     with pytest.raises(QcoreError, match=r"\(EOFError: \(no message\)\)"):
         zoo.load_detector(tmp_path / "m.safetensors")
+
+
+def test_nuscenes_like_zoo_model_runs_through_the_pipeline(host):
+    """zoo:voxelnext_nuscenes_like: its record selects the nuScenes-like world (7 classes, 5-feature points)."""
+    out = run(RunConfig(model="zoo:voxelnext_nuscenes_like", plugin="uniform", w_bits=8, a_bits=8, task="detection",
+                        calib_size=1, eval_size=1, batch_size=1), host)
+    r = out.result
+    classes = ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_cone", "barrier")
+    assert {f"AP/{c}" for c in classes} <= set(r["fp_metrics"])
+    assert len(r["quantized"]["weight_layers"]) == 32  # 18 3-D, 2 BEV, 6 head branches x 2 (incl. velocity)
+    assert "nuscenes world" in r["data"]["evaluation"]

@@ -434,7 +434,7 @@ def _sweep(w: _World, cfg: WorldConfig, sens: SensorConfig, k: int, speed: float
         obj[:, :2] -= t_lag * np.array([o.velocity for o in w.objects])
     # parts of every object at this time: (box [7], owner, reflectance)
     parts, owner, refl, noise, drop = [], [], [], [], []
-    for i, (o, box) in enumerate(zip(w.objects, obj)):
+    for i, (o, box) in enumerate(zip(w.objects, obj, strict=True)):
         c, s = np.cos(box[6]), np.sin(box[6])
         z_ground = box[2] - box[5] / 2
         if o.name in CLASS_NAMES:  # the classic world's part shapes

@@ -466,7 +466,8 @@ class SyntheticSplit(Sequence[Scene]):
         else:
             from qcore_detection.nuscenes_like import make_nuscenes_scene
 
-            scene = make_nuscenes_scene(self.seed_of(index), self.scene_cfg, self.sensor_cfg, frame_id=f"nus_{frame_id}")
+            scene = make_nuscenes_scene(self.seed_of(index), self.scene_cfg, self.sensor_cfg,
+                                        frame_id=f"nus_{frame_id}")
         if self._cache is not None:
             self._cache[index] = scene
         return scene
