@@ -56,7 +56,8 @@ def main() -> int:
         front = c[[0, 3]].mean(0)  # heading: a tick from the centre to the front edge
         ax.plot([box[0], front[0]], [box[1], front[1]], color=colour_k, linewidth=0.8)
         if len(box) >= 9 and np.hypot(box[7], box[8]) > 0.3:
-            ax.arrow(box[0], box[1], box[7], box[8], color="black", width=0.05, head_width=0.5, length_includes_head=True)
+            ax.arrow(box[0], box[1], box[7], box[8], color="black", width=0.05, head_width=0.5,
+                     length_includes_head=True)
     ax.plot(0, 0, marker="^", color="red", markersize=8)
     ax.set_xlim(-args.extent, args.extent)
     ax.set_ylim(-args.extent, args.extent)
