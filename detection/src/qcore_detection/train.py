@@ -4,6 +4,11 @@ Usage::
 
     python -m qcore_detection.train --out DIR --scenes 1000 --epochs 2 --device cpu --batch-size 2 --seed 0
     python -m qcore_detection.train --out DIR --scenes 3000 --epochs 4 --device cuda --batch-size 8 --workers 8
+    python -m qcore_detection.train --out DIR --world nuscenes --scenes 500 --epochs 2 --val-scenes 50 \
+        --batch-size 2 --channels 16,16,32,32,32,32 --blocks 1 --device cpu --workers 1   # zoo:voxelnext_nuscenes_like
+
+``--world nuscenes`` trains on the nuScenes-like world (:mod:`qcore_detection.nuscenes_like`: 7 classes, 5 point
+features with the sweep time, boxes with velocities) on its grid (:data:`NUSCENES_VOXELS`), with a velocity head.
 
 Data: the synthetic ``train`` split (``--scenes`` scenes, generated and voxelized on the fly every epoch, ~50 ms
 a scene, in ``--workers`` processes), each scene flipped at random in x and/or y; mAP (nuScenes-style, BEV
