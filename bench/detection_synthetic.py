@@ -1,6 +1,9 @@
 """Time the synthetic-LiDAR generator and the voxelizer (default configs).
 
-    python bench/detection_synthetic.py [--scenes 50] [--split val] [--batch 4]
+    python bench/detection_synthetic.py [--scenes 50] [--split val] [--batch 4] [--world classic|nuscenes]
+
+``--world nuscenes`` times the nuScenes-like world (:mod:`qcore_detection.nuscenes_like`, 5 sweeps) with the
+grid its detector uses (``qcore_detection.train.NUSCENES_VOXELS``).
 
 Prints scenes/s for generation, voxelization and collation into a batch_dict, and per-scene statistics
 (points, voxels, labelled objects per class).
@@ -19,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "detection/src"))
 
 import numpy as np  # noqa: E402
 
-from qcore_detection.synthetic import CLASS_NAMES, SyntheticSplit  # noqa: E402
+from qcore_detection.synthetic import WORLDS, SyntheticSplit  # noqa: E402
 from qcore_detection.voxelize import VoxelConfig, collate, voxelize  # noqa: E402
 
 
@@ -29,9 +32,15 @@ def main() -> int:
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--world", default="classic", choices=WORLDS)
     args = p.parse_args()
-    split = SyntheticSplit(args.split, args.scenes, seed=args.seed)
-    cfg = VoxelConfig()
+    split = SyntheticSplit(args.split, args.scenes, seed=args.seed, world=args.world)
+    if args.world == "classic":
+        cfg = VoxelConfig()
+    else:
+        from qcore_detection.train import NUSCENES_VOXELS
+
+        cfg = NUSCENES_VOXELS
 
     t0 = time.perf_counter()
     scenes = [split[i] for i in range(len(split))]
@@ -50,13 +59,14 @@ def main() -> int:
     labels = np.concatenate([s.gt_labels for s in scenes])
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
           f"numpy {np.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"scenes: {n} ({args.split}, seed {args.seed}); grid {cfg.grid_size} (nx, ny, nz)")
+    print(f"scenes: {n} ({args.world} world, {args.split}, seed {args.seed}); grid {cfg.grid_size} (nx, ny, nz), "
+          f"voxel {cfg.voxel_size}")
     print(f"generate  {n / t_gen:8.1f} scenes/s  ({1000 * t_gen / n:.1f} ms/scene)")
     print(f"voxelize  {n / t_vox:8.1f} scenes/s  ({1000 * t_vox / n:.1f} ms/scene)")
     print(f"collate   {n / t_col:8.1f} scenes/s  (batches of {args.batch}, voxelization included)")
     print(f"points/scene  mean {np.mean([len(s.points) for s in scenes]):.0f}, "
           f"voxels/scene mean {np.mean(voxel_counts):.0f} (max {max(voxel_counts)})")
-    per_class = ", ".join(f"{name} {np.sum(labels == c) / n:.1f}" for c, name in enumerate(CLASS_NAMES, 1))
+    per_class = ", ".join(f"{name} {np.sum(labels == c) / n:.1f}" for c, name in enumerate(scenes[0].class_names, 1))
     print(f"labelled objects/scene  {len(labels) / n:.1f} ({per_class})")
     return 0
 

@@ -143,3 +143,20 @@ def test_task_gives_backward_passes_their_spconv_guard(host):
     with inst.grad_context():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == threads
+
+
+def test_nuscenes_like_zoo_model_loads_its_world_and_evaluates():
+    """zoo:voxelnext_nuscenes_like: its record selects the nuScenes-like world (7 classes, 5-feature points,
+    velocity head) for calibration and evaluation."""
+    from qcore_detection.zoo import load_zoo
+
+    setup = load_zoo("voxelnext_nuscenes_like", None, RunConfig(task="detection", calib_size=1, eval_size=1,
+                                                                batch_size=1))
+    classes = ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_cone", "barrier")
+    assert setup.class_names == classes and "nuscenes world" in setup.data["evaluation"]
+    assert setup.calibration[0]["voxels"].shape[2] == 5 and setup.calibration[0]["gt_boxes"].shape[2] == 10
+    convs = [n for n, m in setup.model.named_modules() if type(m).__name__ in ("SubMConv3d", "SparseConv3d",
+                                                                               "SubMConv2d", "SparseConv2d")]
+    assert setup.model.cfg.velocity and len(convs) == 32  # 18 3-D, 2 BEV, 6 head branches x 2 (incl. velocity)
+    metrics = setup.evaluate(setup.model)
+    assert {f"AP/{c}" for c in classes} <= set(metrics) and 0 <= metrics["mAP"] <= 100

@@ -26,6 +26,8 @@ from qcore_detection.spconv_layers import PORTABLE_CONV
 
 #: head branches and their output channels (``hm`` has one per class)
 REGRESSION_BRANCHES: dict[str, int] = {"center": 2, "center_z": 1, "dim": 3, "rot": 2}
+#: the optional velocity branch (vx, vy in m/s), for data whose boxes carry velocities (nuScenes-like world)
+VELOCITY_BRANCH: dict[str, int] = {"vel": 2}
 _HM_INIT_BIAS = -2.19  # sigmoid(-2.19) ~ 0.1: the usual focal-loss prior
 
 
@@ -49,9 +51,10 @@ class SparseHeadBranch(nn.Module):
 class SparseCenterHead(nn.Module):
     """The branches of the sparse centre head over one BEV sparse tensor."""
 
-    def __init__(self, in_channels: int, num_classes: int, indice_key: str = "subm_bev") -> None:
+    def __init__(self, in_channels: int, num_classes: int, indice_key: str = "subm_bev", velocity: bool = False
+                 ) -> None:
         super().__init__()
-        outs = {"hm": num_classes, **REGRESSION_BRANCHES}
+        outs = {"hm": num_classes, **REGRESSION_BRANCHES, **(VELOCITY_BRANCH if velocity else {})}
         self.branches = nn.ModuleDict({
             name: SparseHeadBranch(in_channels, n, indice_key, _HM_INIT_BIAS if name == "hm" else 0.0)
             for name, n in outs.items()})
@@ -67,16 +70,22 @@ def _radius_cells(dims_cells: Tensor, min_radius: int) -> Tensor:
 
 
 def assign_targets(indices: Tensor, gt_boxes: Tensor, cell: tuple[float, float], origin: tuple[float, float],
-                   num_classes: int, min_radius: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+                   num_classes: int, min_radius: int = 2, velocity: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Heatmap and regression targets on the active BEV voxels.
 
     :param indices: ``[N, 3]`` (b, y, x) of the active voxels.
-    :param gt_boxes: ``[B, K, 8]`` (x, y, z, dx, dy, dz, heading, label 1-based; label 0 = padding).
+    :param gt_boxes: ``[B, K, 8]`` (x, y, z, dx, dy, dz, heading, label 1-based; label 0 = padding), or
+        ``[B, K, 10]`` with (vx, vy) before the label.
+    :param velocity: append the (vx, vy) targets (``gt_boxes`` must then have 10 columns).
     :param cell: BEV voxel size (m) in x and y at the head's stride.
     :param origin: (x, y) of the grid's lower corner (m).
     :return: ``hm`` ``[N, num_classes]`` in [0, 1] (exactly 1 at positives), ``pos`` ``[P]`` voxel rows of the
-        positives, ``reg`` ``[P, 8]`` (offset x, offset y, z, log dx, log dy, log dz, sin, cos).
+        positives, ``reg`` ``[P, 8]`` (offset x, offset y, z, log dx, log dy, log dz, sin, cos), ``[P, 10]`` with
+        vx, vy when ``velocity``.
     """
+    if velocity and gt_boxes.shape[-1] < 10:
+        raise ValueError("velocity targets need gt_boxes with 10 columns (x, y, z, dx, dy, dz, heading, vx, vy, label)")
+    n_reg = 10 if velocity else 8
     device = indices.device
     idx = indices.long()
     hm = torch.zeros(idx.shape[0], num_classes, device=device)
@@ -87,7 +96,7 @@ def assign_targets(indices: Tensor, gt_boxes: Tensor, cell: tuple[float, float],
     for b in range(gt_boxes.shape[0]):
         rows = torch.nonzero(idx[:, 0] == b).squeeze(1)
         boxes = gt_boxes[b]
-        boxes = boxes[boxes[:, 7] > 0].float()
+        boxes = boxes[boxes[:, -1] > 0].float()
         if rows.numel() == 0 or boxes.shape[0] == 0:
             continue
         ctr = (boxes[:, :2] - origin_t) / cell_t  # [K, 2] box centres in cells
@@ -97,18 +106,19 @@ def assign_targets(indices: Tensor, gt_boxes: Tensor, cell: tuple[float, float],
         sigma = (2 * radius + 1) / 6
         g = torch.exp(-d2 / (2 * sigma[:, None] ** 2)) * (d2 <= radius[:, None] ** 2)
         g[torch.arange(len(boxes), device=device), nearest] = 1.0
-        labels = boxes[:, 7].long() - 1
+        labels = boxes[:, -1].long() - 1
         for c in labels.unique():
             hm[rows, c] = torch.maximum(hm[rows, c], g[labels == c].amax(dim=0))
         pos = rows[nearest]
         vox = idx[pos]
         offset = ctr - torch.stack([vox[:, 2], vox[:, 1]], 1).float()
         reg = torch.cat([offset, boxes[:, 2:3], torch.log(boxes[:, 3:6].clamp(min=1e-3)),
-                         torch.sin(boxes[:, 6:7]), torch.cos(boxes[:, 6:7])], dim=1)
+                         torch.sin(boxes[:, 6:7]), torch.cos(boxes[:, 6:7])] + ([boxes[:, 7:9]] if velocity else []),
+                        dim=1)
         pos_all.append(pos)
         reg_all.append(reg)
     if not pos_all:
-        return hm, torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, 8, device=device)
+        return hm, torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, n_reg, device=device)
     return hm, torch.cat(pos_all), torch.cat(reg_all)
 
 
@@ -122,8 +132,9 @@ def focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, beta: float =
 
 
 def regression_of(outputs: dict[str, Tensor]) -> Tensor:
-    """The regression branches concatenated in target order: ``[N, 8]``."""
-    return torch.cat([outputs[name] for name in REGRESSION_BRANCHES], dim=1)
+    """The regression branches concatenated in target order: ``[N, 8]`` (``[N, 10]`` with velocity)."""
+    names = [*REGRESSION_BRANCHES, *(VELOCITY_BRANCH if "vel" in outputs else {})]
+    return torch.cat([outputs[name] for name in names], dim=1)
 
 
 def head_loss(outputs: dict[str, Tensor], indices: Tensor, gt_boxes: Tensor, cell: tuple[float, float],
@@ -131,7 +142,7 @@ def head_loss(outputs: dict[str, Tensor], indices: Tensor, gt_boxes: Tensor, cel
               ) -> tuple[Tensor, dict[str, float]]:
     """Total loss ``hm_weight * focal + loc_weight * L1`` and its parts (for logging)."""
     hm_target, pos, reg_target = assign_targets(indices, gt_boxes, cell, origin, outputs["hm"].shape[1],
-                                                min_radius)
+                                                min_radius, velocity="vel" in outputs)
     loss_hm = focal_loss(outputs["hm"], hm_target)
     if pos.numel():
         loss_loc = F.l1_loss(regression_of(outputs)[pos], reg_target, reduction="sum") / pos.numel()
@@ -158,13 +169,15 @@ def circle_nms(centers: Tensor, scores: Tensor, radius: float) -> Tensor:
 
 def decode_boxes(outputs: dict[str, Tensor], indices: Tensor, cell: tuple[float, float],
                  origin: tuple[float, float]) -> Tensor:
-    """Boxes ``[N, 7]`` (x, y, z, dx, dy, dz, heading) predicted at every active voxel."""
+    """Boxes ``[N, 7]`` (x, y, z, dx, dy, dz, heading) predicted at every active voxel; ``[N, 9]`` with vx, vy
+    when the head has a velocity branch."""
     idx = indices.float()
     x = (idx[:, 2] + outputs["center"][:, 0]) * cell[0] + origin[0]
     y = (idx[:, 1] + outputs["center"][:, 1]) * cell[1] + origin[1]
     dims = torch.exp(outputs["dim"].clamp(max=5.0))
     heading = torch.atan2(outputs["rot"][:, 0], outputs["rot"][:, 1])
-    return torch.cat([x[:, None], y[:, None], outputs["center_z"], dims, heading[:, None]], dim=1)
+    vel = [outputs["vel"]] if "vel" in outputs else []
+    return torch.cat([x[:, None], y[:, None], outputs["center_z"], dims, heading[:, None], *vel], dim=1)
 
 
 def post_process(outputs: dict[str, Tensor], indices: Tensor, batch_size: int, cell: tuple[float, float],

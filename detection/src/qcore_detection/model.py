@@ -62,6 +62,7 @@ class ModelConfig:
     :param bev_channels: channels of ``conv_out`` and ``shared_conv`` (the encoded tensor and the head).
     :param min_radius: smallest gaussian radius of the heatmap target (cells at stride 8).
     :param nms_radius: circle-NMS radius (m) per class.
+    :param velocity: a ``vel`` head branch (vx, vy) trained on boxes with velocities (nuScenes-like world).
     """
 
     spatial_shape: tuple[int, int, int]
@@ -79,6 +80,7 @@ class ModelConfig:
     score_threshold: float = 0.1
     nms_radius: tuple[float, ...] = field(default=(2.0, 0.4, 1.0))
     max_detections: int = 100
+    velocity: bool = False
 
     def __post_init__(self) -> None:
         if len(self.channels) != 6 or len(set(self.channels[3:])) != 1:
@@ -215,7 +217,7 @@ class VoxelNeXtLite(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = SparseBackbone(cfg)
-        self.head = SparseCenterHead(cfg.bev_channels, len(cfg.class_names))
+        self.head = SparseCenterHead(cfg.bev_channels, len(cfg.class_names), velocity=cfg.velocity)
 
     @property
     def bev_cell(self) -> tuple[float, float]:
@@ -292,7 +294,9 @@ def bev_dense(batch_dict: dict[str, Any]) -> Tensor:
 
 def head_outputs(batch_dict: dict[str, Any]) -> Tensor:
     """The head's raw outputs of the last forward pass, ``[N_active, num_classes + 8]`` in
-    :data:`HEAD_OUTPUT_ORDER` (heatmap logits, centre offset, z, log size, sin/cos), rows aligned with
+    :data:`HEAD_OUTPUT_ORDER` (heatmap logits, centre offset, z, log size, sin/cos; then vx, vy for a model with
+    ``velocity``), rows aligned with
     ``batch_dict["encoded_spconv_tensor"].indices``."""
     outputs = batch_dict["head_outputs"]
-    return torch.cat([outputs[name] for name in HEAD_OUTPUT_ORDER], dim=1)
+    names = [*HEAD_OUTPUT_ORDER, *(["vel"] if "vel" in outputs else [])]
+    return torch.cat([outputs[name] for name in names], dim=1)

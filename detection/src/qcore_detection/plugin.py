@@ -33,7 +33,8 @@ def _zoo(name: str, weights: Path | None, config: RunConfig) -> Any:
 
 @hookimpl
 def qcore_register_model_loaders(register: Any) -> None:
-    register(ModelLoader("zoo", "detection", _zoo, "qcore's embedded VoxelNeXt-style detector (zoo:voxelnext_lite)"))
+    register(ModelLoader("zoo", "detection", _zoo, "qcore's embedded VoxelNeXt-style detectors "
+                         "(zoo:voxelnext_lite, zoo:voxelnext_nuscenes_like)"))
     register(ModelLoader("pcdet", "detection", _pcdet,
                          "an OpenPCDet config (pcdet:CFG.yaml) with --weights CKPT --data DIR; needs OpenPCDet"))
 

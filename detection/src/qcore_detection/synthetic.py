@@ -27,7 +27,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = ("car", "pedestrian", "cyclist")
 SPLITS: tuple[str, ...] = ("train", "val")
+#: synthetic worlds a :class:`SyntheticSplit` can draw from
+WORLDS: tuple[str, ...] = ("classic", "nuscenes")
 
 _GROUND = -1  # owner id of ground returns
 _CLUTTER = -2  # owner id of clutter returns
@@ -83,6 +85,9 @@ class Scene:
 
     ``points`` float32 [N, 4] (x, y, z, intensity), ``gt_boxes`` float32 [K, 7], ``gt_labels`` int64 [K]
     (1-based into :data:`CLASS_NAMES`), ``num_points_in_gt`` int64 [K] (returns from each object).
+    The nuScenes-like world (:mod:`qcore_detection.nuscenes_like`) adds a time column to ``points`` ([N, 5]),
+    velocities to ``gt_boxes`` ([K, 9]) and sets ``sensor_origins`` [sweeps, 3] (sensor position of each
+    sweep, current sweep first, in the current frame).
     """
 
     points: np.ndarray
@@ -92,6 +97,7 @@ class Scene:
     frame_id: str = ""
     seed: int = 0
     class_names: tuple[str, ...] = field(default=CLASS_NAMES)
+    sensor_origins: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -412,14 +418,24 @@ def scene_seed(split: str, index: int, seed: int = 0) -> int:
 
 class SyntheticSplit(Sequence[Scene]):
     """``num_scenes`` scenes of a split, generated lazily; scene ``i`` is always the same for given
-    (split, seed, configs). ``cache=True`` keeps generated scenes in memory (~0.3 MB each)."""
+    (split, seed, configs, world). ``cache=True`` keeps generated scenes in memory (~0.3 MB each in the classic
+    world). ``world``: ``"classic"`` (this module's scenes, the default) or ``"nuscenes"``
+    (:mod:`qcore_detection.nuscenes_like`; ``scene_cfg`` is then its ``WorldConfig``)."""
 
-    def __init__(self, split: str, num_scenes: int, seed: int = 0, scene_cfg: SceneConfig | None = None,
-                 sensor_cfg: SensorConfig | None = None, cache: bool = False) -> None:
+    def __init__(self, split: str, num_scenes: int, seed: int = 0, scene_cfg: Any = None,
+                 sensor_cfg: SensorConfig | None = None, cache: bool = False, world: str = "classic") -> None:
         scene_seed(split, 0, seed)  # validates
-        self.split, self.num_scenes, self.seed = split, int(num_scenes), int(seed)
-        self.scene_cfg = scene_cfg or SceneConfig()
-        self.sensor_cfg = sensor_cfg or SensorConfig()
+        if world not in WORLDS:
+            raise ValueError(f"unknown synthetic world {world!r}; expected one of {WORLDS}")
+        self.split, self.num_scenes, self.seed, self.world = split, int(num_scenes), int(seed), world
+        if world == "classic":
+            self.scene_cfg = scene_cfg or SceneConfig()
+            self.sensor_cfg = sensor_cfg or SensorConfig()
+        else:
+            from qcore_detection.nuscenes_like import WorldConfig, nuscenes_sensor
+
+            self.scene_cfg = scene_cfg or WorldConfig()
+            self.sensor_cfg = sensor_cfg or nuscenes_sensor()
         self._cache: dict[int, Scene] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -444,8 +460,14 @@ class SyntheticSplit(Sequence[Scene]):
             raise IndexError(f"scene {index} out of range for {len(self)} scenes")
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        scene = make_scene(self.seed_of(index), self.scene_cfg, self.sensor_cfg,
-                           frame_id=f"{self.split}_{self.seed}_{index:06d}")
+        frame_id = f"{self.split}_{self.seed}_{index:06d}"
+        if self.world == "classic":
+            scene = make_scene(self.seed_of(index), self.scene_cfg, self.sensor_cfg, frame_id=frame_id)
+        else:
+            from qcore_detection.nuscenes_like import make_nuscenes_scene
+
+            scene = make_nuscenes_scene(self.seed_of(index), self.scene_cfg, self.sensor_cfg,
+                                        frame_id=f"nus_{frame_id}")
         if self._cache is not None:
             self._cache[index] = scene
         return scene

@@ -4,6 +4,11 @@ Usage::
 
     python -m qcore_detection.train --out DIR --scenes 1000 --epochs 2 --device cpu --batch-size 2 --seed 0
     python -m qcore_detection.train --out DIR --scenes 3000 --epochs 4 --device cuda --batch-size 8 --workers 8
+    python -m qcore_detection.train --out DIR --world nuscenes --scenes 500 --epochs 2 --val-scenes 50 \
+        --batch-size 2 --channels 16,16,32,32,32,32 --blocks 1 --device cpu --workers 1   # zoo:voxelnext_nuscenes_like
+
+``--world nuscenes`` trains on the nuScenes-like world (:mod:`qcore_detection.nuscenes_like`: 7 classes, 5 point
+features with the sweep time, boxes with velocities) on its grid (:data:`NUSCENES_VOXELS`), with a velocity head.
 
 Data: the synthetic ``train`` split (``--scenes`` scenes, generated and voxelized on the fly every epoch, ~50 ms
 a scene, in ``--workers`` processes), each scene flipped at random in x and/or y; mAP (nuScenes-style, BEV
@@ -42,10 +47,13 @@ import torch
 from qcore_detection.metric import detection_ap
 from qcore_detection.model import ModelConfig, VoxelNeXtLite, build_model
 from qcore_detection.spconv_layers import spconv_cpu_guard
-from qcore_detection.synthetic import CLASS_NAMES, Scene, SyntheticSplit
+from qcore_detection.synthetic import CLASS_NAMES, WORLDS, Scene, SyntheticSplit
 from qcore_detection.voxelize import VoxelConfig, collate
 
 log = logging.getLogger("qcore_detection.train")
+#: the nuScenes-like world's grid: 0.16 x 0.16 x 0.2 m voxels over +-48 m and 3.4 m below to 3.0 m above the
+#: sensor (its ground is tilted and uneven), 600 x 600 x 32 voxels (75 x 75 BEV cells of 1.28 m at stride 8)
+NUSCENES_VOXELS = VoxelConfig(point_cloud_range=(-48.0, -48.0, -3.4, 48.0, 48.0, 3.0), voxel_size=(0.16, 0.16, 0.2))
 
 
 def batch_to_device(batch_dict: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -56,16 +64,37 @@ def batch_to_device(batch_dict: dict[str, Any], device: torch.device) -> dict[st
 def flip_scene(scene: Scene, flip_x: bool, flip_y: bool) -> Scene:
     """``scene`` mirrored across the x axis (y -> -y) and/or the y axis (x -> -x), boxes included."""
     points, boxes = scene.points.copy(), scene.gt_boxes.copy()
+    velocity = boxes.shape[1] >= 9  # (vx, vy) in columns 7, 8
     if flip_y:
         points[:, 1] *= -1
         boxes[:, 1] *= -1
         boxes[:, 6] = -boxes[:, 6]
+        if velocity:
+            boxes[:, 8] *= -1
     if flip_x:
         points[:, 0] *= -1
         boxes[:, 0] *= -1
         boxes[:, 6] = np.pi - boxes[:, 6]
+        if velocity:
+            boxes[:, 7] *= -1
     boxes[:, 6] = (boxes[:, 6] + np.pi) % (2 * np.pi) - np.pi
-    return dataclasses.replace(scene, points=points, gt_boxes=boxes)
+    origins = scene.sensor_origins
+    if origins is not None:
+        origins = origins * np.array([-1 if flip_x else 1, -1 if flip_y else 1, 1], dtype=origins.dtype)
+    return dataclasses.replace(scene, points=points, gt_boxes=boxes, sensor_origins=origins)
+
+
+def world_preset(world: str) -> tuple[VoxelConfig, dict[str, Any]]:
+    """The voxel grid and the :class:`ModelConfig` fields (classes, point features, velocity, NMS radii) of
+    the detector for a synthetic world (``classic`` or ``nuscenes``)."""
+    if world == "classic":
+        return VoxelConfig(), {"class_names": CLASS_NAMES}
+    if world == "nuscenes":
+        from qcore_detection.nuscenes_like import NUSCENES_CLASS_NAMES
+
+        return NUSCENES_VOXELS, {"class_names": NUSCENES_CLASS_NAMES, "num_point_features": 5, "velocity": True,
+                                 "nms_radius": (2.0, 3.0, 4.0, 0.4, 1.0, 0.4, 1.0)}
+    raise ValueError(f"unknown synthetic world {world!r}; expected one of {WORLDS}")
 
 
 class FlippedScenes(torch.utils.data.Dataset):
@@ -132,21 +161,26 @@ def save_checkpoint(model: VoxelNeXtLite, record: dict[str, Any], out: Path) -> 
 
 def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, seed: int, val_scenes: int = 100,
           lr: float = 3e-3, weight_decay: float = 0.01, model_overrides: dict[str, Any] | None = None,
-          workers: int = 0, command: str = "") -> dict[str, Any]:
+          workers: int = 0, command: str = "", world: str = "classic", time_budget_min: float | None = None
+          ) -> dict[str, Any]:
     """Train, evaluate after each epoch, save; return the record written to ``model.json``.
 
     :param workers: data-loader processes that generate and voxelize scenes (0: in the training process).
+    :param world: the synthetic world (``classic``, or ``nuscenes``: :mod:`qcore_detection.nuscenes_like`).
+    :param time_budget_min: do not start another epoch when the last one's duration would take the training
+        past this many minutes (the record's ``stopped_after_epoch`` says so). The model and record are saved
+        after every epoch, so an interrupted run leaves the last finished epoch's model.
     """
     torch.manual_seed(seed)
     dev = torch.device(device)
-    vcfg = VoxelConfig()
+    vcfg, preset = world_preset(world)
     cfg = ModelConfig(spatial_shape=vcfg.spatial_shape, voxel_size=vcfg.voxel_size,
-                      point_cloud_range=vcfg.point_cloud_range, class_names=CLASS_NAMES, **(model_overrides or {}))
+                      point_cloud_range=vcfg.point_cloud_range, **{**preset, **(model_overrides or {})})
     model = build_model(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %d parameters, channels %s, %d blocks per stage", n_params, cfg.channels, cfg.blocks)
-    train_split = SyntheticSplit("train", scenes, seed=seed)
-    val = SyntheticSplit("val", val_scenes, seed=seed, cache=True)[:]
+    train_split = SyntheticSplit("train", scenes, seed=seed, world=world)
+    val = SyntheticSplit("val", val_scenes, seed=seed, cache=True, world=world)[:]
     steps_per_epoch = math.ceil(scenes / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
@@ -154,7 +188,15 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     t_start = time.perf_counter()
+    stopped_after: int | None = None
+    record: dict[str, Any] = {}
     for epoch in range(1, epochs + 1):
+        if time_budget_min is not None and history and \
+                train_seconds + history[-1]["train_seconds"] > 60 * time_budget_min:
+            stopped_after = epoch - 1
+            log.warning("time budget of %.0f min: stopping after epoch %d of %d", time_budget_min, stopped_after,
+                        epochs)
+            break
         model.train()
         loader = torch.utils.data.DataLoader(
             FlippedScenes(train_split, seed, epoch), batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -181,34 +223,48 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
         metrics, scenes_per_s = evaluate(model, val, vcfg, batch_size, dev)
         history.append({"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
                         "val_mAP": metrics["mAP"], "s_per_iter": epoch_seconds / steps_per_epoch,
-                        "seconds": round(time.perf_counter() - t_start, 1)})
+                        "train_seconds": round(epoch_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1)})
         log.info("epoch %d: loss %.3f, val mAP %.2f (%s), %.2f s/iter, eval %.1f scenes/s", epoch,
                  history[-1]["loss"], metrics["mAP"],
                  ", ".join(f"{c} {metrics[f'AP/{c}']:.1f}" for c in cfg.class_names),
                  history[-1]["s_per_iter"], scenes_per_s)
-    model = model.float().cpu()
-    record = {
+        record = _record(locals())
+        save_checkpoint(model, record, out)
+    if stopped_after is not None:
+        record["stopped_after_epoch"] = stopped_after
+        save_checkpoint(model, record, out)
+    model.float().cpu()
+    return record
+
+
+def _record(v: dict[str, Any]) -> dict[str, Any]:
+    """The training record (``model.json``) from :func:`train`'s local variables after an epoch."""
+    cfg, vcfg, dev, world, seed = v["cfg"], v["vcfg"], v["dev"], v["world"], v["seed"]
+    scenes, val_scenes, history = v["scenes"], v["val_scenes"], v["history"]
+    done = len(history)
+    return {
         "model_config": cfg.to_dict(),
         "voxel_config": dataclasses.asdict(vcfg),
-        "command": command,
+        "world": world,
+        "command": v["command"],
         "seed": seed,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "spconv": spconv.__version__,
-        "parameters": n_params,
-        "data": {"train": f"synthetic train split, {scenes} scenes, seed {seed}, random x/y flips",
-                 "val": f"synthetic val split, first {val_scenes} scenes, seed {seed}"},
-        "recipe": {"epochs": epochs, "batch_size": batch_size, "workers": workers, "optimizer": "AdamW", "lr": lr,
-                   "weight_decay": weight_decay, "schedule": "one-cycle", "grad_clip": 10.0},
-        "train_seconds": round(train_seconds, 1),
-        "s_per_iter": round(train_seconds / max(1, epochs * steps_per_epoch), 3),
-        "eval_scenes_per_s": round(scenes_per_s, 2),
-        "history": history,
-        "val": metrics,
+        "parameters": v["n_params"],
+        "data": {"train": f"synthetic ({world} world) train split, {scenes} scenes, seed {seed}, random x/y flips",
+                 "val": f"synthetic ({world} world) val split, first {val_scenes} scenes, seed {seed}"},
+        "recipe": {"epochs": v["epochs"], "batch_size": v["batch_size"], "workers": v["workers"],
+                   "optimizer": "AdamW", "lr": v["lr"], "weight_decay": v["weight_decay"], "schedule": "one-cycle",
+                   "grad_clip": 10.0, "time_budget_min": v["time_budget_min"]},
+        "epochs_done": done,
+        "train_seconds": round(v["train_seconds"], 1),
+        "s_per_iter": round(v["train_seconds"] / max(1, done * v["steps_per_epoch"]), 3),
+        "eval_scenes_per_s": round(v["scenes_per_s"], 2),
+        "history": list(history),
+        "val": v["metrics"],
     }
-    save_checkpoint(model, record, out)
-    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="model channels, six comma-separated numbers (default 16,32,64,64,64,64)")
     p.add_argument("--blocks", type=int, default=None, help="basic blocks per stage (default 2)")
     p.add_argument("--workers", type=int, default=0, help="data-loader processes (scene generation)")
+    p.add_argument("--world", default="classic", choices=WORLDS,
+                   help="synthetic world: classic (zoo:voxelnext_lite) or nuscenes (nuScenes-like, 7 classes)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="stop training after this many minutes (the schedule is cut short; the record says so)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides: dict[str, Any] = {}
@@ -235,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m qcore_detection.train " + " ".join(sys.argv[1:] if argv is None else argv)
     rec = train(args.out, args.scenes, args.epochs, args.device, args.batch_size, args.seed,
                 val_scenes=args.val_scenes, lr=args.lr, model_overrides=overrides, workers=args.workers,
-                command=command)
+                command=command, world=args.world, time_budget_min=args.time_budget)
     log.info("val mAP %.2f after %.0f s of training (%.3f s/iter)", rec["val"]["mAP"], rec["train_seconds"],
              rec["s_per_iter"])
     return 0

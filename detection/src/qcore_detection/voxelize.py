@@ -104,7 +104,8 @@ def collate(scenes: Sequence[Scene], cfg: VoxelConfig | None = None) -> dict:
     Keys: ``points`` float32 (N, 1 + C) with the batch index first (points outside the range removed),
     ``voxels`` float32 (M, max_pts, C), ``voxel_coords`` int32 (M, 4) as (b, z, y, x), ``voxel_num_points``
     int32 (M,), ``batch_size`` int, ``gt_boxes`` float32 (B, max(1, Kmax), 8) = (x, y, z, dx, dy, dz,
-    heading, label) zero-padded (label 0 = padding), ``frame_id`` list of str.
+    heading, label) zero-padded (label 0 = padding; scenes with velocities, [K, 9] boxes, give
+    (B, max(1, Kmax), 10) with vx, vy before the label, as OpenPCDet's nuScenes), ``frame_id`` list of str.
     """
     cfg = cfg or VoxelConfig()
     points, voxels, coords, nums = [], [], [], []
@@ -117,11 +118,12 @@ def collate(scenes: Sequence[Scene], cfg: VoxelConfig | None = None) -> dict:
         coords.append(np.c_[np.full((len(c), 1), b, np.int32), c])
         nums.append(n)
     k_max = max([1] + [len(s.gt_labels) for s in scenes])
-    gt = np.zeros((len(scenes), k_max, 8), dtype=np.float32)
+    box_dim = scenes[0].gt_boxes.shape[1] if len(scenes) else 7
+    gt = np.zeros((len(scenes), k_max, box_dim + 1), dtype=np.float32)
     for b, scene in enumerate(scenes):
         k = len(scene.gt_labels)
-        gt[b, :k, :7] = scene.gt_boxes
-        gt[b, :k, 7] = scene.gt_labels
+        gt[b, :k, :box_dim] = scene.gt_boxes
+        gt[b, :k, box_dim] = scene.gt_labels
     channels = scenes[0].points.shape[1] if len(scenes) else 4
     return {
         "points": torch.from_numpy(np.concatenate(points) if points else np.zeros((0, 1 + channels), np.float32)),

@@ -20,7 +20,8 @@ from qcore_detection.voxelize import VoxelConfig, collate
 
 log = logging.getLogger(__name__)
 WEIGHTS = Path(__file__).parent / "zoo" / "weights"
-MODELS = {"voxelnext_lite": WEIGHTS / "voxelnext_lite.safetensors"}
+MODELS = {"voxelnext_lite": WEIGHTS / "voxelnext_lite.safetensors",
+          "voxelnext_nuscenes_like": WEIGHTS / "voxelnext_nuscenes_like.safetensors"}
 #: the fixed validation split of the embedded default: the synthetic "val" stream, seed 0
 VAL_SEED = 0
 DEFAULT_EVAL_SCENES = 100
@@ -63,8 +64,10 @@ def make_target(kind: str):  # type: ignore[no-untyped-def]
 
 
 def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSetup:
-    """``--model zoo:voxelnext_lite``: the shipped detector (or ``--weights``), synthetic calibration scenes
-    from the train split, the fixed synthetic validation split for evaluation."""
+    """``--model zoo:voxelnext_lite`` (classic synthetic world) or ``zoo:voxelnext_nuscenes_like``
+    (nuScenes-like world, :mod:`qcore_detection.nuscenes_like`): the shipped detector (or ``--weights``),
+    synthetic calibration scenes from the train split, the fixed synthetic validation split for evaluation, both
+    from the world the detector's training record names."""
     if name not in MODELS:
         raise QcoreError(f"unknown detection zoo model {name!r}; available: {', '.join(MODELS)}")
     if config.data not in (None, "synthetic"):
@@ -72,14 +75,15 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
                          "datasets go through OpenPCDet: --model pcdet:CFG.yaml --weights CKPT --data DIR")
     model, record = load_detector(Path(weights) if weights else MODELS[name])
     vcfg = record["voxel_config"]
+    world = str(record.get("world", "classic"))
     bs, calib_n = int(config.batch_size or 4), int(config.calib_size or 16)
     eval_n = config.eval_size if config.eval_size is not None else DEFAULT_EVAL_SCENES
     if eval_n < 1:
         raise QcoreError("--eval-size must be at least 1")
-    calib_scenes = SyntheticSplit("train", calib_n, seed=config.seed)
+    calib_scenes = SyntheticSplit("train", calib_n, seed=config.seed, world=world)
     calibration = [collate([calib_scenes[j] for j in range(i, min(i + bs, calib_n))], vcfg)
                    for i in range(0, calib_n, bs)]
-    val = [s for s in SyntheticSplit("val", eval_n, seed=VAL_SEED)]
+    val = [s for s in SyntheticSplit("val", eval_n, seed=VAL_SEED, world=world)]
 
     def evaluate_model(m: torch.nn.Module) -> dict[str, float]:
         metrics, rate = evaluate(m, val, vcfg, bs, module_device(m))
@@ -90,8 +94,9 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
     return DetectionSetup(
         model=model, name=f"zoo:{name}", class_names=record["class_names"],
         calibration=calibration, evaluate=evaluate_model, target=make_target(target),
-        data={"calibration": f"synthetic LiDAR train split: {calib_n} scenes (seed {config.seed})",
-              "evaluation": f"fixed synthetic LiDAR val split: {eval_n} scenes (seed {VAL_SEED}); nuScenes-style "
+        data={"calibration": f"synthetic LiDAR ({world} world) train split: {calib_n} scenes (seed {config.seed})",
+              "evaluation": f"fixed synthetic LiDAR ({world} world) val split: {eval_n} scenes (seed {VAL_SEED}); "
+                            "nuScenes-style "
                             "AP, BEV centre distance 0.5/1/2/4 m",
               "weights": str(weights) if weights else f"shipped zoo weights ({MODELS[name].name})",
               "target": f"distortion target for allocators: {target}"})
