@@ -386,3 +386,32 @@ def test_reconstruction_learns_lattice_codes_through_the_ste(host):
         assert (z >= qmin[:, None, None]).all() and (z <= qmax[:, None, None]).all()
     starts, ends = rec["loss_start_per_unit"], rec["loss_end_per_unit"]
     assert sum(ends.values()) <= sum(starts.values()) * 1.05
+
+
+def test_input_weighting_uses_the_equalized_input(monkeypatch):
+    """On an equalized layer (-o equalize) the quantized weight is W * s and its input x / s, so the loss weights
+    are the moments of x / s, not of the FP input x."""
+    from qcore.testing import tiny_gelu_mlp
+    from qcore_latticeq.calibrator import LatticeSearchCalibrator
+
+    seen: dict[str, torch.Tensor] = {}
+    original = LatticeSearchCalibrator.input_weights
+
+    def record(self, model, ctx):
+        out = original(self, model, ctx)
+        seen.update(out)
+        return out
+
+    monkeypatch.setattr(LatticeSearchCalibrator, "input_weights", record)
+    calib = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    q = qcore.quantize(tiny_gelu_mlp(), calib, method="latticeq", w_bits=4, a_bits=8,
+                       options={"equalize": "gelu", "weighting": "input", "first_last": "same", "steps": 1,
+                                "restarts": 1, "refine": 0})
+    inv = qcore.quant_layers(q.model)["4"].input_scale
+    assert inv is not None and "4" in seen
+    fp = tiny_gelu_mlp()
+    with torch.no_grad():
+        x = fp[2](fp[1](fp[0](calib)))  # the GELU output, layer 4's FP input
+    want = (x * inv).pow(2).mean(dim=0)
+    want = (want / want.mean()).clamp_min(1e-3)
+    torch.testing.assert_close(seen["4"], want, rtol=1e-4, atol=1e-6)

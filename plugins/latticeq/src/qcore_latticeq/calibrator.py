@@ -84,9 +84,12 @@ class LatticeSearchCalibrator(qcore.Calibrator):
     def input_weights(self, model: nn.Module, ctx: qcore.RunContext) -> dict[str, Tensor]:
         """Per lattice layer, one loss weight per weight of a row (``rows_of`` order ``C_in, kh, kw``): the
         second moment ``E[x_c^2]`` of input channel ``c`` on the calibration data, through the FP model
-        (``ctx.model``), divided by its mean and floored at 1e-3 of it (a dead input still counts a little)."""
-        names = {name: layer.info for name, layer in qcore.quant_layers(model).items()
-                 if isinstance(layer.weight_quantizer, LatticeFakeQuant)}
+        (``ctx.model``), divided by its mean and floored at 1e-3 of it (a dead input still counts a little).
+        An equalized layer (``-o equalize``) quantizes ``W * s`` against the input ``x / s``, so its moments are
+        taken of ``x / s`` (the FP input times :attr:`QuantLayer.input_scale`)."""
+        wrapped = {name: layer for name, layer in qcore.quant_layers(model).items()
+                   if isinstance(layer.weight_quantizer, LatticeFakeQuant)}
+        names = {name: layer.info for name, layer in wrapped.items()}
         sums: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
 
@@ -102,6 +105,9 @@ class LatticeSearchCalibrator(qcore.Calibrator):
             if name not in sums:
                 continue
             m = sums[name] / max(counts[name], 1)
+            inv = wrapped[name].input_scale
+            if inv is not None:  # E[(x_c / s_c)^2] = E[x_c^2] / s_c^2
+                m = m * inv.detach().float().to(m.device).reshape(-1).pow(2)
             m = m / m.mean().clamp_min(1e-30)
             out[name] = m.clamp_min(1e-3)
         return out
