@@ -50,8 +50,9 @@ class PipelineOptions:
                 "its weight columns (x/s quantized per tensor, W*s per output channel; exact in FP; at run time one "
                 "float multiply per input element before the quantizer, foldable into a preceding LayerNorm): "
                 "'gelu' = layers fed by a GELU (a transformer MLP's fc2), 'all' = every Linear/Conv (groups=1) "
-                "with a per-tensor quantized input, 'off'; saved in model.qcore, exported to ONNX as a Mul. Default 'gelu': it "
-                "changes nothing on a model without nn.GELU (the ResNet) and lifts the ViT at A4 (BENCHMARKS.md)"})
+                "with a per-tensor quantized input, 'off'; saved in model.qcore, exported to ONNX as a Mul. "
+                "Default 'gelu': it changes nothing on a model without nn.GELU (the ResNet) and lifts the ViT at "
+                "A4 (BENCHMARKS.md)"})
     equalize_alpha: float = field(default=0.5, metadata={
         "help": "equalization strength: s = max|x_c|^alpha / max|W_c|^(1-alpha) over the calibration set"})
 

@@ -50,7 +50,9 @@ def equalizable(layer: QuantLayer) -> str | None:
         return "it holds packed weight codes"
     if layer.act_quantizer is None:
         return "its input is not quantized"
-    if getattr(getattr(layer.act_quantizer, "spec", None), "granularity", "tensor") != "tensor":
+    act_spec = getattr(layer.spec, "act", None)
+    if getattr(act_spec, "granularity", "tensor") != "tensor" or \
+            getattr(getattr(layer.act_quantizer, "spec", None), "granularity", "tensor") != "tensor":
         return "its input is quantized per channel already"
     return None
 
@@ -61,10 +63,12 @@ def gelu_fed_layers(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
     on one forward of ``batch``: same storage and shape (so a Dropout/Identity in eval mode between them is
     seen through; a functional ``F.gelu`` is not a module and is not seen)."""
     made: set[tuple[int, tuple[int, ...]]] = set()
+    alive: list[Tensor] = []  # held for the pass, so a freed GELU output's storage cannot be reused by another tensor
     fed: set[str] = set()
 
     def on_gelu(_m: nn.Module, _a: Any, out: Any) -> None:
         if isinstance(out, Tensor):
+            alive.append(out)
             made.add((out.untyped_storage().data_ptr(), tuple(out.shape)))
 
     def on_layer(name: str) -> Callable[..., None]:
@@ -154,7 +158,11 @@ def equalize_inputs(qmodel: nn.Module, fp_model: nn.Module, forward: Callable[[n
     scales: dict[str, Tensor] = {}
     for n in names:
         if n not in absmax:
-            raise QcoreError(f"cannot equalize layer {n!r}: no calibration data reached it")
+            if isinstance(layers, str):  # a mode: a layer the calibration data never reaches is left as it is
+                log.info("equalize: layer %s is not reached by the calibration data; left unequalized", n)
+                continue
+            raise QcoreError(f"cannot equalize layer {n!r}: no calibration data reached it; leave it out of the "
+                             "equalized layers")
         s = equalization_scales(absmax[n], wrapped[n].module.weight, alpha)
         wrapped[n].equalize(s)
         scales[n] = s

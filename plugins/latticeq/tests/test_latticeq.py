@@ -391,8 +391,9 @@ def test_reconstruction_learns_lattice_codes_through_the_ste(host):
 def test_input_weighting_uses_the_equalized_input(monkeypatch):
     """On an equalized layer (-o equalize) the quantized weight is W * s and its input x / s, so the loss weights
     are the moments of x / s, not of the FP input x."""
-    from qcore.testing import tiny_gelu_mlp
     from qcore_latticeq.calibrator import LatticeSearchCalibrator
+
+    from qcore.testing import tiny_gelu_mlp
 
     seen: dict[str, torch.Tensor] = {}
     original = LatticeSearchCalibrator.input_weights
