@@ -319,7 +319,7 @@ def execute(prep: Prepared, inst: TaskInstance, stages: _Stages | None = None) -
                           quant_metrics, cost, plan, layers, pipeline, folded, stages.seconds, prep.values, inst.data,
                           budget, prep.correctors, last_layers=inst.last_layers)
     if equalized:
-        _describe_equalized(result["quantized"], equalized, pipeline)
+        _describe_equalized(result["quantized"], equalized, pipeline, comps["allocator"].name)
     if ctx.measured:
         bad = {k: type(v).__name__ for k, v in ctx.measured.items() if not isinstance(v, dict)}
         if bad:
@@ -360,11 +360,18 @@ def _equalize(qmodel: torch.nn.Module, work: torch.nn.Module, inst: TaskInstance
 
 
 def _describe_equalized(quantized: dict[str, Any], scales: dict[str, torch.Tensor],
-                        pipeline: PipelineOptions) -> None:
-    """Add the equalized layers to result.json's ``quantized`` entry (what was done and what it costs to deploy)."""
+                        pipeline: PipelineOptions, allocator: str) -> None:
+    """Add the equalized layers to result.json's ``quantized`` entry (what was done and what it costs to deploy).
+    Equalization runs after allocation, so a searching allocator chose its bits on the unequalized layers: said
+    there and logged."""
     quantized["equalized"] = {"mode": pipeline.equalize, "alpha": pipeline.equalize_alpha, "layers": list(scales),
                               "scale_range": [min(float(s.min()) for s in scales.values()),
                                               max(float(s.max()) for s in scales.values())]}
+    if allocator != "fixed":
+        quantized["equalized"]["plan_chosen_before_equalization"] = True
+        log.warning("allocator %r chose the bits of the %d equalized layer(s) on their unequalized weights and "
+                    "inputs (equalization runs after allocation); -o equalize=off gives a plan for exactly the "
+                    "tensors it measured", allocator, len(scales))
     quantized["summary"] += (
         f"; inputs of {len(scales)} layers equalized (-o equalize={pipeline.equalize}, alpha "
         f"{pipeline.equalize_alpha:g}: per-input-channel scales s moved into the weight columns, the input x/s "
