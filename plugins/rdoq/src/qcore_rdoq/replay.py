@@ -16,7 +16,11 @@ Nothing is traced, so data-dependent control flow and custom tensor types (spcon
 fine. The candidates' numbers equal the reference engine's (the same operations on the same values); this is
 checked once on FP (the replayed target must reproduce the recorded one) and, after every layer, the recorded
 outputs are checked to be unchanged (a model that edits a module's output in place would corrupt the replay).
-A layer called more than once per forward pass is measured by the reference engine instead (logged).
+A layer called more than once per forward pass is measured by the reference engine instead (logged). A model
+whose modules return a mutable container (a dict, list) or pass a non-tensor input object through (OpenPCDet's
+modules edit ``batch_dict`` in place and return it) cannot be recorded at all: every recorded output would be the
+same object, edited after recording, so recording raises :class:`qcore.QcoreError` (``engine=fast`` then falls
+back to the reference engine).
 
 Memory: the recorded outputs of every module on the curve batches (about 320 MB for 4 scenes of the embedded
 detector).
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, MutableSequence, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qcore import QcoreError
 from qcore_rdoq.curves import Candidates, ReferenceEngine, _sse, exact_math
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,20 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
     elif isinstance(getattr(obj, "features", None), Tensor):
         yield obj.features
+
+
+def _unreplayable(args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> str:
+    """Why a module call's output cannot be recorded for replay ('' if it can): a mutable container (a dict that
+    the next module edits in place, as OpenPCDet's ``batch_dict``), or an object of its own input passed through
+    (also inside a tuple). Tensors passed through (``nn.Identity``) are fine: in-place edits of recorded tensors
+    are caught by the FP and checksum checks."""
+    if isinstance(out, (dict, list, set, MutableMapping, MutableSequence)):
+        return f"returns a mutable {type(out).__name__}"
+    inputs = {id(a) for a in [*args, *kwargs.values()] if not isinstance(a, Tensor)}
+    items = list(out) if isinstance(out, tuple) else [out]
+    if any(id(o) in inputs for o in items if not isinstance(o, Tensor)):
+        return "returns (part of) its own input object"
+    return ""
 
 
 def _checksum(outputs: dict[str, list[Any]]) -> list[float]:
@@ -104,7 +123,12 @@ class ReplayEngine:
             return hook
 
         def post(name: str) -> Callable[..., None]:
-            def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+                problem = _unreplayable(args, kwargs, out)
+                if problem:
+                    raise QcoreError(f"the replay RD engine cannot record module {name}: it {problem}, so its "
+                                     "recorded output would change after recording; use -o engine=reference or "
+                                     "-o engine=second-order")
                 calls.append(_Call(name, starts[name].pop(), tick[0]))
                 tick[0] += 1
                 outs.setdefault(name, []).append(out)
@@ -113,7 +137,8 @@ class ReplayEngine:
         handles = []
         for name, m in self.model.named_modules():
             if name:
-                handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+                handles += [m.register_forward_pre_hook(pre(name)),
+                            m.register_forward_hook(post(name), with_kwargs=True)]
         try:
             with exact_math():
                 ref = self.forward(self.model, batch)
@@ -131,7 +156,8 @@ class ReplayEngine:
     def _layer_call(self, name: str) -> _Call:
         hits = [c for c in self.calls if c.name == name]
         if len(hits) != 1:
-            raise ValueError(f"layer {name} is called {len(hits)} times per forward pass")
+            raise QcoreError(f"layer {name} is called {len(hits)} times per forward pass; the replay engine cannot "
+                             "measure it alone (use -o engine=reference)")
         return hits[0]
 
     def upstream(self, name: str) -> list[str]:
@@ -209,7 +235,8 @@ class ReplayEngine:
         with torch.no_grad(), exact_math(), self._stubbed(0, stubs):
             out = self.forward(self.model, self.batches[0])
         if not torch.allclose(out, self.ref[0], rtol=1e-5, atol=1e-7):
-            raise ValueError(f"replaying from the recorded outputs does not reproduce the FP target at {name}")
+            raise QcoreError(f"replaying from the recorded outputs does not reproduce the FP target at layer {name} "
+                             "(a module edits its input or output in place); use -o engine=reference")
         self._checked = True
 
     @torch.no_grad()
@@ -228,8 +255,8 @@ class ReplayEngine:
                         with perturb(i):
                             sse[i] += float(_sse(self.forward(self.model, batch)[None], ref)[0])
         if _checksum(self.outputs[0]) != before:
-            raise RuntimeError(f"a module edited a recorded output in place while layer {name} was measured; "
-                               "use -o engine=reference for this model")
+            raise QcoreError(f"a module edited a recorded output in place while layer {name} was measured; "
+                             "use -o engine=reference for this model")
         return sse / self.count
 
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
@@ -250,7 +277,7 @@ class ReplayEngine:
         """Whether replay works for ``name`` (otherwise use :meth:`reference` for it)."""
         try:
             self._layer_call(name)
-        except ValueError as exc:
+        except QcoreError as exc:
             log.info("%s; using the reference engine for it", exc)
             return False
         return True
