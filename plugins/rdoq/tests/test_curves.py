@@ -155,8 +155,8 @@ def test_replay_refuses_modules_that_pass_their_input_dict_through(caplog):
     with caplog.at_level("WARNING"):
         eng = make_engine("fast", model, fwd, batches)
     assert isinstance(eng, ReferenceEngine)
-    assert "returns a mutable dict" in caplog.text and "using the reference engine" in caplog.text
-    with pytest.raises(QcoreError, match="module backbone: it returns a mutable dict.*engine=reference") as err:
+    assert "returns its own input dict" in caplog.text and "using the reference engine" in caplog.text
+    with pytest.raises(QcoreError, match="module backbone: it returns its own input dict.*engine=reference") as err:
         make_engine("replay", model, fwd, batches)
     assert "\n" not in str(err.value)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed
@@ -167,17 +167,46 @@ def test_replay_refuses_modules_that_pass_their_input_dict_through(caplog):
 
 
 def test_replay_recording_checks_what_a_module_returns():
-    """Passing a non-tensor input object through (also inside a tuple) or returning a mutable container is refused;
-    a tensor passed through (nn.Identity) or a fresh tuple is fine."""
+    """Passing a non-tensor input object through (also inside a tuple or dict) is refused; a tensor passed through
+    (nn.Identity), a fresh container or shared immutable values (None) are fine. A fresh dict edited in place after
+    it was returned is refused when the pass ends; one nobody edits is recorded."""
     import types
 
-    from qcore_rdoq.replay import _unreplayable
+    from qcore_rdoq.replay import ReplayEngine, _unreplayable
 
-    state, t = types.SimpleNamespace(a=1), torch.zeros(2)
-    assert "own input" in _unreplayable((state,), {}, (t, state))
-    assert "own input" in _unreplayable((), {"s": state}, state)
-    assert "mutable list" in _unreplayable((t,), {}, [t])
-    assert _unreplayable((t,), {}, t) == "" and _unreplayable((state,), {}, (t, t * 2)) == ""
+    state, d, t = types.SimpleNamespace(a=1), {"x": torch.zeros(2)}, torch.zeros(2)
+    assert "own input SimpleNamespace" in _unreplayable((state,), {}, (t, state))
+    assert "own input SimpleNamespace" in _unreplayable((), {"s": state}, state)
+    assert "own input dict" in _unreplayable(((d, 1),), {}, {"out": t, "in": d})
+    assert _unreplayable((t, None), {}, t) == "" and _unreplayable((state, None), {}, (t * 2, None)) == ""
+    assert _unreplayable((d,), {}, {"x": d["x"]}) == ""  # a fresh dict of the same tensors
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 4)
+
+        def forward(self, x):
+            return {"logits": self.fc(x.flatten(1))}  # a fresh dict each call
+
+    class Post(torch.nn.Module):
+        def forward(self, out):
+            out["score"] = out["logits"].softmax(1)  # edits the head's recorded output after it returned
+            return out["score"]
+
+    class Net(torch.nn.Module):
+        def __init__(self, edit):
+            super().__init__()
+            self.head, self.post, self.edit = Head(), Post(), edit
+
+        def forward(self, x):
+            out = self.head(x)
+            return self.post(out) if self.edit else out["logits"]
+
+    batches = [torch.randn(4, 1, 8, 8)]
+    assert ReplayEngine(Net(False).eval(), lambda m, b: m(b), batches).upstream("head.fc") == []
+    with pytest.raises(QcoreError, match="module head: its output dict is edited in place after it returns"):
+        ReplayEngine(Net(True).eval(), lambda m, b: m(b), batches)
 
 
 def test_candidate_is_what_deployment_quantizes():

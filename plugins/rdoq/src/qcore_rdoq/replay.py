@@ -17,10 +17,10 @@ fine. The candidates' numbers equal the reference engine's (the same operations 
 checked once on FP (the replayed target must reproduce the recorded one) and, after every layer, the recorded
 outputs are checked to be unchanged (a model that edits a module's output in place would corrupt the replay).
 A layer called more than once per forward pass is measured by the reference engine instead (logged). A model
-whose modules return a mutable container (a dict, list) or pass a non-tensor input object through (OpenPCDet's
-modules edit ``batch_dict`` in place and return it) cannot be recorded at all: every recorded output would be the
-same object, edited after recording, so recording raises :class:`qcore.QcoreError` (``engine=fast`` then falls
-back to the reference engine).
+whose modules return a non-tensor input object (OpenPCDet's modules edit ``batch_dict`` in place and return it:
+every recorded output would be the same dict), or whose container outputs (dicts, lists) are edited after they
+are returned, cannot be recorded: recording raises :class:`qcore.QcoreError` (``engine=fast`` then falls back to
+the reference engine, logged). A fresh dict that nobody edits (a detector head's outputs) is fine.
 
 Memory: the recorded outputs of every module on the curve batches (about 320 MB for 4 scenes of the embedded
 detector).
@@ -70,17 +70,42 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
         yield obj.features
 
 
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, tuple, torch.Size, torch.dtype, torch.device)
+
+
+def _objects(obj: Any) -> Iterator[Any]:
+    """The non-tensor objects an input or output holds (itself, and inside dicts, lists and tuples) that could be
+    edited in place (immutable values such as ``None`` or ints are shared by identity, so they are left out)."""
+    if isinstance(obj, Tensor):
+        return
+    if not isinstance(obj, _IMMUTABLE):
+        yield obj
+    if isinstance(obj, (dict, MutableMapping)):
+        for v in obj.values():
+            yield from _objects(v)
+    elif isinstance(obj, (list, tuple, MutableSequence)):
+        for v in obj:
+            yield from _objects(v)
+
+
+def _layout(obj: Any) -> Any:
+    """What a container output holds, by identity: equal before and after unless it was edited in place."""
+    if isinstance(obj, (dict, MutableMapping)):
+        return ("dict", tuple((k, _layout(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple, MutableSequence)):
+        return (type(obj).__name__, tuple(_layout(v) for v in obj))
+    return id(obj)
+
+
 def _unreplayable(args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> str:
-    """Why a module call's output cannot be recorded for replay ('' if it can): a mutable container (a dict that
-    the next module edits in place, as OpenPCDet's ``batch_dict``), or an object of its own input passed through
-    (also inside a tuple). Tensors passed through (``nn.Identity``) are fine: in-place edits of recorded tensors
-    are caught by the FP and checksum checks."""
-    if isinstance(out, (dict, list, set, MutableMapping, MutableSequence)):
-        return f"returns a mutable {type(out).__name__}"
-    inputs = {id(a) for a in [*args, *kwargs.values()] if not isinstance(a, Tensor)}
-    items = list(out) if isinstance(out, tuple) else [out]
-    if any(id(o) in inputs for o in items if not isinstance(o, Tensor)):
-        return "returns (part of) its own input object"
+    """Why a module call's output cannot be recorded for replay ('' if it can): it is, or holds, a non-tensor
+    object of its own input (OpenPCDet's modules edit ``batch_dict`` in place and return it, so every recorded
+    output would be the same dict). Tensors passed through (``nn.Identity``) are fine: in-place edits of recorded
+    tensors are caught by the FP and checksum checks."""
+    inputs = {id(o) for a in (*args, *kwargs.values()) for o in _objects(a)}
+    shared = [o for o in _objects(out) if id(o) in inputs]
+    if shared:
+        return f"returns its own input {type(shared[0]).__name__} (passed through, edited in place)"
     return ""
 
 
@@ -115,6 +140,7 @@ class ReplayEngine:
         starts: dict[str, list[int]] = {}
         calls: list[_Call] = []
         outs: dict[str, list[Any]] = {}
+        layouts: list[tuple[str, Any, Any]] = []  # container outputs and what they held when recorded
 
         def pre(name: str) -> Callable[..., None]:
             def hook(_m: nn.Module, _args: Any) -> None:
@@ -126,12 +152,13 @@ class ReplayEngine:
             def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
                 problem = _unreplayable(args, kwargs, out)
                 if problem:
-                    raise QcoreError(f"the replay RD engine cannot record module {name}: it {problem}, so its "
-                                     "recorded output would change after recording; use -o engine=reference or "
-                                     "-o engine=second-order")
+                    raise QcoreError(f"the replay RD engine cannot record module {name}: it {problem}; use "
+                                     "-o engine=reference or -o engine=second-order")
                 calls.append(_Call(name, starts[name].pop(), tick[0]))
                 tick[0] += 1
                 outs.setdefault(name, []).append(out)
+                if any(True for _ in _objects(out)):  # a container: check after the pass that nobody edited it
+                    layouts.append((name, out, _layout(out)))
             return hook
 
         handles = []
@@ -145,6 +172,11 @@ class ReplayEngine:
         finally:
             for h in handles:
                 h.remove()
+        for name, out, layout in layouts:
+            if _layout(out) != layout:
+                raise QcoreError(f"the replay RD engine cannot record module {name}: its output "
+                                 f"{type(out).__name__} is edited in place after it returns; use -o engine=reference "
+                                 "or -o engine=second-order")
         return ref, outs, sorted(calls, key=lambda c: c.start)
 
     def reference(self) -> ReferenceEngine:
