@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcore import discover_layers, measure_layers, torch_layer_info
+from qcore import QcoreError, discover_layers, measure_layers, torch_layer_info
 from qcore.testing import tiny_convnet, tiny_mlp
 from qcore_rdoq.curves import first_order_curves
 from qcore_rdoq.deployment import Clip
@@ -110,9 +110,103 @@ def test_replay_refuses_a_model_that_edits_recorded_outputs():
 
     model = InPlace().eval()
     batches, layers = setup(model)
-    with pytest.raises((ValueError, RuntimeError), match="recorded"):
+    with pytest.raises(QcoreError, match="recorded"):
         first_order_curves(model, lambda m, b: m(b), batches, {"b": layers["b"]}, 2, [2, 4],
                            engine=ReplayEngine(model, lambda m, b: m(b), batches))
+
+
+class _DictStage(torch.nn.Module):
+    """Writes ``layer(d[src])`` into ``d[dst]`` and returns ``d`` itself (OpenPCDet's ``batch_dict`` style)."""
+
+    def __init__(self, layer, src, dst):
+        super().__init__()
+        self.layer, self.src, self.dst = layer, src, dst
+
+    def forward(self, d):
+        d[self.dst] = self.layer(d[self.src])
+        return d
+
+
+class _DictDetector(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.backbone = _DictStage(torch.nn.Linear(64, 8), "x", "bev")
+        self.head = _DictStage(torch.nn.Linear(8, 4), "bev", "boxes")
+
+    def forward(self, x):
+        d = {"x": x.flatten(1)}
+        if x.mean() > -1e9:  # data-dependent: torch.fx cannot trace this
+            d = self.head(self.backbone(d))
+        return d
+
+
+def test_replay_refuses_modules_that_pass_their_input_dict_through(caplog):
+    """Every recorded output would be the same dict, edited by later modules: replay must not record it. engine=fast
+    falls back to the reference engine (logged); engine=replay asked explicitly is a one-line QcoreError."""
+    from qcore_rdoq.curves import ReferenceEngine, make_engine
+
+    model = _DictDetector().eval()
+    torch.manual_seed(1)
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    layers = discover_layers(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]))
+    fwd = lambda m, b: m(b)["bev"]  # noqa: E731 - the target leaves the head free
+    with caplog.at_level("WARNING"):
+        eng = make_engine("fast", model, fwd, batches)
+    assert isinstance(eng, ReferenceEngine)
+    assert "returns its own input dict" in caplog.text and "using the reference engine" in caplog.text
+    with pytest.raises(QcoreError, match="module backbone: it returns its own input dict.*engine=reference") as err:
+        make_engine("replay", model, fwd, batches)
+    assert "\n" not in str(err.value)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed
+    fast = first_order_curves(model, fwd, batches, layers, 4, [2, 4], engine="fast")
+    ref = first_order_curves(model, fwd, batches, layers, 4, [2, 4], engine="reference")
+    assert fast.engine == "reference" and np.array_equal(fast.dist, ref.dist)
+    assert (ref.dist[:2] > 0).all() and (ref.dist[2:] == 0).all()  # body: 2 groups of 4 rows; the head is free
+
+
+def test_replay_recording_checks_what_a_module_returns():
+    """Passing a non-tensor input object through (also inside a tuple or dict) is refused; a tensor passed through
+    (nn.Identity), a fresh container or shared immutable values (None) are fine. A fresh dict edited in place after
+    it was returned is refused when the pass ends; one nobody edits is recorded."""
+    import types
+
+    from qcore_rdoq.replay import ReplayEngine, _unreplayable
+
+    state, d, t = types.SimpleNamespace(a=1), {"x": torch.zeros(2)}, torch.zeros(2)
+    assert "own input SimpleNamespace" in _unreplayable((state,), {}, (t, state))
+    assert "own input SimpleNamespace" in _unreplayable((), {"s": state}, state)
+    assert "own input dict" in _unreplayable(((d, 1),), {}, {"out": t, "in": d})
+    assert _unreplayable((t, None), {}, t) == "" and _unreplayable((state, None), {}, (t * 2, None)) == ""
+    assert _unreplayable((d,), {}, {"x": d["x"]}) == ""  # a fresh dict of the same tensors
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 4)
+
+        def forward(self, x):
+            return {"logits": self.fc(x.flatten(1))}  # a fresh dict each call
+
+    class Post(torch.nn.Module):
+        def forward(self, out):
+            out["score"] = out["logits"].softmax(1)  # edits the head's recorded output after it returned
+            return out["score"]
+
+    class Net(torch.nn.Module):
+        def __init__(self, edit):
+            super().__init__()
+            self.head, self.post, self.edit = Head(), Post(), edit
+
+        def forward(self, x):
+            out = self.head(x)
+            return self.post(out) if self.edit else out["logits"]
+
+    batches = [torch.randn(4, 1, 8, 8)]
+    assert ReplayEngine(Net(False).eval(), lambda m, b: m(b), batches).upstream("head.fc") == []
+    with pytest.raises(QcoreError, match="module head: its output dict is edited in place after it returns"):
+        ReplayEngine(Net(True).eval(), lambda m, b: m(b), batches)
 
 
 def test_candidate_is_what_deployment_quantizes():

@@ -261,3 +261,35 @@ def test_projected_curves_for_any_batch_type_estimate_the_exact_expansion():
     assert np.abs(z).max() < 4.0 and abs(runs.mean() / exact.mean() - 1) < 0.1  # ...unbiased (seeded: deterministic)
     again = projected_curve_set(model, fwd, dicts, layers, 4, bits, [0.0], 16, seed=0)[0].dist
     assert np.array_equal(again, runs[0])
+
+
+def test_projected_curves_give_zero_distortion_to_a_layer_the_target_does_not_read(caplog):
+    """A free layer that does not feed the distortion target (a detector head with target=bev) has no gradient:
+    it gets zero distortion (logged once), and the other layers' curves are those computed without it."""
+    from qcore import discover_layers, measure_layers, torch_layer_info
+    from qcore_rdoq.second_order import projected_curve_set
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.body, self.head = torch.nn.Linear(64, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            bev = self.body(x.flatten(1))
+            return {"bev": bev, "boxes": self.head(bev)}
+
+    model = TwoHeads().eval()
+    batches = [{"x": torch.randn(16, 1, 8, 8)} for _ in range(2)]
+    layers = discover_layers(model, torch_layer_info)
+    measure_layers(model, layers, lambda m: m(batches[0]["x"]))
+    fwd = lambda m, b: m(b["x"])["bev"]  # noqa: E731
+    with caplog.at_level("WARNING"):
+        both = projected_curve_set(model, fwd, batches, layers, 4, [2, 4], [0.0], 4, seed=1)[0]
+    assert caplog.text.count("does not depend on layer head") == 1
+    heads = len(both.dist) - 2  # body: 8 rows in groups of 4
+    assert (both.dist[2:] == 0).all() and heads == 1 and (both.dist[:2] > 0).all()
+    alone = projected_curve_set(model, fwd, batches, {"body": layers["body"]}, 4, [2, 4], [0.0], 4, seed=1)[0]
+    np.testing.assert_array_equal(both.dist[:2], alone.dist)
+    none = projected_curve_set(model, fwd, batches, {"head": layers["head"]}, 4, [2, 4], [0.0], 2, seed=1)[0]
+    assert (none.dist == 0).all()  # no layer feeds the target at all

@@ -16,7 +16,11 @@ Nothing is traced, so data-dependent control flow and custom tensor types (spcon
 fine. The candidates' numbers equal the reference engine's (the same operations on the same values); this is
 checked once on FP (the replayed target must reproduce the recorded one) and, after every layer, the recorded
 outputs are checked to be unchanged (a model that edits a module's output in place would corrupt the replay).
-A layer called more than once per forward pass is measured by the reference engine instead (logged).
+A layer called more than once per forward pass is measured by the reference engine instead (logged). A model
+whose modules return a non-tensor input object (OpenPCDet's modules edit ``batch_dict`` in place and return it:
+every recorded output would be the same dict), or whose container outputs (dicts, lists) are edited after they
+are returned, cannot be recorded: recording raises :class:`qcore.QcoreError` (``engine=fast`` then falls back to
+the reference engine, logged). A fresh dict that nobody edits (a detector head's outputs) is fine.
 
 Memory: the recorded outputs of every module on the curve batches (about 320 MB for 4 scenes of the embedded
 detector).
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, MutableSequence, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qcore import QcoreError
 from qcore_rdoq.curves import Candidates, ReferenceEngine, _sse, exact_math
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,45 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
     elif isinstance(getattr(obj, "features", None), Tensor):
         yield obj.features
+
+
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, tuple, torch.Size, torch.dtype, torch.device)
+
+
+def _objects(obj: Any) -> Iterator[Any]:
+    """The non-tensor objects an input or output holds (itself, and inside dicts, lists and tuples) that could be
+    edited in place (immutable values such as ``None`` or ints are shared by identity, so they are left out)."""
+    if isinstance(obj, Tensor):
+        return
+    if not isinstance(obj, _IMMUTABLE):
+        yield obj
+    if isinstance(obj, (dict, MutableMapping)):
+        for v in obj.values():
+            yield from _objects(v)
+    elif isinstance(obj, (list, tuple, MutableSequence)):
+        for v in obj:
+            yield from _objects(v)
+
+
+def _layout(obj: Any) -> Any:
+    """What a container output holds, by identity: equal before and after unless it was edited in place."""
+    if isinstance(obj, (dict, MutableMapping)):
+        return ("dict", tuple((k, _layout(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple, MutableSequence)):
+        return (type(obj).__name__, tuple(_layout(v) for v in obj))
+    return id(obj)
+
+
+def _unreplayable(args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> str:
+    """Why a module call's output cannot be recorded for replay ('' if it can): it is, or holds, a non-tensor
+    object of its own input (OpenPCDet's modules edit ``batch_dict`` in place and return it, so every recorded
+    output would be the same dict). Tensors passed through (``nn.Identity``) are fine: in-place edits of recorded
+    tensors are caught by the FP and checksum checks."""
+    inputs = {id(o) for a in (*args, *kwargs.values()) for o in _objects(a)}
+    shared = [o for o in _objects(out) if id(o) in inputs]
+    if shared:
+        return f"returns its own input {type(shared[0]).__name__} (passed through, edited in place)"
+    return ""
 
 
 def _checksum(outputs: dict[str, list[Any]]) -> list[float]:
@@ -96,6 +140,7 @@ class ReplayEngine:
         starts: dict[str, list[int]] = {}
         calls: list[_Call] = []
         outs: dict[str, list[Any]] = {}
+        layouts: list[tuple[str, Any, Any]] = []  # container outputs and what they held when recorded
 
         def pre(name: str) -> Callable[..., None]:
             def hook(_m: nn.Module, _args: Any) -> None:
@@ -104,22 +149,34 @@ class ReplayEngine:
             return hook
 
         def post(name: str) -> Callable[..., None]:
-            def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+                problem = _unreplayable(args, kwargs, out)
+                if problem:
+                    raise QcoreError(f"the replay RD engine cannot record module {name}: it {problem}; use "
+                                     "-o engine=reference or -o engine=second-order")
                 calls.append(_Call(name, starts[name].pop(), tick[0]))
                 tick[0] += 1
                 outs.setdefault(name, []).append(out)
+                if any(True for _ in _objects(out)):  # a container: check after the pass that nobody edited it
+                    layouts.append((name, out, _layout(out)))
             return hook
 
         handles = []
         for name, m in self.model.named_modules():
             if name:
-                handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+                handles += [m.register_forward_pre_hook(pre(name)),
+                            m.register_forward_hook(post(name), with_kwargs=True)]
         try:
             with exact_math():
                 ref = self.forward(self.model, batch)
         finally:
             for h in handles:
                 h.remove()
+        for name, out, layout in layouts:
+            if _layout(out) != layout:
+                raise QcoreError(f"the replay RD engine cannot record module {name}: its output "
+                                 f"{type(out).__name__} is edited in place after it returns; use -o engine=reference "
+                                 "or -o engine=second-order")
         return ref, outs, sorted(calls, key=lambda c: c.start)
 
     def reference(self) -> ReferenceEngine:
@@ -131,7 +188,8 @@ class ReplayEngine:
     def _layer_call(self, name: str) -> _Call:
         hits = [c for c in self.calls if c.name == name]
         if len(hits) != 1:
-            raise ValueError(f"layer {name} is called {len(hits)} times per forward pass")
+            raise QcoreError(f"layer {name} is called {len(hits)} times per forward pass; the replay engine cannot "
+                             "measure it alone (use -o engine=reference)")
         return hits[0]
 
     def upstream(self, name: str) -> list[str]:
@@ -209,7 +267,8 @@ class ReplayEngine:
         with torch.no_grad(), exact_math(), self._stubbed(0, stubs):
             out = self.forward(self.model, self.batches[0])
         if not torch.allclose(out, self.ref[0], rtol=1e-5, atol=1e-7):
-            raise ValueError(f"replaying from the recorded outputs does not reproduce the FP target at {name}")
+            raise QcoreError(f"replaying from the recorded outputs does not reproduce the FP target at layer {name} "
+                             "(a module edits its input or output in place); use -o engine=reference")
         self._checked = True
 
     @torch.no_grad()
@@ -228,8 +287,8 @@ class ReplayEngine:
                         with perturb(i):
                             sse[i] += float(_sse(self.forward(self.model, batch)[None], ref)[0])
         if _checksum(self.outputs[0]) != before:
-            raise RuntimeError(f"a module edited a recorded output in place while layer {name} was measured; "
-                               "use -o engine=reference for this model")
+            raise QcoreError(f"a module edited a recorded output in place while layer {name} was measured; "
+                             "use -o engine=reference for this model")
         return sse / self.count
 
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
@@ -250,7 +309,7 @@ class ReplayEngine:
         """Whether replay works for ``name`` (otherwise use :meth:`reference` for it)."""
         try:
             self._layer_call(name)
-        except ValueError as exc:
+        except QcoreError as exc:
             log.info("%s; using the reference engine for it", exc)
             return False
         return True

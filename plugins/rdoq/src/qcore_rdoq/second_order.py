@@ -179,7 +179,9 @@ def projected_curve_set(model: nn.Module, forward: Callable[[nn.Module, Any], Te
     passes of ``r . f`` (``r`` independent +-1 entries over the batch's whole target ``f``) gives ``J^T r`` for
     every layer's weight at once, and ``D(dw) ~ (1 / count) mean_r (r . J dw)^2``, unbiased for
     ``||J dw||^2 / count`` (relative standard deviation up to ``sqrt(2 / projections)`` per entry).
-    ``grad_context`` is the task's context for backward passes (spconv's CPU kernels need one).
+    ``grad_context`` is the task's context for backward passes (spconv's CPU kernels need one). A layer the
+    target does not depend on (a detector head when the target is the BEV features) gets zero distortion at every
+    candidate (logged once).
     """
     t0 = time.perf_counter()
     caches = list(caches) if caches is not None else [None] * len(deadzones)
@@ -203,6 +205,7 @@ def projected_curve_set(model: nn.Module, forward: Callable[[nn.Module, Any], Te
         gen = torch.Generator().manual_seed(seed)
         context = grad_context or nullcontext
         count = 0
+        unused: list[str] = []  # layers the target does not depend on (no gradient), logged once each
         try:
             for p in params:
                 p.requires_grad_(True)
@@ -213,10 +216,19 @@ def projected_curve_set(model: nn.Module, forward: Callable[[nn.Module, Any], Te
                         count += out.numel()
                         for k in range(projections):
                             r = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out)
-                            with context():
-                                grads = torch.autograd.grad(out, params, grad_outputs=r,
-                                                            retain_graph=k < projections - 1)
+                            if not out.requires_grad:  # no layer feeds the target
+                                grads: Sequence[Tensor | None] = [None] * len(params)
+                            else:
+                                with context():
+                                    grads = torch.autograd.grad(out, params, grad_outputs=r, allow_unused=True,
+                                                                retain_graph=k < projections - 1)
                             for n, g in zip(names, grads, strict=True):
+                                if g is None:  # the target does not read this layer: zero distortion
+                                    if n not in unused:
+                                        unused.append(n)
+                                        log.warning("rdoq: the distortion target does not depend on layer %s; its "
+                                                    "second-order distortion is zero at every bit-width", n)
+                                    continue
                                 proj = torch.bmm(deltas[n], _by_group(g.detach()[None], group_size).transpose(1, 2))
                                 sums[n] += proj.double().pow(2).sum(dim=2).cpu() / projections
                     del out
