@@ -85,6 +85,22 @@ def _sse(out: Tensor, ref: Tensor) -> Tensor:
     return (out.float() - ref.float()).pow(2).flatten(1).sum(1)
 
 
+def candidate_weight(module: nn.Module, candidates: Candidates) -> Callable[[int], AbstractContextManager[None]]:
+    """``perturb(i)`` for the engines' ``measure``: while open, ``module.weight`` holds candidate ``i``; the FP
+    weight is restored on exit."""
+
+    @contextmanager
+    def weight(i: int) -> Iterator[None]:
+        w0 = module.weight.detach().clone()
+        module.weight.copy_(candidates.stack(i, i + 1)[0])
+        try:
+            yield
+        finally:
+            module.weight.copy_(w0)
+
+    return weight
+
+
 class ReferenceEngine:
     """Perturb one candidate, rerun the whole model on every calibration batch, restore."""
 
@@ -112,18 +128,7 @@ class ReferenceEngine:
         return out
 
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
-        module = self.model.get_submodule(name)
-
-        @contextmanager
-        def weight(i: int) -> Iterator[None]:
-            w0 = module.weight.detach().clone()
-            module.weight.copy_(candidates.stack(i, i + 1)[0])
-            try:
-                yield
-            finally:
-                module.weight.copy_(w0)
-
-        return self.measure(len(candidates), weight)
+        return self.measure(len(candidates), candidate_weight(self.model.get_submodule(name), candidates))
 
 
 class _RowOutputs:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore import QcoreError
-from qcore_rdoq.curves import Candidates, ReferenceEngine, _sse, exact_math
+from qcore_rdoq.curves import Candidates, ReferenceEngine, _sse, candidate_weight, exact_math
 
 log = logging.getLogger(__name__)
 
@@ -292,18 +292,7 @@ class ReplayEngine:
         return sse / self.count
 
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
-        module = self.model.get_submodule(name)
-
-        @contextmanager
-        def weight(i: int) -> Iterator[None]:
-            w0 = module.weight.detach().clone()
-            module.weight.copy_(candidates.stack(i, i + 1)[0])
-            try:
-                yield
-            finally:
-                module.weight.copy_(w0)
-
-        return self.measure(name, len(candidates), weight)
+        return self.measure(name, len(candidates), candidate_weight(self.model.get_submodule(name), candidates))
 
     def serves(self, name: str) -> bool:
         """Whether replay works for ``name`` (otherwise use :meth:`reference` for it)."""
