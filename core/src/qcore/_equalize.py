@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcore._calibration import input_rows
 from qcore._errors import QcoreError
 from qcore._layers import run_hooked, watch_layers
 from qcore._wrap import QuantLayer, quant_layers
@@ -92,8 +93,7 @@ def input_absmax(model: nn.Module, forward: Callable[[nn.Module, Any], Any], bat
     out: dict[str, Tensor] = {}
 
     def seen(name: str, x: Tensor) -> None:
-        axis = layers[name].act_axis % x.dim()
-        m = x.detach().abs().float().movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1).cpu()
+        m = input_rows(x.detach().float(), layers[name], per_channel=True).abs().amax(dim=1).cpu()
         out[name] = m if name not in out else torch.maximum(out[name], m)
 
     with torch.no_grad():
