@@ -61,6 +61,9 @@ class QuantLayer(nn.Module):
         #: input equalization (:meth:`equalize`): per input channel, the factor the input is multiplied by before
         #: its quantizer (``1 / s``, the weight's input columns hold ``W * s``); None when not equalized
         self.register_buffer("input_scale", None)
+        #: :meth:`int32_bias`'s last result and what it was computed from (see :meth:`_int32_inputs`)
+        self._qbias: tuple[tuple[Any, ...], tuple[Tensor, Tensor] | None] | None = None
+        self.register_load_state_dict_post_hook(_refreeze_after_load)
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (the float weight when weights are not quantized)."""
@@ -80,11 +83,33 @@ class QuantLayer(nn.Module):
         """Cache the quantized weight (no gradient) for fast evaluation."""
         with torch.no_grad():
             self._wq = None
+            self._qbias = None
             if self.packed_shape is None:  # a packed layer decodes at each call: caching would hold a float copy
                 self._wq = self.quantized_weight().detach()
 
     def unfreeze(self) -> None:
+        """Drop the cached quantized weight (and int32 bias): the next forward quantizes again."""
         self._wq = None
+        self._qbias = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        """Load as torch does, after creating the optional buffers (registered as None until equalization or an
+        output correction sets them: ``input_scale``, ``out_correction``, ``out_scale``) that ``state_dict``
+        holds, so a fresh layer takes them instead of refusing (or, non-strict, silently dropping) them. A frozen
+        layer drops its cached weight here and quantizes it again once its children are loaded too."""
+        device = next((t.device for t in (*self._buffers.values(), *self.module.parameters()) if t is not None),
+                      None)
+        for name, value in self._buffers.items():
+            key = prefix + name
+            if value is None and name not in self._non_persistent_buffers_set and isinstance(
+                    state_dict.get(key), Tensor):
+                self._buffers[name] = torch.empty_like(state_dict[key], device=device)
+        self._refreeze = self._wq is not None
+        self.unfreeze()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def hold_packed(self, codes: Tensor, scale: Tensor, zero_point: Tensor, qmin: Tensor, bits: Tensor,
                     prune_value: Tensor, axis: int) -> None:
@@ -185,7 +210,41 @@ class QuantLayer(nn.Module):
         bias, and the layer then runs as in ``"float"`` mode: ``bias_mode`` ``"float"``; not a torch
         Conv1d/2d/3d or Linear with output channels on weight axis 0; weight or input not quantized on a uniform
         grid; per-channel input scales; quantizers not calibrated yet or observing; no bias and no correction.
+
+        The result is cached (so a forward does not compute it again) and computed anew once anything it reads
+        changes: the bias, ``out_scale``/``out_correction``, a quantizer's parameters or buffers (in place or
+        replaced), its calibration or observing state, :attr:`bias_mode`; :meth:`freeze`/:meth:`unfreeze` drop it.
         """
+        if self.bias_mode != "int32":
+            return None
+        key = self._int32_inputs()
+        if key is not None and self._qbias is not None and _same_inputs(self._qbias[0], key):
+            return self._qbias[1]
+        qbias = self._compute_int32_bias()
+        self._qbias = None if key is None else (key, qbias)
+        return qbias
+
+    def _int32_inputs(self) -> tuple[Any, ...] | None:
+        """What :meth:`int32_bias` depends on: the mode, the quantizers' state and, for every tensor it reads
+        (bias, output corrections, each quantizer's parameters and buffers), the tensor itself and its version
+        counter, so an in-place change or a new tensor invalidates the cached result. None (do not cache) when a
+        version counter cannot be read (inference-mode tensors)."""
+        wq, aq = self.weight_quantizer, self.act_quantizer
+        tensors = [getattr(self.module, "bias", None), self.out_scale, self.out_correction]
+        for q in (wq, aq):
+            if isinstance(q, nn.Module):
+                tensors += [*q.parameters(), *q.buffers()]
+        try:
+            # device, dtype and shape too: assigning ``.data`` (``module.to`` on parameters) keeps tensor and version
+            versions = tuple((t, t._version, t.device, t.dtype, tuple(t.shape)) if t is not None else None
+                             for t in tensors)
+        except RuntimeError:
+            return None
+        flags = tuple((q, getattr(q, "calibrated", None), getattr(q, "observer", None) is None) for q in (wq, aq))
+        return (self.bias_mode, self.module, self.packed_shape, self.info.weight_axis, flags, versions)
+
+    def _compute_int32_bias(self) -> tuple[Tensor, Tensor] | None:
+        """:meth:`int32_bias`, computed (no cache)."""
         m, wq, aq = self.module, self.weight_quantizer, self.act_quantizer
         if self.bias_mode != "int32" or not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) \
                 or self.info.weight_axis != 0 or not isinstance(wq, UniformFakeQuant) \
@@ -216,6 +275,31 @@ class QuantLayer(nn.Module):
 
     def _add_correction(self, y: Tensor) -> Tensor:
         return output_correction(y, self.out_scale, self.out_correction, self.info.act_axis)
+
+
+def _same_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :meth:`QuantLayer._int32_inputs` keys are equal, objects by identity (tensors are not
+    compared by value: their version counters say whether they changed)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if not _same_inputs(x, y):
+                return False
+        elif isinstance(x, (Tensor, nn.Module)) or isinstance(y, (Tensor, nn.Module)):
+            if x is not y:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _refreeze_after_load(layer: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post hook of :class:`QuantLayer`: a layer that was frozen before loading caches its
+    quantized weight again, from the loaded values."""
+    if getattr(layer, "_refreeze", False):
+        layer._refreeze = False
+        layer.freeze()
 
 
 def output_correction(y: Tensor, scale: Tensor | None, shift: Tensor | None, axis: int) -> Tensor:
