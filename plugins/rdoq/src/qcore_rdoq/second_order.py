@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore import LayerInfo, WeightCorrection, track
+from qcore import distributed as qdist
 from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Curves, exact_math
 from qcore_rdoq.deployment import WEIGHT_CLIP, Clip
@@ -101,6 +102,9 @@ def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[s
 
 _CANDIDATE_BYTES = 2**31  # candidate differences held at once; more dead-zone ratios are done in several passes
 
+#: ``measure(layers, ratios) -> [groups of layers, bits] per ratio``: one pass of a second-order engine
+Measure = Callable[[dict[str, LayerInfo], Sequence[float]], list[np.ndarray]]
+
 
 @torch.no_grad()
 def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo],
@@ -112,47 +116,72 @@ def second_order_curve_set(model: nn.Module, batches: Sequence[Any], layers: dic
 
     The candidates of as many ratios as fit in about 2 GiB are projected through one set of Jacobians; further
     ratios take another pass (with the same random directions, so the split changes nothing beyond float rounding).
+    Under torchrun each process computes the Jacobians of its share of the layers (:func:`shared_curve_set`).
     """
     t0 = time.perf_counter()
+    # samples per Jacobian call from all the layers, not one process's share: every process then draws the
+    # random directions a single process draws
+    sub_batch = sub_batch or _sub_batch(model, list(layers), batches[0], projections)
+
+    def measure(part: dict[str, LayerInfo], ratios: Sequence[float]) -> list[np.ndarray]:
+        return _second_order_pass(model, batches, part, group_size, bits, ratios, sub_batch, clip, correction,
+                                  projections, seed)
+
+    return shared_curve_set(model, layers, group_size, bits, deadzones, caches, measure, t0)
+
+
+def shared_curve_set(model: nn.Module, layers: dict[str, LayerInfo], group_size: int, bits: Sequence[int],
+                     deadzones: Sequence[float], caches: Sequence[CurveCache | None] | None, measure: Measure,
+                     t0: float) -> list[Curves]:
+    """The steps both second-order engines share around ``measure``: this process's share of the layers (round
+    robin by rank under torchrun, :func:`qcore.distributed.shard`; all of them in one process), the caches' lock
+    and hits, passes of as many dead-zone ratios as fit in :data:`_CANDIDATE_BYTES` of candidate differences,
+    the cache writes, and the gathering of every process's layers, so each process returns the same curves.
+
+    ``measure`` gets a share of the layers (never empty) and a slice of ``deadzones``. With every cache given, a
+    share all of whose entries are cached is read back, else it is measured (one set of Jacobians or backward
+    passes for the share: the caches are used all or nothing per share). The caches' lock is the whole folder's
+    in one process (a concurrent run waits for the whole set, then reads it), one per share under torchrun (so
+    the processes do not wait on each other). ``seconds`` of each curve set: the wall time over the ratios.
+    """
     caches = list(caches) if caches is not None else [None] * len(deadzones)
-    with ExitStack() as locks:  # one set of Jacobians for all layers: a concurrent run waits for the whole set
-        for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
-            locks.enter_context(folder[1].locked())
-        return _curve_set(model, batches, layers, group_size, bits, deadzones, sub_batch, clip, caches, correction,
-                          projections, seed, t0)
-
-
-def _curve_set(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
-               bits: Sequence[int], deadzones: Sequence[float], sub_batch: int, clip: Clip,
-               caches: list[CurveCache | None], correction: WeightCorrection | None, projections: int, seed: int,
-               t0: float) -> list[Curves]:
-    """:func:`second_order_curve_set` with the caches' locks held."""
     names = list(layers)
+    nb = len(bits)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
-    flat = [g for n in names for g in groups[n]]
-    if all(c is not None for c in caches):
-        hits = [[c.load(n, (len(groups[n]), len(bits))) for n in names] for c in caches]  # type: ignore[union-attr]
-        if all(h is not None for hit in hits for h in hit):
-            return [Curves(groups=flat, bits=list(bits), dist=np.concatenate(hit, axis=0),  # type: ignore[arg-type]
-                           engine="second-order", seconds=(time.perf_counter() - t0) / len(deadzones),
-                           layer_engines={n: "cache" for n in names}) for hit in hits]
-    weights = sum(model.get_submodule(n).weight.numel() for n in names)
-    per_pass = max(1, _CANDIDATE_BYTES // (4 * len(bits) * weights))
-    dists: list[np.ndarray] = []
-    for lo in range(0, len(deadzones), per_pass):
-        dists += _second_order_pass(model, batches, layers, group_size, bits, deadzones[lo:lo + per_pass],
-                                    sub_batch, clip, correction, projections, seed)
+    mine = qdist.shard(names)
+    lock = None if qdist.world() == 1 else f".share-{qdist.rank()}-of-{qdist.world()}"
+    done: dict[str, tuple[list[np.ndarray], str]] = {}  # layer -> (its rows per ratio, engine)
+    if mine:
+        with ExitStack() as locks:  # a share's measurement covers all its layers: a concurrent run waits for it
+            for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
+                locks.enter_context(folder[1].locked(lock))
+            if all(c is not None for c in caches):
+                hits = [[c.load(n, (len(groups[n]), nb)) for n in mine] for c in caches]  # type: ignore[union-attr]
+                if all(h is not None for hit in hits for h in hit):
+                    done = {n: ([hit[i] for hit in hits], "cache") for i, n in enumerate(mine)}  # type: ignore[misc]
+            if not done:
+                part = {n: layers[n] for n in mine}
+                weights = sum(model.get_submodule(n).weight.numel() for n in mine)
+                per_pass = max(1, _CANDIDATE_BYTES // (4 * nb * weights))
+                dists: list[np.ndarray] = []
+                for lo in range(0, len(deadzones), per_pass):
+                    dists += measure(part, deadzones[lo:lo + per_pass])
+                rows: dict[str, list[np.ndarray]] = {n: [] for n in mine}
+                for dist, cache in zip(dists, caches, strict=True):
+                    at = 0
+                    for n in mine:
+                        rows[n].append(dist[at:at + len(groups[n])])
+                        if cache is not None:
+                            cache.save(n, rows[n][-1])
+                        at += len(groups[n])
+                done = {n: (rows[n], "second-order") for n in mine}
+    for share in qdist.all_gather_object(done):  # the other processes' layers (a no-op in one process)
+        done.update(share)
     seconds = (time.perf_counter() - t0) / len(deadzones)
-    out = []
-    for dist, cache in zip(dists, caches, strict=True):
-        if cache is not None:
-            at = 0
-            for n in names:
-                cache.save(n, dist[at:at + len(groups[n])])
-                at += len(groups[n])
-        out.append(Curves(groups=flat, bits=list(bits), dist=dist, engine="second-order", seconds=seconds,
-                          layer_engines={n: "second-order" for n in names}))
-    return out
+    flat = [g for n in names for g in groups[n]]
+    return [Curves(groups=flat, bits=list(bits), dist=np.concatenate([done[n][0][r] for n in names], axis=0),
+                   engine="second-order", seconds=seconds, layer_engines={n: done[n][1] for n in names})
+            for r in range(len(deadzones))]
 
 
 def _group_deltas(model: nn.Module, layers: dict[str, LayerInfo], group_size: int, bits: Sequence[int],
@@ -181,74 +210,79 @@ def projected_curve_set(model: nn.Module, forward: Callable[[nn.Module, Any], Te
     ``||J dw||^2 / count`` (relative standard deviation up to ``sqrt(2 / projections)`` per entry).
     ``grad_context`` is the task's context for backward passes (spconv's CPU kernels need one). A layer the
     target does not depend on (a detector head when the target is the BEV features) gets zero distortion at every
-    candidate (logged once).
+    candidate (logged once). Caches, memory bound and the split of the layers over torchrun's processes as in
+    :func:`second_order_curve_set` (:func:`shared_curve_set`); the directions ``r`` depend on the seed only, so a
+    share of the layers gets the curves it gets among all of them.
     """
     t0 = time.perf_counter()
-    caches = list(caches) if caches is not None else [None] * len(deadzones)
+    unused: list[str] = []  # layers the target does not depend on (no gradient), logged once each
+
+    def measure(part: dict[str, LayerInfo], ratios: Sequence[float]) -> list[np.ndarray]:
+        return _projected_pass(model, forward, batches, part, group_size, bits, ratios, projections, clip,
+                               correction, seed, grad_context, unused)
+
+    return shared_curve_set(model, layers, group_size, bits, deadzones, caches, measure, t0)
+
+
+def _projected_pass(model: nn.Module, forward: Callable[[nn.Module, Any], Tensor], batches: Sequence[Any],
+                    layers: dict[str, LayerInfo], group_size: int, bits: Sequence[int], deadzones: Sequence[float],
+                    projections: int, clip: Clip, correction: WeightCorrection | None, seed: int,
+                    grad_context: Callable[[], AbstractContextManager[Any]] | None,
+                    unused: list[str]) -> list[np.ndarray]:
+    """``[groups, bits]`` distortions per ratio of ``deadzones``, from one set of backward passes."""
+    t0 = time.perf_counter()
     names = list(layers)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
-    flat = [g for n in names for g in groups[n]]
-    with ExitStack() as locks:
-        for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
-            locks.enter_context(folder[1].locked())
-        if all(c is not None for c in caches):
-            hits = [[c.load(n, (len(groups[n]), len(bits))) for n in names] for c in caches]  # type: ignore[union-attr]
-            if all(h is not None for hit in hits for h in hit):
-                return [Curves(groups=flat, bits=list(bits), dist=np.concatenate(hit, axis=0),  # type: ignore[arg-type]
-                               engine="second-order", seconds=time.perf_counter() - t0,
-                               layer_engines={n: "cache" for n in names}) for hit in hits]
-        deltas = _group_deltas(model, layers, group_size, bits, deadzones, clip, correction)
-        nb = len(bits)
-        sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
-        params = [model.get_submodule(n).weight for n in names]
-        saved = [p.requires_grad for p in params]
-        gen = torch.Generator().manual_seed(seed)
-        context = grad_context or nullcontext
-        count = 0
-        unused: list[str] = []  # layers the target does not depend on (no gradient), logged once each
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            with exact_math():
-                for batch in track(list(batches), desc="RD curves (second-order, projected)", unit="batch"):
-                    with torch.enable_grad():
-                        out = forward(model, batch)
-                        count += out.numel()
-                        for k in range(projections):
-                            r = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out)
-                            if not out.requires_grad:  # no layer feeds the target
-                                grads: Sequence[Tensor | None] = [None] * len(params)
-                            else:
-                                with context():
-                                    grads = torch.autograd.grad(out, params, grad_outputs=r, allow_unused=True,
-                                                                retain_graph=k < projections - 1)
-                            for n, g in zip(names, grads, strict=True):
-                                if g is None:  # the target does not read this layer: zero distortion
-                                    if n not in unused:
-                                        unused.append(n)
-                                        log.warning("rdoq: the distortion target does not depend on layer %s; its "
-                                                    "second-order distortion is zero at every bit-width", n)
-                                    continue
-                                proj = torch.bmm(deltas[n], _by_group(g.detach()[None], group_size).transpose(1, 2))
-                                sums[n] += proj.double().pow(2).sum(dim=2).cpu() / projections
-                    del out
-        finally:
-            for p, flag in zip(params, saved, strict=True):
-                p.requires_grad_(flag)
-        out_curves = []
-        for r_i, cache in enumerate(caches):
-            dist = np.concatenate([(sums[n][:, r_i * nb:(r_i + 1) * nb] / count).numpy() for n in names], axis=0)
-            if cache is not None:
-                at = 0
-                for n in names:
-                    cache.save(n, dist[at:at + len(groups[n])])
-                    at += len(groups[n])
-            out_curves.append(Curves(groups=flat, bits=list(bits), dist=dist, engine="second-order",
-                                     seconds=time.perf_counter() - t0,
-                                     layer_engines={n: "second-order" for n in names}))
-        log.info("rdoq: projected Gauss-Newton curves of %d layers from %d backward passes in %.1f s", len(names),
-                 projections * len(batches), time.perf_counter() - t0)
-        return out_curves
+    deltas = _group_deltas(model, layers, group_size, bits, deadzones, clip, correction)
+    nb = len(bits)
+    sums = {n: torch.zeros(len(groups[n]), len(deadzones) * nb, dtype=torch.float64) for n in names}
+    params = [model.get_submodule(n).weight for n in names]
+    saved = [p.requires_grad for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    context = grad_context or nullcontext
+    count = 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with exact_math():
+            for batch in track(list(batches), desc="RD curves (second-order, projected)", unit="batch"):
+                with torch.enable_grad():
+                    out = forward(model, batch)
+                    count += out.numel()
+                    for k in range(projections):
+                        r = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out)
+                        if not out.requires_grad:  # no layer feeds the target
+                            grads: Sequence[Tensor | None] = [None] * len(params)
+                        else:
+                            with context():
+                                grads = torch.autograd.grad(out, params, grad_outputs=r, allow_unused=True,
+                                                            retain_graph=k < projections - 1)
+                        for n, g in zip(names, grads, strict=True):
+                            if g is None:  # the target does not read this layer: zero distortion
+                                if n not in unused:
+                                    unused.append(n)
+                                    log.warning("rdoq: the distortion target does not depend on layer %s; its "
+                                                "second-order distortion is zero at every bit-width", n)
+                                continue
+                            proj = torch.bmm(deltas[n], _by_group(g.detach()[None], group_size).transpose(1, 2))
+                            sums[n] += proj.double().pow(2).sum(dim=2).cpu() / projections
+                del out
+    finally:
+        for p, flag in zip(params, saved, strict=True):
+            p.requires_grad_(flag)
+    log.info("rdoq: projected Gauss-Newton curves of %d layers from %d backward passes in %.1f s", len(names),
+             projections * len(batches), time.perf_counter() - t0)
+    return [np.concatenate([(sums[n][:, r * nb:(r + 1) * nb] / count).numpy() for n in names], axis=0)
+            for r in range(len(deadzones))]
+
+
+def _sub_batch(model: nn.Module, names: Sequence[str], batch: Tensor, projections: int) -> int:
+    """Samples per Jacobian call: about 64 sample-directions at a time (measured fastest on CPU), and at most
+    ~1 GiB of Jacobian entries (samples x directions x weights of ``names``)."""
+    outputs = _output_count(model, batch)
+    dirs_per_sample = projections if 0 < projections < outputs else outputs
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    return max(1, min(64 // dirs_per_sample, 2**28 // (dirs_per_sample * weights)))
 
 
 def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[str, LayerInfo], group_size: int,
@@ -263,11 +297,7 @@ def _second_order_pass(model: nn.Module, batches: Sequence[Any], layers: dict[st
     count = 0
     outputs = _output_count(model, batches[0])
     gen = torch.Generator().manual_seed(seed)
-    # samples per Jacobian call: about 64 sample-directions at a time (measured fastest on CPU), and at most
-    # ~1 GiB of Jacobian entries (samples x directions x weights)
-    dirs_per_sample = projections if 0 < projections < outputs else outputs
-    weights = sum(model.get_submodule(n).weight.numel() for n in names)
-    sub_batch = sub_batch or max(1, min(64 // dirs_per_sample, 2**28 // (dirs_per_sample * weights)))
+    sub_batch = sub_batch or _sub_batch(model, names, batches[0], projections)
     with exact_math():
         for batch in track(list(batches), desc="RD curves (second-order)", unit="batch"):
             for lo in range(0, batch.shape[0], sub_batch):
