@@ -36,6 +36,7 @@ same order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -179,10 +180,8 @@ def _layer_moments(model: nn.Module, forward: Callable[[nn.Module, Any], Any], b
         if expected == 0:
             continue
         left = expected
-        try:
+        with contextlib.suppress(_Reached):  # the layer's last expected call was observed: stop the batch
             watch_layers(model, forward, [batch], {name: info}, on_output=on_output)
-        except _Reached:
-            pass
     return acc.moments().get(name)
 
 

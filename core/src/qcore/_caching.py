@@ -32,7 +32,8 @@ def cache_root_problem(root: Path) -> str | None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        return f"{probe} is a file, not a folder" if probe == root else f"{probe} is a file, so {root} cannot be a folder"
+        return (f"{probe} is a file, not a folder" if probe == root
+                else f"{probe} is a file, so {root} cannot be a folder")
     try:  # an anonymous file (O_TMPFILE: nothing appears in the folder); access() says yes to root
         with tempfile.TemporaryFile(dir=probe):
             pass

@@ -4,7 +4,8 @@ Conventions (also written into result.json):
 
 * **size_mb**: MiB (2^20 bytes) of every parameter and floating-point buffer the deployed model needs.
   Quantized weights count at their bit-width (per channel group); each quantization parameter (scale, and
-  zero point on affine grids), of weights and activations alike, counts 32 bits; everything else (biases, norms, unquantized layers) 32 bits.
+  zero point on affine grids), of weights and activations alike, counts 32 bits; everything else (biases, norms,
+  unquantized layers) 32 bits.
   ``fp_size_mb`` is the same model with everything at 32 bits. Both are taken after BN folding, so they
   describe the model that is evaluated.
 * **bops**: bit operations for one sample, ``sum over quantizable layers of MACs x w_bits x a_bits`` with 32
@@ -66,7 +67,8 @@ def _fp_bits_total(model: nn.Module) -> int:
     return (params + bufs) * FP_BITS
 
 
-#: ``extra_bits(spec, role, info)``: bits stored for one tensor beyond its elements and scales (``Quantizer.extra_bits``)
+#: ``extra_bits(spec, role, info)``: bits stored for one tensor beyond its elements and scales
+#: (``Quantizer.extra_bits``)
 ExtraBits = Callable[[QuantSpec, str, LayerInfo], float]
 
 

@@ -29,9 +29,9 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     origin = get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(typ) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if len(args) < len(get_args(typ)):
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))) and \
+                len(args) < len(get_args(typ)):
+            return None
         errors = []
         for a in args:
             try:

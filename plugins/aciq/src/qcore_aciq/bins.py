@@ -137,7 +137,7 @@ def _act_bins(q: MidTreadFakeQuant, sample: Tensor, target: float, prior: str, b
     st = row_stats(sample, prior, b_estimator, half_range)
     bins = allocate_bins(st.std.double(), target)
     mult = torch.tensor([midrise_alpha_bins(float(2 * o if h else o), prior)
-                         for o, h in zip(bins.tolist(), st.half.tolist())], dtype=torch.float64)
+                         for o, h in zip(bins.tolist(), st.half.tolist(), strict=True)], dtype=torch.float64)
     alpha = st.scale.double() * mult
     width = torch.where(st.half, alpha, 2 * alpha)
     step = torch.where(bins > 0, width / bins.clamp(min=1), torch.ones_like(width)).clamp(min=1e-12)
@@ -158,7 +158,7 @@ def entropy_bits(counts: Counter) -> float:
 
 def _histogram(codes: Tensor) -> Counter:
     values, counts = torch.unique(codes.reshape(-1), return_counts=True)
-    return Counter(dict(zip(values.long().tolist(), counts.tolist())))
+    return Counter(dict(zip(values.long().tolist(), counts.tolist(), strict=True)))
 
 
 @torch.no_grad()

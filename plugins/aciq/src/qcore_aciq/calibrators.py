@@ -96,7 +96,7 @@ def aciq_range(x: Tensor, bits: Tensor, symmetric: bool, prior: str = "laplace",
     if (bits > MAX_TABLE_BITS).any():
         raise QcoreError(f"ACIQ clipping covers 1..{MAX_TABLE_BITS} bits")
     mult = torch.tensor([0.0 if int(b) == 0 else optimal_alpha(int(b), prior, alpha_model, bool(h), symmetric)
-                         for b, h in zip(bits.tolist(), st.half.tolist())])
+                         for b, h in zip(bits.tolist(), st.half.tolist(), strict=True)])
     alpha = st.scale * mult
     lo = torch.where(st.half, torch.zeros_like(st.lo), torch.maximum(st.lo, st.mean - alpha))
     hi = torch.where(st.half, torch.minimum(st.hi, alpha), torch.minimum(st.hi, st.mean + alpha))

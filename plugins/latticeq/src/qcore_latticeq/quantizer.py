@@ -21,8 +21,8 @@ basis either: its step is the row's scale. So a tensor is stored in the cheapest
 (:meth:`LatticeFakeQuant.stored_extra_bits`): every row scalar (0 bits), every row a basis (``n^2 * B`` per
 row), or mixed (a 1-bit flag per row plus ``n^2 * B`` per row with a basis). The ``lattice-search`` calibrator
 chooses which rows keep a basis, exactly per tensor, by the gain at equal rate with these bits paid.
-:meth:`LatticeQuantizer.extra_bits` declares the calibrated tensor's bits (before calibration: the all-basis upper bound) to qcore's cost
-accounting, so ``size_mb`` and ``w_bits_avg`` include them.
+:meth:`LatticeQuantizer.extra_bits` declares the calibrated tensor's bits (before calibration: the all-basis upper
+bound) to qcore's cost accounting, so ``size_mb`` and ``w_bits_avg`` include them.
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ class OMPQAllocator(qcore.Allocator):
                 log.info("ompq: %d layers, gamma %.3f..%.3f, theta %.3g..1 (beta %g)", len(free), orm.gamma.min(),
                          orm.gamma.max(), orm.theta.min(), o.ompq_beta)
                 info["orthogonality"] = orm.to_dict()
-                info["omega"] = {n: float(w) for n, w in zip(free, weight)}
+                info["omega"] = {n: float(w) for n, w in zip(free, weight, strict=True)}
             if o.solver == "seed":
                 if o.bops_g is not None:
                     raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
@@ -229,7 +229,7 @@ class OMPQAllocator(qcore.Allocator):
                 sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
                                 storage_budget=storage_cap)
         seconds = time.perf_counter() - t0
-        bits = dict(zip(free, sol.bits))
+        bits = dict(zip(free, sol.bits, strict=True))
         plan = plan_for(bits)
         cost = qcore.plan_cost(ctx.model, ctx.layers, plan, extra_fn)
         if o.size_mb is not None and cost.size_mb > o.size_mb * (1 + 1e-12):

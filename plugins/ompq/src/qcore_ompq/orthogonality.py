@@ -102,8 +102,8 @@ class Orthogonality:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per-layer gamma and theta, the matrix as nested lists (rounded to 1e-6)."""
         return {"layers": list(self.names), "beta": self.beta, "samples": self.samples,
-                "gamma": {n: round(float(g), 6) for n, g in zip(self.names, self.gamma)},
-                "theta": {n: float(t) for n, t in zip(self.names, self.theta)},
+                "gamma": {n: round(float(g), 6) for n, g in zip(self.names, self.gamma, strict=True)},
+                "theta": {n: float(t) for n, t in zip(self.names, self.theta, strict=True)},
                 "matrix": [[round(float(v), 6) for v in row] for row in self.matrix]}
 
 

@@ -45,7 +45,7 @@ def expand_bits(layers: Mapping[str, qcore.LayerInfo], bits: Sequence[int]) -> d
     shortcut layer takes the bit of the layer before it (the seed's ResNet expansion)."""
     names = list(layers)
     if len(bits) == len(names):
-        return dict(zip(names, (int(b) for b in bits)))
+        return dict(zip(names, (int(b) for b in bits), strict=True))
     own = [n for n in names if not _tied(n)]
     if len(bits) != len(own):
         raise qcore.QcoreError(f"a seed bit list needs {len(names)} entries (one per layer) or {len(own)} (layers "

@@ -84,10 +84,10 @@ def hessian_traces(model: nn.Module, names: Sequence[str], batches: Sequence[Any
         for k in range(probes):
             vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
             hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
-            totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs)])
+            totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs, strict=True)])
             count += 1
     traces = totals / max(count, 1)
-    return {n: max(float(t), 0.0) for n, t in zip(names, traces)}
+    return {n: max(float(t), 0.0) for n, t in zip(names, traces, strict=True)}
 
 
 def objective_matrix(kind: str, errors: np.ndarray, sizes: Sequence[int], bits: Sequence[int],
@@ -108,6 +108,6 @@ def objective_matrix(kind: str, errors: np.ndarray, sizes: Sequence[int], bits: 
         return np.asarray(weight, dtype=np.float64)[:, None] * errors / base
     if kind == "hawq":
         assert traces is not None and names is not None
-        t = np.array([traces[n] / max(int(s), 1) for n, s in zip(names, sizes)])
+        t = np.array([traces[n] / max(int(s), 1) for n, s in zip(names, sizes, strict=True)])
         return t[:, None] * errors
     raise ValueError(f"unknown objective {kind!r}")

@@ -36,8 +36,8 @@ class Solution:
 
 
 def _totals(sizes: Sequence[int], macs: Sequence[float] | None, bits: Sequence[int]) -> tuple[int, float]:
-    size = sum(int(n) * int(b) for n, b in zip(sizes, bits))
-    bops = sum(float(m) * int(b) for m, b in zip(macs, bits)) if macs is not None else 0.0
+    size = sum(int(n) * int(b) for n, b in zip(sizes, bits, strict=True))
+    bops = sum(float(m) * int(b) for m, b in zip(macs, bits, strict=True)) if macs is not None else 0.0
     return size, bops
 
 

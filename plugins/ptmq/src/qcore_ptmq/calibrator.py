@@ -141,7 +141,8 @@ class PTMQObjective:
         self.groups = options.groups()
         self.all_bits = tuple(sorted({b for g in self.groups for b in g}))
         self.lambdas, self.gammas = options.mix_weights(), options.gd_weights()
-        self.gamma_bits, self.replace_prob, self.batch_size = options.gamma_bits, options.replace_prob, options.recon_batch
+        self.gamma_bits, self.replace_prob = options.gamma_bits, options.replace_prob
+        self.batch_size = options.recon_batch
         self.seed = seed
         self._unit: str | None = None
         self._data: _UnitData | None = None
@@ -160,7 +161,8 @@ class PTMQObjective:
         fp_in, fp_out = capture(self.fp_model, self.forward, self.batches, unit.name, output=True)
         assert fp_out is not None
         saved = {n: (w.active_bits if isinstance(w, MultiBitFakeQuant) else None,
-                     a.active_bits if isinstance(a, MultiBitFakeQuant) else None) for n, (w, a) in self.quantizers.items()}
+                     a.active_bits if isinstance(a, MultiBitFakeQuant) else None)
+                 for n, (w, a) in self.quantizers.items()}
         q_in: dict[int, Tensor] = {}
         switching = any(qcore.switchable_bits(self.model).values())
         for b in self.all_bits:  # the quantized model up to this unit, at W_b A_b (earlier units final)

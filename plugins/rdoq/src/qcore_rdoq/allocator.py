@@ -268,8 +268,9 @@ class RDOQAllocator(Allocator):
             budget = target * w_total - w_pinned
             floor = free_w * o.min_bits
         if budget < floor:
+            per_act = "" if not acts else f", {o.min_act_bits} per activation"
             raise QcoreError(f"impossible bit budget: --target-bits {target} leaves too few bits for the unpinned "
-                             f"layers (minimum {o.min_bits} per weight{'' if not acts else f', {o.min_act_bits} per activation'}); "
+                             f"layers (minimum {o.min_bits} per weight{per_act}); "
                              "raise the target, lower the minimum bits or pin fewer layers (-o first_last=same)")
         ceiling = (free_w + (free_a if o.budget == "joint" else 0)) * o.max_bits
         if budget > ceiling + 1e-6 * max(ceiling, 1.0):  # said before the curves, not found in result.json

@@ -124,7 +124,7 @@ class ReferenceEngine:
             for i in range(n):
                 with perturb(i):
                     out[i] = sum(float(_sse(self.forward(self.model, b)[None], r)[0])
-                                 for b, r in zip(self.batches, self.ref)) / self.count
+                                 for b, r in zip(self.batches, self.ref, strict=True)) / self.count
         return out
 
     def layer(self, name: str, candidates: Candidates) -> np.ndarray:
@@ -257,7 +257,7 @@ class FastEngine:
         module = self.model.get_submodule(name)
         sse = torch.zeros(n, dtype=torch.float64, device=self.ref[0].device)
         with exact_math():
-            for batch, ref in zip(self.batches, self.ref):
+            for batch, ref in zip(self.batches, self.ref, strict=True):
                 x, needed = split.capture(batch)
                 y = module(x)
                 if name not in self.modes:

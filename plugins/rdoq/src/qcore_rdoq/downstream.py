@@ -107,5 +107,5 @@ class Split:
     def run_batched(self, ys: Tensor, needed: list[Any], k: int) -> Tensor:
         """Model outputs for ``k`` candidate layer outputs stacked along the batch dimension (``ys`` is
         ``[k * N, ...]``); batch-dependent upstream values are repeated ``k`` times."""
-        rep = [v.repeat(k, *([1] * (v.dim() - 1))) if b else v for v, b in zip(needed, self.batched)]
+        rep = [v.repeat(k, *([1] * (v.dim() - 1))) if b else v for v, b in zip(needed, self.batched, strict=True)]
         return self.downstream(ys, *rep)
