@@ -3,6 +3,10 @@ and the int32 bias (``-o bias=int32``) is cached yet follows every change of wha
 
 from __future__ import annotations
 
+import copy
+import pickle
+import re
+
 import pytest
 import torch
 
@@ -91,3 +95,76 @@ def test_int32_bias_is_cached_and_equals_the_recomputed_one(calib, monkeypatch) 
         assert last.int32_bias() is None
         last.bias_mode = "int32"
         assert torch.equal(torch.mul(*last.int32_bias()), before)
+
+
+def _int32_layer(calib: torch.Tensor) -> tuple[torch.nn.Module, qcore.QuantLayer]:
+    """A tiny conv net quantized with ``-o bias=int32`` and its last layer (a Linear with a bias)."""
+    q = qcore.quantize(tiny_convnet(), calib, method="uniform", w_bits=4, a_bits=4, options={"bias": "int32"})
+    return q.model, list(qcore.quant_layers(q.model).values())[-1]
+
+
+def _fresh(layer: qcore.QuantLayer) -> bool:
+    """Whether the layer's int32 bias is what it computes from scratch now."""
+    codes, scale = layer.int32_bias()
+    ref_codes, ref_scale = layer._compute_int32_bias()
+    return torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize("duplicate", ["deepcopy", "pickle"])
+def test_a_copied_layer_does_not_serve_the_originals_int32_bias(calib, duplicate) -> None:
+    """Before: a copy kept the cache key of the original's tensors' version counters, while the copy's tensors
+    count again (a copied buffer starts at 1), so once the copy's counters had caught up with the original's (here:
+    every buffer written once, as a switchable quantizer's ``select_bits`` and ``set_prune_value`` do, then as many
+    range changes as the original had) the stale key matched and the copy served the original's int32 bias."""
+    model, last = _int32_layer(calib)
+    aq = last.act_quantizer
+    with torch.no_grad():
+        for q in (last.weight_quantizer, aq):
+            for b in q.buffers():
+                if b._version == 0:
+                    b.add_(0)
+        for _ in range(3):  # the original's range buffers are some versions on
+            aq.set_range(aq.lo.clone(), aq.hi.clone())
+        last.int32_bias()
+        for k in range(1, 6):  # whatever a copy's counters start at, one of these lands on the original's
+            dup = copy.deepcopy(model) if duplicate == "deepcopy" else pickle.loads(pickle.dumps(model))
+            layer = list(qcore.quant_layers(dup).values())[-1]
+            for i in range(k):  # k changes in a row, then the forward's int32_bias
+                layer.act_quantizer.set_range(aq.lo * (1.5 + i), aq.hi * (1.5 + i))
+            assert _fresh(layer), k
+
+
+def test_int32_bias_follows_a_bias_replaced_through_data_and_a_dtype_move(calib) -> None:
+    """Assigning ``.data`` keeps the tensor and its version counter (before: the cache kept the old bias when the
+    new data had the same device, dtype and shape); ``model.double()`` moves every tensor it reads."""
+    model, last = _int32_layer(calib)
+    with torch.no_grad():
+        before = torch.mul(*last.int32_bias())
+        last.module.bias.data = last.module.bias.detach() + 1.0
+        assert _fresh(last) and not torch.equal(torch.mul(*last.int32_bias()), before)
+        model.double()
+        assert _fresh(last) and last.int32_bias()[1].device == last.module.bias.device
+
+
+def test_a_fresh_layer_refuses_optional_buffers_of_the_wrong_size_and_reports_unknown_keys(calib) -> None:
+    """Before: a fresh layer created each optional buffer in the shape the state dict held, so a correction of
+    another layer's size loaded silently (and broke or, with one entry, silently broadcast at the forward)."""
+    src = qcore.quantize(gelu_mlp(), calib, method="uniform", w_bits=4, a_bits=4,
+                         options={"equalize": "gelu", "act_correction": "affine", "first_last": "same"})
+    state = src.model.state_dict()
+    fresh = qcore.quantize(gelu_mlp(seed=1), calib, method="uniform", w_bits=4, a_bits=4,
+                           options={"equalize": "off", "first_last": "same"})
+    for name in OPTIONAL:
+        key = next(k for k in state if k.endswith("." + name))
+        target = copy.deepcopy(fresh.model)  # the buffer under test stays None: a refused one is not created
+        for wrong in (torch.ones(1), torch.ones(state[key].numel() + 3), state[key].reshape(-1, 1)):
+            for strict in (True, False):
+                with pytest.raises(RuntimeError, match=f"size mismatch for {re.escape(key)}"):
+                    target.load_state_dict({**state, key: wrong}, strict=strict)
+        assert getattr(target.get_submodule(key.rsplit(".", 1)[0]), name) is None
+    layer_key = next(k for k in state if k.endswith(".out_scale")).rsplit(".", 1)[0]
+    extra = {f"{layer_key}.bogus": torch.ones(3), f"{layer_key}.packed_codes": torch.ones(3, dtype=torch.uint8)}
+    result = fresh.model.load_state_dict({**state, **extra}, strict=False)
+    assert sorted(result.unexpected_keys) == sorted(extra) and not result.missing_keys
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.model.load_state_dict({**state, **extra})

@@ -92,6 +92,11 @@ class QuantLayer(nn.Module):
         self._wq = None
         self._qbias = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy``, pickle) starts without the cached int32 bias: the cache's key holds the
+        version counters of this layer's tensors, which a copy's tensors do not continue (they count anew)."""
+        return {**super().__getstate__(), "_qbias": None}
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
@@ -101,11 +106,17 @@ class QuantLayer(nn.Module):
         layer drops its cached weight here and quantizes it again once its children are loaded too."""
         device = next((t.device for t in (*self._buffers.values(), *self.module.parameters()) if t is not None),
                       None)
+        sizes = {"input_scale": self.info.in_channels, "out_correction": self.info.out_channels,
+                 "out_scale": self.info.out_channels}
         for name, value in self._buffers.items():
             key = prefix + name
-            if value is None and name not in self._non_persistent_buffers_set and isinstance(
-                    state_dict.get(key), Tensor):
-                self._buffers[name] = torch.empty_like(state_dict[key], device=device)
+            given = state_dict.get(key)
+            if value is None and name not in self._non_persistent_buffers_set and isinstance(given, Tensor):
+                if name in sizes and tuple(given.shape) != (sizes[name],):  # one value per channel, as torch checks
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(given.shape)} "
+                                      f"from checkpoint, the shape in current model is ({sizes[name]},).")
+                    continue
+                self._buffers[name] = torch.empty_like(given, device=device)
         self._refreeze = self._wq is not None
         self.unfreeze()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -214,6 +225,8 @@ class QuantLayer(nn.Module):
         The result is cached (so a forward does not compute it again) and computed anew once anything it reads
         changes: the bias, ``out_scale``/``out_correction``, a quantizer's parameters or buffers (in place or
         replaced), its calibration or observing state, :attr:`bias_mode`; :meth:`freeze`/:meth:`unfreeze` drop it.
+        An in-place write through ``.data`` (``bias.data.add_(...)``) bypasses the version counters the cache
+        follows: call :meth:`unfreeze` after one. A copy (``copy.deepcopy``, pickle) starts without the cache.
         """
         if self.bias_mode != "int32":
             return None
@@ -236,8 +249,9 @@ class QuantLayer(nn.Module):
                 tensors += [*q.parameters(), *q.buffers()]
         try:
             # device, dtype and shape too: assigning ``.data`` (``module.to`` on parameters) keeps tensor and version
-            versions = tuple((t, t._version, t.device, t.dtype, tuple(t.shape)) if t is not None else None
-                             for t in tensors)
+            # and the storage: assigning ``.data`` a tensor of the same device, dtype and shape keeps the version
+            versions = tuple((t, t._version, t.device, t.dtype, tuple(t.shape), t.data_ptr()) if t is not None
+                             else None for t in tensors)
         except RuntimeError:
             return None
         flags = tuple((q, getattr(q, "calibrated", None), getattr(q, "observer", None) is None) for q in (wq, aq))
