@@ -171,3 +171,39 @@ def test_each_rank_measures_its_share_of_the_layers_and_all_get_every_curve(engi
     calls.clear()
     cached = ranks.run(lambda: run(layers, [0.0, 0.4], caches))
     assert not calls and all(set(c.layer_engines.values()) == {"cache"} for curves in cached for c in curves)
+
+
+@pytest.mark.parametrize("projections", [0, 2])
+def test_second_order_activation_curves_split_over_ranks_equal_one_process(projections, monkeypatch):
+    """The activation curves go through the same helper: one process takes one pass over every layer; under
+    torchrun (faked: 2 ranks, each on its own copy of the model, as processes are) each rank takes the gradients
+    of its share only and every rank returns the one-process curves bit for bit. Before, every rank computed
+    every layer."""
+    import copy
+
+    from qcore_rdoq import act_curves
+
+    model, batches, layers = _setup()
+    names = list(layers)
+    calls: list[list[str]] = []
+    real = act_curves._second_order_act_pass
+
+    def spy(model: Any, forward: Any, batches: Any, part: list[str], *args: Any) -> Any:
+        calls.append(list(part))
+        return real(model, forward, batches, part, *args)
+
+    monkeypatch.setattr(act_curves, "_second_order_act_pass", spy)
+
+    def run(m: torch.nn.Module) -> np.ndarray:
+        return act_curves.second_order_activation_curves(m, lambda mm, b: mm(b), batches, layers, [2, 4, 8],
+                                                         seed=3, projections=projections)[0]
+
+    alone = run(model)
+    assert calls == [names] and alone.shape == (len(names), 3) and (alone > 0).all()
+    calls.clear()
+    ranks = FakeRanks(2, monkeypatch)
+    copies = [copy.deepcopy(model) for _ in range(2)]  # threads must not share the layers' hooks
+    per_rank = ranks.run(lambda: run(copies[ranks.local.rank]))
+    assert sorted(tuple(c) for c in calls) == sorted([tuple(names[0::2]), tuple(names[1::2])])
+    for dist in per_rank:
+        np.testing.assert_array_equal(dist, alone)

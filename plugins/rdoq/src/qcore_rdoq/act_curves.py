@@ -29,7 +29,7 @@ from qcore.ops import fake_quantize, qparams_from_range
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
 from qcore_rdoq.deployment import ACT_CLIP, Clip
 from qcore_rdoq.replay import ReplayEngine
-from qcore_rdoq.second_order import output_directions
+from qcore_rdoq.second_order import output_directions, shared_layer_rows
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +110,35 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
     instead of a forward per layer and bit. Needs tensor batches and a ``[N, C]`` distortion target.
     ``projections=K`` replaces the ``C`` output directions by ``K`` random ones per sample (unbiased; see
     :mod:`qcore_rdoq.second_order`).
-    """
 
+    Under torchrun each process takes the gradients of its round-robin share of the layers only and the shares
+    are gathered (:func:`qcore_rdoq.second_order.shared_layer_rows`, as the weights' second-order engines do):
+    every layer's rows are those one process computes, the random directions depending on the seed only.
+    """
     t0 = time.perf_counter()
+    if not all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches):
+        raise TypeError("second-order activation curves need floating-point tensor batches")
     names = list(layers)
-    samples = observe_inputs(model, forward, batches, layers, seed=seed)
-    quants = {n: _quantizers(samples[n], bits, clip) for n in names}
-    dist = np.zeros((len(names), len(bits)))
+    if not names:
+        return np.zeros((0, len(bits))), time.perf_counter() - t0
+    samples = observe_inputs(model, forward, batches, layers, seed=seed)  # every layer: the samples of all
+
+    def measure(part: dict[str, LayerInfo], _sets: Sequence[Any]) -> list[np.ndarray]:
+        return [_second_order_act_pass(model, forward, batches, list(part),
+                                       {n: _quantizers(samples[n], bits, clip) for n in part}, projections, seed)]
+
+    done = shared_layer_rows(layers, dict.fromkeys(names, 1), len(bits), [None], None, measure)
+    return np.concatenate([done[n][0][0] for n in names], axis=0), time.perf_counter() - t0
+
+
+def _second_order_act_pass(model: nn.Module, forward: Forward, batches: Sequence[Tensor], names: list[str],
+                           quants: dict[str, list[Callable[[Tensor], Tensor]]], projections: int,
+                           seed: int) -> np.ndarray:
+    """:func:`second_order_activation_curves` of the layers ``names``: ``[layers, bits]``."""
+    dist = np.zeros((len(names), len(next(iter(quants.values())))))
     count = 0
     gen = torch.Generator().manual_seed(seed)
     for batch in track(batches, desc="activation RD curves (second-order)", unit="batch"):
-        if not (isinstance(batch, torch.Tensor) and batch.is_floating_point()):
-            raise TypeError("second-order activation curves need floating-point tensor batches")
         seen: dict[str, Tensor] = {}
 
         def own_input(_m: nn.Module, args: tuple[Any, ...], n: str, seen: dict[str, Tensor] = seen) -> tuple:
@@ -154,4 +171,4 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
             for h in handles:
                 h.remove()
         count += int(y.shape[0] * y.shape[1])
-    return dist / max(count, 1), time.perf_counter() - t0
+    return dist / max(count, 1)

@@ -102,8 +102,9 @@ def second_order_curves(model: nn.Module, batches: Sequence[Any], layers: dict[s
 
 _CANDIDATE_BYTES = 2**31  # candidate differences held at once; more dead-zone ratios are done in several passes
 
-#: ``measure(layers, ratios) -> [groups of layers, bits] per ratio``: one pass of a second-order engine
-Measure = Callable[[dict[str, LayerInfo], Sequence[float]], list[np.ndarray]]
+#: ``measure(layers, ratios) -> [groups of layers, bits] per ratio``: one pass of a second-order engine (in
+#: :func:`shared_layer_rows`: any rows per layer, any sets)
+Measure = Callable[[dict[str, LayerInfo], Sequence[Any]], list[np.ndarray]]
 
 
 @torch.no_grad()
@@ -136,7 +137,8 @@ def shared_curve_set(model: nn.Module, layers: dict[str, LayerInfo], group_size:
     """The steps both second-order engines share around ``measure``: this process's share of the layers (round
     robin by rank under torchrun, :func:`qcore.distributed.shard`; all of them in one process), the caches' lock
     and hits, passes of as many dead-zone ratios as fit in :data:`_CANDIDATE_BYTES` of candidate differences,
-    the cache writes, and the gathering of every process's layers, so each process returns the same curves.
+    the cache writes, and the gathering of every process's layers, so each process returns the same curves
+    (:func:`shared_layer_rows` does all but the memory bound).
 
     ``measure`` gets a share of the layers (never empty) and a slice of ``deadzones``. With every cache given, a
     share all of whose entries are cached is read back, else it is measured (one set of Jacobians or backward
@@ -144,44 +146,65 @@ def shared_curve_set(model: nn.Module, layers: dict[str, LayerInfo], group_size:
     in one process (a concurrent run waits for the whole set, then reads it), one per share under torchrun (so
     the processes do not wait on each other). ``seconds`` of each curve set: the wall time over the ratios.
     """
-    caches = list(caches) if caches is not None else [None] * len(deadzones)
     names = list(layers)
     nb = len(bits)
     groups = {n: weight_groups(layers[n], group_size) for n in names}
-    mine = qdist.shard(names)
-    lock = None if qdist.world() == 1 else f".share-{qdist.rank()}-of-{qdist.world()}"
-    done: dict[str, tuple[list[np.ndarray], str]] = {}  # layer -> (its rows per ratio, engine)
-    if mine:
-        with ExitStack() as locks:  # a share's measurement covers all its layers: a concurrent run waits for it
-            for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
-                locks.enter_context(folder[1].locked(lock))
-            if all(c is not None for c in caches):
-                hits = [[c.load(n, (len(groups[n]), nb)) for n in mine] for c in caches]  # type: ignore[union-attr]
-                if all(h is not None for hit in hits for h in hit):
-                    done = {n: ([hit[i] for hit in hits], "cache") for i, n in enumerate(mine)}  # type: ignore[misc]
-            if not done:
-                part = {n: layers[n] for n in mine}
-                weights = sum(model.get_submodule(n).weight.numel() for n in mine)
-                per_pass = max(1, _CANDIDATE_BYTES // (4 * nb * weights))
-                dists: list[np.ndarray] = []
-                for lo in range(0, len(deadzones), per_pass):
-                    dists += measure(part, deadzones[lo:lo + per_pass])
-                rows: dict[str, list[np.ndarray]] = {n: [] for n in mine}
-                for dist, cache in zip(dists, caches, strict=True):
-                    at = 0
-                    for n in mine:
-                        rows[n].append(dist[at:at + len(groups[n])])
-                        if cache is not None:
-                            cache.save(n, rows[n][-1])
-                        at += len(groups[n])
-                done = {n: (rows[n], "second-order") for n in mine}
-    for share in qdist.all_gather_object(done):  # the other processes' layers (a no-op in one process)
-        done.update(share)
+
+    def per_pass(mine: Sequence[str]) -> int:
+        weights = sum(model.get_submodule(n).weight.numel() for n in mine)
+        return max(1, _CANDIDATE_BYTES // (4 * nb * weights))
+
+    done = shared_layer_rows(layers, {n: len(groups[n]) for n in names}, nb, deadzones, caches, measure, per_pass)
     seconds = (time.perf_counter() - t0) / len(deadzones)
     flat = [g for n in names for g in groups[n]]
     return [Curves(groups=flat, bits=list(bits), dist=np.concatenate([done[n][0][r] for n in names], axis=0),
                    engine="second-order", seconds=seconds, layer_engines={n: done[n][1] for n in names})
             for r in range(len(deadzones))]
+
+
+def shared_layer_rows(layers: dict[str, LayerInfo], rows: dict[str, int], columns: int, sets: Sequence[Any],
+                      caches: Sequence[CurveCache | None] | None, measure: Measure,
+                      per_pass: Callable[[Sequence[str]], int] | None = None
+                      ) -> dict[str, tuple[list[np.ndarray], str]]:
+    """Per layer of ``layers``, its ``[rows[layer], columns]`` distortions in each of ``sets`` (dead-zone ratios;
+    one entry for curves with no such parameter) and where they came from (``"second-order"`` or ``"cache"``), on
+    every process: this process measures its round-robin share (:func:`qcore.distributed.shard`) with
+    ``measure(share, sets[lo:hi])`` -> one ``[rows of the share, columns]`` array per set of the slice, in passes
+    of ``per_pass(share)`` sets (all at once when None), or reads it back when ``caches`` (one per set) hold every
+    entry of the share; it writes what it measured, and the shares are gathered. Locks as
+    :func:`shared_curve_set` says; used by it and by
+    :func:`qcore_rdoq.act_curves.second_order_activation_curves`."""
+    caches = list(caches) if caches is not None else [None] * len(sets)
+    names = list(layers)
+    mine = qdist.shard(names)
+    lock = None if qdist.world() == 1 else f".share-{qdist.rank()}-of-{qdist.world()}"
+    done: dict[str, tuple[list[np.ndarray], str]] = {}  # layer -> (its rows per set, engine)
+    if mine:
+        with ExitStack() as locks:  # a share's measurement covers all its layers: a concurrent run waits for it
+            for folder in sorted({c.dir: c for c in caches if c is not None}.items()):
+                locks.enter_context(folder[1].locked(lock))
+            if all(c is not None for c in caches):
+                hits = [[c.load(n, (rows[n], columns)) for n in mine] for c in caches]  # type: ignore[union-attr]
+                if all(h is not None for hit in hits for h in hit):
+                    done = {n: ([hit[i] for hit in hits], "cache") for i, n in enumerate(mine)}  # type: ignore[misc]
+            if not done:
+                part = {n: layers[n] for n in mine}
+                step = per_pass(mine) if per_pass is not None else max(1, len(sets))
+                dists: list[np.ndarray] = []
+                for lo in range(0, len(sets), step):
+                    dists += measure(part, sets[lo:lo + step])
+                measured: dict[str, list[np.ndarray]] = {n: [] for n in mine}
+                for dist, cache in zip(dists, caches, strict=True):
+                    at = 0
+                    for n in mine:
+                        measured[n].append(dist[at:at + rows[n]])
+                        if cache is not None:
+                            cache.save(n, measured[n][-1])
+                        at += rows[n]
+                done = {n: (measured[n], "second-order") for n in mine}
+    for share in qdist.all_gather_object(done):  # the other processes' layers (a no-op in one process)
+        done.update(share)
+    return done
 
 
 def _group_deltas(model: nn.Module, layers: dict[str, LayerInfo], group_size: int, bits: Sequence[int],
