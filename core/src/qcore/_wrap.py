@@ -225,8 +225,9 @@ class QuantLayer(nn.Module):
         The result is cached (so a forward does not compute it again) and computed anew once anything it reads
         changes: the bias, ``out_scale``/``out_correction``, a quantizer's parameters or buffers (in place or
         replaced), its calibration or observing state, :attr:`bias_mode`; :meth:`freeze`/:meth:`unfreeze` drop it.
-        An in-place write through ``.data`` (``bias.data.add_(...)``) bypasses the version counters the cache
-        follows: call :meth:`unfreeze` after one. A copy (``copy.deepcopy``, pickle) starts without the cache.
+        An in-place write through ``.data`` (``bias.data.add_(...)``) or a fused optimizer step
+        (``torch.optim.Adam(..., fused=True)``) bypasses the version counters the cache follows: call
+        :meth:`unfreeze` after one. A copy (``copy.deepcopy``, pickle) starts without the cache.
         """
         if self.bias_mode != "int32":
             return None
