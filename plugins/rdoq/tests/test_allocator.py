@@ -122,12 +122,20 @@ def test_group_entropy_is_bounded_by_the_width():
     assert (ent[:, 1:] <= np.array([1, 2, 4, 8]) + 1e-9).all() and (np.diff(ent, axis=1) >= 0).all()
 
 
-def test_second_order_engine_allocates_activations_without_forward_passes(host):
-    out = run_tiny(host, method="rdoq", target_bits=4.0, a_bits=4,
-                   options={"group": 4, "curve_samples": 16, "first_last": "same", "engine": "second-order",
-                            "budget": "separate", "cache": "off"})
+def test_second_order_engine_allocates_activations_without_forward_passes(host, tmp_path, monkeypatch):
+    from qcore_rdoq import act_curves
+
+    opts = {"group": 4, "curve_samples": 16, "first_last": "same", "engine": "second-order",
+            "budget": "separate", "cache": str(tmp_path)}
+    out = run_tiny(host, method="rdoq", target_bits=4.0, a_bits=4, options=opts)
     assert out.plan.meta["act_engine"] == "second-order"
     assert out.result["a_bits_avg"] <= 4.0 + 1e-9
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the activation curves were measured again")
+
+    monkeypatch.setattr(act_curves, "_second_order_act_pass", measured)  # a repeat reads them from the cache
+    assert run_tiny(host, method="rdoq", target_bits=4.0, a_bits=4, options=opts).plan.layers == out.plan.layers
 
 
 def test_default_adds_the_affine_output_correction_after_the_same_allocation(host):

@@ -207,3 +207,30 @@ def test_second_order_activation_curves_split_over_ranks_equal_one_process(proje
     assert sorted(tuple(c) for c in calls) == sorted([tuple(names[0::2]), tuple(names[1::2])])
     for dist in per_rank:
         np.testing.assert_array_equal(dist, alone)
+
+
+def test_second_order_activation_curves_read_a_filled_cache_back(tmp_path, monkeypatch):
+    """Before, the activation curves had no cache: a repeated run took every input gradient again."""
+    from qcore_rdoq import act_curves
+
+    model, batches, layers = _setup()
+    calls: list[list[str]] = []
+    real = act_curves._second_order_act_pass
+
+    def spy(model: Any, forward: Any, batches: Any, part: list[str], *args: Any) -> Any:
+        calls.append(list(part))
+        return real(model, forward, batches, part, *args)
+
+    monkeypatch.setattr(act_curves, "_second_order_act_pass", spy)
+
+    def run(cache: CurveCache | None) -> np.ndarray:
+        return act_curves.second_order_activation_curves(model, lambda m, b: m(b), batches, layers, [2, 4],
+                                                         seed=3, projections=2, cache=cache)[0]
+
+    cache = CurveCache(tmp_path, "a" * 40)
+    first = run(cache)
+    assert len(calls) == 1 and all(cache.load(n, (1, 2)) is not None for n in layers)
+    again = run(cache)
+    assert len(calls) == 1  # nothing measured: every layer read back
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(run(None), first)

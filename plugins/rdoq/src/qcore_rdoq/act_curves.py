@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from qcore import LayerInfo, observe_inputs, track
 from qcore import distributed as qdist
 from qcore.ops import fake_quantize, qparams_from_range
+from qcore_rdoq.cache import CurveCache
 from qcore_rdoq.curves import Engine, FastEngine, Forward, ReferenceEngine, make_engine
 from qcore_rdoq.deployment import ACT_CLIP, Clip
 from qcore_rdoq.replay import ReplayEngine
@@ -100,7 +101,8 @@ def activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any]
 
 def second_order_activation_curves(model: nn.Module, forward: Forward, batches: Sequence[Any],
                                    layers: dict[str, LayerInfo], bits: Sequence[int], clip: Clip = ACT_CLIP,
-                                   seed: int = 0, projections: int = 0) -> tuple[np.ndarray, float]:
+                                   seed: int = 0, projections: int = 0, cache: CurveCache | None = None
+                                   ) -> tuple[np.ndarray, float]:
     """``[layers, bits]`` activation distortions from the Gauss-Newton expansion, no forward per candidate.
 
     ``D_L(b) ~ (1 / (N C)) sum_n sum_c (J_{n,c} . dx_{n,b})^2`` with ``dx_{n,b}`` the quantization error of layer
@@ -114,6 +116,8 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
     Under torchrun each process takes the gradients of its round-robin share of the layers only and the shares
     are gathered (:func:`qcore_rdoq.second_order.shared_layer_rows`, as the weights' second-order engines do):
     every layer's rows are those one process computes, the random directions depending on the seed only.
+    ``cache`` (one ``[1, bits]`` entry per layer; its key must cover ``bits``, ``clip``, ``seed`` and
+    ``projections``) is read back when it holds the whole share, else written, as for the weights' curves.
     """
     t0 = time.perf_counter()
     if not all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches):
@@ -127,7 +131,11 @@ def second_order_activation_curves(model: nn.Module, forward: Forward, batches: 
         return [_second_order_act_pass(model, forward, batches, list(part),
                                        {n: _quantizers(samples[n], bits, clip) for n in part}, projections, seed)]
 
-    done = shared_layer_rows(layers, dict.fromkeys(names, 1), len(bits), [None], None, measure)
+    done = shared_layer_rows(layers, dict.fromkeys(names, 1), len(bits), [None], [cache], measure)
+    cached = sum(engine == "cache" for _, engine in done.values())
+    if cached:
+        log.info("rdoq: second-order activation curves of %d of %d layers read from %s", cached, len(names),
+                 cache.dir if cache is not None else None)
     return np.concatenate([done[n][0][0] for n in names], axis=0), time.perf_counter() - t0
 
 

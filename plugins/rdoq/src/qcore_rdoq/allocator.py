@@ -209,19 +209,42 @@ class RDOQAllocator(Allocator):
     def _caches(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
                 deadzones: list[float], clip: Clip = WEIGHT_CLIP) -> list[CurveCache | None]:
         """The curve cache of each dead-zone ratio's setting (Nones with ``-o cache=off``)."""
-        o = self.options
-        if o.cache == "off":
-            return [None] * len(deadzones)
-        root = default_cache_root() if o.cache == "auto" else Path(o.cache)
-        problem = cache_root_problem(root) if o.cache == "auto" else None
-        if problem:  # the default location is no choice of the user's: go on without a cache
-            log.warning("rdoq: no RD curve cache in %s (%s); set QCORE_CACHE_DIR or -o cache=FOLDER to keep curves "
-                        "between runs", root, problem)
+        root = self._cache_root()
+        if root is None:
             return [None] * len(deadzones)
         settings = self._cache_settings(ctx, group, bits, corr, clip)
         # bump deadzone_fit when fit_deadzone's result changes
         per_ratio = [settings | ({"deadzone": d, "deadzone_fit": 2} if d else {}) for d in deadzones]
         return [CurveCache(root, key) for key in fingerprints(ctx.model, batches, per_ratio)]
+
+    def _cache_root(self, warn: bool = True) -> Path | None:
+        """The curve cache's folder: ``-o cache``'s, None with ``-o cache=off`` or when the default location
+        cannot hold one (said with a warning when ``warn``)."""
+        o = self.options
+        if o.cache == "off":
+            return None
+        root = default_cache_root() if o.cache == "auto" else Path(o.cache)
+        problem = cache_root_problem(root) if o.cache == "auto" else None
+        if problem:  # the default location is no choice of the user's: go on without a cache
+            if warn:
+                log.warning("rdoq: no RD curve cache in %s (%s); set QCORE_CACHE_DIR or -o cache=FOLDER to keep "
+                            "curves between runs", root, problem)
+            return None
+        return root
+
+    def _act_cache(self, ctx: RunContext, batches: list[Any], bits: list[int], clip: Clip) -> CurveCache | None:
+        """The cache of the second-order activation curves (None as for :meth:`_caches`): keyed by the model, the
+        data and whatever changes a candidate or its measurement (bits, the deployed activation clip, the seed
+        of the observed samples and of the random directions, the projections)."""
+        root = self._cache_root(warn=False)  # the weights' curves said it already
+        if root is None:
+            return None
+        settings: dict[str, Any] = {"curves": "activations", "engine": "second-order", "bits": bits,
+                                    "act_clip": clip.key(), "projections": self.options.projections,
+                                    "seed": ctx.config.seed, "version": 1}
+        if ctx.config.model_args:
+            settings["model_args"] = ctx.config.model_args
+        return CurveCache(root, fingerprints(ctx.model, batches, [settings])[0])
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
                ) -> tuple[Allocation, float | None]:
@@ -298,7 +321,8 @@ class RDOQAllocator(Allocator):
             if o.engine == "second-order" and tensors:
                 a_d, act_seconds = second_order_activation_curves(
                     ctx.model, ctx.task.forward, batches, {n: info[n] for n in free}, a_bits_list,
-                    dep.acts, seed=ctx.config.seed, projections=o.projections)
+                    dep.acts, seed=ctx.config.seed, projections=o.projections,
+                    cache=self._act_cache(ctx, batches, a_bits_list, dep.acts))
                 act_engine = "second-order"
             else:
                 a_d, act_seconds = activation_curves(
