@@ -15,7 +15,7 @@ import torch
 from qcore import discover_layers, measure_layers, torch_layer_info
 from qcore import distributed as qdist
 from qcore.testing import tiny_mlp
-from qcore_rdoq import second_order
+from qcore_rdoq import act_curves, second_order
 from qcore_rdoq.cache import CurveCache
 
 
@@ -173,18 +173,8 @@ def test_each_rank_measures_its_share_of_the_layers_and_all_get_every_curve(engi
     assert not calls and all(set(c.layer_engines.values()) == {"cache"} for curves in cached for c in curves)
 
 
-@pytest.mark.parametrize("projections", [0, 2])
-def test_second_order_activation_curves_split_over_ranks_equal_one_process(projections, monkeypatch):
-    """The activation curves go through the same helper: one process takes one pass over every layer; under
-    torchrun (faked: 2 ranks, each on its own copy of the model, as processes are) each rank takes the gradients
-    of its share only and every rank returns the one-process curves bit for bit. Before, every rank computed
-    every layer."""
-    import copy
-
-    from qcore_rdoq import act_curves
-
-    model, batches, layers = _setup()
-    names = list(layers)
+def _spy_act(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record the layers of every pass of the second-order activation curves."""
     calls: list[list[str]] = []
     real = act_curves._second_order_act_pass
 
@@ -193,6 +183,20 @@ def test_second_order_activation_curves_split_over_ranks_equal_one_process(proje
         return real(model, forward, batches, part, *args)
 
     monkeypatch.setattr(act_curves, "_second_order_act_pass", spy)
+    return calls
+
+
+@pytest.mark.parametrize("projections", [0, 2])
+def test_second_order_activation_curves_split_over_ranks_equal_one_process(projections, monkeypatch):
+    """The activation curves go through the same helper: one process takes one pass over every layer; under
+    torchrun (faked: 2 ranks, each on its own copy of the model, as processes are) each rank takes the gradients
+    of its share only and every rank returns the one-process curves bit for bit. Before, every rank computed
+    every layer."""
+    import copy
+
+    model, batches, layers = _setup()
+    names = list(layers)
+    calls = _spy_act(monkeypatch)
 
     def run(m: torch.nn.Module) -> np.ndarray:
         return act_curves.second_order_activation_curves(m, lambda mm, b: mm(b), batches, layers, [2, 4, 8],
@@ -211,17 +215,8 @@ def test_second_order_activation_curves_split_over_ranks_equal_one_process(proje
 
 def test_second_order_activation_curves_read_a_filled_cache_back(tmp_path, monkeypatch):
     """Before, the activation curves had no cache: a repeated run took every input gradient again."""
-    from qcore_rdoq import act_curves
-
     model, batches, layers = _setup()
-    calls: list[list[str]] = []
-    real = act_curves._second_order_act_pass
-
-    def spy(model: Any, forward: Any, batches: Any, part: list[str], *args: Any) -> Any:
-        calls.append(list(part))
-        return real(model, forward, batches, part, *args)
-
-    monkeypatch.setattr(act_curves, "_second_order_act_pass", spy)
+    calls = _spy_act(monkeypatch)
 
     def run(cache: CurveCache | None) -> np.ndarray:
         return act_curves.second_order_activation_curves(model, lambda m, b: m(b), batches, layers, [2, 4],
