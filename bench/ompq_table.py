@@ -8,7 +8,8 @@ For each model, activation bits A and weight bits W:
 1. ``uniform``: every free layer at W bits (``--plugin qdrop --w-bits W``: the fixed allocator); its element-weighted
    mean weight bits (first/last layer at 8 included) is the target T of every other row, so all rows spend the same
    weight bits (never more than uniform);
-2. ``ompq`` (orthogonality, the default), ``size`` (every layer equally important: same objective without ORM),
+2. ``ompq`` (orthogonality, the default: beta chosen on calibration data; ``ompq-beta1``: beta fixed at 1, the
+   seed's CLI default), ``size`` (every layer equally important: same objective without ORM),
    ``hawq`` (Hessian trace x weight error), ``rdoq-sum`` (RDOQ's RD curves summed per layer, qcore-rdoq's
    ``layer_curves``): ``--plugin ompq --target-bits T -o criterion=...``;
 3. ``rdoq``: RDOQ's own allocator (bits per channel group) at T, ``-o act_correction=none``, the same grids.
@@ -62,6 +63,8 @@ def _run(host: Any, row: str, model: str, a: int, w: int, target: float | None, 
             "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
             "bops_g": r["bops"] / 1e9, "seconds": round(time.perf_counter() - t0, 1),
             "cpu_seconds": round(time.process_time() - c0, 1), "seed": seed, "beta": om.get("beta"),
+            "beta_scores": dict(zip(map(str, om["beta_search"]["grid"]), om["beta_search"]["scores"], strict=True))
+            if "beta_search" in om else None,
             "search_seconds": om.get("search_seconds"), "bits": om.get("bits"), "date": time.strftime("%Y-%m-%d")}
 
 
