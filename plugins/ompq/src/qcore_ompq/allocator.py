@@ -160,6 +160,8 @@ class OMPQAllocator(qcore.Allocator):
     ``theta = exp(-beta gamma)`` (``gamma``: its summed similarity to the other layers, normalised so the largest
     theta is 1); one bit-width per free layer is then chosen exactly (``scipy.optimize.milp``) under the size
     budget (``--target-bits`` or ``-o size_mb``) and optionally ``-o bops_g``. Activations get ``--a-bits``.
+    Unless ``-o ompq_beta`` fixes it, beta is chosen on calibration data: each ``-o beta_grid`` beta's plan is
+    scored by :func:`qcore_ompq.plan_distortion` on the batches after the ORM batch and the lowest is kept.
     ``-o criterion`` swaps the importance for a baseline through the same solve."""
 
     name = "ompq"
