@@ -8,7 +8,8 @@ For each model, activation bits A and weight bits W:
 1. ``uniform``: every free layer at W bits (``--plugin qdrop --w-bits W``: the fixed allocator); its element-weighted
    mean weight bits (first/last layer at 8 included) is the target T of every other row, so all rows spend the same
    weight bits (never more than uniform);
-2. ``ompq`` (orthogonality, the default), ``size`` (every layer equally important: same objective without ORM),
+2. ``ompq`` (orthogonality, the default: beta chosen on calibration data; ``ompq-beta1``: beta fixed at 1, the
+   seed's CLI default), ``size`` (every layer equally important: same objective without ORM),
    ``hawq`` (Hessian trace x weight error), ``rdoq-sum`` (RDOQ's RD curves summed per layer, qcore-rdoq's
    ``layer_curves``): ``--plugin ompq --target-bits T -o criterion=...``;
 3. ``rdoq``: RDOQ's own allocator (bits per channel group) at T, ``-o act_correction=none``, the same grids.
@@ -36,26 +37,34 @@ from qcore import RunConfig, load_host, run
 CRITERIA = ["ompq", "size", "hawq", "rdoq-sum"]
 
 
-def _key(model: str, a: int, w: int, row: str, recon: str) -> str:
-    return f"{model}|A{a}|W{w}|{row}|{recon}"
+def _key(model: str, a: int, w: int, row: str, recon: str, seed: int = 0) -> str:
+    return f"{model}|A{a}|W{w}|{row}|{recon}" + (f"|seed{seed}" if seed else "")
 
 
-def _run(host: Any, row: str, model: str, a: int, w: int, target: float | None, recon: str) -> dict[str, Any]:
-    common = dict(model=model, a_bits=a, calibrator=recon, seed=0)
+def _run(host: Any, row: str, model: str, a: int, w: int, target: float | None, recon: str,
+         seed: int = 0) -> dict[str, Any]:
+    common = dict(model=model, a_bits=a, calibrator=recon, seed=seed)
     if row == "uniform":
         cfg = RunConfig(plugin="qdrop", w_bits=w, **common)
     elif row == "rdoq":
         cfg = RunConfig(plugin="rdoq", target_bits=target,
                         options={"act_correction": "none", "weight_symmetric": False}, **common)
     else:
-        crit = {"ompq": "orm", "rdoq-sum": "rdoq"}.get(row, row)
-        cfg = RunConfig(plugin="ompq", target_bits=target, options={"criterion": crit}, **common)
+        crit = {"ompq": "orm", "rdoq-sum": "rdoq", "ompq-beta1": "orm"}.get(row, row)
+        opts: dict[str, Any] = {"criterion": crit}
+        if row == "ompq-beta1":  # the fixed beta = 1 (the seed's CLI default) instead of the calibration-chosen one
+            opts["ompq_beta"] = 1.0
+        cfg = RunConfig(plugin="ompq", target_bits=target, options=opts, **common)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     r = run(cfg, host).result
     om = r.get("measured", {}).get("ompq", {})
     return {"model": model, "a_bits": a, "w": w, "row": row, "recon": recon, "fp": r["fp"], "quant": r["quant"],
             "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
             "bops_g": r["bops"] / 1e9, "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1), "seed": seed, "beta": om.get("beta"),
+            "beta_scores": dict(zip(map(str, om["beta_search"]["grid"]), om["beta_search"]["scores"], strict=True))
+            if "beta_search" in om else None,
             "search_seconds": om.get("search_seconds"), "bits": om.get("bits"), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -67,6 +76,7 @@ def main() -> int:
     p.add_argument("--recon", nargs="+", default=["qdrop", "mse"])
     p.add_argument("--rows", nargs="+", default=["uniform", *CRITERIA, "rdoq"])
     p.add_argument("--jsonl", type=Path, default=Path("bench/ompq_rows.jsonl"))
+    p.add_argument("--seed", type=int, default=0, help="the run's --seed (calibration images, QDrop draws)")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
     done: dict[str, dict[str, Any]] = {}
@@ -74,7 +84,7 @@ def main() -> int:
         for line in args.jsonl.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done[_key(r["model"], r["a_bits"], r["w"], r["row"], r["recon"])] = r
+                done[_key(r["model"], r["a_bits"], r["w"], r["row"], r["recon"], r.get("seed", 0))] = r
     if not args.table_only:
         host = load_host()
         # cheapest evidence first: uniform and ompq with the first calibrator, then every row with the others,
@@ -86,23 +96,24 @@ def main() -> int:
             for a in args.abits:
                 for recon, rows in phases:
                     for w in args.wbits:
-                        uk = _key(model, a, w, "uniform", recon)
+                        uk = _key(model, a, w, "uniform", recon, args.seed)
                         if uk not in done:
-                            done[uk] = _run(host, "uniform", model, a, w, None, recon)
+                            done[uk] = _run(host, "uniform", model, a, w, None, recon, args.seed)
                             with args.jsonl.open("a") as f:
                                 f.write(json.dumps(done[uk]) + "\n")
                         target = done[uk]["w_bits_avg"]
                         for row in rows:
-                            k = _key(model, a, w, row, recon)
+                            k = _key(model, a, w, row, recon, args.seed)
                             if row == "uniform" or k in done:
                                 continue
-                            done[k] = _run(host, row, model, a, w, target, recon)
+                            done[k] = _run(host, row, model, a, w, target, recon, args.seed)
                             with args.jsonl.open("a") as f:
                                 f.write(json.dumps(done[k]) + "\n")
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for model in args.models:
         for a in args.abits:
-            sub = [r for r in done.values() if r["model"] == model and r["a_bits"] == a]
+            sub = [r for r in done.values()
+                   if r["model"] == model and r["a_bits"] == a and r.get("seed", 0) == args.seed]
             if not sub:
                 continue
             print(f"\n{model} (FP top-1 {sub[0]['fp']:.2f}), A{a}\n")
@@ -114,7 +125,7 @@ def main() -> int:
                     cells = []
                     search = []
                     for w in args.wbits:
-                        r = done.get(_key(model, a, w, row, recon))
+                        r = done.get(_key(model, a, w, row, recon, args.seed))
                         cells.append("-" if r is None else
                                      f"{r['quant']:.2f} ({r['w_bits_avg']:.3f}, {r['size_mb']:.4f}, {r['bops_g']:.3f})")
                         if r is not None and r.get("search_seconds") is not None:

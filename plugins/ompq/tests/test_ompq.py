@@ -3,6 +3,7 @@ budgets, the seed's size/BOPs arithmetic on ResNet-18, and the allocator/method 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -16,6 +17,7 @@ from qcore_ompq import (
     expand_bits,
     importance,
     linear_cka,
+    plan_distortion,
     plugin,
     seed_bops,
     seed_size_mib,
@@ -286,3 +288,81 @@ def test_seed_solver_through_the_allocator(host):
     r = run_tiny(host, allocator="ompq", target_bits=5.0, calibrator="minmax",
                  options={"solver": "seed", "objective": "linear", "bit_choices": (2, 3, 4)}).result
     assert r["measured"]["ompq"]["solver"].startswith("seed") and r["w_bits_avg"] <= 5.0 + 1e-9
+
+
+# -- beta chosen on calibration data -------------------------------------------------------------------------------
+def _slow_distortion(ctx, bits, batches):
+    """Reference for plan_distortion, written out by hand: per-channel min/max weights and per-tensor min/max
+    inputs (FP extremes over ``batches``) on core's UniformFakeQuant, then KL(FP || simulated) of the logits."""
+    from qcore.ranges import minmax_range
+
+    model = ctx.model
+    lo_hi = {}
+
+    def watch(name):
+        def hook(_m, args):
+            x = args[0].detach()
+            lo, hi = lo_hi.get(name, (math.inf, -math.inf))
+            lo_hi[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+        return hook
+    handles = [model.get_submodule(n).register_forward_pre_hook(watch(n)) for n in ctx.layers]
+    with torch.no_grad():
+        refs = [ctx.task.forward(model, b) for b in batches]
+    for h in handles:
+        h.remove()
+    sim = copy.deepcopy(model).eval()
+    for n, info in ctx.layers.items():
+        pin = ctx.pinned.get(n)
+        wb = pin.w_bits if pin is not None else bits[n]
+        ab = pin.a_bits if pin is not None else ctx.budget.a_bits
+        mod = sim.get_submodule(n)
+        wq = qcore.UniformFakeQuant(qcore.QuantSpec(wb, symmetric=False, granularity="channel"),
+                                    info.out_channels, info.weight_axis)
+        qcore.calibrate_rows(wq, wq.rows_of(mod.weight.detach()), minmax_range)
+        with torch.no_grad():
+            mod.weight.copy_(wq(mod.weight))
+        aq = qcore.UniformFakeQuant(qcore.QuantSpec(ab, symmetric=False), info.in_channels, info.act_axis)
+        lo, hi = lo_hi[n]
+        qcore.calibrate_rows(aq, torch.tensor([[lo, hi]]), minmax_range)
+        mod.register_forward_pre_hook(lambda _m, args, aq=aq: (aq(args[0]), *args[1:]))
+    total = 0.0
+    with torch.no_grad():
+        for b, ref in zip(batches, refs, strict=True):
+            out = ctx.task.forward(sim, b)
+            total += float(torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
+                                                      reduction="batchmean"))
+    return total / len(batches)
+
+
+def test_plan_distortion_matches_a_hand_built_simulation(host):
+    out = run_tiny(host, allocator="ompq", target_bits=6.0, a_bits=4, calibrator="minmax",
+                   options={"ompq_beta": 1.0, "weight_symmetric": False})
+    ctx = out.ctx
+    free = [n for n in ctx.layers if n not in ctx.pinned]
+    batches = list(ctx.calibration_batches())[1:]
+    plans = [{n: 2 for n in free}, {n: 8 for n in free}, out.result["measured"]["ompq"]["bits"]]
+    scores = plan_distortion(ctx, plans, batches)
+    ref = [_slow_distortion(ctx, p, batches) for p in plans]
+    assert scores == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    assert scores[1] < scores[0]  # 8-bit weights are closer to FP than 2-bit ones
+
+
+def test_default_beta_is_chosen_on_held_out_calibration_data(host):
+    grid = (0.0, 1.0, 30.0)
+    out = run_tiny(host, allocator="ompq", target_bits=6.0, a_bits=8, calibrator="minmax",
+                   options={"beta_grid": grid})
+    m = out.result["measured"]["ompq"]
+    s = m["beta_search"]
+    assert s["grid"] == list(grid) and s["held_out"] and len(s["scores"]) == 3
+    assert s["chosen"] == grid[int(np.argmin(s["scores"]))] == m["beta"] == m["orthogonality"]["beta"]
+    assert m["bits"] == s["bits"][str(s["chosen"])]  # the plan deployed is the chosen beta's plan
+    batches = list(out.ctx.calibration_batches())[1:]
+    assert plan_distortion(out.ctx, [m["bits"]], batches[:1])[0] == pytest.approx(min(s["scores"]))
+    theta = np.array(list(m["orthogonality"]["theta"].values()))
+    assert s["chosen"] != 0.0 or np.allclose(theta, 1.0)  # beta 0: every layer equally important
+    fixed = run_tiny(host, allocator="ompq", target_bits=6.0, a_bits=8, calibrator="minmax",
+                     options={"ompq_beta": 1.0}).result["measured"]["ompq"]
+    assert "beta_search" not in fixed and fixed["beta"] == 1.0
+    assert fixed["bits"] == s["bits"]["1.0"]  # a fixed beta solves exactly what the grid solved for it
+    with pytest.raises(qcore.QcoreError, match="beta_grid"):
+        run_tiny(host, allocator="ompq", target_bits=6.0, options={"beta_grid": (-1.0,)})

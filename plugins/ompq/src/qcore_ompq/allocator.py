@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 import qcore
-from qcore_ompq.orthogonality import Orthogonality, downstream_mean, orthogonality
+from qcore_ompq.orthogonality import Orthogonality, downstream_mean, importance, orthogonality
 from qcore_ompq.seed import seed_report
-from qcore_ompq.sensitivity import hessian_traces, objective_matrix, weight_errors
+from qcore_ompq.sensitivity import hessian_traces, objective_matrix, plan_distortion, weight_errors
 from qcore_ompq.solve import Solution, solve_ilp, solve_seed
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,15 @@ class OMPQOptions:
     objective: Literal["error", "linear"] = field(default="error", metadata={
         "help": "orm/size: error = minimise sum importance x relative weight error at the chosen bits; linear = "
                 "the seed's maximise sum importance x bits (optimum at the extreme bit-widths)"})
-    ompq_beta: float = field(default=1.0, metadata={"help": "beta of theta = exp(-beta gamma), the seed's --beta"})
+    ompq_beta: float | None = field(default=None, metadata={
+        "help": "beta of theta = exp(-beta gamma), the seed's --beta (its CLI default is 1); unset: chosen on "
+                "calibration data from -o beta_grid"})
+    beta_grid: tuple[float, ...] = field(default=(0.0, 0.1, 0.3, 1.0, 3.0), metadata={
+        "help": "orm, ompq_beta unset: the betas tried; each one's plan is solved, then scored by the output KL of "
+                "the simulated model (nearest rounding, no reconstruction) on held-out calibration samples, and "
+                "the best is kept (0 = every layer equally important, the seed's MobileNetV2 setting)"})
+    score_samples: int = field(default=128, metadata={
+        "help": "orm, beta search: calibration samples that score the plans (batches after the ORM batch)"})
     bit_choices: tuple[int, ...] = field(default=(2, 3, 4, 5, 6, 7, 8), metadata={
         "help": "weight bit-widths a free layer may take (comma list)"})
     size_mb: float | None = field(default=None, metadata={
@@ -72,8 +81,13 @@ class OMPQOptions:
         if not self.bit_choices or any(not 1 <= b <= qcore.MAX_BITS for b in self.bit_choices):
             raise qcore.QcoreError(f"bit_choices={self.bit_choices} must be bit-widths in 1..{qcore.MAX_BITS}, "
                                    "e.g. -o bit_choices=2,3,4,5,6,7,8")
-        if self.ompq_beta < 0 or not math.isfinite(self.ompq_beta):
+        if self.ompq_beta is not None and (self.ompq_beta < 0 or not math.isfinite(self.ompq_beta)):
             raise qcore.QcoreError(f"ompq_beta={self.ompq_beta} must be a finite number >= 0")
+        if not self.beta_grid or any(b < 0 or not math.isfinite(b) for b in self.beta_grid):
+            raise qcore.QcoreError(f"beta_grid={self.beta_grid} must list finite betas >= 0, e.g. "
+                                   "-o beta_grid=0,0.1,0.3,1,3")
+        if self.score_samples < 1:
+            raise qcore.QcoreError(f"score_samples={self.score_samples} must be at least 1")
         for key in ("size_mb", "bops_g"):
             v = getattr(self, key)
             if v is not None and not (v > 0 and math.isfinite(v)):
@@ -119,11 +133,35 @@ def block_outputs(model: Any, names: list[str]) -> dict[str, str]:
     return out
 
 
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_len(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_len(next(iter(batch.values())))
+    return 1
+
+
+def _take_samples(batches: list[Any], samples: int) -> list[Any]:
+    """Whole batches from the front until at least ``samples`` samples are taken."""
+    out: list[Any] = []
+    n = 0
+    for b in batches:
+        if n >= samples:
+            break
+        out.append(b)
+        n += _batch_len(b)
+    return out
+
+
 class OMPQAllocator(qcore.Allocator):
     """OMPQ: linear CKA between the layers' outputs on one calibration batch gives each layer an importance
     ``theta = exp(-beta gamma)`` (``gamma``: its summed similarity to the other layers, normalised so the largest
     theta is 1); one bit-width per free layer is then chosen exactly (``scipy.optimize.milp``) under the size
     budget (``--target-bits`` or ``-o size_mb``) and optionally ``-o bops_g``. Activations get ``--a-bits``.
+    Unless ``-o ompq_beta`` fixes it, beta is chosen on calibration data: each ``-o beta_grid`` beta's plan is
+    scored by :func:`qcore_ompq.plan_distortion` on the batches after the ORM batch and the lowest is kept.
     ``-o criterion`` swaps the importance for a baseline through the same solve."""
 
     name = "ompq"
@@ -189,45 +227,70 @@ class OMPQAllocator(qcore.Allocator):
             sol = self._uniform(free, sizes, choices, cap, macs, bops_cap, extra, storage_cap)
         else:
             weight = np.ones(len(free))
+            betas = [o.ompq_beta] if o.ompq_beta is not None else sorted(set(float(b) for b in o.beta_grid))
             if o.criterion == "orm" and free:
                 batch = next(iter(ctx.calibration_batches()))
                 outputs = block_outputs(ctx.model, free) if o.orm_features == "block" else None
-                orm = orthogonality(ctx.model, free, batch, ctx.task.forward, o.ompq_beta, layers=ctx.layers,
+                orm = orthogonality(ctx.model, free, batch, ctx.task.forward, betas[0], layers=ctx.layers,
                                     samples=o.orm_samples, outputs=outputs)
-                weight = downstream_mean(orm.theta)
-                log.info("ompq: %d layers, gamma %.3f..%.3f, theta %.3g..1 (beta %g)", len(free), orm.gamma.min(),
-                         orm.gamma.max(), orm.theta.min(), o.ompq_beta)
-                info["orthogonality"] = orm.to_dict()
-                info["omega"] = {n: float(w) for n, w in zip(free, weight, strict=True)}
-            if o.solver == "seed":
-                if o.bops_g is not None:
-                    raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
-                                           "-o solver=milp")
-                seed_cap = cap
-                if storage_cap is not None and extra is not None:  # the seed's solve knows elements only: reserve
-                    seed_cap = min(cap, storage_cap - float(extra.max(axis=1).sum()))  # the most extra storage
-                sol = solve_seed(sizes, weight, min(choices), max(choices), seed_cap)
-            else:
-                if o.criterion == "hawq" or (o.objective == "error" and o.criterion != "rdoq"):
-                    errors = weight_errors(ctx, free, choices)
-                traces = None
-                if o.criterion == "rdoq":
-                    dist = rdoq_curve_sums(ctx, free, choices, o.rdoq_samples, o.rdoq_cache)
-                    info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row), strict=True))
-                                               for n, row in zip(free, dist, strict=True)}
-                elif o.criterion == "hawq":
-                    batches = list(ctx.calibration_batches())[:o.hawq_batches]
-                    traces = hessian_traces(ctx.model, free, batches, ctx.task.forward, o.hawq_probes,
-                                            seed=ctx.config.seed)
-                    info["hessian_trace"] = traces
-                    dist = objective_matrix("hawq", errors, sizes, choices, traces=traces, names=free)
-                elif o.objective == "error":
+            errors = None
+            if o.solver != "seed" and (o.criterion == "hawq" or (o.objective == "error" and o.criterion != "rdoq")):
+                errors = weight_errors(ctx, free, choices)
+
+            def solve_with(weight: np.ndarray) -> Solution:
+                if o.solver == "seed":
+                    if o.bops_g is not None:
+                        raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
+                                               "-o solver=milp")
+                    seed_cap = cap
+                    if storage_cap is not None and extra is not None:  # the seed's solve knows elements only:
+                        seed_cap = min(cap, storage_cap - float(extra.max(axis=1).sum()))  # reserve the most extra
+                    return solve_seed(sizes, weight, min(choices), max(choices), seed_cap)
+                if o.objective == "error":
+                    assert errors is not None
                     dist = objective_matrix("error", errors, sizes, choices, weight=weight)
                 else:
                     dist = objective_matrix("linear", np.zeros((len(free), len(choices))), sizes, choices,
                                             weight=weight)
+                return solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
+                                 storage_budget=storage_cap)
+
+            if o.solver == "seed" and orm is None:  # the seed's solve on the criterion's weights (all ones)
+                sol = solve_with(weight)
+            elif o.criterion == "rdoq":
+                dist = rdoq_curve_sums(ctx, free, choices, o.rdoq_samples, o.rdoq_cache)
+                info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row), strict=True))
+                                           for n, row in zip(free, dist, strict=True)}
                 sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
                                 storage_budget=storage_cap)
+            elif o.criterion == "hawq":
+                assert errors is not None
+                batches = list(ctx.calibration_batches())[:o.hawq_batches]
+                traces = hessian_traces(ctx.model, free, batches, ctx.task.forward, o.hawq_probes,
+                                        seed=ctx.config.seed)
+                info["hessian_trace"] = traces
+                dist = objective_matrix("hawq", errors, sizes, choices, traces=traces, names=free)
+                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
+                                storage_budget=storage_cap)
+            elif orm is not None:
+                sols = []
+                for beta in betas:
+                    _, theta = importance(orm.matrix, beta)
+                    sols.append((beta, theta, solve_with(downstream_mean(theta))))
+                k = 0
+                if len(sols) > 1:
+                    k, info["beta_search"] = self._choose_beta(ctx, free, sols, o.score_samples)
+                beta, theta, sol = sols[k]
+                orm = dataclasses.replace(orm, theta=theta, beta=beta)
+                weight = downstream_mean(theta)
+                log.info("ompq: %d layers, gamma %.3f..%.3f, theta %.3g..1 (beta %g%s)", len(free),
+                         orm.gamma.min(), orm.gamma.max(), orm.theta.min(), beta,
+                         "" if len(sols) == 1 else ", chosen on calibration data")
+                info["beta"] = beta
+                info["orthogonality"] = orm.to_dict()
+                info["omega"] = {n: float(w) for n, w in zip(free, weight, strict=True)}
+            else:
+                sol = solve_with(weight)
         seconds = time.perf_counter() - t0
         bits = dict(zip(free, sol.bits, strict=True))
         plan = plan_for(bits)
@@ -255,6 +318,40 @@ class OMPQAllocator(qcore.Allocator):
                  sol.solver, cost.w_bits_avg or 0.0, cost.size_mb, cost.bops / 1e9, seconds)
         return dataclasses.replace(plan, meta={"allocator": self.name, "criterion": o.criterion, "bits": bits,
                                                "solver": sol.solver, "target_bits": target})
+
+    @staticmethod
+    def _choose_beta(ctx: qcore.RunContext, free: list[str], sols: list[tuple[float, np.ndarray, Solution]],
+                     samples: int) -> tuple[int, dict[str, Any]]:
+        """Score each beta's plan by :func:`plan_distortion` on calibration batches after the first (the ORM
+        batch), up to ``samples`` samples; return the index of the lowest score (the smaller beta on a tie) and
+        the record for ``measured.ompq.beta_search``."""
+        batches = list(ctx.calibration_batches())
+        held = _take_samples(batches[1:], samples)
+        held_out = bool(held)
+        if not held:  # one calibration batch only: score on the ORM batch itself
+            held = _take_samples(batches[:1], samples)
+        plans: list[dict[str, int]] = []
+        index: list[int] = []
+        for _, _, sol in sols:
+            bits = dict(zip(free, (int(b) for b in sol.bits), strict=True))
+            if bits not in plans:
+                plans.append(bits)
+            index.append(plans.index(bits))
+        scores = plan_distortion(ctx, plans, held)
+        per_beta = [scores[i] for i in index]
+        best = min(range(len(sols)), key=lambda j: (per_beta[j], sols[j][0]))
+        n = sum(_batch_len(b) for b in held)
+        log.info("ompq: beta %s scored %s (output KL, %d %s calibration samples); chosen beta %g",
+                 [s[0] for s in sols], [f"{v:.4g}" for v in per_beta], n, "held-out" if held_out else "ORM-batch",
+                 sols[best][0])
+        return best, {
+            "grid": [float(s[0]) for s in sols], "scores": per_beta, "chosen": float(sols[best][0]),
+            "distinct_plans": len(plans), "samples": n, "held_out": held_out,
+            "bits": {str(s[0]): plans[i] for s, i in zip(sols, index, strict=True)},
+            "score": "KL(FP || simulated) of the outputs (batch mean; half squared error for non-logit outputs): "
+                     "weights at the plan's bits, nearest rounding on the run's quantizer and weight ranges, inputs "
+                     "at their activation bits with ranges from the FP inputs of the same samples; no "
+                     "reconstruction"}
 
     @staticmethod
     def _extra_bits(ctx: qcore.RunContext, free: list[str], choices: list[int], extra_fn: Any) -> np.ndarray:

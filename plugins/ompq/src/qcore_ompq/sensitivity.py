@@ -34,6 +34,23 @@ def weight_estimator(ctx: qcore.RunContext) -> RangeFn:
     return minmax_range
 
 
+def quantized_weight(ctx: qcore.RunContext, name: str, bits: int, estimator: RangeFn | None = None) -> Tensor:
+    """Layer ``name``'s weight fake-quantized at ``bits`` with nearest rounding on the run's quantizer, its ranges
+    from the run's calibrator's weight estimator (through the :class:`qcore.FakeQuantizer` protocol)."""
+    est = estimator if estimator is not None else weight_estimator(ctx)
+    weight = ctx.model.get_submodule(name).weight.detach()
+    spec = qcore.layer_spec(ctx.pipeline, int(bits), None, ctx.quantizer.name).weight
+    assert spec is not None
+    q = ctx.quantizer.make(spec, "weight", ctx.layers[name])
+    if not isinstance(q, qcore.FakeQuantizer):
+        raise qcore.QcoreError(f"ompq measures weight errors through the FakeQuantizer protocol; quantizer "
+                               f"{ctx.quantizer.name!r} made a {type(q).__name__}")
+    q = q.to(weight.device)
+    with torch.no_grad():
+        qcore.calibrate_rows(q, q.rows_of(weight), est)
+        return q(weight)
+
+
 def weight_errors(ctx: qcore.RunContext, names: Sequence[str], bits: Sequence[int]) -> np.ndarray:
     """``[layers, bits]`` summed squared weight error on the run's quantizer and weight ranges (fp64)."""
     est = weight_estimator(ctx)
@@ -41,16 +58,7 @@ def weight_errors(ctx: qcore.RunContext, names: Sequence[str], bits: Sequence[in
     for i, name in enumerate(qcore.track(list(names), desc="ompq weight errors", unit="layer")):
         weight = ctx.model.get_submodule(name).weight.detach()
         for k, b in enumerate(bits):
-            spec = qcore.layer_spec(ctx.pipeline, int(b), None, ctx.quantizer.name).weight
-            assert spec is not None
-            q = ctx.quantizer.make(spec, "weight", ctx.layers[name])
-            if not isinstance(q, qcore.FakeQuantizer):
-                raise qcore.QcoreError(f"ompq measures weight errors through the FakeQuantizer protocol; quantizer "
-                                       f"{ctx.quantizer.name!r} made a {type(q).__name__}")
-            q = q.to(weight.device)
-            with torch.no_grad():
-                qcore.calibrate_rows(q, q.rows_of(weight), est)
-                out[i, k] = float((q(weight) - weight).double().pow(2).sum())
+            out[i, k] = float((quantized_weight(ctx, name, int(b), est) - weight).double().pow(2).sum())
     return out
 
 
@@ -59,6 +67,87 @@ def _distortion(out: Tensor, ref: Tensor) -> Tensor:
         return F.kl_div(F.log_softmax(out.float(), dim=1), F.log_softmax(ref.float(), dim=1), log_target=True,
                         reduction="batchmean")
     return 0.5 * (out.float() - ref.float()).pow(2).sum() / max(out.shape[0], 1)
+
+
+def _act_estimator(ctx: qcore.RunContext) -> RangeFn:
+    cal = ctx.calibrator
+    if isinstance(cal, qcore.RangeCalibrator):
+        return cal.act_estimator()
+    return minmax_range
+
+
+def plan_distortion(ctx: qcore.RunContext, plans: Sequence[Mapping[str, int]], batches: Sequence[Any]) -> list[float]:
+    """How far each weight plan's simulated model is from the FP model on ``batches``, no reconstruction.
+
+    Each plan maps free layers to weight bits; pinned layers take their pins (``ctx.pinned``), the other layers
+    ``ctx.budget.a_bits`` for their inputs. The simulated model: every quantized weight fake-quantized with nearest
+    rounding (:func:`quantized_weight`: the run's quantizer and weight ranges), every quantized layer's input
+    fake-quantized with ranges from the FP model's inputs on ``batches`` (the run's activation estimator; per
+    tensor or per channel as the pipeline says). Activation quantizers are the same for every plan, so only the
+    weights differ between plans. The distortion is ``KL(FP || simulated)`` of the softmax of 2-D outputs (logits;
+    batch mean), half the squared error per sample otherwise, averaged over ``batches``."""
+    model = ctx.model
+    forward = ctx.task.forward
+    a_default = ctx.budget.a_bits
+    w_est = weight_estimator(ctx)
+    a_est = _act_estimator(ctx)
+    pins = {n: p for n, p in ctx.pinned.items() if n in ctx.layers}
+    # activation quantizers (identical for every plan), calibrated on the FP model's inputs
+    act_q: dict[str, nn.Module] = {}
+    for per_channel in (False, True):
+        specs = {}
+        for n in ctx.layers:
+            ab = pins[n].a_bits if n in pins else a_default
+            spec = qcore.layer_spec(ctx.pipeline, None, ab, ctx.quantizer.name).act if ab is not None else None
+            if spec is None or spec.granularity not in ("tensor", "channel"):
+                continue
+            if (spec.granularity == "channel") == per_channel:
+                specs[n] = spec
+        if not specs:
+            continue
+        samples = qcore.observe_inputs(model, forward, batches, {n: ctx.layers[n] for n in specs},
+                                       per_channel=per_channel)
+        for n, spec in specs.items():
+            q = ctx.quantizer.make(spec, "act", ctx.layers[n])
+            if not isinstance(q, qcore.FakeQuantizer):
+                continue
+            q = q.to(qcore.module_device(model))
+            with torch.no_grad():
+                qcore.calibrate_rows(q, samples[n], a_est)
+            act_q[n] = q
+    cache: dict[tuple[str, int], Tensor] = {}
+
+    def weight_at(name: str, bits: int) -> Tensor:
+        if (name, bits) not in cache:
+            cache[name, bits] = quantized_weight(ctx, name, bits, w_est)
+        return cache[name, bits]
+
+    with torch.no_grad():
+        refs = [forward(model, b) for b in batches]
+    work = copy.deepcopy(model).eval()
+    handles = []
+    for n, q in act_q.items():
+        info = ctx.layers[n]
+
+        def pre(_m: nn.Module, args: tuple[Any, ...], info: qcore.LayerInfo = info, q: nn.Module = q) -> Any:
+            return (info.input_tensor(args[0], q), *args[1:])
+        handles.append(work.get_submodule(n).register_forward_pre_hook(pre))
+    scores = []
+    try:
+        with torch.no_grad():
+            for plan in plans:
+                bits = {**{n: p.w_bits for n, p in pins.items() if p.w_bits is not None}, **plan}
+                for n in ctx.layers:
+                    w = work.get_submodule(n).weight
+                    w.copy_(weight_at(n, int(bits[n])) if n in bits else model.get_submodule(n).weight)
+                total = 0.0
+                for b, ref in zip(batches, refs, strict=True):
+                    total += float(_distortion(forward(work, b), ref))
+                scores.append(total / max(len(batches), 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return scores
 
 
 def hessian_traces(model: nn.Module, names: Sequence[str], batches: Sequence[Any],
