@@ -38,6 +38,7 @@ def test_continuing_starts_from_the_saved_weights_and_records_every_stage(first_
     assert rec["previous_stages"][0]["val_mAP"] == stage1["val"]["mAP"]
     assert rec["total"]["stages"] == 2 and rec["total"]["epochs"] == 2.0 and rec["total"]["scenes_seen"] == 4
     assert rec["total"]["train_seconds"] == pytest.approx(stage1["train_seconds"] + rec["train_seconds"], abs=0.2)
+    assert rec["cpu_seconds"] > 0 and rec["train_seconds"] <= rec["wall_seconds"]
     assert rec["recipe"]["pct_start"] == 0.1 and "scenes 2..3" in rec["data"]["train"]
     # a third stage keeps both earlier ones, in order; a target mAP reached at a mid-epoch evaluation stops it there
     third = train(tmp_path / "3", scenes=6, epochs=2, device="cpu", batch_size=2, seed=0, val_scenes=1, lr=1e-4,

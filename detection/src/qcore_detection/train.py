@@ -187,7 +187,8 @@ def _stages(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
     if previous is None:
         return []
     run = {k: previous.get(k) for k in ("command", "seed", "device", "threads", "data", "recipe", "epochs_done",
-                                        "steps_done", "train_seconds", "wall_seconds", "s_per_iter", "history")}
+                                        "steps_done", "train_seconds", "wall_seconds", "cpu_seconds",
+                                        "s_per_iter", "history")}
     run["val_mAP"] = previous.get("val", {}).get("mAP")
     return [*previous.get("previous_stages", []), run]
 
@@ -240,7 +241,7 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     steps_done = 0
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     stopped: str | None = None
     record: dict[str, Any] = {}
     budget_s = None if time_budget_min is None else 60 * time_budget_min
@@ -271,6 +272,7 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
                 "weight_decay": weight_decay, "time_budget_min": time_budget_min, "pct_start": pct_start,
                 "train_seconds": train_seconds + epoch_seconds(), "steps_done": steps_done,
                 "steps_per_epoch": steps_per_epoch, "wall_seconds": time.perf_counter() - t_start,
+                "cpu_seconds": time.process_time() - cpu_start,
                 "previous": previous, "stopped": stopped, "init": init, "first_scene": first_scene}
 
     for epoch in range(1, epochs + 1):
@@ -381,6 +383,7 @@ def _record(v: dict[str, Any]) -> dict[str, Any]:
         "steps_done": steps,
         "train_seconds": round(v["train_seconds"], 1),
         "wall_seconds": round(v["wall_seconds"], 1),
+        "cpu_seconds": round(v["cpu_seconds"], 1),  # the training process's own CPU time (not its data workers')
         "s_per_iter": round(v["train_seconds"] / max(1, steps), 3),
         "eval_scenes_per_s": round(v["scenes_per_s"], 2),
         "stopped": v["stopped"],
