@@ -100,7 +100,10 @@ for _bits in (4, 3):  # the allocation from replay (the reference's curves, test
     ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, second-order curves"] = {
         "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
 
-#: rows for zoo:voxelnext_nuscenes_like (32 spconv layers, 18 of them 3-D; RDOQ rows belong to the RDOQ engine work)
+#: rows for zoo:voxelnext_nuscenes_like (32 spconv layers, 18 of them 3-D). The RDOQ seed's setting there is the
+#: weights of all 18 3-D sparse convs (the same include pattern as README's command; the seed's "30" counts the
+#: default two-block backbone), with the projected second-order engine (README's command) and the exact replay
+#: engine (the reference's curves), each against uniform at the same bits on the same layers.
 NUSCENES_ROWS: dict[str, dict[str, Any]] = {
     "uniform W8A8 (all spconv layers, first/last 8)": {"plugin": "uniform", "w_bits": 8, "a_bits": 8},
     "uniform W4A8 (all spconv layers, first/last 8)": {"plugin": "uniform", "w_bits": 4, "a_bits": 8},
@@ -108,6 +111,15 @@ NUSCENES_ROWS: dict[str, dict[str, Any]] = {
     "aciq W4A4 (all spconv layers, first/last 8; per-channel A, simulation)": {
         "plugin": "aciq", "w_bits": 4, "a_bits": 4},
 }
+for _bits in (4, 3):
+    NUSCENES_ROWS[f"uniform W{_bits}, 18 3-D convs, weights only"] = {
+        "plugin": "uniform", "w_bits": _bits, "a_bits": 8,
+        "options": {"include": THREE_D, "act_targets": "none", "first_last": "same"}}
+    NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, second-order curves"] = {
+        "plugin": "rdoq", "target_bits": float(_bits),
+        "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
+    NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, replay curves"] = {
+        "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "replay"}}
 
 #: method comparisons at the same setting (the first row minus the second), besides every row against FP
 PAIRS = [
@@ -120,6 +132,10 @@ PAIRS = [
        f"uniform W{b}, 30 3-D convs, weights only") for b in (4, 3)],
     ("aciq W4A4 (all spconv layers, first/last 8; per-channel A, simulation)",
      "uniform W4A4 (all spconv layers, first/last 8)"),
+    *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, {engine} curves",
+       f"uniform W{b}, 18 3-D convs, weights only") for b in (4, 3) for engine in ("second-order", "replay")],
+    *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves",
+       f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves") for b in (4, 3)],
 ]
 
 

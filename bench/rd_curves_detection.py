@@ -1,6 +1,11 @@
 """RD-curve engines on the embedded LiDAR detector (zoo:voxelnext_lite), timed in one run, interleaved.
 
     OMP_NUM_THREADS=1 QCORE_PROGRESS=0 python bench/rd_curves_detection.py --projections 8 [--json out.json]
+    OMP_NUM_THREADS=1 QCORE_PROGRESS=0 python bench/rd_curves_detection.py --model voxelnext_nuscenes_like
+
+``--model voxelnext_nuscenes_like`` does the same on the nuScenes-like detector (18 3-D sparse convolutions, 30
+groups of 16 output channels, 210 candidates; calibration scenes from its world's train split); the default
+reference layers exist in both models.
 
 The RDOQ seed's setting: weights of the 30 3-D sparse convolutions, groups of 16 output channels (95 groups),
 bits 2..8, distortion target the dense BEV features after the backbone, 4 calibration scenes of the synthetic
@@ -46,9 +51,10 @@ def main() -> int:
     p.add_argument("--projections", type=int, nargs="+", default=[8])
     p.add_argument("--ref-layers", nargs="+", default=["backbone.conv1.0.conv2", "backbone.conv5.1.conv1"])
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--model", default="voxelnext_lite", choices=list(MODELS), help="zoo detector (--model zoo:NAME)")
     args = p.parse_args()
-    model, record = load_detector(MODELS["voxelnext_lite"])
-    scenes = SyntheticSplit("train", args.scenes, seed=0)
+    model, record = load_detector(MODELS[args.model])
+    scenes = SyntheticSplit("train", args.scenes, seed=0, world=str(record.get("world", "classic")))
     batches = [collate([scenes[i] for i in range(args.scenes)], record["voxel_config"])]
     fwd = make_target("bev")
     layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules()
@@ -58,7 +64,8 @@ def main() -> int:
     groups = sum(len(weight_groups(i, args.group)) for i in layers.values())
     subset = {n: layers[n] for n in args.ref_layers}
     sub_cands = sum(len(weight_groups(i, args.group)) for i in subset.values()) * len(bits)
-    out: dict = {"layers": len(layers), "groups": groups, "bits": bits, "candidates": groups * len(bits),
+    out: dict = {"model": args.model,
+                 "layers": len(layers), "groups": groups, "bits": bits, "candidates": groups * len(bits),
                  "subset": args.ref_layers, "subset_candidates": sub_cands, "scenes": args.scenes,
                  "machine": f"{platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"}
 

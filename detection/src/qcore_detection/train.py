@@ -7,6 +7,14 @@ Usage::
     python -m qcore_detection.train --out DIR --world nuscenes --scenes 500 --epochs 2 --val-scenes 50 \
         --batch-size 2 --channels 16,16,32,32,32,32 --blocks 1 --device cpu --workers 1   # zoo:voxelnext_nuscenes_like
 
+``--init DIR`` continues a saved model (its config kept) with a new schedule, e.g. on scenes it has not seen
+(``--first-scene``), evaluating every ``--eval-every`` steps and stopping at ``--target-map``; the new record keeps
+the earlier ones under ``previous_stages`` and sums every stage under ``total`` (epochs, scenes, CPU-bound
+training seconds, wall seconds)::
+
+    python -m qcore_detection.train --out DIR2 --init DIR --world nuscenes --first-scene 500 --scenes 900 \
+        --epochs 1 --lr 2e-3 --pct-start 0.05 --eval-every 113 --target-map 57 --time-budget 60 ...
+
 ``--world nuscenes`` trains on the nuScenes-like world (:mod:`qcore_detection.nuscenes_like`: 7 classes, 5 point
 features with the sweep time, boxes with velocities) on its grid (:data:`NUSCENES_VOXELS`), with a velocity head.
 
@@ -45,7 +53,7 @@ import spconv
 import torch
 
 from qcore_detection.metric import detection_ap
-from qcore_detection.model import ModelConfig, VoxelNeXtLite, build_model
+from qcore_detection.model import ModelConfig, VoxelNeXtLite, build_model, load_model
 from qcore_detection.spconv_layers import spconv_cpu_guard
 from qcore_detection.synthetic import CLASS_NAMES, WORLDS, Scene, SyntheticSplit
 from qcore_detection.voxelize import VoxelConfig, collate
@@ -101,13 +109,14 @@ class FlippedScenes(torch.utils.data.Dataset):
     """The scenes of ``split``, each flipped in x and/or y at random (a fixed choice per seed, epoch and index,
     so data-loader workers give the same batches as the main process)."""
 
-    def __init__(self, split: SyntheticSplit, seed: int, epoch: int) -> None:
-        self.split, self.seed, self.epoch = split, seed, epoch
+    def __init__(self, split: SyntheticSplit, seed: int, epoch: int, first: int = 0) -> None:
+        self.split, self.seed, self.epoch, self.first = split, seed, epoch, first
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.split) - self.first
 
     def __getitem__(self, index: int) -> Scene:
+        index += self.first
         flip_x, flip_y = np.random.default_rng((self.seed, self.epoch, index)).random(2) < 0.5
         return flip_scene(self.split[index], bool(flip_x), bool(flip_y))
 
@@ -159,51 +168,128 @@ def save_checkpoint(model: VoxelNeXtLite, record: dict[str, Any], out: Path) -> 
     _atomic_write(out / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
 
 
+def load_init(init: Path, world: str) -> tuple[VoxelNeXtLite, dict[str, Any]]:
+    """The model saved in ``init`` (``model.safetensors`` or a folder holding it) and its training record, for
+    continuing its training; the record must name the same synthetic ``world``."""
+    weights = init / "model.safetensors" if init.is_dir() else init
+    sidecar = weights.with_suffix(".json")
+    if not weights.is_file() or not sidecar.is_file():
+        raise ValueError(f"--init {init}: need {weights.name} and {sidecar.name} written by qcore_detection.train")
+    record = json.loads(sidecar.read_text())
+    if record.get("world", "classic") != world:
+        raise ValueError(f"--init {init} was trained on the {record.get('world', 'classic')!r} world; pass "
+                         f"--world {record.get('world', 'classic')}")
+    return load_model(weights, sidecar), record
+
+
+def _stages(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The earlier training stages of a continued model: the previous record's own stages, then its run."""
+    if previous is None:
+        return []
+    run = {k: previous.get(k) for k in ("command", "seed", "device", "threads", "data", "recipe", "epochs_done",
+                                        "steps_done", "train_seconds", "wall_seconds", "cpu_seconds",
+                                        "s_per_iter", "history")}
+    run["val_mAP"] = previous.get("val", {}).get("mAP")
+    return [*previous.get("previous_stages", []), run]
+
+
 def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, seed: int, val_scenes: int = 100,
           lr: float = 3e-3, weight_decay: float = 0.01, model_overrides: dict[str, Any] | None = None,
-          workers: int = 0, command: str = "", world: str = "classic", time_budget_min: float | None = None
-          ) -> dict[str, Any]:
+          workers: int = 0, command: str = "", world: str = "classic", time_budget_min: float | None = None,
+          init: Path | None = None, pct_start: float = 0.4, eval_every: int | None = None,
+          target_map: float | None = None, first_scene: int = 0) -> dict[str, Any]:
     """Train, evaluate after each epoch, save; return the record written to ``model.json``.
 
     :param workers: data-loader processes that generate and voxelize scenes (0: in the training process).
     :param world: the synthetic world (``classic``, or ``nuscenes``: :mod:`qcore_detection.nuscenes_like`).
-    :param time_budget_min: do not start another epoch when the last one's duration would take the training
-        past this many minutes (the record's ``stopped_after_epoch`` says so). The model and record are saved
-        after every epoch, so an interrupted run leaves the last finished epoch's model.
+    :param time_budget_min: stop when the training steps (evaluations not counted) have taken this many
+        minutes: no further epoch starts when the last one's duration would pass it, and an epoch in progress
+        stops at the first step past it (the record's ``stopped`` says where and why). The model and record are
+        saved after every evaluation, so an interrupted run leaves the last evaluated model.
+    :param init: continue from this model (``model.safetensors`` or its folder) instead of a new one: its
+        config is kept (``model_overrides`` must be empty), its record goes into ``previous_stages`` and the
+        totals (``total``) count every stage.
+    :param pct_start: fraction of the one-cycle schedule spent warming up (``0.4``; a continued model needs
+        less).
+    :param eval_every: also evaluate (and save) every this many steps inside an epoch.
+    :param target_map: stop at the first evaluation whose val mAP reaches this.
+    :param first_scene: train on scenes ``first_scene .. first_scene + scenes - 1`` of the train split (a
+        continued model gets scenes its earlier stages did not see).
     """
     torch.manual_seed(seed)
     dev = torch.device(device)
     vcfg, preset = world_preset(world)
-    cfg = ModelConfig(spatial_shape=vcfg.spatial_shape, voxel_size=vcfg.voxel_size,
-                      point_cloud_range=vcfg.point_cloud_range, **{**preset, **(model_overrides or {})})
-    model = build_model(cfg).to(dev)
+    previous: dict[str, Any] | None = None
+    if init is not None:
+        if model_overrides:
+            raise ValueError("--init keeps the saved model's config: drop --channels/--blocks")
+        model, previous = load_init(init, world)
+        cfg = model.cfg
+        model = model.to(dev)
+    else:
+        cfg = ModelConfig(spatial_shape=vcfg.spatial_shape, voxel_size=vcfg.voxel_size,
+                          point_cloud_range=vcfg.point_cloud_range, **{**preset, **(model_overrides or {})})
+        model = build_model(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %d parameters, channels %s, %d blocks per stage", n_params, cfg.channels, cfg.blocks)
-    train_split = SyntheticSplit("train", scenes, seed=seed, world=world)
+    train_split = SyntheticSplit("train", first_scene + scenes, seed=seed, world=world)
     val = SyntheticSplit("val", val_scenes, seed=seed, cache=True, world=world)[:]
     steps_per_epoch = math.ceil(scenes / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.4, div_factor=10.0, final_div_factor=100.0)
+                                                pct_start=pct_start, div_factor=10.0, final_div_factor=100.0)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
-    t_start = time.perf_counter()
-    stopped_after: int | None = None
+    steps_done = 0
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    stopped: str | None = None
     record: dict[str, Any] = {}
+    budget_s = None if time_budget_min is None else 60 * time_budget_min
+    epoch_train_s: list[float] = []
+
+    def checkpoint(epoch: int, step: int, sums: dict[str, float]) -> float:
+        """Evaluate on the val scenes, append to the history, save; return the val mAP."""
+        nonlocal record
+        metrics, scenes_per_s = evaluate(model, val, vcfg, batch_size, dev)
+        model.train()
+        history.append({"epoch": epoch, "step": step, **{k: v / max(1, step) for k, v in sums.items()},
+                        "val_mAP": metrics["mAP"], "s_per_iter": epoch_seconds() / max(1, step),
+                        "lr": sched.get_last_lr()[0], "train_seconds": round(train_seconds + epoch_seconds(), 1),
+                        "seconds": round(time.perf_counter() - t_start, 1)})
+        log.info("epoch %d step %d: loss %.3f, val mAP %.2f (%s)", epoch, step, history[-1]["loss"], metrics["mAP"],
+                 ", ".join(f"{c} {metrics[f'AP/{c}']:.1f}" for c in cfg.class_names))
+        record = _record({**locals_for_record(), "metrics": metrics, "scenes_per_s": scenes_per_s})
+        save_checkpoint(model, record, out)
+        return float(metrics["mAP"])
+
+    def epoch_seconds() -> float:
+        return time.perf_counter() - t_epoch - eval_seconds
+
+    def locals_for_record() -> dict[str, Any]:
+        return {"cfg": cfg, "vcfg": vcfg, "dev": dev, "world": world, "seed": seed, "scenes": scenes,
+                "val_scenes": val_scenes, "history": history, "command": command, "n_params": n_params,
+                "epochs": epochs, "batch_size": batch_size, "workers": workers, "lr": lr,
+                "weight_decay": weight_decay, "time_budget_min": time_budget_min, "pct_start": pct_start,
+                "train_seconds": train_seconds + epoch_seconds(), "steps_done": steps_done,
+                "steps_per_epoch": steps_per_epoch, "wall_seconds": time.perf_counter() - t_start,
+                "cpu_seconds": time.process_time() - cpu_start,
+                "previous": previous, "stopped": stopped, "init": init, "first_scene": first_scene}
+
     for epoch in range(1, epochs + 1):
-        if time_budget_min is not None and history and \
-                train_seconds + history[-1]["train_seconds"] > 60 * time_budget_min:
-            stopped_after = epoch - 1
-            log.warning("time budget of %.0f min: stopping after epoch %d of %d", time_budget_min, stopped_after,
-                        epochs)
+        if budget_s is not None and epoch_train_s and train_seconds + epoch_train_s[-1] > budget_s:
+            stopped = f"time budget of {time_budget_min:g} min: stopped after epoch {epoch - 1} of {epochs}"
+            log.warning(stopped)
             break
         model.train()
         loader = torch.utils.data.DataLoader(
-            FlippedScenes(train_split, seed, epoch), batch_size=batch_size, shuffle=True, num_workers=workers,
+            FlippedScenes(train_split, seed, epoch, first_scene), batch_size=batch_size, shuffle=True,
+            num_workers=workers,
             collate_fn=functools.partial(collate, cfg=vcfg),
             generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         sums = {"loss": 0.0, "loss_hm": 0.0, "loss_loc": 0.0}
         t_epoch = time.perf_counter()
+        eval_seconds = 0.0
+        last_eval_step = 0
         for step, batch in enumerate(loader):
             ret, tb, _ = model(batch_to_device(batch, dev))
             opt.zero_grad(set_to_none=True)
@@ -215,33 +301,65 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
             sums["loss"] += float(ret["loss"].detach())
             sums["loss_hm"] += tb["loss_hm"]
             sums["loss_loc"] += tb["loss_loc"]
+            steps_done += 1
             if (step + 1) % 25 == 0 or step + 1 == steps_per_epoch:
-                log.info("epoch %d step %d/%d loss %.3f (%.2f s/iter)", epoch, step + 1, steps_per_epoch,
-                         sums["loss"] / (step + 1), (time.perf_counter() - t_epoch) / (step + 1))
-        epoch_seconds = time.perf_counter() - t_epoch
-        train_seconds += epoch_seconds
-        metrics, scenes_per_s = evaluate(model, val, vcfg, batch_size, dev)
-        history.append({"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
-                        "val_mAP": metrics["mAP"], "s_per_iter": epoch_seconds / steps_per_epoch,
-                        "train_seconds": round(epoch_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1)})
-        log.info("epoch %d: loss %.3f, val mAP %.2f (%s), %.2f s/iter, eval %.1f scenes/s", epoch,
-                 history[-1]["loss"], metrics["mAP"],
-                 ", ".join(f"{c} {metrics[f'AP/{c}']:.1f}" for c in cfg.class_names),
-                 history[-1]["s_per_iter"], scenes_per_s)
-        record = _record(locals())
-        save_checkpoint(model, record, out)
-    if stopped_after is not None:
-        record["stopped_after_epoch"] = stopped_after
+                log.info("epoch %d step %d/%d loss %.3f (%.2f s/iter, lr %.2e)", epoch, step + 1, steps_per_epoch,
+                         sums["loss"] / (step + 1), epoch_seconds() / (step + 1), sched.get_last_lr()[0])
+            over_budget = budget_s is not None and train_seconds + epoch_seconds() > budget_s
+            if step + 1 == steps_per_epoch:
+                break
+            if over_budget:
+                stopped = (f"time budget of {time_budget_min:g} min: stopped at step {step + 1} of "
+                           f"{steps_per_epoch} in epoch {epoch} (lr {sched.get_last_lr()[0]:.2e})")
+                log.warning(stopped)
+                break
+            if eval_every and (step + 1) % eval_every == 0:
+                t_eval = time.perf_counter()
+                last_eval_step = step + 1
+                m = checkpoint(epoch, step + 1, sums)
+                eval_seconds += time.perf_counter() - t_eval
+                if target_map is not None and m >= target_map:
+                    stopped = f"val mAP {m:.2f} reached the target {target_map:g} at step {step + 1} of epoch {epoch}"
+                    log.warning(stopped)
+                    break
+        if stopped and last_eval_step == step + 1:  # the target was reached: already evaluated and saved
+            train_seconds += epoch_seconds()
+            break
+        checkpoint(epoch, step + 1, sums)
+        train_seconds += epoch_seconds()
+        epoch_train_s.append(epoch_seconds())
+        if stopped or (target_map is not None and history[-1]["val_mAP"] >= target_map):
+            break
+    if target_map is not None and history and history[-1]["val_mAP"] >= target_map and not stopped:
+        stopped = f"val mAP {history[-1]['val_mAP']:.2f} reached the target {target_map:g} after epoch {epoch}"
+    if stopped and record.get("stopped") != stopped:
+        record["stopped"] = stopped
         save_checkpoint(model, record, out)
     model.float().cpu()
     return record
 
 
+def _scenes_seen(stage: dict[str, Any]) -> int:
+    """Training scenes a stage's steps drew (records before ``steps_done``: epochs x scenes of its data)."""
+    batch = int(stage["recipe"]["batch_size"])
+    if stage.get("steps_done") is not None:
+        return int(stage["steps_done"]) * batch
+    scenes = int(stage["data"].get("train_scenes") or stage["data"]["train"].split(" scenes")[0].rsplit(" ", 1)[1])
+    return int(stage["epochs_done"]) * math.ceil(scenes / batch) * batch
+
+
 def _record(v: dict[str, Any]) -> dict[str, Any]:
-    """The training record (``model.json``) from :func:`train`'s local variables after an epoch."""
+    """The training record (``model.json``) from :func:`train`'s state at an evaluation."""
     cfg, vcfg, dev, world, seed = v["cfg"], v["vcfg"], v["dev"], v["world"], v["seed"]
     scenes, val_scenes, history = v["scenes"], v["val_scenes"], v["history"]
-    done = len(history)
+    steps = v["steps_done"]
+    stages = _stages(v["previous"])
+    totals = {"stages": len(stages) + 1,
+              "epochs": sum(float(s.get("epochs_done") or 0) for s in stages) + steps / v["steps_per_epoch"],
+              "scenes_seen": sum(_scenes_seen(s) for s in stages) + steps * v["batch_size"],
+              "train_seconds": round(sum(float(s.get("train_seconds") or 0) for s in stages) + v["train_seconds"], 1),
+              "wall_seconds": round(sum(float(s.get("wall_seconds") or s["history"][-1]["seconds"]) for s in stages)
+                                    + v["wall_seconds"], 1)}
     return {
         "model_config": cfg.to_dict(),
         "voxel_config": dataclasses.asdict(vcfg),
@@ -253,17 +371,26 @@ def _record(v: dict[str, Any]) -> dict[str, Any]:
         "torch": torch.__version__,
         "spconv": spconv.__version__,
         "parameters": v["n_params"],
-        "data": {"train": f"synthetic ({world} world) train split, {scenes} scenes, seed {seed}, random x/y flips",
-                 "val": f"synthetic ({world} world) val split, first {val_scenes} scenes, seed {seed}"},
+        "data": {"train": f"synthetic ({world} world) train split, {scenes} scenes, seed {seed}, random x/y flips"
+                          + (f", scenes {first}..{first + scenes - 1}" if (first := v["first_scene"]) else ""),
+                 "val": f"synthetic ({world} world) val split, first {val_scenes} scenes, seed {seed}",
+                 "train_scenes": scenes},
         "recipe": {"epochs": v["epochs"], "batch_size": v["batch_size"], "workers": v["workers"],
                    "optimizer": "AdamW", "lr": v["lr"], "weight_decay": v["weight_decay"], "schedule": "one-cycle",
-                   "grad_clip": 10.0, "time_budget_min": v["time_budget_min"]},
-        "epochs_done": done,
+                   "pct_start": v["pct_start"], "grad_clip": 10.0, "time_budget_min": v["time_budget_min"],
+                   "init": None if v["init"] is None else "the previous stage's weights (previous_stages[-1])"},
+        "epochs_done": round(steps / v["steps_per_epoch"], 3),
+        "steps_done": steps,
         "train_seconds": round(v["train_seconds"], 1),
-        "s_per_iter": round(v["train_seconds"] / max(1, done * v["steps_per_epoch"]), 3),
+        "wall_seconds": round(v["wall_seconds"], 1),
+        "cpu_seconds": round(v["cpu_seconds"], 1),  # the training process's own CPU time (not its data workers')
+        "s_per_iter": round(v["train_seconds"] / max(1, steps), 3),
         "eval_scenes_per_s": round(v["scenes_per_s"], 2),
+        "stopped": v["stopped"],
         "history": list(history),
         "val": v["metrics"],
+        "previous_stages": stages,
+        "total": totals,
     }
 
 
@@ -285,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="synthetic world: classic (zoo:voxelnext_lite) or nuscenes (nuScenes-like, 7 classes)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="stop training after this many minutes (the schedule is cut short; the record says so)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue training this model (model.safetensors or its folder; its record is kept)")
+    p.add_argument("--pct-start", type=float, default=0.4, help="warm-up fraction of the one-cycle schedule")
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate and save every N steps")
+    p.add_argument("--target-map", type=float, default=None, help="stop once the val mAP reaches this")
+    p.add_argument("--first-scene", type=int, default=0, help="index of the first training scene of the split")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides: dict[str, Any] = {}
@@ -295,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m qcore_detection.train " + " ".join(sys.argv[1:] if argv is None else argv)
     rec = train(args.out, args.scenes, args.epochs, args.device, args.batch_size, args.seed,
                 val_scenes=args.val_scenes, lr=args.lr, model_overrides=overrides, workers=args.workers,
-                command=command, world=args.world, time_budget_min=args.time_budget)
+                command=command, world=args.world, time_budget_min=args.time_budget, init=args.init,
+                pct_start=args.pct_start, eval_every=args.eval_every, target_map=args.target_map,
+                first_scene=args.first_scene)
     log.info("val mAP %.2f after %.0f s of training (%.3f s/iter)", rec["val"]["mAP"], rec["train_seconds"],
              rec["s_per_iter"])
     return 0
