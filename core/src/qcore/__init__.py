@@ -43,6 +43,7 @@ from qcore._calibration import (  # noqa: E402
     RangeOptions,
     WeightRangeOptions,
     calibrate_rows,
+    input_rows,
     observe_activations,
     observe_inputs,
 )
@@ -96,6 +97,7 @@ __all__ = [
     # calibration
     "RangeCalibrator", "RangeOptions", "WeightRangeOptions", "MSECalibrator", "PercentileCalibrator",
     "calibrate_rows", "observe_activations", "observe_inputs", "watch_layers",
+    "input_rows",
     # model helpers
     "discover_layers", "measure_layers", "torch_layer_info", "fold_batchnorm", "replace_module", "module_device",
     "to_device", "equalize_inputs", "equalization_scales",

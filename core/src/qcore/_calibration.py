@@ -69,7 +69,8 @@ def observe_activations(model: nn.Module, ctx: RunContext, max_per_row: int) -> 
 
 
 def input_rows(x: torch.Tensor, info: LayerInfo, per_channel: bool) -> torch.Tensor:
-    """A layer's input values as ``[rows, values]``: one row, or one row per input channel."""
+    """A layer's input values as ``[rows, values]``: one row, or one row per input channel (the channel axis
+    ``info.act_axis`` moved first; what per-channel observers and input statistics reduce over)."""
     if not per_channel:
         return x.reshape(1, -1)
     return x.movedim(info.act_axis, 0).reshape(info.in_channels, -1)

@@ -234,9 +234,12 @@ def fake_quantize_channels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: T
 
 
 def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: bool, dim: int = -1,
-                   out: Tensor | None = None, p: float = 2.0) -> Tensor:
+                   out: Tensor | None = None, p: float = 2.0, weights: Tensor | None = None) -> Tensor:
     """Mean squared error of fake-quantizing ``x`` on ``[lo, hi]``, reduced over ``dim`` (no gradient);
-    with ``p`` other than 2, the mean of ``|error|^p`` (BRECQ's range search uses p = 2.4).
+    with ``p`` other than 2, the mean of ``|error|^p`` (BRECQ's range search uses p = 2.4); with ``weights``
+    (broadcastable to the error, non-negative), the mean of ``weights * |error|^p`` (each value's error counted
+    that much, e.g. the second moment of the input a weight multiplies). ``weights=None`` is the unweighted
+    arithmetic unchanged.
 
     The same arithmetic as :func:`fake_quantize`, done in place on one buffer (``out``, of the broadcast shape
     of ``x`` and the scales, when the caller reuses one): range searches call this hundreds of times per layer.
@@ -252,7 +255,10 @@ def quantize_error(x: Tensor, lo: Tensor, hi: Tensor, bits: Tensor, symmetric: b
         if not symmetric:
             q.sub_(zero)
         err = q.mul_(scale).sub_(x)
-        return (err.square_() if p == 2.0 else err.abs_().pow_(p)).mean(dim=dim)
+        err = err.square_() if p == 2.0 else err.abs_().pow_(p)
+        if weights is not None:
+            err.mul_(weights)
+        return err.mean(dim=dim)
 
 
 # -- candidate quantization for rate-distortion curves ---------------------------------------------------------

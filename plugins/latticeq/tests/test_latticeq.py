@@ -17,7 +17,7 @@ from qcore_latticeq import plugin
 from qcore_latticeq.activations import quantile, quantile_range
 from qcore_latticeq.cvp import babai_nearest_plane, brute_force_points, closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeQuantizer, lattice_dim, quantize_basis
-from qcore_latticeq.search import SearchSettings, row_loss, search_bases, select_rows, weighted_scalar_step
+from qcore_latticeq.search import SearchSettings, row_loss, search_bases, select_rows
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +108,14 @@ def test_search_never_loses_to_the_scalar_grid_and_usually_gains():
 
 
 def test_weighted_scalar_step_is_mse_range_with_equal_weights_and_wins_on_its_own_loss():
+    """The output-aware start is core's weighted mse_range (no copy of its search here): equal weights give the
+    plain step bit for bit, and the weighted step wins on the weighted loss."""
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(6, 96, generator=gen) * torch.linspace(0.2, 3.0, 96)  # columns of very different spread
     q = _lattice(3, 6, 2)
     rows = q.rows_of(w)
     bits = q.row_bits()
-    assert torch.allclose(weighted_scalar_step(rows, bits, torch.ones(96)), q.scalar_step(rows), rtol=1e-6)
+    assert torch.equal(q.scalar_step(rows, weights=torch.ones(96)), q.scalar_step(rows))
     h = torch.rand(96, generator=gen) ** 4 * 50  # a few heavy inputs
 
     def weighted_err(step):
@@ -121,7 +123,9 @@ def test_weighted_scalar_step_is_mse_range_with_equal_weights_and_wins_on_its_ow
         z = torch.minimum(torch.maximum(torch.round(rows / step[:, None]), qmin[:, None]), qmax[:, None])
         return ((z * step[:, None] - rows).pow(2) * h).sum(dim=1)
 
-    assert (weighted_err(weighted_scalar_step(rows, bits, h)) <= weighted_err(q.scalar_step(rows)) * (1 + 1e-6)).all()
+    weighted = q.scalar_step(rows, weights=h)
+    assert (weighted_err(weighted) <= weighted_err(q.scalar_step(rows)) * (1 + 1e-6)).all()
+    assert not torch.equal(weighted, q.scalar_step(rows))  # the weights move some clip
 
 
 def test_input_weighted_search_never_loses_on_its_loss_and_equal_weights_change_nothing():
@@ -135,7 +139,7 @@ def test_input_weighted_search_never_loses_on_its_loss_and_equal_weights_change_
         rows = q.rows_of(w)
         q.fit(rows)
         if weights is not None:
-            step = weighted_scalar_step(rows, q.row_bits(), weights)
+            step = q.scalar_step(rows, weights=weights)
             q.set_basis(step[:, None, None] * torch.eye(2))
         start = q.basis.clone()
         basis, rep = search_bases(q, rows, settings, weights)

@@ -23,7 +23,7 @@ import qcore
 from qcore.ranges import RangeFn, mse_range
 from qcore_latticeq.activations import quantile_range
 from qcore_latticeq.quantizer import LatticeFakeQuant
-from qcore_latticeq.search import SearchSettings, search_bases, weighted_scalar_step
+from qcore_latticeq.search import SearchSettings, loss_power, search_bases
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LatticeSearchCalibrator(qcore.Calibrator):
 
         def on_input(name: str, x: Tensor) -> None:
             info = names[name]
-            rows = x.detach().float().movedim(info.act_axis, 0).reshape(info.in_channels, -1)
+            rows = qcore.input_rows(x.detach().float(), info, per_channel=True)
             sums[name] = sums.get(name, 0) + rows.pow(2).sum(dim=1)
             counts[name] = counts.get(name, 0) + rows.shape[1]
 
@@ -132,7 +132,7 @@ class LatticeSearchCalibrator(qcore.Calibrator):
                     m = moments[name].to(rows.device)
                     if rows.shape[1] % m.numel() == 0:  # C_in inputs, each read by kh * kw weights of a row
                         weights = m.repeat_interleave(rows.shape[1] // m.numel())
-                        step = weighted_scalar_step(rows, q.row_bits().to(rows.device), weights, self.options.loss)
+                        step = q.scalar_step(rows, weights=weights, p=loss_power(self.options.loss))
                         q.set_basis(step[:, None, None] * torch.eye(q.n, device=rows.device))
                     else:
                         log.warning("lattice-search %s: %d input channels do not divide its rows of %d weights; "

@@ -184,11 +184,14 @@ class LatticeFakeQuant(qcore.FakeQuantizer):
         return float(min(self.rows * per_basis, self.rows + k * per_basis))
 
     # -- calibration ------------------------------------------------------------------------------------------
-    def scalar_step(self, rows: Tensor, extra_bits: int = 0) -> Tensor:
+    def scalar_step(self, rows: Tensor, extra_bits: int = 0, weights: Tensor | None = None,
+                    p: float = 2.0) -> Tensor:
         """Per-row step of the MSE-optimal symmetric scalar grid with this quantizer's bits (plus ``extra_bits``;
-        with 0: the search's start)."""
+        with 0: the search's start): core's :func:`qcore.ranges.mse_range` clip search. ``weights`` (one
+        non-negative value per weight of a row) and ``p`` choose the clip minimising ``sum weights * |error|^p``
+        instead (the output-aware start of ``-o weighting=input``; ``p=3`` for ``-o loss=cubic``)."""
         bits = self.row_bits().to(rows.device) + extra_bits
-        lo, hi = mse_range(rows.float(), bits, True)
+        lo, hi = mse_range(rows.float(), bits, True, p=p, weights=weights)
         scale, _, _, _ = qparams_from_range(lo, hi, bits, True)
         return scale
 

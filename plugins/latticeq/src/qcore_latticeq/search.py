@@ -24,7 +24,8 @@ The loss is the squared error (``mse``, default) or the seed's cubic error ``sum
 of the decoded weights in the layer's own units; with ``weights`` (one non-negative value per weight of a row,
 e.g. the second moment ``E[x_j^2]`` of the input each weight multiplies: the diagonal of ``E[x x^T]``, so the
 loss is the diagonal approximation of the output error ``E|(W - W_hat) x|^2``) each weight's error counts that
-much, in the scalar start (:func:`weighted_scalar_step`), the search, the refinement (weighted least squares)
+much, in the scalar start (:meth:`LatticeFakeQuant.scalar_step` with ``weights``: core's weighted
+:func:`qcore.ranges.mse_range`), the search, the refinement (weighted least squares)
 and the basis choice. The codes stay the Euclidean closest points (the stored format decodes them so). Every
 step is a tensor operation over all rows, on whatever device the weight is.
 """
@@ -40,13 +41,13 @@ import torch
 from torch import Tensor
 
 import qcore
-from qcore.ops import int_range, qparams_from_range
+from qcore.ops import int_range
 from qcore_latticeq.cvp import closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, quantize_basis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchSettings", "search_bases", "row_loss", "select_rows", "weighted_scalar_step"]
+__all__ = ["SearchSettings", "search_bases", "row_loss", "select_rows", "loss_power"]
 
 
 @dataclass(frozen=True)
@@ -63,37 +64,16 @@ class SearchSettings:
     select: bool = True
 
 
+def loss_power(loss: str) -> float:
+    """The exponent ``p`` of a search loss (``mse``: 2, ``cubic``: 3), for :func:`qcore.ranges.mse_range`."""
+    return 2.0 if loss == "mse" else 3.0
+
+
 def row_loss(err: Tensor, mask: Tensor, loss: str) -> Tensor:
     """Per-row loss of decoding errors ``err`` (``[R, L, n]``) over the real (unpadded) entries ``mask`` (0/1,
     or each entry's non-negative weight, 0 on padding)."""
     e = err.abs()
     return ((e.pow(2) if loss == "mse" else e.pow(3)) * mask).sum(dim=(1, 2))
-
-
-@torch.no_grad()
-def weighted_scalar_step(rows: Tensor, bits: Tensor, weights: Tensor, loss: str = "mse", steps: int = 100,
-                         lowest: float = 0.05) -> Tensor:
-    """Per-row step of the symmetric scalar grid (core's, ``bits`` per row) minimising the *weighted* loss
-    ``sum_j weights_j |q(w_j) - w_j|^p``: the clip range ``max|w|`` is shrunk by ``steps`` factors in
-    ``[lowest, 1]`` (:func:`qcore.ranges.mse_range`'s grid search; with equal weights the same answer), first
-    minimum kept. ``rows`` ``[R, L]``, ``bits`` ``[R]``, ``weights`` ``[L]``."""
-    x = rows.float()
-    w = weights.to(x).reshape(1, -1)
-    lo, hi = x.amin(dim=1), x.amax(dim=1)
-    b = bits.to(x.device).float()
-    qmin, qmax = int_range(b, symmetric=True)
-    best_err = torch.full((x.shape[0],), torch.inf, device=x.device)
-    best = torch.zeros(x.shape[0], device=x.device)
-    for f in torch.linspace(lowest, 1.0, steps).tolist():
-        scale, _, _, _ = qparams_from_range(lo * f, hi * f, b, True)
-        s = scale.to(x).reshape(-1, 1)
-        q = torch.minimum(torch.maximum(torch.round(x / s), qmin.to(x)[:, None]), qmax.to(x)[:, None]) * s
-        e = (q - x).abs()
-        err = ((e.pow(2) if loss == "mse" else e.pow(3)) * w).sum(dim=1)
-        take = err < best_err
-        best_err = torch.where(take, err, best_err)
-        best = torch.where(take, s[:, 0], best)
-    return best
 
 
 def _defect(basis: Tensor) -> Tensor:
@@ -199,7 +179,7 @@ def _scalar_loss(q: LatticeFakeQuant, rows: Tensor, score: _Scorer, extra_bits: 
     if weights is None:
         step = q.scalar_step(rows, extra_bits).to(score.v)
     else:
-        step = weighted_scalar_step(rows, bits, weights, score.settings.loss).to(score.v)
+        step = q.scalar_step(rows, extra_bits, weights, loss_power(score.settings.loss)).to(score.v)
     basis = step[:, None, None] * torch.eye(q.n, device=score.v.device, dtype=score.v.dtype)
     qmin, qmax = int_range(bits, symmetric=True)
     z = closest_points(score.v, basis, qmin.to(score.v), qmax.to(score.v))
@@ -210,7 +190,7 @@ def _scalar_loss(q: LatticeFakeQuant, rows: Tensor, score: _Scorer, extra_bits: 
 def search_bases(q: LatticeFakeQuant, rows: Tensor, settings: SearchSettings | None = None,
                  weights: Tensor | None = None) -> tuple[Tensor, dict]:
     """Search better bases for ``q`` from its weight ``rows`` (``q.rows_of(weight)``); ``q`` must be fitted
-    (its basis is the start: with ``weights``, fit it to :func:`weighted_scalar_step` first). ``weights``
+    (its basis is the start: with ``weights``, set it to ``q.scalar_step(rows, weights=weights)`` first). ``weights``
     (``[values]``, one per weight of a row, non-negative; None: all 1) weight each weight's error in the loss.
     Returns the bases (``[rows, n, n]``, on the ``basis_bits`` grid) and a report: loss at the start and at the
     end (summed over rows), evaluations, and rows improved."""
