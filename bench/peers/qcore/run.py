@@ -4,8 +4,10 @@ calibration seconds, then the same evaluation loop).
 
 What is quantized (every row): weights of every Conv2d/Linear, BN folded, per output channel; the input of each of
 those layers per tensor, affine; first and last layer (weights and input) at 8 bits; residual additions, pooling,
-LayerNorm, attention matmuls and softmax not quantized. Deployable (integer grids, per-tensor activation scales)
-except where a row says simulated.
+LayerNorm, attention matmuls and softmax not quantized. qcore's default input equalization (``equalize=gelu``) is on
+in every row: on the ViT it moves per-channel scales from the six GELU-fed ``fc2`` inputs into their weights (one
+float multiply per input element at run time); the convnets have no GELU, so it changes nothing there. Deployable
+(integer grids, per-tensor activation scales) except where a row says simulated.
 
 Run in qcore's venv: ``python bench/peers/qcore/run.py --data out/data.npz --out DIR``.
 """
@@ -27,7 +29,7 @@ BASE = {
     "first_last": "8-bit (W8A8)",
     "residual_adds": "not quantized",
     "weights": "per-channel symmetric (min/max)",
-    "activations": "per-tensor affine, inputs of every Conv/Linear",
+    "activations": "per-tensor affine, inputs of every Conv/Linear; equalize=gelu (default: ViT fc2 inputs only)",
     "deployable": "deployable (integer grid, per-tensor A)",
 }
 
