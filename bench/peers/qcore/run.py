@@ -35,13 +35,13 @@ BASE = {
 
 
 def _row(method: str, label: str, w_bits: int | None, a_bits: int | None, bits: tuple[int, int],
-         options: dict[str, Any] | None = None, **describe: str) -> common.Row:
+         options: dict[str, Any] | None = None, calibrator: str | None = None, **describe: str) -> common.Row:
     def quantize(model: torch.nn.Module, data: common.Data):
         kw: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
         if w_bits is None:
             kw = {"target_bits": 4.0, "a_bits": a_bits}
         return qcore.quantize(model, data.calib, method, options=options or {}, batch_size=64, seed=common.SEED,
-                              **kw).model
+                              calibrator=calibrator, **kw).model
     return common.Row(label, bits[0], bits[1], quantize, {**BASE, **describe})
 
 
@@ -56,6 +56,10 @@ def _low_bit_rows(a_bits: int) -> list[common.Row]:
     rows = [
         _row("uniform", "uniform", 4, a_bits, bits),
         _row("uniform", "uniform + affine correction", 4, a_bits, bits, AFFINE),
+        _row("uniform", "uniform, MSE ranges", 4, a_bits, bits, {"weight_range": "mse"}, calibrator="mse",
+             weights="per-channel symmetric (MSE range search)",
+             activations="per-tensor affine (MSE range search), inputs of every Conv/Linear; equalize=gelu "
+                         "(default: ViT fc2 inputs only)"),
         _row("aciq", "aciq (per-tensor A, alloc W, bias corr)", 4, a_bits, bits,
              {"act_granularity": "tensor", "alloc_acts": False},
              weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",
