@@ -61,6 +61,8 @@ def test_table_lists_failures_with_their_error(tmp_path: Path) -> None:
         "model", "toolkit", "version", "method", "w_bits", "a_bits", "first_last", "residual_adds", "weights",
         "activations", "deployable", "top1", "calibration_seconds", "error"}
     text = run_all.table(tmp_path, "fmnist_resnet")
+    stamp = json.loads((tmp_path / "fmnist_resnet" / "qcore" / "a" / "result.json").read_text())["measured"]
+    assert stamp.endswith(" UTC") and f"2 rows measured on {ok.machine}, {stamp}" in text.splitlines()[0]
     assert "| W4A4 | qcore 0.1.0 | uniform | 93.50 | -1.15 | 2.0 | 8-bit (W8A8) |" in text
     assert "failed: ValueError: no 4-bit" in text
 

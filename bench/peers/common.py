@@ -150,6 +150,7 @@ class Result:
     notes: str = ""
     machine: str = field(default_factory=lambda: f"{platform.machine()} {torch.get_num_threads()} torch thread(s)")
     torch: str = torch.__version__
+    measured: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 def write_result(out: Path, result: Result) -> None:

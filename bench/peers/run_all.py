@@ -83,6 +83,17 @@ def _bits(r: dict) -> str:
     return f"W{r['w_bits']}A{r['a_bits']}" if r["w_bits"] else "-"
 
 
+def _provenance(rows: list[dict]) -> str:
+    """Where and when the rows were measured: the machines and the first/last ``measured`` stamp of the
+    result.json files (rows written before the stamp existed are counted as undated)."""
+    stamps = sorted(r["measured"] for r in rows if r.get("measured"))
+    machines = sorted({r.get("machine", "?") for r in rows})
+    when = (f"{stamps[0]} to {stamps[-1]}" if stamps[0] != stamps[-1] else stamps[0]) if stamps else "undated"
+    undated = len(rows) - len(stamps)
+    return (f"{len(rows)} rows measured on {' / '.join(machines)}, {when}"
+            + (f", {undated} undated" if stamps and undated else ""))
+
+
 def table(out: Path, model: str) -> str:
     """The markdown table of every result.json under ``out/model``."""
     rows = [json.loads(p.read_text()) for p in sorted((out / model).glob("*/*/result.json"))]
@@ -90,7 +101,7 @@ def table(out: Path, model: str) -> str:
     rows.sort(key=lambda r: (r["w_bits"] == 8 and r["a_bits"] == 8, -r["w_bits"], -r["a_bits"],
                              order.get(r["toolkit"].replace("-torch", ""), 9), -(r["top1"] or -1)))
     fp = next((r["fp_top1"] for r in rows if r.get("fp_top1") is not None), None)
-    lines = [f"zoo:{model} (FP top-1 {fp}):", "",
+    lines = [f"zoo:{model} (FP top-1 {fp}; {_provenance(rows)}):", "",
              "| W/A | toolkit | method | top-1 | Δ FP | calib s | first/last | residual adds | weights | "
              "activations | deployable? |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -4,8 +4,10 @@ calibration seconds, then the same evaluation loop).
 
 What is quantized (every row): weights of every Conv2d/Linear, BN folded, per output channel; the input of each of
 those layers per tensor, affine; first and last layer (weights and input) at 8 bits; residual additions, pooling,
-LayerNorm, attention matmuls and softmax not quantized. Deployable (integer grids, per-tensor activation scales)
-except where a row says simulated.
+LayerNorm, attention matmuls and softmax not quantized. qcore's default input equalization (``equalize=gelu``) is on
+in every row: on the ViT it moves per-channel scales from the six GELU-fed ``fc2`` inputs into their weights (one
+float multiply per input element at run time); the convnets have no GELU, so it changes nothing there. Deployable
+(integer grids, per-tensor activation scales) except where a row says simulated.
 
 Run in qcore's venv: ``python bench/peers/qcore/run.py --data out/data.npz --out DIR``.
 """
@@ -27,19 +29,19 @@ BASE = {
     "first_last": "8-bit (W8A8)",
     "residual_adds": "not quantized",
     "weights": "per-channel symmetric (min/max)",
-    "activations": "per-tensor affine, inputs of every Conv/Linear",
+    "activations": "per-tensor affine, inputs of every Conv/Linear; equalize=gelu (default: ViT fc2 inputs only)",
     "deployable": "deployable (integer grid, per-tensor A)",
 }
 
 
 def _row(method: str, label: str, w_bits: int | None, a_bits: int | None, bits: tuple[int, int],
-         options: dict[str, Any] | None = None, **describe: str) -> common.Row:
+         options: dict[str, Any] | None = None, calibrator: str | None = None, **describe: str) -> common.Row:
     def quantize(model: torch.nn.Module, data: common.Data):
         kw: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
         if w_bits is None:
             kw = {"target_bits": 4.0, "a_bits": a_bits}
         return qcore.quantize(model, data.calib, method, options=options or {}, batch_size=64, seed=common.SEED,
-                              **kw).model
+                              calibrator=calibrator, **kw).model
     return common.Row(label, bits[0], bits[1], quantize, {**BASE, **describe})
 
 
@@ -54,6 +56,10 @@ def _low_bit_rows(a_bits: int) -> list[common.Row]:
     rows = [
         _row("uniform", "uniform", 4, a_bits, bits),
         _row("uniform", "uniform + affine correction", 4, a_bits, bits, AFFINE),
+        _row("uniform", "uniform, MSE ranges", 4, a_bits, bits, {"weight_range": "mse"}, calibrator="mse",
+             weights="per-channel symmetric (MSE range search)",
+             activations="per-tensor affine (MSE range search), inputs of every Conv/Linear; equalize=gelu "
+                         "(default: ViT fc2 inputs only)"),
         _row("aciq", "aciq (per-tensor A, alloc W, bias corr)", 4, a_bits, bits,
              {"act_granularity": "tensor", "alloc_acts": False},
              weights="per-channel affine, ACIQ clip, per-channel bits (avg 4)",

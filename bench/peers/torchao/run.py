@@ -8,12 +8,18 @@ quantize/dequantize ops, simulation only); first and last layer stay at the int8
 The quantizer places activation quantizers by its x86 fusion patterns (inputs of Conv/Linear; conv+add patterns
 quantize the residual add's inputs). W8A8 is deployable through Inductor on x86.
 
+torchvision's ``BasicBlock`` calls one ``nn.ReLU`` module twice (after conv1 and after the residual add), which the
+quantizer's conv+add+relu pattern refuses (``ValueError: Input partition has more than one output node``, on
+ResNet-18 at every bit-width); :func:`_own_relu_per_call` gives each block a second ``nn.ReLU`` for the add (the
+same function, FP outputs unchanged) before export, the edit a torchao user would make.
+
 Run in .venvs-peers/torchao: ``python bench/peers/torchao/run.py --data out/data.npz --out DIR``.
 """
 
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -45,6 +51,23 @@ def _low_bit(w_bits: int, a_bits: int):
     return type(cfg)(act, act, w, cfg.bias, cfg.is_qat)
 
 
+def _own_relu_per_call(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every torchvision ``BasicBlock`` its own ReLU module after the residual add (see the module docstring);
+    other models are returned unchanged."""
+    from torchvision.models.resnet import BasicBlock
+
+    def forward(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+        identity = x if block.downsample is None else block.downsample(x)
+        out = block.relu(block.bn1(block.conv1(x)))
+        return block.relu_add(block.bn2(block.conv2(out)) + identity)
+
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            block.relu_add = torch.nn.ReLU(inplace=True)
+            block.forward = types.MethodType(forward, block)
+    return model
+
+
 def _recipe(w_bits: int, a_bits: int):
     def quantize(model: torch.nn.Module, data: common.Data):
         quantizer = xiq.X86InductorQuantizer()
@@ -52,6 +75,7 @@ def _recipe(w_bits: int, a_bits: int):
         if (w_bits, a_bits) != (8, 8):
             for name in common.first_last(model):
                 quantizer.set_module_name_qconfig(name, xiq.get_default_x86_inductor_quantization_config())
+        model = _own_relu_per_call(model)
         batches = data.calib_batches(64)
         exported = torch.export.export(model, (batches[0],), dynamic_shapes=(
             {0: torch.export.Dim("batch", min=1, max=1024)},)).module()

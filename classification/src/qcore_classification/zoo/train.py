@@ -11,6 +11,8 @@ float16 weights run in float32, which is the FP reference every benchmark uses):
 
     python -m qcore_classification.zoo.train --arch fmnist_tv_mobilenetv2 --data /usr/share/datasets/fashion-mnist \
         --out classification/src/qcore_classification/zoo/weights --epochs 1 --train-size 16000 --fp16 --seed 0
+    python -m qcore_classification.zoo.train --arch fmnist_tv_resnet18 --data /usr/share/datasets/fashion-mnist \
+        --out classification/src/qcore_classification/zoo/weights --epochs 1 --train-size 30000 --fp16 --seed 0
 
 Augmentation: random shifts by up to 2 pixels (zero padding) and horizontal flips, applied to whole batches
 on the training device; models with another input (``zoo.models.INPUTS``: 3 channels, 32 px) get the augmented
