@@ -268,6 +268,8 @@ def test_the_faster_rounding_rate_is_the_methods_not_the_calibrators(host, monke
     assert own["round_lr"] == 5e-3 and "-o round_lr=0.001" in own["round_lr_note"]
     paper = run_tiny(host, plugin="qdrop", options={"iters": 3, "cache": "off", "round_lr": 1e-3}).result
     assert "round_lr_note" not in paper["measured"]["qdrop"]
+    plain = run_tiny(host, plugin="qdrop", calibrator="mse").result  # no reconstruction: the rate is not its option
+    assert plain["components"]["calibrator"] == "mse" and "round_lr" not in plain["options"]
 
 
 @pytest.mark.parametrize("bad", [{"iters": -1}, {"drop_prob": 1.5}, {"warmup": 1.0}, {"recon_batch": 0},
