@@ -13,7 +13,8 @@ torchvision weights of ResNet-18 and MobileNetV2::
 downloaded when the network allows it (and the run fails with a message when it does not).
 
 Every row is one ``qcore run`` (the exact command is in the table) with the papers' settings: ``--plugin qdrop`` or
-``--plugin brecq``, ``-o iters=20000`` steps per block (``--iters``; BRECQ adds iters/4 activation steps), 1024
+``--plugin brecq``, ``-o iters=20000`` steps per block (``--iters``; BRECQ adds iters/4 activation steps) at the
+papers' AdaRound rate ``-o round_lr=0.001`` (the methods' own default, 0.005, is sized for 300 steps), 1024
 calibration images from ``train/`` (``--calib-size``), reconstruction batch 32, first and last layer at 8 bits,
 evaluation on ``val/`` (``--eval-size N``: the first N images). AdaRound's lambda is 0.1 for MobileNetV2: qcore-recon
 sets it for every block holding a depthwise convolution. Settings:
@@ -67,8 +68,8 @@ def command(args: argparse.Namespace, method: str, setting: str, out: Path) -> l
     """The ``qcore run`` command of one row."""
     model, w, a = SETTINGS[setting]
     cmd = ["qcore", "run", "--plugin", method, "--model", f"tv:{model}", "--data", str(args.data),
-           "--w-bits", str(w), "--a-bits", str(a), "-o", f"iters={args.iters}", "-o", "recon_batch=32",
-           "-o", "first_last=8", "--calib-size", str(args.calib_size), "--seed", str(args.seed)]
+           "--w-bits", str(w), "--a-bits", str(a), "-o", f"iters={args.iters}", "-o", "round_lr=0.001",
+           "-o", "recon_batch=32", "-o", "first_last=8", "--calib-size", str(args.calib_size), "--seed", str(args.seed)]
     if args.weights_dir is not None:
         cmd += ["--weights", str(args.weights_dir / f"{model}.pth")]
     if args.eval_size is not None:

@@ -41,7 +41,7 @@ from qcore._errors import ContractError, QcoreError, blame
 from qcore._fake_quant import FakeQuantizer
 from qcore._fold import fold_batchnorm
 from qcore._layers import LayerInfo, discover_layers, measure_layers
-from qcore._options import build_options, check_known
+from qcore._options import build_options, check_known, option_fields
 from qcore._outputs import write_outputs
 from qcore._plugins import Host, load_host
 from qcore._progress import stage_log
@@ -185,8 +185,14 @@ def prepare(config: RunConfig, host: Host, task_cls: type[Task] | None) -> Prepa
     pipeline = build_options(PipelineOptions, values, "pipeline")
     corrections = {"weight_correction": _correction(host, pipeline.weight_correction, WeightCorrection),
                    "output_correction": _correction(host, pipeline.act_correction, OutputCorrection)}
-    check_known(values, [PipelineOptions] + ([task_cls.Options] if task_cls else [])
-                + [c.Options for c in classes.values()] + [c.Options for c in corrections.values() if c is not None])
+    option_classes = ([PipelineOptions] + ([task_cls.Options] if task_cls else [])
+                      + [c.Options for c in classes.values()]
+                      + [c.Options for c in corrections.values() if c is not None])
+    # a method's option defaults are for its own components: one that a --quantizer/--calibrator/--allocator given
+    # instead does not declare is dropped (what the user types with -o is still checked)
+    declared = {k for c in option_classes for k in option_fields(c)}
+    values = {k: v for k, v in values.items() if k in config.options or k in declared}
+    check_known(values, option_classes)
     comps = {kind: cls(build_options(cls.Options, values, f"{kind} {cls.name!r}")) for kind, cls in classes.items()}
     correctors = {k: None if cls is None else cls(build_options(cls.Options, values, f"correction {cls.name!r}"))
                   for k, cls in corrections.items()}

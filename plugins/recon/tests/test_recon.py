@@ -252,7 +252,24 @@ def test_each_method_runs_by_plugin_name(host, name, calibrator):
     result = run_tiny(host, plugin=name, options={"iters": 5, "cache": "off"}).result
     assert result["method"] == name and result["components"]["calibrator"] == calibrator
     assert result["options"]["weight_symmetric"] is False  # the papers' per-channel affine weights
+    assert result["options"]["round_lr"] == 5e-3  # the methods' rate for their 300 steps, not the papers' 1e-3
     assert calibrator in result["measured"]
+
+
+def test_the_faster_rounding_rate_is_the_methods_not_the_calibrators(host, monkeypatch):
+    """Methods that borrow the qdrop calibrator (ompq, ``--calibrator qdrop``) keep the papers' rate, and a run at
+    the papers' step count with the methods' rate says how to get the papers' setting."""
+    from qcore_recon import calibrators
+
+    borrowed = run_tiny(host, method="uniform", calibrator="qdrop", options={"iters": 3, "cache": "off"}).result
+    assert borrowed["measured"]["qdrop"]["round_lr"] == 1e-3 and "round_lr_note" not in borrowed["measured"]["qdrop"]
+    monkeypatch.setattr(calibrators, "PAPER_ITERS", 3)  # "the papers' step count" without running 20,000 steps
+    own = run_tiny(host, plugin="qdrop", options={"iters": 3, "cache": "off"}).result["measured"]["qdrop"]
+    assert own["round_lr"] == 5e-3 and "-o round_lr=0.001" in own["round_lr_note"]
+    paper = run_tiny(host, plugin="qdrop", options={"iters": 3, "cache": "off", "round_lr": 1e-3}).result
+    assert "round_lr_note" not in paper["measured"]["qdrop"]
+    plain = run_tiny(host, plugin="qdrop", calibrator="mse").result  # no reconstruction: the rate is not its option
+    assert plain["components"]["calibrator"] == "mse" and "round_lr" not in plain["options"]
 
 
 @pytest.mark.parametrize("bad", [{"iters": -1}, {"drop_prob": 1.5}, {"warmup": 1.0}, {"recon_batch": 0},

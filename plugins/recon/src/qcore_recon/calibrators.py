@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: the papers' steps per block (BRECQ and QDrop: 20,000 for weights; BRECQ 5,000 more for activations)
 PAPER_ITERS = 20000
+#: the papers' Adam rate of AdaRound's rounding variables (the calibrators' default; the methods use 5e-3)
+PAPER_ROUND_LR = 1e-3
 #: this plugin's default, sized for a 2-core CPU (ResNet-14 W4A4 in a few minutes); -o iters=20000 is the paper's
 DEFAULT_ITERS = 300
 #: BRECQ's initial range search (-o weight_range=shrink / act_range=shrink): 80 factors 1% apart, |error|^2.4
@@ -45,7 +47,9 @@ class ReconOptions(RangeOptions):
         "help": f"optimisation steps per block/layer ({DEFAULT_ITERS}: sized for a CPU; the papers use "
                 f"{PAPER_ITERS})"})
     recon_batch: int = field(default=32, metadata={"help": "calibration samples per reconstruction step"})
-    round_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of AdaRound's rounding variables"})
+    round_lr: float = field(default=PAPER_ROUND_LR, metadata={
+        "help": "Adam learning rate of AdaRound's rounding variables (the papers' 1e-3; the qdrop/brecq/recon methods "
+                "default to 5e-3 for their 300 steps)"})
     reg_weight: float | None = field(default=None, metadata={
         "help": "AdaRound regulariser weight lambda; default 0.01, 0.1 for blocks with a depthwise conv"})
     warmup: float = field(default=0.2, metadata={"help": "fraction of steps before the rounding regulariser starts"})
@@ -127,8 +131,9 @@ class _ReconCalibrator(RangeCalibrator):
         o = self.options
         units = find_units(model, blocks=self.declared_blocks(ctx))
         facts: dict[str, Any] = {
-            "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS,
+            "iters_per_unit": o.iters, "paper_iters_per_unit": PAPER_ITERS, "round_lr": o.round_lr,
             "iters_note": ("fewer steps per unit than the papers' 20000 (CPU-sized default); -o iters=20000 "
+                           "-o round_lr=0.001 "
                            "--calib-size 1024 gives the papers' setting") if o.iters < PAPER_ITERS
             else "the papers' steps per unit",
             "calibration_samples": _samples(ctx.calibration_batches()),
@@ -136,8 +141,13 @@ class _ReconCalibrator(RangeCalibrator):
             "layerwise": [u.name for u in units if u.kind == "layer"],
         }
         if o.iters < PAPER_ITERS:
-            log.info("%s: %d steps per block/layer (the papers use %d on 1024 images; -o iters=%d --calib-size 1024 "
-                     "for their setting)", self.name, o.iters, PAPER_ITERS, PAPER_ITERS)
+            log.info("%s: %d steps per block/layer at round_lr=%g (the papers use %d at 1e-3 on 1024 images; -o "
+                     "iters=%d -o round_lr=0.001 --calib-size 1024 for their setting)", self.name, o.iters, o.round_lr,
+                     PAPER_ITERS, PAPER_ITERS)
+        elif o.round_lr != PAPER_ROUND_LR:
+            facts["round_lr_note"] = (f"round_lr={o.round_lr:g} with the papers' {o.iters} steps: the methods' "
+                                      f"default is sized for 300 steps; the papers use -o round_lr=0.001")
+            log.warning("%s: %s", self.name, facts["round_lr_note"])
         start = time.perf_counter()
         root = None if o.cache == "off" else default_cache_root() if o.cache == "auto" else Path(o.cache)
         for stage, settings, loss in self.passes(ctx):
