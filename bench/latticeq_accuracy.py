@@ -71,6 +71,8 @@ def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | N
         if row == "scalar-grid":
             opts["restarts"] = 0
         return RunConfig(plugin="latticeq", w_bits=w, a_bits=a, options=opts, **common)
+    if row == "qdrop":  # latticeq's reconstruction runs at the calibrator's 1e-3: give the baseline the same rate
+        return RunConfig(plugin=row, w_bits=w, a_bits=a, options={"round_lr": 0.001}, **common)
     return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
 
 

@@ -45,7 +45,9 @@ def _run(host: Any, row: str, model: str, a: int, w: int, target: float | None, 
          seed: int = 0) -> dict[str, Any]:
     common = dict(model=model, a_bits=a, calibrator=recon, seed=seed)
     if row == "uniform":
-        cfg = RunConfig(plugin="qdrop", w_bits=w, **common)
+        # ompq reconstructs at the qdrop calibrator's 1e-3; the qdrop method defaults to 0.005: use ompq's rate
+        opts = {"round_lr": 0.001} if recon in ("qdrop", "brecq", "adaround") else {}
+        cfg = RunConfig(plugin="qdrop", w_bits=w, options=opts, **common)
     elif row == "rdoq":
         cfg = RunConfig(plugin="rdoq", target_bits=target,
                         options={"act_correction": "none", "weight_symmetric": False}, **common)

@@ -101,7 +101,8 @@ def main() -> None:
             rows[row][b] = {"top1": e["quant"], "command": e["command"], "seconds": e["seconds"]}
         rows[row]["run"] = {"command": r["command"], "quant_w4a4_in_run": r["quant"],  # type: ignore[index]
                             "measured": r.get("measured", {}).get("ptmq", {}).get("recon", {})}
-    for name, extra in (("qdrop", ["-o", f"iters={a.iters}", *cache]), ("uniform", [])):
+    # ptmq reconstructs at the qdrop calibrator's 1e-3 rounding rate; the qdrop method defaults to 0.005: match ptmq
+    for name, extra in (("qdrop", ["-o", f"iters={a.iters}", "-o", "round_lr=0.001", *cache]), ("uniform", [])):
         if name in a.skip:
             continue
         rows[name], cal[name] = {}, 0.0
