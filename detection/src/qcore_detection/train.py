@@ -15,6 +15,10 @@ training seconds, wall seconds)::
     python -m qcore_detection.train --out DIR2 --init DIR --world nuscenes --first-scene 500 --scenes 900 \
         --epochs 1 --lr 2e-3 --pct-start 0.05 --eval-every 113 --target-map 57 --time-budget 60 ...
 
+``--reg-radius R`` trains the head's regression branches at every active BEV voxel within R cells of a box centre,
+not only at the nearest one (:func:`qcore_detection.head.assign_targets`): decoding takes the heatmap's top voxel,
+which for long objects is usually another one. It only changes the loss, so a continued model may set it.
+
 ``--world nuscenes`` trains on the nuScenes-like world (:mod:`qcore_detection.nuscenes_like`: 7 classes, 5 point
 features with the sweep time, boxes with velocities) on its grid (:data:`NUSCENES_VOXELS`), with a velocity head.
 
