@@ -90,8 +90,8 @@ def assign_targets(indices: Tensor, gt_boxes: Tensor, cell: tuple[float, float],
     :param reg_radius: regress at every active voxel within this many cells of a box centre (0: the nearest
         voxel only).
     :return: ``hm`` ``[N, num_classes]`` in [0, 1] (exactly 1 at each box's nearest voxel), ``pos`` ``[P]``
-        voxel rows of the regression positives (each box's nearest voxel first, in box order), ``reg`` ``[P, 8]`` (offset x, offset y, z, log dx, log dy, log dz, sin, cos), ``[P, 10]`` with
-        vx, vy when ``velocity``.
+        voxel rows of the regression positives (each box's nearest voxel first, in box order), ``reg`` ``[P, 8]``
+        (offset x, offset y, z, log dx, log dy, log dz, sin, cos), ``[P, 10]`` with vx, vy when ``velocity``.
     """
     if velocity and gt_boxes.shape[-1] < 10:
         raise ValueError("velocity targets need gt_boxes with 10 columns (x, y, z, dx, dy, dz, heading, vx, vy, label)")
