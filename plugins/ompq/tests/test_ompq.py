@@ -377,3 +377,39 @@ def test_default_beta_is_chosen_on_held_out_calibration_data(host):
     assert fixed["bits"] == s["bits"]["1.0"]  # a fixed beta solves exactly what the grid solved for it
     with pytest.raises(qcore.QcoreError, match="beta_grid"):
         run_tiny(host, allocator="ompq", target_bits=6.0, options={"beta_grid": (-1.0,)})
+
+
+class _TinyAttention(torch.nn.Module):
+    """One self-attention through F.scaled_dot_product_attention (whose fused CPU kernel has no double backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+def test_hessian_traces_through_attention_match_the_exact_trace():
+    from qcore_ompq import hessian_traces
+
+    torch.manual_seed(0)
+    model = _TinyAttention().eval()
+    batch = torch.randn(8, 5, 4)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    traces = hessian_traces(model, ["qkv", "head"], [batch], fwd, probes=64)
+    ref = fwd(model, batch).detach()
+    for name in ("qkv", "head"):
+        mod = copy.deepcopy(model)
+        w0 = mod.get_submodule(name).weight.detach()
+
+        def loss(w, name=name, mod=mod):
+            out = torch.func.functional_call(mod, {f"{name}.weight": w}, (batch,))
+            return torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
+                                              reduction="batchmean")
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            h = torch.autograd.functional.hessian(loss, w0)
+        exact = float(h.reshape(w0.numel(), w0.numel()).trace())
+        assert exact > 0 and traces[name] == pytest.approx(exact, rel=0.15)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qcore
 from qcore.ranges import RangeFn
@@ -142,18 +143,21 @@ def hessian_traces(model: nn.Module, names: Sequence[str], batches: Sequence[Any
     gen = torch.Generator().manual_seed(seed)
     totals = np.zeros(len(names))
     count = 0
-    for batch in qcore.track(list(batches), desc="ompq hessian traces", unit="batch"):
-        with torch.no_grad():
-            ref = forward(model, batch)
-        if not isinstance(ref, Tensor):
-            raise qcore.QcoreError("ompq's hawq sensitivity needs the task's forward to return one tensor")
-        loss = _distortion(forward(work, batch), ref.detach())
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        for k in range(probes):
-            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
-            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
-            totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs, strict=True)])
-            count += 1
+    # the fused attention kernels (flash / memory-efficient) have no double backward: Hessian-vector products
+    # through a transformer's scaled_dot_product_attention need its math implementation
+    with sdpa_kernel([SDPBackend.MATH]):
+        for batch in qcore.track(list(batches), desc="ompq hessian traces", unit="batch"):
+            with torch.no_grad():
+                ref = forward(model, batch)
+            if not isinstance(ref, Tensor):
+                raise qcore.QcoreError("ompq's hawq sensitivity needs the task's forward to return one tensor")
+            loss = _distortion(forward(work, batch), ref.detach())
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            for k in range(probes):
+                vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
+                hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
+                totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs, strict=True)])
+                count += 1
     traces = totals / max(count, 1)
     return {n: max(float(t), 0.0) for n, t in zip(names, traces, strict=True)}
 
