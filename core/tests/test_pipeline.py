@@ -131,3 +131,18 @@ def test_plan_for_another_quantizer_is_refused(host, tmp_path):
 def test_unsupported_device(host):
     with pytest.raises(QcoreError, match="not supported"):
         run_tiny(host, device="meta")
+
+
+def test_public_apply_plan_then_calibrate_reproduces_the_run(host):
+    """qcore.apply_plan (public, for allocators that score candidate plans) + the run's calibrator on the run's
+    context gives the model `qcore run` deployed, and leaves the FP model unwrapped."""
+    import qcore
+
+    out = run_tiny(host, w_bits=3, a_bits=5, calibrator="mse")
+    ctx = out.ctx
+    qmodel = qcore.apply_plan(ctx.model, out.plan, ctx)
+    assert set(quant_layers(qmodel)) == set(out.plan.layers) and not quant_layers(ctx.model)
+    ctx.calibrator.calibrate(qmodel, ctx)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(qmodel.eval()(x), out.model(x))

@@ -35,6 +35,7 @@ hookimpl = pluggy.HookimplMarker("qcore")
 # The public names, grouped in __all__ below; the modules they come from are private.
 from qcore._allocation import Pin, PipelineOptions, layer_spec  # noqa: E402
 from qcore._api import Quantized, default_forward, load, quantize  # noqa: E402
+from qcore._apply import apply_plan  # noqa: E402
 from qcore._caching import cache_root, cache_root_problem, hash_update  # noqa: E402
 from qcore._calibration import (  # noqa: E402
     MSECalibrator,
@@ -100,7 +101,7 @@ __all__ = [
     "input_rows",
     # model helpers
     "discover_layers", "measure_layers", "torch_layer_info", "fold_batchnorm", "replace_module", "module_device",
-    "to_device", "equalize_inputs", "equalization_scales",
+    "to_device", "equalize_inputs", "equalization_scales", "apply_plan",
     # cost
     "Cost", "mean_bits", "plan_cost",
     # running

@@ -291,40 +291,47 @@ def test_seed_solver_through_the_allocator(host):
 
 
 # -- beta chosen on calibration data -------------------------------------------------------------------------------
-def _slow_distortion(ctx, bits, batches):
-    """Reference for plan_distortion, written out by hand: per-channel min/max weights and per-tensor min/max
-    inputs (FP extremes over ``batches``) on core's UniformFakeQuant, then KL(FP || simulated) of the logits."""
+def _slow_distortion(ctx, bits, batches, acts=True):
+    """Reference for plan_distortion, written out by hand: per-channel min/max weights on core's UniformFakeQuant,
+    then (``acts``) per-tensor min/max inputs, their extremes observed over ``batches`` on the model with quantized
+    weights and FP inputs (as core's calibration observes them); KL(FP || simulated) of the logits."""
     from qcore.ranges import minmax_range
 
     model = ctx.model
-    lo_hi = {}
-
-    def watch(name):
-        def hook(_m, args):
-            x = args[0].detach()
-            lo, hi = lo_hi.get(name, (math.inf, -math.inf))
-            lo_hi[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
-        return hook
-    handles = [model.get_submodule(n).register_forward_pre_hook(watch(n)) for n in ctx.layers]
     with torch.no_grad():
         refs = [ctx.task.forward(model, b) for b in batches]
-    for h in handles:
-        h.remove()
     sim = copy.deepcopy(model).eval()
     for n, info in ctx.layers.items():
         pin = ctx.pinned.get(n)
         wb = pin.w_bits if pin is not None else bits[n]
-        ab = pin.a_bits if pin is not None else ctx.budget.a_bits
         mod = sim.get_submodule(n)
         wq = qcore.UniformFakeQuant(qcore.QuantSpec(wb, symmetric=False, granularity="channel"),
                                     info.out_channels, info.weight_axis)
         qcore.calibrate_rows(wq, wq.rows_of(mod.weight.detach()), minmax_range)
         with torch.no_grad():
             mod.weight.copy_(wq(mod.weight))
-        aq = qcore.UniformFakeQuant(qcore.QuantSpec(ab, symmetric=False), info.in_channels, info.act_axis)
-        lo, hi = lo_hi[n]
-        qcore.calibrate_rows(aq, torch.tensor([[lo, hi]]), minmax_range)
-        mod.register_forward_pre_hook(lambda _m, args, aq=aq: (aq(args[0]), *args[1:]))
+    if acts:
+        lo_hi = {}
+
+        def watch(name):
+            def hook(_m, args):
+                x = args[0].detach()
+                lo, hi = lo_hi.get(name, (math.inf, -math.inf))
+                lo_hi[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            return hook
+        handles = [sim.get_submodule(n).register_forward_pre_hook(watch(n)) for n in ctx.layers]
+        with torch.no_grad():
+            for b in batches:
+                ctx.task.forward(sim, b)
+        for h in handles:
+            h.remove()
+        for n, info in ctx.layers.items():
+            pin = ctx.pinned.get(n)
+            ab = pin.a_bits if pin is not None else ctx.budget.a_bits
+            aq = qcore.UniformFakeQuant(qcore.QuantSpec(ab, symmetric=False), info.in_channels, info.act_axis)
+            lo, hi = lo_hi[n]
+            qcore.calibrate_rows(aq, torch.tensor([[lo, hi]]), minmax_range)
+            sim.get_submodule(n).register_forward_pre_hook(lambda _m, args, aq=aq: (aq(args[0]), *args[1:]))
     total = 0.0
     with torch.no_grad():
         for b, ref in zip(batches, refs, strict=True):
@@ -341,10 +348,14 @@ def test_plan_distortion_matches_a_hand_built_simulation(host):
     free = [n for n in ctx.layers if n not in ctx.pinned]
     batches = list(ctx.calibration_batches())[1:]
     plans = [{n: 2 for n in free}, {n: 8 for n in free}, out.result["measured"]["ompq"]["bits"]]
-    scores = plan_distortion(ctx, plans, batches)
-    ref = [_slow_distortion(ctx, p, batches) for p in plans]
-    assert scores == pytest.approx(ref, rel=1e-4, abs=1e-7)
-    assert scores[1] < scores[0]  # 8-bit weights are closer to FP than 2-bit ones
+    for acts in (True, False):
+        scores = plan_distortion(ctx, plans, batches, activations="run" if acts else "fp")
+        ref = [_slow_distortion(ctx, p, batches, acts) for p in plans]
+        assert scores == pytest.approx(ref, rel=1e-4, abs=1e-7)
+        assert scores[1] < scores[0]  # 8-bit weights are closer to FP than 2-bit ones
+    assert plan_distortion(ctx, plans[:1], batches, "fp")[0] < plan_distortion(ctx, plans[:1], batches)[0]
+    with pytest.raises(qcore.QcoreError, match="activations"):
+        plan_distortion(ctx, plans[:1], batches, "int8")
 
 
 def test_default_beta_is_chosen_on_held_out_calibration_data(host):
@@ -353,11 +364,11 @@ def test_default_beta_is_chosen_on_held_out_calibration_data(host):
                    options={"beta_grid": grid})
     m = out.result["measured"]["ompq"]
     s = m["beta_search"]
-    assert s["grid"] == list(grid) and s["held_out"] and len(s["scores"]) == 3
+    assert s["grid"] == list(grid) and s["held_out"] and len(s["scores"]) == 3 and s["activations"] == "fp"
     assert s["chosen"] == grid[int(np.argmin(s["scores"]))] == m["beta"] == m["orthogonality"]["beta"]
     assert m["bits"] == s["bits"][str(s["chosen"])]  # the plan deployed is the chosen beta's plan
     batches = list(out.ctx.calibration_batches())[1:]
-    assert plan_distortion(out.ctx, [m["bits"]], batches[:1])[0] == pytest.approx(min(s["scores"]))
+    assert plan_distortion(out.ctx, [m["bits"]], batches[:1], "fp")[0] == pytest.approx(min(s["scores"]))
     theta = np.array(list(m["orthogonality"]["theta"].values()))
     assert s["chosen"] != 0.0 or np.allclose(theta, 1.0)  # beta 0: every layer equally important
     fixed = run_tiny(host, allocator="ompq", target_bits=6.0, a_bits=8, calibrator="minmax",
@@ -366,3 +377,39 @@ def test_default_beta_is_chosen_on_held_out_calibration_data(host):
     assert fixed["bits"] == s["bits"]["1.0"]  # a fixed beta solves exactly what the grid solved for it
     with pytest.raises(qcore.QcoreError, match="beta_grid"):
         run_tiny(host, allocator="ompq", target_bits=6.0, options={"beta_grid": (-1.0,)})
+
+
+class _TinyAttention(torch.nn.Module):
+    """One self-attention through F.scaled_dot_product_attention (whose fused CPU kernel has no double backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+def test_hessian_traces_through_attention_match_the_exact_trace():
+    from qcore_ompq import hessian_traces
+
+    torch.manual_seed(0)
+    model = _TinyAttention().eval()
+    batch = torch.randn(8, 5, 4)
+    fwd = lambda m, b: m(b)  # noqa: E731
+    traces = hessian_traces(model, ["qkv", "head"], [batch], fwd, probes=64)
+    ref = fwd(model, batch).detach()
+    for name in ("qkv", "head"):
+        mod = copy.deepcopy(model)
+        w0 = mod.get_submodule(name).weight.detach()
+
+        def loss(w, name=name, mod=mod):
+            out = torch.func.functional_call(mod, {f"{name}.weight": w}, (batch,))
+            return torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
+                                              reduction="batchmean")
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            h = torch.autograd.functional.hessian(loss, w0)
+        exact = float(h.reshape(w0.numel(), w0.numel()).trace())
+        assert exact > 0 and traces[name] == pytest.approx(exact, rel=0.15)

@@ -26,7 +26,9 @@ from qcore_ompq.sensitivity import (
     hessian_traces,
     objective_matrix,
     plan_distortion,
+    plan_of,
     quantized_weight,
+    range_calibrator,
     weight_errors,
 )
 from qcore_ompq.solve import Solution, brute_force, solve_ilp, solve_seed
@@ -35,7 +37,8 @@ __all__ = [
     "OMPQAllocator", "OMPQOptions",
     "Orthogonality", "cka_matrix", "downstream_mean", "importance", "layer_features", "linear_cka", "orthogonality",
     "expand_bits", "seed_bops", "seed_macs", "seed_params", "seed_report", "seed_size_mib",
-    "hessian_traces", "objective_matrix", "plan_distortion", "quantized_weight", "weight_errors",
+    "hessian_traces", "objective_matrix", "plan_distortion", "plan_of", "quantized_weight",
+    "range_calibrator", "weight_errors",
     "Solution", "brute_force", "solve_ilp", "solve_seed",
     "OMPQFinetune", "QATOptions", "distill_loss", "finetune",
 ]

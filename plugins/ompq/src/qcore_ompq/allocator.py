@@ -25,7 +25,7 @@ import torch
 import qcore
 from qcore_ompq.orthogonality import Orthogonality, downstream_mean, importance, orthogonality
 from qcore_ompq.seed import seed_report
-from qcore_ompq.sensitivity import hessian_traces, objective_matrix, plan_distortion, weight_errors
+from qcore_ompq.sensitivity import hessian_traces, objective_matrix, plan_distortion, plan_of, weight_errors
 from qcore_ompq.solve import Solution, solve_ilp, solve_seed
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ class OMPQOptions:
                 "the best is kept (0 = every layer equally important, the seed's MobileNetV2 setting)"})
     score_samples: int = field(default=128, metadata={
         "help": "orm, beta search: calibration samples that score the plans (batches after the ORM batch)"})
+    score_acts: Literal["fp", "run"] = field(default="fp", metadata={
+        "help": "orm, beta search: the plans' inputs while scoring: fp = floating point (weights-only KL: the "
+                "activation noise, the same for every plan, cannot mask the weight error), run = quantized at "
+                "their activation bits"})
     bit_choices: tuple[int, ...] = field(default=(2, 3, 4, 5, 6, 7, 8), metadata={
         "help": "weight bit-widths a free layer may take (comma list)"})
     size_mb: float | None = field(default=None, metadata={
@@ -184,13 +188,6 @@ class OMPQAllocator(qcore.Allocator):
         free = [n for n in ctx.layers if n not in ctx.pinned]
         pins = {n: p for n, p in ctx.pinned.items() if n in ctx.layers}
         sizes = [ctx.layers[n].weight_numel for n in free]
-        pinned_plan = {n: qcore.layer_spec(ctx.pipeline, p.w_bits, p.a_bits, ctx.quantizer.name)
-                       for n, p in pins.items()}
-
-        def plan_for(bits: dict[str, int]) -> qcore.Plan:
-            layers = {n: qcore.layer_spec(ctx.pipeline, b, a_bits, ctx.quantizer.name) for n, b in bits.items()}
-            layers.update({n: s for n, s in pinned_plan.items() if s.weight is not None or s.act is not None})
-            return qcore.Plan(layers=layers)
 
         # budgets, as weight bits (and BOPs) the free layers may spend. --target-bits counts elements only (core's
         # check_budget); -o size_mb counts what result.json's size_mb counts, the quantizer's extra storage
@@ -203,7 +200,7 @@ class OMPQAllocator(qcore.Allocator):
             cap = math.floor(target * total - sum(ctx.layers[n].weight_numel * b for n, b in pinned_q.items())
                              + 1e-6)
         low = min(choices)
-        base = qcore.plan_cost(ctx.model, ctx.layers, plan_for({n: low for n in free}), extra_fn)
+        base = qcore.plan_cost(ctx.model, ctx.layers, plan_of(ctx, {n: low for n in free}, a_bits), extra_fn)
         extra: np.ndarray | None = None
         storage_cap: float | None = None
         if o.size_mb is not None:
@@ -279,7 +276,7 @@ class OMPQAllocator(qcore.Allocator):
                     sols.append((beta, theta, solve_with(downstream_mean(theta))))
                 k = 0
                 if len(sols) > 1:
-                    k, info["beta_search"] = self._choose_beta(ctx, free, sols, o.score_samples)
+                    k, info["beta_search"] = self._choose_beta(ctx, free, sols, o.score_samples, o.score_acts)
                 beta, theta, sol = sols[k]
                 orm = dataclasses.replace(orm, theta=theta, beta=beta)
                 weight = downstream_mean(theta)
@@ -293,7 +290,7 @@ class OMPQAllocator(qcore.Allocator):
                 sol = solve_with(weight)
         seconds = time.perf_counter() - t0
         bits = dict(zip(free, sol.bits, strict=True))
-        plan = plan_for(bits)
+        plan = plan_of(ctx, bits, a_bits)
         cost = qcore.plan_cost(ctx.model, ctx.layers, plan, extra_fn)
         if o.size_mb is not None and cost.size_mb > o.size_mb * (1 + 1e-12):
             raise qcore.QcoreError(f"ompq: internal error, plan size {cost.size_mb:.6f} MiB over -o size_mb="
@@ -321,7 +318,7 @@ class OMPQAllocator(qcore.Allocator):
 
     @staticmethod
     def _choose_beta(ctx: qcore.RunContext, free: list[str], sols: list[tuple[float, np.ndarray, Solution]],
-                     samples: int) -> tuple[int, dict[str, Any]]:
+                     samples: int, acts: str = "run") -> tuple[int, dict[str, Any]]:
         """Score each beta's plan by :func:`plan_distortion` on calibration batches after the first (the ORM
         batch), up to ``samples`` samples; return the index of the lowest score (the smaller beta on a tie) and
         the record for ``measured.ompq.beta_search``."""
@@ -337,7 +334,7 @@ class OMPQAllocator(qcore.Allocator):
             if bits not in plans:
                 plans.append(bits)
             index.append(plans.index(bits))
-        scores = plan_distortion(ctx, plans, held)
+        scores = plan_distortion(ctx, plans, held, activations=acts)
         per_beta = [scores[i] for i in index]
         best = min(range(len(sols)), key=lambda j: (per_beta[j], sols[j][0]))
         n = sum(_batch_len(b) for b in held)
@@ -348,10 +345,12 @@ class OMPQAllocator(qcore.Allocator):
             "grid": [float(s[0]) for s in sols], "scores": per_beta, "chosen": float(sols[best][0]),
             "distinct_plans": len(plans), "samples": n, "held_out": held_out,
             "bits": {str(s[0]): plans[i] for s, i in zip(sols, index, strict=True)},
+            "activations": acts,
             "score": "KL(FP || simulated) of the outputs (batch mean; half squared error for non-logit outputs): "
-                     "weights at the plan's bits, nearest rounding on the run's quantizer and weight ranges, inputs "
-                     "at their activation bits with ranges from the FP inputs of the same samples; no "
-                     "reconstruction"}
+                     "the plan applied and calibrated as qcore run does (qcore.apply_plan, -o equalize, the run's "
+                     "range estimators on the scored samples) with nearest rounding and no reconstruction; "
+                     + ("inputs at their activation bits" if acts == "run" else
+                        "inputs in floating point (weights-only)")}
 
     @staticmethod
     def _extra_bits(ctx: qcore.RunContext, free: list[str], choices: list[int], extra_fn: Any) -> np.ndarray:

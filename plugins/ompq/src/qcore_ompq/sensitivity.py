@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,19 +20,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qcore
-from qcore.ranges import RangeFn, minmax_range
+from qcore.ranges import RangeFn
 
 log = logging.getLogger(__name__)
 
 
-def weight_estimator(ctx: qcore.RunContext) -> RangeFn:
-    """The weight clip-range estimator the run's calibrator will start from (min/max when it has none)."""
+def range_calibrator(ctx: qcore.RunContext) -> qcore.RangeCalibrator:
+    """The range calibrator whose estimators model the run's deployment: the run's calibrator when it is a
+    :class:`qcore.RangeCalibrator` (its weight/activation estimators and options, e.g. QDrop's MSE weight ranges,
+    without its reconstruction), else core's min/max one."""
     cal = ctx.calibrator
-    if isinstance(cal, qcore.RangeCalibrator):
-        return cal.weight_estimator()
-    return minmax_range
+    return cal if isinstance(cal, qcore.RangeCalibrator) else qcore.RangeCalibrator()
+
+
+def weight_estimator(ctx: qcore.RunContext) -> RangeFn:
+    """The weight clip-range estimator the run's calibrator will start from (:func:`range_calibrator`'s)."""
+    return range_calibrator(ctx).weight_estimator()
 
 
 def quantized_weight(ctx: qcore.RunContext, name: str, bits: int, estimator: RangeFn | None = None) -> Tensor:
@@ -69,84 +76,57 @@ def _distortion(out: Tensor, ref: Tensor) -> Tensor:
     return 0.5 * (out.float() - ref.float()).pow(2).sum() / max(out.shape[0], 1)
 
 
-def _act_estimator(ctx: qcore.RunContext) -> RangeFn:
-    cal = ctx.calibrator
-    if isinstance(cal, qcore.RangeCalibrator):
-        return cal.act_estimator()
-    return minmax_range
+def plan_of(ctx: qcore.RunContext, bits: Mapping[str, int], a_bits: int | None) -> qcore.Plan:
+    """The plan core will apply for free-layer weight ``bits``: those layers at ``a_bits`` inputs, every pinned
+    layer at its pin (``ctx.pinned``, as core's pins apply over any plan)."""
+    name = ctx.quantizer.name
+    layers = {n: qcore.layer_spec(ctx.pipeline, int(b), a_bits, name) for n, b in bits.items()}
+    for n, p in ctx.pinned.items():
+        if n in ctx.layers:
+            spec = qcore.layer_spec(ctx.pipeline, p.w_bits, p.a_bits, name)
+            if spec.weight is not None or spec.act is not None:
+                layers[n] = spec
+    return qcore.Plan(layers=layers)
 
 
-def plan_distortion(ctx: qcore.RunContext, plans: Sequence[Mapping[str, int]], batches: Sequence[Any]) -> list[float]:
+def plan_distortion(ctx: qcore.RunContext, plans: Sequence[Mapping[str, int]], batches: Sequence[Any],
+                    activations: str = "run") -> list[float]:
     """How far each weight plan's simulated model is from the FP model on ``batches``, no reconstruction.
 
-    Each plan maps free layers to weight bits; pinned layers take their pins (``ctx.pinned``), the other layers
-    ``ctx.budget.a_bits`` for their inputs. The simulated model: every quantized weight fake-quantized with nearest
-    rounding (:func:`quantized_weight`: the run's quantizer and weight ranges), every quantized layer's input
-    fake-quantized with ranges from the FP model's inputs on ``batches`` (the run's activation estimator; per
-    tensor or per channel as the pipeline says). Activation quantizers are the same for every plan, so only the
-    weights differ between plans. The distortion is ``KL(FP || simulated)`` of the softmax of 2-D outputs (logits;
-    batch mean), half the squared error per sample otherwise, averaged over ``batches``."""
-    model = ctx.model
+    Each plan maps free layers to weight bits; it is applied as ``qcore run`` applies a plan
+    (:func:`plan_of`: pinned layers at their pins, the others' inputs at ``ctx.budget.a_bits``; then
+    :func:`qcore.apply_plan`, ``-o equalize`` through :func:`qcore.equalize_inputs`) and calibrated by core's
+    :meth:`qcore.RangeCalibrator.calibrate` with the run's estimators (:func:`range_calibrator`) on ``batches``:
+    nearest rounding, no reconstruction. ``activations="run"``: inputs quantized at their bits (ranges observed on
+    ``batches`` with the plan's weights upstream); ``"fp"``: every input left in floating point (weights-only: the
+    activation noise, the same in every plan, does not mask the weight error). The distortion is
+    ``KL(FP || simulated)`` of the softmax of 2-D outputs (logits; batch mean), half the squared error per sample
+    otherwise, averaged over ``batches``."""
+    if activations not in ("run", "fp"):
+        raise qcore.QcoreError(f"activations={activations!r} must be 'run' or 'fp'")
     forward = ctx.task.forward
-    a_default = ctx.budget.a_bits
-    w_est = weight_estimator(ctx)
-    a_est = _act_estimator(ctx)
-    pins = {n: p for n, p in ctx.pinned.items() if n in ctx.layers}
-    # activation quantizers (identical for every plan), calibrated on the FP model's inputs
-    act_q: dict[str, nn.Module] = {}
-    for per_channel in (False, True):
-        specs = {}
-        for n in ctx.layers:
-            ab = pins[n].a_bits if n in pins else a_default
-            spec = qcore.layer_spec(ctx.pipeline, None, ab, ctx.quantizer.name).act if ab is not None else None
-            if spec is None or spec.granularity not in ("tensor", "channel"):
-                continue
-            if (spec.granularity == "channel") == per_channel:
-                specs[n] = spec
-        if not specs:
-            continue
-        samples = qcore.observe_inputs(model, forward, batches, {n: ctx.layers[n] for n in specs},
-                                       per_channel=per_channel)
-        for n, spec in specs.items():
-            q = ctx.quantizer.make(spec, "act", ctx.layers[n])
-            if not isinstance(q, qcore.FakeQuantizer):
-                continue
-            q = q.to(qcore.module_device(model))
-            with torch.no_grad():
-                qcore.calibrate_rows(q, samples[n], a_est)
-            act_q[n] = q
-    cache: dict[tuple[str, int], Tensor] = {}
-
-    def weight_at(name: str, bits: int) -> Tensor:
-        if (name, bits) not in cache:
-            cache[name, bits] = quantized_weight(ctx, name, bits, w_est)
-        return cache[name, bits]
-
+    batches = list(batches)
+    cal = range_calibrator(ctx)
+    sub = dataclasses.replace(ctx, task=dataclasses.replace(ctx.task, calibration=batches), measured={},
+                              artifacts={})
+    equalize = getattr(ctx.pipeline, "equalize", "off")
     with torch.no_grad():
-        refs = [forward(model, b) for b in batches]
-    work = copy.deepcopy(model).eval()
-    handles = []
-    for n, q in act_q.items():
-        info = ctx.layers[n]
-
-        def pre(_m: nn.Module, args: tuple[Any, ...], info: qcore.LayerInfo = info, q: nn.Module = q) -> Any:
-            return (info.input_tensor(args[0], q), *args[1:])
-        handles.append(work.get_submodule(n).register_forward_pre_hook(pre))
+        refs = [forward(ctx.model, b) for b in batches]
     scores = []
-    try:
+    for bits in plans:
+        qmodel = qcore.apply_plan(ctx.model, plan_of(ctx, bits, ctx.budget.a_bits), sub)
+        if equalize != "off":
+            qcore.equalize_inputs(qmodel, ctx.model, forward, batches, equalize, ctx.pipeline.equalize_alpha)
+        if activations == "fp":
+            for layer in qcore.quant_layers(qmodel).values():
+                layer.act_quantizer = None
+        qcore.RangeCalibrator.calibrate(cal, qmodel, sub)
+        qmodel.eval()
+        total = 0.0
         with torch.no_grad():
-            for plan in plans:
-                bits = {**{n: p.w_bits for n, p in pins.items() if p.w_bits is not None}, **plan}
-                for n in ctx.layers:
-                    w = work.get_submodule(n).weight
-                    w.copy_(weight_at(n, int(bits[n])) if n in bits else model.get_submodule(n).weight)
-                total = 0.0
-                for b, ref in zip(batches, refs, strict=True):
-                    total += float(_distortion(forward(work, b), ref))
-                scores.append(total / max(len(batches), 1))
-    finally:
-        for h in handles:
-            h.remove()
+            for b, ref in zip(batches, refs, strict=True):
+                total += float(_distortion(forward(qmodel, b), ref))
+        scores.append(total / max(len(batches), 1))
     return scores
 
 
@@ -163,18 +143,21 @@ def hessian_traces(model: nn.Module, names: Sequence[str], batches: Sequence[Any
     gen = torch.Generator().manual_seed(seed)
     totals = np.zeros(len(names))
     count = 0
-    for batch in qcore.track(list(batches), desc="ompq hessian traces", unit="batch"):
-        with torch.no_grad():
-            ref = forward(model, batch)
-        if not isinstance(ref, Tensor):
-            raise qcore.QcoreError("ompq's hawq sensitivity needs the task's forward to return one tensor")
-        loss = _distortion(forward(work, batch), ref.detach())
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        for k in range(probes):
-            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
-            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
-            totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs, strict=True)])
-            count += 1
+    # the fused attention kernels (flash / memory-efficient) have no double backward: Hessian-vector products
+    # through a transformer's scaled_dot_product_attention need its math implementation
+    with sdpa_kernel([SDPBackend.MATH]):
+        for batch in qcore.track(list(batches), desc="ompq hessian traces", unit="batch"):
+            with torch.no_grad():
+                ref = forward(model, batch)
+            if not isinstance(ref, Tensor):
+                raise qcore.QcoreError("ompq's hawq sensitivity needs the task's forward to return one tensor")
+            loss = _distortion(forward(work, batch), ref.detach())
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            for k in range(probes):
+                vs = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
+                hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=k < probes - 1)
+                totals += np.array([float((h * v).sum()) for h, v in zip(hv, vs, strict=True)])
+                count += 1
     traces = totals / max(count, 1)
     return {n: max(float(t), 0.0) for n, t in zip(names, traces, strict=True)}
 
