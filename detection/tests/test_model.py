@@ -155,6 +155,43 @@ def test_decoding_inverts_targets() -> None:
     torch.testing.assert_close(preds[0]["pred_boxes"][0], box[:7], atol=1e-5, rtol=0)
 
 
+def test_reg_radius_regresses_every_voxel_near_a_centre_for_its_nearest_box() -> None:
+    """With ``reg_radius`` each active voxel within the radius of a box centre is a regression positive of the
+    nearest centre (once), each box's nearest voxel stays first; decoded at any of them the box comes back, so a
+    heatmap peak off the nearest voxel still places the box right."""
+    indices = torch.tensor([[0, y, x] for y in range(4) for x in range(8)] + [[1, 1, 1]])  # (b, y, x), 1 m cells
+    gt = torch.zeros(2, 2, 8)
+    gt[0, 0] = torch.tensor([2.3, 1.4, 0.0, 4.0, 2.0, 1.5, 0.3, 1.0])
+    gt[0, 1] = torch.tensor([4.6, 1.5, 0.2, 10.0, 3.0, 3.0, -0.2, 3.0])
+    hm0, pos0, reg0 = assign_targets(indices, gt, (1.0, 1.0), (0.0, 0.0), num_classes=3)
+    hm, pos, reg = assign_targets(indices, gt, (1.0, 1.0), (0.0, 0.0), num_classes=3, reg_radius=1.5)
+    torch.testing.assert_close(hm, hm0)  # the heatmap does not depend on it
+    assert pos[:2].tolist() == pos0.tolist() == [1 * 8 + 2, 1 * 8 + 4]  # voxel centres (2.5, 1.5), (4.5, 1.5)
+    torch.testing.assert_close(reg[:2], reg0)
+    centres = gt[0, :, :2]
+    vox = torch.stack([indices[pos, 2], indices[pos, 1]], 1).float()
+    d = torch.cdist(vox + 0.5, centres)
+    all_centres = torch.stack([indices[:32, 2], indices[:32, 1]], 1).float() + 0.5  # sample 0's voxels
+    expected = torch.nonzero(torch.cdist(all_centres, centres).min(1).values <= 1.5).squeeze(1).tolist()
+    assert sorted(pos.tolist()) == expected and len(set(pos.tolist())) == len(pos)  # sample 1 has no boxes
+    assert len(pos) > 2
+    owner = torch.tensor([0, 1] + d[2:].argmin(1).tolist())
+    torch.testing.assert_close(vox + reg[:, :2], centres[owner])  # offsets point at the owner's centre
+    torch.testing.assert_close(reg[:, 3:6], torch.log(gt[0, owner, 3:6]))
+    # decode at an extra positive of the bus-like second box: the box comes back
+    extra = int(pos[(owner == 1).nonzero()[-1]])
+    n = len(indices)
+    outputs = {"hm": torch.full((n, 3), -10.0), "center": torch.zeros(n, 2), "center_z": torch.zeros(n, 1),
+               "dim": torch.zeros(n, 3), "rot": torch.zeros(n, 2)}
+    outputs["hm"][extra, 2] = 10.0
+    row = reg[list(pos).index(extra)]
+    for name, part in zip(("center", "center_z", "dim", "rot"), row.split([2, 1, 3, 2]), strict=True):
+        outputs[name][extra] = part
+    preds = post_process(outputs, indices, 2, (1.0, 1.0), (0.0, 0.0), max_proposals=10, score_threshold=0.5,
+                         nms_radius=(2.0, 0.4, 1.0), max_detections=5)
+    torch.testing.assert_close(preds[0]["pred_boxes"][0], gt[0, 1, :7], atol=1e-5, rtol=0)
+
+
 def test_circle_nms_keeps_best_of_close_centres() -> None:
     centers = torch.tensor([[0.0, 0.0], [0.3, 0.0], [5.0, 5.0], [5.1, 5.0]])
     scores = torch.tensor([0.5, 0.9, 0.2, 0.1])

@@ -57,3 +57,17 @@ def test_init_refuses_another_world_and_config_overrides(first_stage: Path, tmp_
     with pytest.raises(ValueError, match="drop --channels"):
         train(tmp_path, scenes=2, epochs=1, device="cpu", batch_size=2, seed=0, val_scenes=1, init=first_stage,
               model_overrides=SMALL)
+
+
+def test_time_budget_and_end_of_epoch_target_stop_training(first_stage: Path, tmp_path: Path) -> None:
+    """``should_stop``'s other rules: a spent time budget stops inside an epoch (the model is evaluated and saved
+    there, the record says why); a target reached at an epoch's end stops before the next epoch."""
+    rec = train(tmp_path / "budget", scenes=4, epochs=2, device="cpu", batch_size=2, seed=0, val_scenes=1,
+                lr=1e-4, init=first_stage, time_budget_min=0.0)
+    assert rec["steps_done"] == 1 and [h["step"] for h in rec["history"]] == [1]
+    assert rec["stopped"].startswith("time budget of 0 min: stopped at step 1 of 2 in epoch 1")
+    assert json.loads((tmp_path / "budget" / "model.json").read_text())["stopped"] == rec["stopped"]
+    rec = train(tmp_path / "target", scenes=2, epochs=2, device="cpu", batch_size=2, seed=0, val_scenes=1,
+                lr=1e-4, init=first_stage, target_map=0.0)
+    assert rec["steps_done"] == 1 and rec["epochs_done"] == 0.5 * 2 and len(rec["history"]) == 1
+    assert rec["stopped"] == f"val mAP {rec['val']['mAP']:.2f} reached the target 0 at step 1 of epoch 1"

@@ -63,6 +63,8 @@ class ModelConfig:
     :param min_radius: smallest gaussian radius of the heatmap target (cells at stride 8).
     :param nms_radius: circle-NMS radius (m) per class.
     :param velocity: a ``vel`` head branch (vx, vy) trained on boxes with velocities (nuScenes-like world).
+    :param reg_radius: train the regression branches at every active voxel within this many cells of a box
+        centre, not just the nearest one (0); see :func:`~qcore_detection.head.assign_targets`.
     """
 
     spatial_shape: tuple[int, int, int]
@@ -81,6 +83,7 @@ class ModelConfig:
     nms_radius: tuple[float, ...] = field(default=(2.0, 0.4, 1.0))
     max_detections: int = 100
     velocity: bool = False
+    reg_radius: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.channels) != 6 or len(set(self.channels[3:])) != 1:
@@ -241,7 +244,7 @@ class VoxelNeXtLite(nn.Module):
         if self.training:
             cfg = self.cfg
             loss, tb_dict = head_loss(outputs, bev.indices, batch_dict["gt_boxes"], self.bev_cell, self.bev_origin,
-                                      cfg.min_radius, cfg.hm_weight, cfg.loc_weight)
+                                      cfg.min_radius, cfg.hm_weight, cfg.loc_weight, cfg.reg_radius)
             return {"loss": loss}, tb_dict, {}
         return self.predict(batch_dict), {}
 

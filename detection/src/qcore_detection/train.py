@@ -15,6 +15,10 @@ training seconds, wall seconds)::
     python -m qcore_detection.train --out DIR2 --init DIR --world nuscenes --first-scene 500 --scenes 900 \
         --epochs 1 --lr 2e-3 --pct-start 0.05 --eval-every 113 --target-map 57 --time-budget 60 ...
 
+``--reg-radius R`` trains the head's regression branches at every active BEV voxel within R cells of a box centre,
+not only at the nearest one (:func:`qcore_detection.head.assign_targets`): decoding takes the heatmap's top voxel,
+which for long objects is usually another one. It only changes the loss, so a continued model may set it.
+
 ``--world nuscenes`` trains on the nuScenes-like world (:mod:`qcore_detection.nuscenes_like`: 7 classes, 5 point
 features with the sweep time, boxes with velocities) on its grid (:data:`NUSCENES_VOXELS`), with a velocity head.
 
@@ -197,7 +201,7 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
           lr: float = 3e-3, weight_decay: float = 0.01, model_overrides: dict[str, Any] | None = None,
           workers: int = 0, command: str = "", world: str = "classic", time_budget_min: float | None = None,
           init: Path | None = None, pct_start: float = 0.4, eval_every: int | None = None,
-          target_map: float | None = None, first_scene: int = 0) -> dict[str, Any]:
+          target_map: float | None = None, first_scene: int = 0, reg_radius: float | None = None) -> dict[str, Any]:
     """Train, evaluate after each epoch, save; return the record written to ``model.json``.
 
     :param workers: data-loader processes that generate and voxelize scenes (0: in the training process).
@@ -213,6 +217,9 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
         less).
     :param eval_every: also evaluate (and save) every this many steps inside an epoch.
     :param target_map: stop at the first evaluation whose val mAP reaches this.
+    :param reg_radius: set the model's ``reg_radius`` (regression at every active BEV voxel within this many cells
+        of a box centre; a loss setting, so a continued model may change it); None keeps the saved or default
+        one.
     :param first_scene: train on scenes ``first_scene .. first_scene + scenes - 1`` of the train split (a
         continued model gets scenes its earlier stages did not see).
     """
@@ -230,6 +237,8 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
         cfg = ModelConfig(spatial_shape=vcfg.spatial_shape, voxel_size=vcfg.voxel_size,
                           point_cloud_range=vcfg.point_cloud_range, **{**preset, **(model_overrides or {})})
         model = build_model(cfg).to(dev)
+    if reg_radius is not None:
+        cfg = model.cfg = dataclasses.replace(cfg, reg_radius=float(reg_radius))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %d parameters, channels %s, %d blocks per stage", n_params, cfg.channels, cfg.blocks)
     train_split = SyntheticSplit("train", first_scene + scenes, seed=seed, world=world)
@@ -245,12 +254,15 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
     stopped: str | None = None
     record: dict[str, Any] = {}
     budget_s = None if time_budget_min is None else 60 * time_budget_min
-    epoch_train_s: list[float] = []
+    t_epoch, eval_seconds = t_start, 0.0
 
     def checkpoint(epoch: int, step: int, sums: dict[str, float]) -> float:
-        """Evaluate on the val scenes, append to the history, save; return the val mAP."""
-        nonlocal record
+        """Evaluate on the val scenes, append to the history, save; return the val mAP. The evaluation's time
+        is not training time."""
+        nonlocal record, eval_seconds
+        t_eval = time.perf_counter()
         metrics, scenes_per_s = evaluate(model, val, vcfg, batch_size, dev)
+        eval_seconds += time.perf_counter() - t_eval
         model.train()
         history.append({"epoch": epoch, "step": step, **{k: v / max(1, step) for k, v in sums.items()},
                         "val_mAP": metrics["mAP"], "s_per_iter": epoch_seconds() / max(1, step),
@@ -275,11 +287,25 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
                 "cpu_seconds": time.process_time() - cpu_start,
                 "previous": previous, "stopped": stopped, "init": init, "first_scene": first_scene}
 
+    def should_stop(epoch: int, step: int, evaluated: float | None) -> str | None:
+        """Why training stops after ``step`` (steps of ``epoch`` done), or None to go on; ``evaluated`` is the val
+        mAP of an evaluation at this step (None: none). The one place every stop rule lives: the target mAP, the
+        time budget inside an epoch, and at an epoch's end whether another epoch as long fits the budget."""
+        if target_map is not None and evaluated is not None and evaluated >= target_map:
+            return f"val mAP {evaluated:.2f} reached the target {target_map:g} at step {step} of epoch {epoch}"
+        if budget_s is None or (epoch == epochs and step == steps_per_epoch):  # no budget, or the schedule's end
+            return None
+        spent = train_seconds + epoch_seconds()
+        if step < steps_per_epoch:
+            if spent <= budget_s:
+                return None
+            return (f"time budget of {time_budget_min:g} min: stopped at step {step} of {steps_per_epoch} in epoch "
+                    f"{epoch} (lr {sched.get_last_lr()[0]:.2e})")
+        if spent + epoch_seconds() > budget_s:
+            return f"time budget of {time_budget_min:g} min: stopped after epoch {epoch} of {epochs}"
+        return None
+
     for epoch in range(1, epochs + 1):
-        if budget_s is not None and epoch_train_s and train_seconds + epoch_train_s[-1] > budget_s:
-            stopped = f"time budget of {time_budget_min:g} min: stopped after epoch {epoch - 1} of {epochs}"
-            log.warning(stopped)
-            break
         model.train()
         loader = torch.utils.data.DataLoader(
             FlippedScenes(train_split, seed, epoch, first_scene), batch_size=batch_size, shuffle=True,
@@ -289,8 +315,7 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
         sums = {"loss": 0.0, "loss_hm": 0.0, "loss_loc": 0.0}
         t_epoch = time.perf_counter()
         eval_seconds = 0.0
-        last_eval_step = 0
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(loader, start=1):
             ret, tb, _ = model(batch_to_device(batch, dev))
             opt.zero_grad(set_to_none=True)
             with spconv_cpu_guard(dev):
@@ -302,39 +327,24 @@ def train(out: Path, scenes: int, epochs: int, device: str, batch_size: int, see
             sums["loss_hm"] += tb["loss_hm"]
             sums["loss_loc"] += tb["loss_loc"]
             steps_done += 1
-            if (step + 1) % 25 == 0 or step + 1 == steps_per_epoch:
-                log.info("epoch %d step %d/%d loss %.3f (%.2f s/iter, lr %.2e)", epoch, step + 1, steps_per_epoch,
-                         sums["loss"] / (step + 1), epoch_seconds() / (step + 1), sched.get_last_lr()[0])
-            over_budget = budget_s is not None and train_seconds + epoch_seconds() > budget_s
-            if step + 1 == steps_per_epoch:
-                break
-            if over_budget:
-                stopped = (f"time budget of {time_budget_min:g} min: stopped at step {step + 1} of "
-                           f"{steps_per_epoch} in epoch {epoch} (lr {sched.get_last_lr()[0]:.2e})")
+            if step % 25 == 0 or step == steps_per_epoch:
+                log.info("epoch %d step %d/%d loss %.3f (%.2f s/iter, lr %.2e)", epoch, step, steps_per_epoch,
+                         sums["loss"] / step, epoch_seconds() / step, sched.get_last_lr()[0])
+            evaluated = None
+            if step == steps_per_epoch or (eval_every and step % eval_every == 0):
+                evaluated = checkpoint(epoch, step, sums)
+            stopped = should_stop(epoch, step, evaluated)
+            if stopped:
                 log.warning(stopped)
+                if evaluated is None:
+                    checkpoint(epoch, step, sums)  # its record says why training stopped
+                else:
+                    record["stopped"] = stopped
+                    save_checkpoint(model, record, out)
                 break
-            if eval_every and (step + 1) % eval_every == 0:
-                t_eval = time.perf_counter()
-                last_eval_step = step + 1
-                m = checkpoint(epoch, step + 1, sums)
-                eval_seconds += time.perf_counter() - t_eval
-                if target_map is not None and m >= target_map:
-                    stopped = f"val mAP {m:.2f} reached the target {target_map:g} at step {step + 1} of epoch {epoch}"
-                    log.warning(stopped)
-                    break
-        if stopped and last_eval_step == step + 1:  # the target was reached: already evaluated and saved
-            train_seconds += epoch_seconds()
-            break
-        checkpoint(epoch, step + 1, sums)
         train_seconds += epoch_seconds()
-        epoch_train_s.append(epoch_seconds())
-        if stopped or (target_map is not None and history[-1]["val_mAP"] >= target_map):
+        if stopped:
             break
-    if target_map is not None and history and history[-1]["val_mAP"] >= target_map and not stopped:
-        stopped = f"val mAP {history[-1]['val_mAP']:.2f} reached the target {target_map:g} after epoch {epoch}"
-    if stopped and record.get("stopped") != stopped:
-        record["stopped"] = stopped
-        save_checkpoint(model, record, out)
     model.float().cpu()
     return record
 
@@ -418,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=None, help="also evaluate and save every N steps")
     p.add_argument("--target-map", type=float, default=None, help="stop once the val mAP reaches this")
     p.add_argument("--first-scene", type=int, default=0, help="index of the first training scene of the split")
+    p.add_argument("--reg-radius", type=float, default=None,
+                   help="regress box offsets/sizes at every active BEV voxel within this many cells of a box "
+                        "centre (default: the saved model's, 0 for a new one: the nearest voxel only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides: dict[str, Any] = {}
@@ -430,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_scenes=args.val_scenes, lr=args.lr, model_overrides=overrides, workers=args.workers,
                 command=command, world=args.world, time_budget_min=args.time_budget, init=args.init,
                 pct_start=args.pct_start, eval_every=args.eval_every, target_map=args.target_map,
-                first_scene=args.first_scene)
+                first_scene=args.first_scene, reg_radius=args.reg_radius)
     log.info("val mAP %.2f after %.0f s of training (%.3f s/iter)", rec["val"]["mAP"], rec["train_seconds"],
              rec["s_per_iter"])
     return 0
