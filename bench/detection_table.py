@@ -120,6 +120,10 @@ for _bits in (4, 3):
         "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
     NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, replay curves"] = {
         "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "replay"}}
+    for _k in (12, 16):
+        _name = f"rdoq {_bits}-bit average, 18 3-D convs, weights only, second-order curves, {_k} projections"
+        NUSCENES_ROWS[_name] = {"plugin": "rdoq", "target_bits": float(_bits),
+                                "options": {**SEED_RDOQ, "engine": "second-order", "projections": _k}}
 
 #: method comparisons at the same setting (the first row minus the second), besides every row against FP
 PAIRS = [
@@ -136,6 +140,10 @@ PAIRS = [
        f"uniform W{b}, 18 3-D convs, weights only") for b in (4, 3) for engine in ("second-order", "replay")],
     *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves",
        f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves") for b in (4, 3)],
+    *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves, {k} projections", other)
+      for b in (4, 3) for k in (12, 16)
+      for other in (f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves",
+                    f"uniform W{b}, 18 3-D convs, weights only")],
 ]
 
 

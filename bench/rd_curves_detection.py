@@ -16,7 +16,10 @@ bracket the machine's load) and extrapolated to all 665 candidates. The replay e
 layers (its cost depends on how much of the network follows the layer: an early and a late layer by default),
 and its curves are compared with the reference's. The second-order engine (``projections`` random directions of
 the whole target, one backward pass each) runs on all 30 layers; its curves are compared with the reference's
-on the subset.
+on the subset. Its directions are drawn per scene (``--directions sample``, the default, as ``qcore run`` does
+through the detection task's ``split``: each scene one forward pass and K backward passes) or over the batch of
+all the scenes at once (``--directions batch``, the engine before 2026-12-02: the cross terms between scenes
+add noise at the same cost).
 """
 
 from __future__ import annotations
@@ -50,12 +53,17 @@ def main() -> int:
     p.add_argument("--bits", type=int, nargs=2, default=(2, 8))
     p.add_argument("--projections", type=int, nargs="+", default=[8])
     p.add_argument("--ref-layers", nargs="+", default=["backbone.conv1.0.conv2", "backbone.conv5.1.conv1"])
+    p.add_argument("--directions", choices=("sample", "batch"), default="sample",
+                   help="second-order random directions per scene (what qcore run does through the task's split) "
+                        "or per batch of all the scenes (before 2026-12-02)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--model", default="voxelnext_lite", choices=list(MODELS), help="zoo detector (--model zoo:NAME)")
     args = p.parse_args()
     model, record = load_detector(MODELS[args.model])
     scenes = SyntheticSplit("train", args.scenes, seed=0, world=str(record.get("world", "classic")))
     batches = [collate([scenes[i] for i in range(args.scenes)], record["voxel_config"])]
+    so_batches = ([collate([scenes[i]], record["voxel_config"]) for i in range(args.scenes)]
+                  if args.directions == "sample" else batches)
     fwd = make_target("bev")
     layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules()
               if spconv_layer_info(m, n) is not None and any(fnmatch.fnmatch(n, pat) for pat in THREE_D)}
@@ -64,7 +72,7 @@ def main() -> int:
     groups = sum(len(weight_groups(i, args.group)) for i in layers.values())
     subset = {n: layers[n] for n in args.ref_layers}
     sub_cands = sum(len(weight_groups(i, args.group)) for i in subset.values()) * len(bits)
-    out: dict = {"model": args.model,
+    out: dict = {"model": args.model, "directions": args.directions,
                  "layers": len(layers), "groups": groups, "bits": bits, "candidates": groups * len(bits),
                  "subset": args.ref_layers, "subset_candidates": sub_cands, "scenes": args.scenes,
                  "machine": f"{platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"}
@@ -79,7 +87,7 @@ def main() -> int:
     gn = {}
     for k in args.projections:
         curves, t, cpu = timed(lambda k=k: projected_curve_set(
-            model, fwd, batches, layers, args.group, bits, [0.0], k,
+            model, fwd, so_batches, layers, args.group, bits, [0.0], k,
             grad_context=lambda: spconv_cpu_guard("cpu"))[0])
         gn[k] = (curves, t)
         out[f"second_order_{k}_seconds"] = round(t, 1)

@@ -57,10 +57,24 @@ def test_rdoq_deadzone_search_on_sparse_layers(host):
         run(RunConfig(method="rdoq-deadzone", target_bits=3.0, **SMALL, options=opts), host)
     out = run(RunConfig(method="rdoq-deadzone", target_bits=3.0, **SMALL, options={**opts, "projections": 2}), host)
     assert out.plan.meta["engine"] == "second-order" and out.plan.meta["projections"] == 2
+    assert out.plan.meta["directions"] == "per sample"  # the task splits its batches into scenes
     assert out.result["w_bits_avg"] <= 3.0 + 1e-9 and out.result["quant"] is not None
     specs = [s.weight for s in out.plan.layers.values()]
     assert all(s.quantizer == "deadzone" and s.group_params is not None for s in specs)
     assert out.result["quantized"]["deployable"] is False
+
+
+def test_split_gives_one_batch_per_scene_with_the_same_targets(host):
+    """RDOQ's projected curves draw their random directions per scene through the task's ``split``: each piece is
+    one scene of the batch, and the distortion target of the pieces is the batch's, scene by scene."""
+    inst = host.get("task", "detection")().build(RunConfig(**{**SMALL, "eval_size": 1}), host)
+    batch = inst.calibration[0]
+    pieces = inst.split(batch)
+    assert [p["batch_size"] for p in pieces] == [1, 1] and [p["frame_id"][0] for p in pieces] == batch["frame_id"]
+    with torch.no_grad():
+        whole = inst.forward(inst.model, batch)
+        parts = torch.cat([inst.forward(inst.model, p) for p in pieces])
+    torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_aciq_is_task_agnostic(host):

@@ -172,6 +172,11 @@ class TaskInstance:
     #: a context manager factory that backward passes through this task's models must run inside, when they need
     #: one (spconv's CPU kernels do: the detection task gives its ``spconv_cpu_guard``); None: none needed
     grad_context: Callable[[], AbstractContextManager[Any]] | None = None
+    #: splits a calibration batch into one batch per sample, when the task can (the detection task's embedded
+    #: detectors: a batch_dict is not a tensor that slices); estimators whose noise falls with the number of
+    #: independent batches use it (RDOQ's projected second-order curves draw their random directions per
+    #: sample). None: batches are used as they are
+    split: Callable[[Any], Sequence[Any]] | None = None
 
 
 class Task(Component):

@@ -27,6 +27,8 @@ class DetectionSetup:
     :param data: what the calibration and evaluation data are, in words (for result.json).
     :param last_layers: the layers ``-o first_last`` treats as last (every head output of a multi-head detector);
         empty: the last quantizable layer.
+    :param split: ``split(batch_dict) -> [batch_dict, ...]``, one batch per scene of a calibration batch (the
+        embedded detectors); None when the loader cannot split its batches.
     """
 
     model: nn.Module
@@ -38,3 +40,4 @@ class DetectionSetup:
     metric: str = "mAP"
     data: dict[str, str] = field(default_factory=dict)
     last_layers: tuple[str, ...] = ()
+    split: Callable[[dict[str, Any]], Sequence[dict[str, Any]]] | None = None

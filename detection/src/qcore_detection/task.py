@@ -47,7 +47,8 @@ class DetectionTask(Task):
         return TaskInstance(model=setup.model, model_name=spec, metric=setup.metric, forward=setup.target,
                             evaluate=setup.evaluate, calibration=setup.calibration, example=setup.calibration[0],
                             data=setup.data, untraceable="sparse-convolution detectors: spconv tensors do not trace",
-                            last_layers=setup.last_layers, grad_context=lambda: _grad_guard(setup.model))
+                            last_layers=setup.last_layers, grad_context=lambda: _grad_guard(setup.model),
+                            split=setup.split)
 
 
 def _grad_guard(model: Any) -> Any:

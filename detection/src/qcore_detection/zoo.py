@@ -81,8 +81,14 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
     if eval_n < 1:
         raise QcoreError("--eval-size must be at least 1")
     calib_scenes = SyntheticSplit("train", calib_n, seed=config.seed, world=world)
-    calibration = [collate([calib_scenes[j] for j in range(i, min(i + bs, calib_n))], vcfg)
-                   for i in range(0, calib_n, bs)]
+    scenes = [calib_scenes[j] for j in range(calib_n)]
+    calibration = [collate(scenes[i:i + bs], vcfg) for i in range(0, calib_n, bs)]
+    by_frame = {s.frame_id: s for s in scenes}
+
+    def split(batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """One batch_dict per scene of a calibration batch (collated again from its scene)."""
+        return [collate([by_frame[f]], vcfg) for f in batch["frame_id"]]
+
     val = [s for s in SyntheticSplit("val", eval_n, seed=VAL_SEED, world=world)]
 
     def evaluate_model(m: torch.nn.Module) -> dict[str, float]:
@@ -93,7 +99,7 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
     target = str(config.options.get("target", "bev"))
     return DetectionSetup(
         model=model, name=f"zoo:{name}", class_names=record["class_names"],
-        calibration=calibration, evaluate=evaluate_model, target=make_target(target),
+        calibration=calibration, evaluate=evaluate_model, target=make_target(target), split=split,
         data={"calibration": f"synthetic LiDAR ({world} world) train split: {calib_n} scenes (seed {config.seed})",
               "evaluation": f"fixed synthetic LiDAR ({world} world) val split: {eval_n} scenes (seed {VAL_SEED}); "
                             "nuScenes-style "

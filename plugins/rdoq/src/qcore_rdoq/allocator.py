@@ -151,9 +151,15 @@ class RDOQAllocator(Allocator):
         ratios = self._deadzone_ratios(ctx)
         bits = list(range(o.min_bits, o.max_bits + 1))
         corr = ctx.weight_correction  # curves see the weights exactly as deployment corrects them
+        projected = engine is None and not all(isinstance(b, torch.Tensor) for b in batches)
+        if projected and ctx.task.split is not None:
+            # random directions per sample, not per batch: the cross terms between a batch's samples are noise
+            # (relative standard deviation sqrt(2/K) per batch, about sqrt(2/(K N)) over N samples, same cost)
+            device = module_device(ctx.model)
+            batches = [to_device(s, device) for b in batches for s in ctx.task.split(b)]
         caches = self._caches(ctx, batches, group, bits, corr.name if corr else "none", ratios, clip)
         layers = {n: ctx.layers[n] for n in free}
-        if engine is None and not all(isinstance(b, torch.Tensor) for b in batches):
+        if projected:
             from qcore_rdoq.second_order import projected_curve_set
 
             if not o.projections:
@@ -202,6 +208,8 @@ class RDOQAllocator(Allocator):
                                     "correction": corr, "version": 2}
         if o.engine == "second-order" and o.projections:
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
+            if ctx.task.split is not None:
+                settings["directions"] = "per sample"
         if ctx.config.model_args:  # e.g. another activation or pooling: the same weights, another model
             settings["model_args"] = ctx.config.model_args
         return settings
@@ -385,6 +393,8 @@ class RDOQAllocator(Allocator):
                 "cached_layers": sorted(n for n, e in curves.layer_engines.items() if e == "cache")}
         if o.engine == "second-order":
             meta["projections"] = o.projections
+            if not tensors:  # projected curves: random directions per sample (task.split) or per batch
+                meta["directions"] = "per sample" if ctx.task.split is not None else "per batch"
         if dz_ratio is not None:
             chosen_dz = dz_ratio[np.arange(len(w_sizes)), sol.choice[: len(w_sizes)]]
             meta["deadzone_ratios"] = len(self._deadzone_ratios(ctx))

@@ -230,7 +230,10 @@ def projected_curve_set(model: nn.Module, forward: Callable[[nn.Module, Any], Te
     For each calibration batch, one forward pass of ``forward`` keeps its graph; each of ``projections`` backward
     passes of ``r . f`` (``r`` independent +-1 entries over the batch's whole target ``f``) gives ``J^T r`` for
     every layer's weight at once, and ``D(dw) ~ (1 / count) mean_r (r . J dw)^2``, unbiased for
-    ``||J dw||^2 / count`` (relative standard deviation up to ``sqrt(2 / projections)`` per entry).
+    ``||J dw||^2 / count`` (relative standard deviation up to ``sqrt(2 / projections)`` per entry and batch).
+    The directions are drawn per batch, so the cross terms between a batch's samples add noise: batches of one
+    sample each (the allocator splits them through ``TaskInstance.split`` when the task can) average independent
+    estimates instead, about ``sqrt(2 / (projections N))`` over N samples at the same backward passes per sample.
     ``grad_context`` is the task's context for backward passes (spconv's CPU kernels need one). A layer the
     target does not depend on (a detector head when the target is the BEV features) gets zero distortion at every
     candidate (logged once). Caches, memory bound and the split of the layers over torchrun's processes as in
