@@ -54,12 +54,14 @@ import torch
 from qcore import RunConfig, RunOutcome, load_host, run
 
 ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "scalar-grid", "qdrop"]
+#: rows whose paired differences are also printed against every baseline row of the same setting (``--paired``)
+LATTICE_ROWS, BASELINE_ROWS = ("latticeq", "latticeq+recon", "scalar-grid"), ("aciq", "rdoq", "qdrop")
 
 
 def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str,
-           lattice_options: dict[str, Any] | None = None) -> RunConfig:
+           lattice_options: dict[str, Any] | None = None, seed: int = 0) -> RunConfig:
     """The run of one cell."""
-    common: dict[str, Any] = {"model": model, "device": device}
+    common: dict[str, Any] = {"model": model, "device": device, "seed": seed}
     if row == "rdoq":
         if lattice_bits is None:
             raise SystemExit("the rdoq row needs the latticeq row first (its w_bits_avg is rdoq's target)")
@@ -110,6 +112,10 @@ def main() -> int:
                    help="record each cell's correct test images; print paired differences to uniform (zoo models)")
     p.add_argument("--lattice-option", action="append", default=[], metavar="KEY=VALUE",
                    help="-o KEY=VALUE for the latticeq rows (repeatable), e.g. weighting=input")
+    p.add_argument("--seed", type=int, default=0,
+                   help="calibration seed of every cell (default 0); a resumed file only reuses cells of this seed")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="also write each cell's full result.json here (MODEL_SETTING_ROW[_sSEED].json)")
     args = p.parse_args()
     lat_opts: dict[str, Any] = {}
     for item in args.lattice_option:
@@ -133,6 +139,7 @@ def main() -> int:
         done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
     # cells of the latticeq family (and rdoq, whose target is latticeq's bits) count only with the same options
     done = [c for c in done if c["row"] in ("uniform", "aciq", "qdrop") or c.get("lattice_options", {}) == lat_opts]
+    done = [c for c in done if c.get("seed", 0) == args.seed]
     results: list[dict[str, Any]] = list(done)
     # row by row (every setting of the cheap rows first), latticeq before rdoq (its bits are rdoq's target)
     order = sorted(rows, key=lambda r: (r == "rdoq", ROWS.index(r)))
@@ -145,11 +152,16 @@ def main() -> int:
                             and c["row"] == "latticeq"), None)
                 t0 = time.perf_counter()
                 outcome = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device,
-                                     lat_opts), host)
+                                     lat_opts, args.seed), host)
                 r = outcome.result
                 cell = {"model": model, "setting": setting, "row": row, "fp": r["fp"], "quant": r["quant"],
                         "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
-                        "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1)}
+                        "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1),
+                        "seed": args.seed}
+                if args.results_dir:
+                    args.results_dir.mkdir(parents=True, exist_ok=True)
+                    name = f"{model.replace(':', '_')}_{setting}_{row}" + (f"_s{args.seed}" if args.seed else "")
+                    (args.results_dir / f"{name}.json").write_text(json.dumps(r, indent=1, default=str))
                 if row not in ("uniform", "aciq", "qdrop"):
                     cell["lattice_options"] = lat_opts
                 if args.paired:
@@ -172,13 +184,15 @@ def main() -> int:
             print(f"| {row} | {'yes' if dep else 'no'} | " + " | ".join(
                 f"{c['quant']:.2f} ({c['w_bits_avg']:.2f}/{c['a_bits_avg']:.2f}), {c['seconds']:.0f} s" if c else "-"
                 for c in cells) + " |")
+        # every row against uniform; the latticeq rows also against each baseline measured at their setting
         paired = [(c, u) for c in sub if c["row"] != "uniform" and "correct" in c
-                  for u in sub if u["row"] == "uniform" and u["setting"] == c["setting"] and "correct" in u]
+                  for u in sub if u["setting"] == c["setting"] and "correct" in u
+                  and (u["row"] == "uniform" or (c["row"] in LATTICE_ROWS and u["row"] in BASELINE_ROWS))]
         if paired:
-            print(f"\n{model}: paired difference to uniform on the same test images (points, 95 % interval)\n")
+            print(f"\n{model}: paired differences on the same test images (points, 95 % interval)\n")
             for c, u in paired:
                 d, half = paired_difference(c["correct"], u["correct"], min(c["images"], u["images"]))
-                print(f"* {c['row']} {c['setting']}: {d:+.2f} +- {half:.2f}")
+                print(f"* {c['row']} - {u['row']} {c['setting']}: {d:+.2f} +- {half:.2f}")
     return 0
 
 
