@@ -78,15 +78,16 @@ def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | N
     return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
 
 
-def correct_images(outcome: RunOutcome) -> tuple[str, int]:
-    """Which test images the quantized model gets right, as a hex string of packed bits (evaluation order), and
-    how many images."""
+def correct_images(outcome: RunOutcome, fp: bool = False) -> tuple[str, int]:
+    """Which test images the quantized model (``fp``: the run's FP model) gets right, as a hex string of packed
+    bits (evaluation order), and how many images."""
     from qcore_classification.fashion_mnist import read_embedded
 
+    model = outcome.fp_model if fp else outcome.model
     preds: list[torch.Tensor] = []
-    hook = outcome.model.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(dim=1).cpu()))
+    hook = model.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(dim=1).cpu()))
     try:
-        outcome.ctx.task.evaluate(outcome.model)
+        outcome.ctx.task.evaluate(model)
     finally:
         hook.remove()
     p = torch.cat(preds).numpy()
@@ -138,7 +139,7 @@ def main() -> int:
     if args.jsonl and args.jsonl.exists():  # resume: keep the cells already measured
         done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
     # cells of the latticeq family (and rdoq, whose target is latticeq's bits) count only with the same options
-    done = [c for c in done if c["row"] in ("uniform", "aciq", "qdrop") or c.get("lattice_options", {}) == lat_opts]
+    done = [c for c in done if c["row"] in ("uniform", "aciq", "qdrop", "fp") or c.get("lattice_options", {}) == lat_opts]
     done = [c for c in done if c.get("seed", 0) == args.seed]
     results: list[dict[str, Any]] = list(done)
     # row by row (every setting of the cheap rows first), latticeq before rdoq (its bits are rdoq's target)
@@ -166,6 +167,15 @@ def main() -> int:
                     cell["lattice_options"] = lat_opts
                 if args.paired:
                     cell["correct"], cell["images"] = correct_images(outcome)
+                    if not any(c["model"] == model and c["row"] == "fp" for c in results):
+                        # the FP model's own images, once per model: FP - uniform bounds what any row can gain
+                        fp_cell = {"model": model, "setting": "FP", "row": "fp", "fp": r["fp"], "quant": r["fp"],
+                                   "seed": args.seed}
+                        fp_cell["correct"], fp_cell["images"] = correct_images(outcome, fp=True)
+                        results.append(fp_cell)
+                        if args.jsonl:
+                            with args.jsonl.open("a") as fh:
+                                fh.write(json.dumps(fp_cell) + "\n")
                 results.append(cell)
                 print(json.dumps({k: v for k, v in cell.items() if k != "correct"}), flush=True)
                 if args.jsonl:
@@ -188,11 +198,14 @@ def main() -> int:
         paired = [(c, u) for c in sub if c["row"] != "uniform" and "correct" in c
                   for u in sub if u["setting"] == c["setting"] and "correct" in u
                   and (u["row"] == "uniform" or (c["row"] in LATTICE_ROWS and u["row"] in BASELINE_ROWS))]
+        fp = next((c for c in sub if c["row"] == "fp"), None)
+        if fp:
+            paired += [(fp, u) for u in sub if u["row"] == "uniform" and "correct" in u]
         if paired:
             print(f"\n{model}: paired differences on the same test images (points, 95 % interval)\n")
             for c, u in paired:
                 d, half = paired_difference(c["correct"], u["correct"], min(c["images"], u["images"]))
-                print(f"* {c['row']} - {u['row']} {c['setting']}: {d:+.2f} +- {half:.2f}")
+                print(f"* {c['row']} - {u['row']} {u['setting']}: {d:+.2f} +- {half:.2f}")
     return 0
 
 
