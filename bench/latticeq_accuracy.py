@@ -1,7 +1,7 @@
 """LatticeQ against uniform, ACIQ, RDOQ and QDrop at the seed's settings (W4A8B8, W4A4B4, W3A8B8) on the zoo models.
 
     OMP_NUM_THREADS=1 python bench/latticeq_accuracy.py [--models zoo:fmnist_resnet] [--settings W4A8B8 W4A4B4 W3A8B8]
-        [--rows uniform latticeq aciq rdoq latticeq+recon scalar-grid qdrop] [--jsonl FILE] [--device cpu]
+        [--rows uniform latticeq aciq rdoq aciq-bits latticeq+recon scalar-grid qdrop] [--jsonl FILE] [--device cpu]
         [--lattice-option weighting=input ...]
 
 Cells run row by row (all settings of a row, then the next row); with ``--jsonl`` the cells already in the file
@@ -17,6 +17,10 @@ weights, which is easier); residual sums, pooling, attention matmuls and softmax
 * ``aciq``: ``--plugin aciq --w-bits W --a-bits A`` (per-channel bits and activation scales: simulation);
 * ``rdoq``: ``--plugin rdoq --target-bits T --a-bits A`` with ``T`` = the latticeq row's ``w_bits_avg`` (basis
   storage included), i.e. the same total weight bits; deployable;
+* ``aciq-bits``: ``aciq`` with ``-o w_target=t``, ``t`` chosen so that the run's ``w_bits_avg`` (8-bit first/last
+  layers included) equals the latticeq row's: ``t = (T - 8 f) / (1 - f)``, ``f`` the 8-bit layers' share of the
+  weights, read off the ``aciq`` cell (``f = (avg - W) / (8 - W)``); ACIQ's per-channel allocation spends the
+  extra bits; simulation;
 * ``latticeq``: ``--plugin latticeq --w-bits W --a-bits A -o basis_bits=B`` (per-tensor quantile activation
   ranges; per channel, a basis only where it pays for its stored bits, ``-o select``'s default; not an integer
   grid, so "deployable no");
@@ -53,13 +57,25 @@ import torch
 
 from qcore import RunConfig, RunOutcome, load_host, run
 
-ROWS = ["uniform", "latticeq", "aciq", "rdoq", "latticeq+recon", "scalar-grid", "qdrop"]
+ROWS = ["uniform", "latticeq", "aciq", "rdoq", "aciq-bits", "latticeq+recon", "scalar-grid", "qdrop"]
+#: rows whose paired differences are also printed against every baseline row of the same setting (``--paired``)
+LATTICE_ROWS, BASELINE_ROWS = ("latticeq", "latticeq+recon", "scalar-grid"), ("aciq", "rdoq", "aciq-bits", "qdrop")
+#: rows whose cells do not depend on latticeq's options
+PLAIN_ROWS = ("uniform", "aciq", "qdrop", "fp")
 
 
 def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | None, device: str,
-           lattice_options: dict[str, Any] | None = None) -> RunConfig:
-    """The run of one cell."""
-    common: dict[str, Any] = {"model": model, "device": device}
+           lattice_options: dict[str, Any] | None = None, seed: int = 0,
+           pinned_share: float | None = None) -> RunConfig:
+    """The run of one cell (``pinned_share``: the fraction of weights in the 8-bit first/last layers, for
+    ``aciq-bits``)."""
+    common: dict[str, Any] = {"model": model, "device": device, "seed": seed}
+    if row == "aciq-bits":  # ACIQ's per-channel allocation at latticeq's average over the layers it allocates
+        if lattice_bits is None or pinned_share is None:
+            raise SystemExit("the aciq-bits row needs the latticeq and aciq rows first (latticeq's w_bits_avg is "
+                             "the target; aciq's gives the 8-bit first/last layers' share of the weights)")
+        w_target = (lattice_bits - 8 * pinned_share) / (1 - pinned_share)
+        return RunConfig(plugin="aciq", w_bits=w, a_bits=a, options={"w_target": round(w_target, 4)}, **common)
     if row == "rdoq":
         if lattice_bits is None:
             raise SystemExit("the rdoq row needs the latticeq row first (its w_bits_avg is rdoq's target)")
@@ -76,15 +92,16 @@ def config(row: str, model: str, w: int, a: int, b: int, lattice_bits: float | N
     return RunConfig(plugin=row, w_bits=w, a_bits=a, **common)
 
 
-def correct_images(outcome: RunOutcome) -> tuple[str, int]:
-    """Which test images the quantized model gets right, as a hex string of packed bits (evaluation order), and
-    how many images."""
+def correct_images(outcome: RunOutcome, fp: bool = False) -> tuple[str, int]:
+    """Which test images the quantized model (``fp``: the run's FP model) gets right, as a hex string of packed
+    bits (evaluation order), and how many images."""
     from qcore_classification.fashion_mnist import read_embedded
 
+    model = outcome.fp_model if fp else outcome.model
     preds: list[torch.Tensor] = []
-    hook = outcome.model.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(dim=1).cpu()))
+    hook = model.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(dim=1).cpu()))
     try:
-        outcome.ctx.task.evaluate(outcome.model)
+        outcome.ctx.task.evaluate(model)
     finally:
         hook.remove()
     p = torch.cat(preds).numpy()
@@ -110,6 +127,10 @@ def main() -> int:
                    help="record each cell's correct test images; print paired differences to uniform (zoo models)")
     p.add_argument("--lattice-option", action="append", default=[], metavar="KEY=VALUE",
                    help="-o KEY=VALUE for the latticeq rows (repeatable), e.g. weighting=input")
+    p.add_argument("--seed", type=int, default=0,
+                   help="calibration seed of every cell (default 0); a resumed file only reuses cells of this seed")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="also write each cell's full result.json here (MODEL_SETTING_ROW[_sSEED].json)")
     args = p.parse_args()
     lat_opts: dict[str, Any] = {}
     for item in args.lattice_option:
@@ -132,10 +153,11 @@ def main() -> int:
     if args.jsonl and args.jsonl.exists():  # resume: keep the cells already measured
         done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
     # cells of the latticeq family (and rdoq, whose target is latticeq's bits) count only with the same options
-    done = [c for c in done if c["row"] in ("uniform", "aciq", "qdrop") or c.get("lattice_options", {}) == lat_opts]
+    done = [c for c in done if c["row"] in PLAIN_ROWS or c.get("lattice_options", {}) == lat_opts]
+    done = [c for c in done if c.get("seed", 0) == args.seed]
     results: list[dict[str, Any]] = list(done)
     # row by row (every setting of the cheap rows first), latticeq before rdoq (its bits are rdoq's target)
-    order = sorted(rows, key=lambda r: (r == "rdoq", ROWS.index(r)))
+    order = sorted(rows, key=lambda r: (r in ("rdoq", "aciq-bits"), ROWS.index(r)))
     for model in args.models:
         for row in order:
             for setting, w, a, b in settings:
@@ -143,17 +165,35 @@ def main() -> int:
                     continue
                 lat = next((c["w_bits_avg"] for c in results if c["model"] == model and c["setting"] == setting
                             and c["row"] == "latticeq"), None)
+                # share of the weights in the 8-bit first/last layers, from aciq's (integer-bit) average
+                ref = next((c["w_bits_avg"] for c in results if c["model"] == model and c["setting"] == setting
+                            and c["row"] == "aciq"), None)
+                share = None if ref is None else (ref - w) / (8 - w)
                 t0 = time.perf_counter()
                 outcome = run(config(row, model, w, a, b, None if lat is None else round(lat, 3), args.device,
-                                     lat_opts), host)
+                                     lat_opts, args.seed, share), host)
                 r = outcome.result
                 cell = {"model": model, "setting": setting, "row": row, "fp": r["fp"], "quant": r["quant"],
                         "w_bits_avg": r["w_bits_avg"], "a_bits_avg": r["a_bits_avg"], "size_mb": r["size_mb"],
-                        "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1)}
-                if row not in ("uniform", "aciq", "qdrop"):
+                        "deployable": r["quantized"]["deployable"], "seconds": round(time.perf_counter() - t0, 1),
+                        "seed": args.seed}
+                if args.results_dir:
+                    args.results_dir.mkdir(parents=True, exist_ok=True)
+                    name = f"{model.replace(':', '_')}_{setting}_{row}" + (f"_s{args.seed}" if args.seed else "")
+                    (args.results_dir / f"{name}.json").write_text(json.dumps(r, indent=1, default=str))
+                if row not in PLAIN_ROWS:
                     cell["lattice_options"] = lat_opts
                 if args.paired:
                     cell["correct"], cell["images"] = correct_images(outcome)
+                    if not any(c["model"] == model and c["row"] == "fp" for c in results):
+                        # the FP model's own images, once per model: FP - uniform bounds what any row can gain
+                        fp_cell = {"model": model, "setting": "FP", "row": "fp", "fp": r["fp"], "quant": r["fp"],
+                                   "seed": args.seed}
+                        fp_cell["correct"], fp_cell["images"] = correct_images(outcome, fp=True)
+                        results.append(fp_cell)
+                        if args.jsonl:
+                            with args.jsonl.open("a") as fh:
+                                fh.write(json.dumps(fp_cell) + "\n")
                 results.append(cell)
                 print(json.dumps({k: v for k, v in cell.items() if k != "correct"}), flush=True)
                 if args.jsonl:
@@ -172,13 +212,18 @@ def main() -> int:
             print(f"| {row} | {'yes' if dep else 'no'} | " + " | ".join(
                 f"{c['quant']:.2f} ({c['w_bits_avg']:.2f}/{c['a_bits_avg']:.2f}), {c['seconds']:.0f} s" if c else "-"
                 for c in cells) + " |")
+        # every row against uniform; the latticeq rows also against each baseline measured at their setting
         paired = [(c, u) for c in sub if c["row"] != "uniform" and "correct" in c
-                  for u in sub if u["row"] == "uniform" and u["setting"] == c["setting"] and "correct" in u]
+                  for u in sub if u["setting"] == c["setting"] and "correct" in u
+                  and (u["row"] == "uniform" or (c["row"] in LATTICE_ROWS and u["row"] in BASELINE_ROWS))]
+        fp = next((c for c in sub if c["row"] == "fp"), None)
+        if fp:
+            paired += [(fp, u) for u in sub if u["row"] == "uniform" and "correct" in u]
         if paired:
-            print(f"\n{model}: paired difference to uniform on the same test images (points, 95 % interval)\n")
+            print(f"\n{model}: paired differences on the same test images (points, 95 % interval)\n")
             for c, u in paired:
                 d, half = paired_difference(c["correct"], u["correct"], min(c["images"], u["images"]))
-                print(f"* {c['row']} {c['setting']}: {d:+.2f} +- {half:.2f}")
+                print(f"* {c['row']} - {u['row']} {u['setting']}: {d:+.2f} +- {half:.2f}")
     return 0
 
 
