@@ -98,7 +98,8 @@ for _bits in (4, 3):  # the allocation from replay (the reference's curves, test
     ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, replay curves"] = {
         "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "replay"}}
     ROWS[f"rdoq {_bits}-bit average, 30 3-D convs, weights only, second-order curves"] = {
-        "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
+        "plugin": "rdoq", "target_bits": float(_bits),
+        "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
 
 #: rows for zoo:voxelnext_nuscenes_like (32 spconv layers, 18 of them 3-D). The RDOQ seed's setting there is the
 #: weights of all 18 3-D sparse convs (the same include pattern as README's command; the seed's "30" counts the

@@ -104,9 +104,9 @@ def test_ilp_equals_brute_force_and_never_exceeds_budgets(seed):
     ref = brute_force(sizes, dist, choices, size_budget, macs=macs, bops_budget=bops_budget)
     assert ref is not None
     assert ilp.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
-    assert ilp.size_bits == sum(s * b for s, b in zip(sizes, ilp.bits)) <= size_budget
+    assert ilp.size_bits == sum(s * b for s, b in zip(sizes, ilp.bits, strict=True)) <= size_budget
     if bops_budget is not None:
-        assert sum(m * b for m, b in zip(macs, ilp.bits)) <= bops_budget
+        assert sum(m * b for m, b in zip(macs, ilp.bits, strict=True)) <= bops_budget
 
 
 def test_ilp_refuses_an_impossible_budget():
