@@ -14,6 +14,13 @@ float16 weights run in float32, which is the FP reference every benchmark uses):
     python -m qcore_classification.zoo.train --arch fmnist_tv_resnet18 --data /usr/share/datasets/fashion-mnist \
         --out classification/src/qcore_classification/zoo/weights --epochs 1 --train-size 30000 --fp16 --seed 0
 
+A second stage continues from shipped weights (``--init``: a fresh warm-up and cosine schedule; ``--train-skip``
+picks images the first stage did not see, ``--train-size`` omitted with ``--train-skip 0``: the whole train split);
+the JSON record then lists both stages (``stages``: command, recipe, data, images seen, wall and CPU seconds)::
+
+    python -m qcore_classification.zoo.train --arch fmnist_tv_resnet18 --data /usr/share/datasets/fashion-mnist \
+        --out <folder> --epochs 1 --fp16 --seed 1 --init <stage-1 folder>/fmnist_tv_resnet18.safetensors
+
 Augmentation: random shifts by up to 2 pixels (zero padding) and horizontal flips, applied to whole batches
 on the training device; models with another input (``zoo.models.INPUTS``: 3 channels, 32 px) get the augmented
 28 px batch resized and repeated to their input exactly as ``qcore_classification.data.adapt`` does.
