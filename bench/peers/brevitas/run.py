@@ -19,12 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-
 import brevitas  # noqa: E402
+import common  # noqa: E402
 from brevitas.graph.quantize import preprocess_for_quantize  # noqa: E402
 from brevitas_examples.imagenet_classification.ptq.ptq_common import (  # noqa: E402
-    apply_bias_correction, apply_gptq, calibrate, quantize_model)
+    apply_bias_correction,
+    apply_gptq,
+    calibrate,
+    quantize_model,
+)
 
 DESCRIBE = {
     "first_last": "8-bit (W8A8)",
