@@ -54,8 +54,9 @@ def main() -> int:
     p.add_argument("--bits", type=int, nargs=2, default=(2, 8))
     p.add_argument("--projections", type=int, nargs="+", default=[8])
     p.add_argument("--ref-layers", nargs="+", default=["backbone.conv1.0.conv2", "backbone.conv5.1.conv1"])
-    p.add_argument("--directions", choices=("sample", "batch", "half", "quadrant"), default="sample",
-                   help="second-order random directions per scene (what qcore run does through the task's split), "
+    p.add_argument("--directions", nargs="+", choices=("sample", "batch", "half", "quadrant"), default=["sample"],
+                   help="one or more of: "
+                        "second-order random directions per scene (what qcore run does through the task's split), "
                         "per batch of all the scenes (before 2026-12-02), or per half / quadrant of every scene "
                         "(qcore run -o curve_tiles=2 / 4)")
     p.add_argument("--json", type=Path, default=None)
@@ -64,9 +65,9 @@ def main() -> int:
     model, record = load_detector(MODELS[args.model])
     scenes = SyntheticSplit("train", args.scenes, seed=0, world=str(record.get("world", "classic")))
     batches = [collate([scenes[i] for i in range(args.scenes)], record["voxel_config"])]
-    tiles = {"sample": 1, "half": 2, "quadrant": 4}.get(args.directions)
-    so_batches = ([collate([t], record["voxel_config"]) for i in range(args.scenes)
-                   for t in scene_tiles(scenes[i], tiles)] if tiles else batches)
+    tiles = {"sample": 1, "half": 2, "quadrant": 4}
+    so_batches = {d: [collate([t], record["voxel_config"]) for i in range(args.scenes)
+                      for t in scene_tiles(scenes[i], tiles[d])] if d in tiles else batches for d in args.directions}
     fwd = make_target("bev")
     layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules()
               if spconv_layer_info(m, n) is not None and any(fnmatch.fnmatch(n, pat) for pat in THREE_D)}
@@ -89,14 +90,15 @@ def main() -> int:
                                                             "reference"))
     print(f"reference, {sub_cands} candidates: {t_ref1:.1f} s (CPU {c_ref1:.1f} s)", flush=True)
     gn = {}
-    for k in args.projections:
-        curves, t, cpu = timed(lambda k=k: projected_curve_set(
-            model, fwd, so_batches, layers, args.group, bits, [0.0], k,
+    for d, k in ((d, k) for d in args.directions for k in args.projections):
+        curves, t, cpu = timed(lambda k=k, d=d: projected_curve_set(
+            model, fwd, so_batches[d], layers, args.group, bits, [0.0], k,
             grad_context=lambda: spconv_cpu_guard("cpu"))[0])
-        gn[k] = (curves, t, cpu)
-        out[f"second_order_{k}_seconds"] = round(t, 1)
-        out[f"second_order_{k}_cpu_seconds"] = round(cpu, 1)
-        print(f"second-order, {k} projections, all {len(layers)} layers: {t:.1f} s (CPU {cpu:.1f} s)", flush=True)
+        gn[d, k] = (curves, t, cpu)
+        out[f"second_order_{d}_{k}_seconds"] = round(t, 1)
+        out[f"second_order_{d}_{k}_cpu_seconds"] = round(cpu, 1)
+        print(f"second-order, directions per {d}, {k} projections, all {len(layers)} layers: {t:.1f} s "
+              f"(CPU {cpu:.1f} s)", flush=True)
     ref2, t_ref2, c_ref2 = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits,
                                                             "reference"))
     print(f"reference again: {t_ref2:.1f} s (CPU {c_ref2:.1f} s)", flush=True)
@@ -122,7 +124,7 @@ def main() -> int:
           f"candidates ~{ref_total:.0f} s (CPU ~{cpu_ref_total:.0f} s); "
           f"replay {t_ref1 / t_rep:.2f}x on the subset, max rel. diff to reference {rel.max():.2e}")
     names = list(layers)
-    for k, (curves, t, cpu) in gn.items():
+    for (d, k), (curves, t, cpu) in gn.items():
         at, rows = 0, []
         for n in names:
             ng = len(weight_groups(layers[n], args.group))
@@ -130,11 +132,11 @@ def main() -> int:
                 rows.append(curves.dist[at:at + ng])
             at += ng
         ratio = np.concatenate(rows) / ref1.dist
-        out[f"second_order_{k}_vs_reference"] = round(ref_total / t, 1)
-        out[f"second_order_{k}_vs_reference_cpu"] = round(cpu_ref_total / cpu, 1)
-        out[f"second_order_{k}_ratio_to_measured"] = [float(np.median(ratio)), float(np.percentile(ratio, 5)),
+        out[f"second_order_{d}_{k}_vs_reference"] = round(ref_total / t, 1)
+        out[f"second_order_{d}_{k}_vs_reference_cpu"] = round(cpu_ref_total / cpu, 1)
+        out[f"second_order_{d}_{k}_ratio_to_measured"] = [float(np.median(ratio)), float(np.percentile(ratio, 5)),
                                                       float(np.percentile(ratio, 95))]
-        print(f"second-order ({k} projections) {ref_total / t:.1f}x the extrapolated reference in wall time, "
+        print(f"second-order ({d}, {k} projections) {ref_total / t:.1f}x the extrapolated reference in wall time, "
               f"{cpu_ref_total / cpu:.1f}x in CPU time; estimate / measured "
               f"on the subset: median {np.median(ratio):.2f}, 5-95 % {np.percentile(ratio, 5):.2f}-"
               f"{np.percentile(ratio, 95):.2f}")
