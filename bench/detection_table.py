@@ -133,6 +133,10 @@ for _bits in (4, 3):
                       "per quadrant (-o curve_tiles=4)"] = {
             "plugin": "rdoq", "target_bits": float(_bits),
             "options": {**SEED_RDOQ, "engine": "second-order", "projections": _k, "curve_tiles": 4}}
+    NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, second-order curves, 8 projections "
+                  "per half (-o curve_tiles=2)"] = {
+        "plugin": "rdoq", "target_bits": float(_bits),
+        "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8, "curve_tiles": 2}}
 #: why exact RDOQ loses to uniform W3 (issue 19): the seed's groups of 16 output channels at 3 bits in every
 #: group (RDOQ's own quantizer and clip, no allocation), and the exact plan with one group per output channel
 #: (uniform's granularity, RDOQ's allocation)
@@ -166,6 +170,11 @@ PAIRS = [
     *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves, {k} projections per quadrant "
        "(-o curve_tiles=4)", other)
       for b in (4, 3) for k in (4, 8)
+      for other in (f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves",
+                    f"uniform W{b}, 18 3-D convs, weights only")],
+    *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves, 8 projections per half "
+       "(-o curve_tiles=2)", other)
+      for b in (4, 3)
       for other in (f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves",
                     f"uniform W{b}, 18 3-D convs, weights only")],
     *[(f"rdoq 3{g}, 18 3-D convs, weights only{e}", "uniform W3, 18 3-D convs, weights only")

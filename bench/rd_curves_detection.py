@@ -66,7 +66,8 @@ def main() -> int:
     scenes = SyntheticSplit("train", args.scenes, seed=0, world=str(record.get("world", "classic")))
     batches = [collate([scenes[i] for i in range(args.scenes)], record["voxel_config"])]
     tiles = {"sample": 1, "half": 2, "quadrant": 4}
-    so_batches = {d: [collate([t], record["voxel_config"]) for i in range(args.scenes)
+    # a tile carries its count, as the task's split gives it: its BEV target is then on the scene's scale
+    so_batches = {d: [{**collate([t], record["voxel_config"]), "curve_tiles": tiles[d]} for i in range(args.scenes)
                       for t in scene_tiles(scenes[i], tiles[d])] if d in tiles else batches for d in args.directions}
     fwd = make_target("bev")
     layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules()
