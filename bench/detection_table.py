@@ -185,6 +185,8 @@ PAIRS = [
      "rdoq 3-bit average, 18 3-D convs, weights only, replay curves"),
     ("rdoq 3-bit average, 18 3-D convs, weights only, replay curves",
      "rdoq 3 bits in every group (min_bits=max_bits=3), groups of 16, 18 3-D convs, weights only"),
+    ("rdoq 3 bits in every group (min_bits=max_bits=3), groups of 1, 18 3-D convs, weights only",
+     "rdoq 3 bits in every group (min_bits=max_bits=3), groups of 16, 18 3-D convs, weights only"),
 ]
 
 
