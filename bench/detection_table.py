@@ -121,10 +121,32 @@ for _bits in (4, 3):
         "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8}}
     NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, replay curves"] = {
         "plugin": "rdoq", "target_bits": float(_bits), "options": {**SEED_RDOQ, "engine": "replay"}}
-    for _k in (12, 16):
+    for _k in (12, 14, 16):
         _name = f"rdoq {_bits}-bit average, 18 3-D convs, weights only, second-order curves, {_k} projections"
         NUSCENES_ROWS[_name] = {"plugin": "rdoq", "target_bits": float(_bits),
                                 "options": {**SEED_RDOQ, "engine": "second-order", "projections": _k}}
+#: directions per quadrant of each calibration scene (the detection task's -o curve_tiles=4): the cross terms
+#: between a scene's quadrants drop out of the projected estimate, as those between scenes do
+for _bits in (4, 3):
+    for _k in (4, 8):
+        NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, second-order curves, {_k} projections "
+                      "per quadrant (-o curve_tiles=4)"] = {
+            "plugin": "rdoq", "target_bits": float(_bits),
+            "options": {**SEED_RDOQ, "engine": "second-order", "projections": _k, "curve_tiles": 4}}
+    NUSCENES_ROWS[f"rdoq {_bits}-bit average, 18 3-D convs, weights only, second-order curves, 8 projections "
+                  "per half (-o curve_tiles=2)"] = {
+        "plugin": "rdoq", "target_bits": float(_bits),
+        "options": {**SEED_RDOQ, "engine": "second-order", "projections": 8, "curve_tiles": 2}}
+#: why exact RDOQ loses to uniform W3 (issue 19): the seed's groups of 16 output channels at 3 bits in every
+#: group (RDOQ's own quantizer and clip, no allocation), and the exact plan with one group per output channel
+#: (uniform's granularity, RDOQ's allocation)
+NUSCENES_ROWS["rdoq 3 bits in every group (min_bits=max_bits=3), groups of 16, 18 3-D convs, weights only"] = {
+    "plugin": "rdoq", "target_bits": 3.0, "options": {**SEED_RDOQ, "engine": "replay", "min_bits": 3, "max_bits": 3}}
+NUSCENES_ROWS["rdoq 3 bits in every group (min_bits=max_bits=3), groups of 1, 18 3-D convs, weights only"] = {
+    "plugin": "rdoq", "target_bits": 3.0,
+    "options": {**SEED_RDOQ, "engine": "replay", "min_bits": 3, "max_bits": 3, "group": 1}}
+NUSCENES_ROWS["rdoq 3-bit average, groups of 1 (-o group=1), 18 3-D convs, weights only, replay curves"] = {
+    "plugin": "rdoq", "target_bits": 3.0, "options": {**SEED_RDOQ, "engine": "replay", "group": 1}}
 
 #: method comparisons at the same setting (the first row minus the second), besides every row against FP
 PAIRS = [
@@ -142,9 +164,29 @@ PAIRS = [
     *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves",
        f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves") for b in (4, 3)],
     *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves, {k} projections", other)
-      for b in (4, 3) for k in (12, 16)
+      for b in (4, 3) for k in (12, 14, 16)
       for other in (f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves",
                     f"uniform W{b}, 18 3-D convs, weights only")],
+    *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves, {k} projections per quadrant "
+       "(-o curve_tiles=4)", other)
+      for b in (4, 3) for k in (4, 8)
+      for other in (f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves",
+                    f"uniform W{b}, 18 3-D convs, weights only")],
+    *[(f"rdoq {b}-bit average, 18 3-D convs, weights only, second-order curves, 8 projections per half "
+       "(-o curve_tiles=2)", other)
+      for b in (4, 3)
+      for other in (f"rdoq {b}-bit average, 18 3-D convs, weights only, replay curves",
+                    f"uniform W{b}, 18 3-D convs, weights only")],
+    *[(f"rdoq 3{g}, 18 3-D convs, weights only{e}", "uniform W3, 18 3-D convs, weights only")
+      for g, e in ((" bits in every group (min_bits=max_bits=3), groups of 16", ""),
+                   (" bits in every group (min_bits=max_bits=3), groups of 1", ""),
+                   ("-bit average, groups of 1 (-o group=1)", ", replay curves"))],
+    ("rdoq 3-bit average, groups of 1 (-o group=1), 18 3-D convs, weights only, replay curves",
+     "rdoq 3-bit average, 18 3-D convs, weights only, replay curves"),
+    ("rdoq 3-bit average, 18 3-D convs, weights only, replay curves",
+     "rdoq 3 bits in every group (min_bits=max_bits=3), groups of 16, 18 3-D convs, weights only"),
+    ("rdoq 3 bits in every group (min_bits=max_bits=3), groups of 1, 18 3-D convs, weights only",
+     "rdoq 3 bits in every group (min_bits=max_bits=3), groups of 16, 18 3-D convs, weights only"),
 ]
 
 

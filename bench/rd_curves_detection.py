@@ -19,7 +19,8 @@ the whole target, one backward pass each) runs on all 30 layers; its curves are 
 on the subset. Its directions are drawn per scene (``--directions sample``, the default, as ``qcore run`` does
 through the detection task's ``split``: each scene one forward pass and K backward passes) or over the batch of
 all the scenes at once (``--directions batch``, the engine before 2026-12-02: the cross terms between scenes
-add noise at the same cost).
+add noise at the same cost), or per half / quadrant of every scene (``--directions half`` / ``quadrant``, what
+``qcore run -o curve_tiles=2`` / ``4`` does: the cross terms between a scene's tiles drop out as well).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from qcore import measure_layers
 from qcore_detection.spconv_layers import spconv_cpu_guard, spconv_layer_info
 from qcore_detection.synthetic import SyntheticSplit
 from qcore_detection.voxelize import collate
-from qcore_detection.zoo import MODELS, load_detector, make_target
+from qcore_detection.zoo import MODELS, load_detector, make_target, scene_tiles
 from qcore_rdoq.curves import first_order_curves
 from qcore_rdoq.groups import weight_groups
 from qcore_rdoq.second_order import projected_curve_set
@@ -53,17 +54,21 @@ def main() -> int:
     p.add_argument("--bits", type=int, nargs=2, default=(2, 8))
     p.add_argument("--projections", type=int, nargs="+", default=[8])
     p.add_argument("--ref-layers", nargs="+", default=["backbone.conv1.0.conv2", "backbone.conv5.1.conv1"])
-    p.add_argument("--directions", choices=("sample", "batch"), default="sample",
-                   help="second-order random directions per scene (what qcore run does through the task's split) "
-                        "or per batch of all the scenes (before 2026-12-02)")
+    p.add_argument("--directions", nargs="+", choices=("sample", "batch", "half", "quadrant"), default=["sample"],
+                   help="one or more of: "
+                        "second-order random directions per scene (what qcore run does through the task's split), "
+                        "per batch of all the scenes (before 2026-12-02), or per half / quadrant of every scene "
+                        "(qcore run -o curve_tiles=2 / 4)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--model", default="voxelnext_lite", choices=list(MODELS), help="zoo detector (--model zoo:NAME)")
     args = p.parse_args()
     model, record = load_detector(MODELS[args.model])
     scenes = SyntheticSplit("train", args.scenes, seed=0, world=str(record.get("world", "classic")))
     batches = [collate([scenes[i] for i in range(args.scenes)], record["voxel_config"])]
-    so_batches = ([collate([scenes[i]], record["voxel_config"]) for i in range(args.scenes)]
-                  if args.directions == "sample" else batches)
+    tiles = {"sample": 1, "half": 2, "quadrant": 4}
+    # a tile carries its count, as the task's split gives it: its BEV target is then on the scene's scale
+    so_batches = {d: [{**collate([t], record["voxel_config"]), "curve_tiles": tiles[d]} for i in range(args.scenes)
+                      for t in scene_tiles(scenes[i], tiles[d])] if d in tiles else batches for d in args.directions}
     fwd = make_target("bev")
     layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules()
               if spconv_layer_info(m, n) is not None and any(fnmatch.fnmatch(n, pat) for pat in THREE_D)}
@@ -82,32 +87,45 @@ def main() -> int:
         res = fn()
         return res, time.perf_counter() - t0, time.process_time() - c0
 
-    ref1, t_ref1, _ = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits, "reference"))
-    print(f"reference, {sub_cands} candidates: {t_ref1:.1f} s", flush=True)
+    ref1, t_ref1, c_ref1 = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits,
+                                                            "reference"))
+    print(f"reference, {sub_cands} candidates: {t_ref1:.1f} s (CPU {c_ref1:.1f} s)", flush=True)
     gn = {}
-    for k in args.projections:
-        curves, t, cpu = timed(lambda k=k: projected_curve_set(
-            model, fwd, so_batches, layers, args.group, bits, [0.0], k,
+    for d, k in ((d, k) for d in args.directions for k in args.projections):
+        curves, t, cpu = timed(lambda k=k, d=d: projected_curve_set(
+            model, fwd, so_batches[d], layers, args.group, bits, [0.0], k,
             grad_context=lambda: spconv_cpu_guard("cpu"))[0])
-        gn[k] = (curves, t)
-        out[f"second_order_{k}_seconds"] = round(t, 1)
-        print(f"second-order, {k} projections, all {len(layers)} layers: {t:.1f} s (CPU {cpu:.1f} s)", flush=True)
-    ref2, t_ref2, _ = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits, "reference"))
-    print(f"reference again: {t_ref2:.1f} s", flush=True)
-    rep, t_rep, _ = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits, "replay"))
-    print(f"replay, same {sub_cands} candidates: {t_rep:.1f} s", flush=True)
+        gn[d, k] = (curves, t, cpu)
+        out[f"second_order_{d}_{k}_seconds"] = round(t, 1)
+        out[f"second_order_{d}_{k}_cpu_seconds"] = round(cpu, 1)
+        print(f"second-order, directions per {d}, {k} projections, all {len(layers)} layers: {t:.1f} s "
+              f"(CPU {cpu:.1f} s)", flush=True)
+    ref2, t_ref2, c_ref2 = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits,
+                                                            "reference"))
+    print(f"reference again: {t_ref2:.1f} s (CPU {c_ref2:.1f} s)", flush=True)
+    rep, t_rep, c_rep = timed(lambda: first_order_curves(model, fwd, batches, subset, args.group, bits, "replay"))
+    print(f"replay, same {sub_cands} candidates: {t_rep:.1f} s (CPU {c_rep:.1f} s)", flush=True)
     per_cand = (t_ref1 + t_ref2) / 2 / sub_cands
     ref_total = per_cand * groups * len(bits)
+    # CPU time (this process's, one thread) as well as wall: on a shared machine the wall ratio moves with the
+    # load between the timed stretches; the CPU-time ratio is what the engines cost on an idle machine
+    cpu_per_cand = (c_ref1 + c_ref2) / 2 / sub_cands
+    cpu_ref_total = cpu_per_cand * groups * len(bits)
     rel = np.abs(rep.dist - ref1.dist) / ref1.dist
     out |= {"reference_subset_seconds": [round(t_ref1, 1), round(t_ref2, 1)],
             "reference_per_candidate_s": round(per_cand, 3), "reference_all_extrapolated_s": round(ref_total, 1),
-            "replay_subset_seconds": round(t_rep, 1), "replay_vs_reference_subset": round(t_ref1 / t_rep, 2),
+            "reference_subset_cpu_seconds": [round(c_ref1, 1), round(c_ref2, 1)],
+            "reference_per_candidate_cpu_s": round(cpu_per_cand, 3),
+            "reference_all_extrapolated_cpu_s": round(cpu_ref_total, 1),
+            "replay_subset_seconds": round(t_rep, 1), "replay_subset_cpu_seconds": round(c_rep, 1),
+            "replay_vs_reference_subset": round(t_ref1 / t_rep, 2),
             "replay_max_rel_diff": float(rel.max()),
             "reference_repeat_max_rel_diff": float((np.abs(ref2.dist - ref1.dist) / ref1.dist).max())}
-    print(f"reference per candidate {per_cand:.2f} s -> all {groups * len(bits)} candidates ~{ref_total:.0f} s; "
+    print(f"reference per candidate {per_cand:.2f} s (CPU {cpu_per_cand:.2f} s) -> all {groups * len(bits)} "
+          f"candidates ~{ref_total:.0f} s (CPU ~{cpu_ref_total:.0f} s); "
           f"replay {t_ref1 / t_rep:.2f}x on the subset, max rel. diff to reference {rel.max():.2e}")
     names = list(layers)
-    for k, (curves, t) in gn.items():
+    for (d, k), (curves, t, cpu) in gn.items():
         at, rows = 0, []
         for n in names:
             ng = len(weight_groups(layers[n], args.group))
@@ -115,10 +133,12 @@ def main() -> int:
                 rows.append(curves.dist[at:at + ng])
             at += ng
         ratio = np.concatenate(rows) / ref1.dist
-        out[f"second_order_{k}_vs_reference"] = round(ref_total / t, 1)
-        out[f"second_order_{k}_ratio_to_measured"] = [float(np.median(ratio)), float(np.percentile(ratio, 5)),
+        out[f"second_order_{d}_{k}_vs_reference"] = round(ref_total / t, 1)
+        out[f"second_order_{d}_{k}_vs_reference_cpu"] = round(cpu_ref_total / cpu, 1)
+        out[f"second_order_{d}_{k}_ratio_to_measured"] = [float(np.median(ratio)), float(np.percentile(ratio, 5)),
                                                       float(np.percentile(ratio, 95))]
-        print(f"second-order ({k} projections) {ref_total / t:.1f}x the extrapolated reference; estimate / measured "
+        print(f"second-order ({d}, {k} projections) {ref_total / t:.1f}x the extrapolated reference in wall time, "
+              f"{cpu_ref_total / cpu:.1f}x in CPU time; estimate / measured "
               f"on the subset: median {np.median(ratio):.2f}, 5-95 % {np.percentile(ratio, 5):.2f}-"
               f"{np.percentile(ratio, 95):.2f}")
     if args.json:

@@ -15,7 +15,8 @@ entries and the *plan excess*: the exact distortion
 average bits, relative to the exact optimum (the plan chosen from the exact curves). No evaluation of mAP: that is
 bench/detection_table.py's job. ``--exact-cache`` reads the exact curves from a curve-cache entry that ``qcore run
 -o engine=replay`` wrote on the same model, setting and scenes (its first ``--scenes`` calibration scenes) instead
-of measuring them again (~4 min on the loaded 2-core VM).
+of measuring them again (~4 min on the loaded 2-core VM). ``--tiles half quadrant`` adds the directions drawn per
+half / quadrant of every scene (``qcore run -o curve_tiles=2`` / ``4``) at every ``--projections``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from qcore.knapsack import solve_dp
 from qcore_detection.spconv_layers import spconv_cpu_guard, spconv_layer_info
 from qcore_detection.synthetic import SyntheticSplit
 from qcore_detection.voxelize import collate
-from qcore_detection.zoo import MODELS, load_detector, make_target
+from qcore_detection.zoo import MODELS, load_detector, make_target, scene_tiles
 from qcore_rdoq.cache import decode_entry
 from qcore_rdoq.curves import first_order_curves
 from qcore_rdoq.groups import weight_groups
@@ -56,6 +57,8 @@ def main() -> int:
                         "measuring them with the replay engine")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--targets", type=float, nargs="+", default=[3.0, 4.0])
+    p.add_argument("--tiles", nargs="*", choices=("half", "quadrant"), default=[],
+                   help="also draw the directions per half / quadrant of every scene (qcore run -o curve_tiles=2 / 4)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     model, record = load_detector(MODELS[args.model])
@@ -63,6 +66,9 @@ def main() -> int:
     scenes = SyntheticSplit("train", args.scenes, seed=0, world=str(record.get("world", "classic")))
     whole = [collate([scenes[i] for i in range(args.scenes)], vcfg)]
     per_scene = [collate([scenes[i]], vcfg) for i in range(args.scenes)]
+    count = {"half": 2, "quadrant": 4}
+    per_tile = {d: [{**collate([t], vcfg), "curve_tiles": count[d]} for i in range(args.scenes)
+                    for t in scene_tiles(scenes[i], count[d])] for d in args.tiles}
     fwd = make_target("bev")
     layers = {n: spconv_layer_info(m, n) for n, m in model.named_modules()
               if spconv_layer_info(m, n) is not None and any(fnmatch.fnmatch(n, pat) for pat in THREE_D)}
@@ -94,8 +100,9 @@ def main() -> int:
                  "runs": []}
     settings = [("batch", k) for k in args.projections if k == min(args.projections)]
     settings += [("sample", k) for k in args.projections]
+    settings += [(d, k) for d in args.tiles for k in args.projections]
     for directions, k in settings:
-        batches = whole if directions == "batch" else per_scene
+        batches = whole if directions == "batch" else per_scene if directions == "sample" else per_tile[directions]
         for seed in args.seeds:
             t0 = time.perf_counter()
             est = projected_curve_set(model, fwd, batches, layers, args.group, bits, [0.0], k,

@@ -77,6 +77,40 @@ def test_split_gives_one_batch_per_scene_with_the_same_targets(host):
     torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_curve_tiles_cut_every_scene_into_disjoint_pieces(host):
+    """``-o curve_tiles=4``: the task's ``split`` gives one batch per quadrant of every scene (RDOQ's projected
+    curves then draw their directions per quadrant); the quadrants hold every point of the scene exactly once,
+    and 1 (the default) keeps the scenes whole."""
+    import numpy as np
+
+    from qcore_detection.synthetic import SyntheticSplit
+    from qcore_detection.zoo import scene_tiles
+
+    scene = SyntheticSplit("train", 1, seed=0)[0]
+    assert scene_tiles(scene, 1) == [scene]
+    for tiles in (2, 4):
+        parts = scene_tiles(scene, tiles)
+        assert len(parts) == tiles and all(len(p.points) > 0 for p in parts)
+        both = np.concatenate([p.points for p in parts])
+        assert len(both) == len(scene.points)
+        assert np.array_equal(np.unique(both, axis=0), np.unique(scene.points, axis=0))
+        assert all(np.array_equal(p.gt_boxes, scene.gt_boxes) for p in parts)
+    inst = host.get("task", "detection")().build(RunConfig(**{**SMALL, "eval_size": 1},
+                                                           options={"curve_tiles": 4}), host)
+    pieces = inst.split(inst.calibration[0])
+    assert len(pieces) == 4 * inst.calibration[0]["batch_size"] and all(p["batch_size"] == 1 for p in pieces)
+    assert sum(len(p["points"]) for p in pieces) == len(inst.calibration[0]["points"])
+    with torch.no_grad():  # a tile's BEV target is scaled so that the mean square over the tiles is the scene's
+        whole = inst.forward(inst.model, inst.calibration[0]).pow(2).mean()
+        tiled = torch.stack([inst.forward(inst.model, p).pow(2).mean() for p in pieces]).mean()
+    assert 0.8 < float(tiled / whole) < 1.25
+    with pytest.raises(QcoreError, match="curve_tiles=3"):
+        host.get("task", "detection")().build(RunConfig(**SMALL, options={"curve_tiles": 3}), host)
+    with pytest.raises(QcoreError, match="embedded detectors"):
+        host.get("task", "detection")().build(RunConfig(**{**SMALL, "model": "pcdet:x.yaml"},
+                                                        options={"curve_tiles": 4}), host)
+
+
 def test_aciq_is_task_agnostic(host):
     out = run(RunConfig(plugin="aciq", **SMALL, options={"include": FIRST_STAGES, "first_last": "same",
                                                           "act_correction": "affine"}), host)

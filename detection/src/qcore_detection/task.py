@@ -9,6 +9,8 @@ from typing import Any, Literal
 from qcore import QcoreError, RunConfig, Task, TaskInstance
 
 DEFAULT_MODEL = "zoo:voxelnext_lite"
+#: tiles per calibration scene that ``-o curve_tiles`` accepts (:func:`qcore_detection.zoo.scene_tiles`)
+CURVE_TILES = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -17,10 +19,18 @@ class DetectionOptions:
         "help": "distortion target allocators compare with FP: the dense BEV features after the backbone "
                 "(the RDOQ seed's choice) or the head outputs"})
     workers: int = field(default=4, metadata={"help": "data-loader worker processes (OpenPCDet datasets)"})
+    curve_tiles: int = field(default=1, metadata={
+        "help": "samples per calibration scene for estimators that draw random directions per sample (RDOQ's "
+                "engine=second-order): 1 the scene, 2 its halves x<0 / x>=0, 4 its quadrants around the sensor, "
+                "each a separate sample (zoo: models); the cross terms between tiles, noise in that estimator, "
+                "drop out at about the same backward cost"})
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise QcoreError(f"workers={self.workers} must be 0 or more")
+        if self.curve_tiles not in CURVE_TILES:
+            raise QcoreError(f"curve_tiles={self.curve_tiles} is not supported; use one of "
+                             f"{', '.join(map(str, CURVE_TILES))}")  # also checked in build: curve_tiles()
 
 
 class DetectionTask(Task):
@@ -40,6 +50,9 @@ class DetectionTask(Task):
         if not sep or not name:
             raise QcoreError(f"--model {spec!r} needs the form PREFIX:NAME, e.g. zoo:voxelnext_lite or "
                              "pcdet:cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml")
+        if curve_tiles(config) != 1 and prefix != "zoo":
+            raise QcoreError(f"-o curve_tiles applies to the embedded detectors (--model zoo:NAME), not {prefix}:; "
+                             "drop it")
         loader = host.model_loader(self.name, prefix)
         setup = loader.load(name, config.weights, config)
         if not setup.calibration:
@@ -49,6 +62,18 @@ class DetectionTask(Task):
                             data=setup.data, untraceable="sparse-convolution detectors: spconv tensors do not trace",
                             last_layers=setup.last_layers, grad_context=lambda: _grad_guard(setup.model),
                             split=setup.split)
+
+
+def curve_tiles(config: RunConfig) -> int:
+    """``-o curve_tiles`` of ``config`` (1 when not given), checked against :data:`CURVE_TILES`."""
+    raw = config.options.get("curve_tiles", 1)
+    try:
+        tiles = int(raw)
+    except (TypeError, ValueError):
+        tiles = -1
+    if tiles not in CURVE_TILES or str(raw).strip() != str(tiles):
+        raise QcoreError(f"curve_tiles={raw} is not supported; use one of {', '.join(map(str, CURVE_TILES))}")
+    return tiles
 
 
 def _grad_guard(model: Any) -> Any:

@@ -3,6 +3,7 @@ synthetic LiDAR train split and evaluated on a fixed synthetic validation split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from qcore import QcoreError, RunConfig, module_device, to_device
 from qcore_detection.model import VoxelNeXtLite, bev_dense, head_outputs, model_from_record
 from qcore_detection.setup import TARGETS, DetectionSetup
-from qcore_detection.synthetic import SyntheticSplit
+from qcore_detection.synthetic import Scene, SyntheticSplit
 from qcore_detection.train import evaluate
 from qcore_detection.voxelize import VoxelConfig, collate
 
@@ -51,16 +52,40 @@ def load_detector(weights: Path) -> tuple[VoxelNeXtLite, dict[str, Any]]:
 
 def make_target(kind: str):  # type: ignore[no-untyped-def]
     """``target(model, batch_dict) -> Tensor``: the dense BEV features (``bev``) or the head outputs (``head``)
-    of one forward pass, on the model's device."""
+    of one forward pass, on the model's device.
+
+    A tile of a scene (a batch_dict with ``curve_tiles`` T, from the zoo loader's ``split``) has the whole scene's
+    BEV grid, mostly empty: its BEV target is scaled by ``sqrt(T)``, so that a distortion averaged over all the
+    outputs of the T tiles is on the scale of the scene's (the head target has one row per active position, which
+    the tiles share out: unscaled)."""
     if kind not in TARGETS:
         raise QcoreError(f"unknown distortion target {kind!r}; use one of {', '.join(TARGETS)}")
 
     def target(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         bd = to_device(dict(batch), module_device(model))
         model(bd)
-        return bev_dense(bd) if kind == "bev" else head_outputs(bd)
+        if kind != "bev":
+            return head_outputs(bd)
+        tiles = int(batch.get("curve_tiles", 1))
+        return bev_dense(bd) * tiles ** 0.5 if tiles != 1 else bev_dense(bd)
 
     return target
+
+
+def scene_tiles(scene: Scene, tiles: int) -> list[Scene]:
+    """``scene`` cut into ``tiles`` scenes around the sensor by the points' x and y (1: the scene itself, 2: x < 0
+    and x >= 0, 4: the four quadrants), each keeping all the labels; every point lands in exactly one tile."""
+    if tiles == 1:
+        return [scene]
+    x, y = scene.points[:, 0], scene.points[:, 1]
+    if tiles == 2:
+        masks = [x < 0, x >= 0]
+    elif tiles == 4:
+        masks = [(x < 0) & (y < 0), (x < 0) & (y >= 0), (x >= 0) & (y < 0), (x >= 0) & (y >= 0)]
+    else:
+        raise QcoreError(f"curve_tiles={tiles} is not supported; use 1, 2 or 4")
+    return [dataclasses.replace(scene, points=scene.points[m], frame_id=f"{scene.frame_id}/tile{i}")
+            for i, m in enumerate(masks)]
 
 
 def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSetup:
@@ -85,9 +110,15 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
     calibration = [collate(scenes[i:i + bs], vcfg) for i in range(0, calib_n, bs)]
     by_frame = {s.frame_id: s for s in scenes}
 
+    from qcore_detection.task import curve_tiles
+
+    tiles = curve_tiles(config)
+
     def split(batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """One batch_dict per scene of a calibration batch (collated again from its scene)."""
-        return [collate([by_frame[f]], vcfg) for f in batch["frame_id"]]
+        """One batch_dict per scene of a calibration batch (collated again from its scene), or per tile of each
+        scene with ``-o curve_tiles`` (:func:`scene_tiles`)."""
+        pieces = [collate([t], vcfg) for f in batch["frame_id"] for t in scene_tiles(by_frame[f], tiles)]
+        return [{**p, "curve_tiles": tiles} for p in pieces] if tiles != 1 else pieces
 
     val = [s for s in SyntheticSplit("val", eval_n, seed=VAL_SEED, world=world)]
 
