@@ -172,11 +172,20 @@ class TaskInstance:
     #: a context manager factory that backward passes through this task's models must run inside, when they need
     #: one (spconv's CPU kernels do: the detection task gives its ``spconv_cpu_guard``); None: none needed
     grad_context: Callable[[], AbstractContextManager[Any]] | None = None
-    #: splits a calibration batch into one batch per sample, when the task can (the detection task's embedded
-    #: detectors: a batch_dict is not a tensor that slices); estimators whose noise falls with the number of
-    #: independent batches use it (RDOQ's projected second-order curves draw their random directions per
-    #: sample). None: batches are used as they are
+    #: splits a calibration batch into pieces of one sample each, or of part of one sample (the detection task's
+    #: embedded detectors: one batch_dict per scene, or per tile of a scene with ``-o curve_tiles``; a
+    #: batch_dict is not a tensor that slices); estimators whose noise falls with the number of independent
+    #: batches use it (RDOQ's projected second-order curves draw their random directions per piece). A piece's
+    #: ``forward`` must stay on its sample's scale: the pieces of one sample together carry that sample's
+    #: distortion (the detection task scales a tile's target by sqrt(tiles)). None: batches are used as they are
     split: Callable[[Any], Sequence[Any]] | None = None
+    #: what one piece of ``split`` is, in words for plans and results (``"per sample"``; the detection task with
+    #: ``-o curve_tiles=4``: ``"per tile (4 per scene)"``)
+    split_unit: str = "per sample"
+    #: the task's settings that change what ``forward`` returns for the same model and batch (the detection
+    #: task's ``target``: ``{"target": "head"}``), JSON-serializable; caches of quantities measured through
+    #: ``forward`` (RDOQ's curve caches) include them in their keys. Empty: none
+    forward_key: dict[str, Any] = field(default_factory=dict)
 
 
 class Task(Component):

@@ -167,11 +167,41 @@ def test_curve_cache_tells_constructor_arguments_apart(tmp_path):
     model, batches = tiny_convnet(0), [torch.zeros(2, 1, 8, 8)]
 
     def cache_dirs(**model_args):
-        ctx = SimpleNamespace(model=model, config=RunConfig(model_args=model_args))
+        ctx = SimpleNamespace(model=model, config=RunConfig(model_args=model_args),
+                              task=SimpleNamespace(split=None, forward_key={}))
         return [c.dir for c in alloc._caches(ctx, batches, 4, [2, 4], "none", [0.0])]
 
     assert cache_dirs() == cache_dirs() and cache_dirs(act="gelu") == cache_dirs(act="gelu")
     assert len({cache_dirs()[0], cache_dirs(act="gelu")[0], cache_dirs(act="relu")[0]}) == 3
+
+
+@pytest.mark.parametrize("engine", ["fast", "second-order"])
+def test_curve_caches_tell_distortion_targets_apart(tmp_path, engine):
+    """The detection task's ``-o target=bev|head`` changes what ``forward`` returns for the same model and data:
+    a ``head`` run must not be served ``bev`` curves, neither the weights' nor the activations'
+    (``TaskInstance.forward_key`` is in both keys)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qcore import RunConfig
+    from qcore.testing import tiny_convnet
+    from qcore_rdoq.allocator import RDOQAllocator, RDOQOptions
+    from qcore_rdoq.deployment import WEIGHT_CLIP
+
+    alloc = RDOQAllocator(RDOQOptions(cache=str(tmp_path), engine=engine,
+                                     projections=4 if engine == "second-order" else 0))
+    model, batches = tiny_convnet(0), [torch.zeros(2, 1, 8, 8)]
+
+    def keys(**forward_key):
+        ctx = SimpleNamespace(model=model, config=RunConfig(), task=SimpleNamespace(split=None,
+                                                                                    forward_key=forward_key))
+        weights = alloc._caches(ctx, batches, 4, [2, 4], "none", [0.0])[0].dir
+        return weights, alloc._act_cache(ctx, batches, [2, 4], WEIGHT_CLIP).dir
+
+    bev, head = keys(target="bev"), keys(target="head")
+    assert bev == keys(target="bev")  # the same settings: the same cache
+    assert bev[0] != head[0] and bev[1] != head[1]
 
 
 def test_target_above_max_bits_is_warned_before_the_curves(host, caplog):
@@ -215,7 +245,8 @@ def test_layer_curves_are_the_groups_curves_summed_and_exact_for_one_group(host,
             w0 = module.weight.detach().clone()
             for k, b in enumerate(bits):
                 module.weight.copy_(quantize_at(w0, ctx.layers[name], 4096, b, clip))
-                mse = sum(float((ctx.task.forward(ctx.model, x) - r).pow(2).sum()) for x, r in zip(batches, ref, strict=True))
+                mse = sum(float((ctx.task.forward(ctx.model, x) - r).pow(2).sum())
+                          for x, r in zip(batches, ref, strict=True))
                 mse /= sum(r.numel() for r in ref)
                 module.weight.copy_(w0)
                 assert one[i, k] == pytest.approx(mse, rel=1e-4, abs=1e-12)

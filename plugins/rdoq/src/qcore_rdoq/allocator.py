@@ -209,9 +209,11 @@ class RDOQAllocator(Allocator):
         if o.engine == "second-order" and o.projections:
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
             if ctx.task.split is not None:
-                settings["directions"] = "per sample"
+                settings["directions"] = ctx.task.split_unit
         if ctx.config.model_args:  # e.g. another activation or pooling: the same weights, another model
             settings["model_args"] = ctx.config.model_args
+        if ctx.task.forward_key:  # e.g. the detection task's target: the same model and data, another distortion
+            settings["forward"] = dict(ctx.task.forward_key)
         return settings
 
     def _caches(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
@@ -252,6 +254,8 @@ class RDOQAllocator(Allocator):
                                     "seed": ctx.config.seed, "version": 1}
         if ctx.config.model_args:
             settings["model_args"] = ctx.config.model_args
+        if ctx.task.forward_key:
+            settings["forward"] = dict(ctx.task.forward_key)
         return CurveCache(root, fingerprints(ctx.model, batches, [settings])[0])
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
@@ -394,7 +398,7 @@ class RDOQAllocator(Allocator):
         if o.engine == "second-order":
             meta["projections"] = o.projections
             if not tensors:  # projected curves: random directions per sample (task.split) or per batch
-                meta["directions"] = "per sample" if ctx.task.split is not None else "per batch"
+                meta["directions"] = ctx.task.split_unit if ctx.task.split is not None else "per batch"
         if dz_ratio is not None:
             chosen_dz = dz_ratio[np.arange(len(w_sizes)), sol.choice[: len(w_sizes)]]
             meta["deadzone_ratios"] = len(self._deadzone_ratios(ctx))
