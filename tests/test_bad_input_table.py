@@ -187,7 +187,7 @@ ROWS = [
     R("detection: real data for the embedded detector", ["--task", "detection", "--data", "emptydir"],
       "the embedded detector runs on synthetic LiDAR"),
     R("detection: curve_tiles not 1, 2 or 4", ["--task", "detection", "-o", "curve_tiles=3"],
-      "curve_tiles=3 is not supported; use one of 1, 2, 4"),
+      "option curve_tiles='3' is not one of 1, 2, 4"),
     # --- data
     R("data folder missing", ["--data", "no/such/dir"], "data folder no/such/dir does not exist"),
     R("data is a file", ["--data", "afile"], "--data afile is a file, not a folder"),

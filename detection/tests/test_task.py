@@ -77,10 +77,22 @@ def test_split_gives_one_batch_per_scene_with_the_same_targets(host):
     torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-5)
 
 
-def test_curve_tiles_cut_every_scene_into_disjoint_pieces(host):
-    """``-o curve_tiles=4``: the task's ``split`` gives one batch per quadrant of every scene (RDOQ's projected
-    curves then draw their directions per quadrant); the quadrants hold every point of the scene exactly once,
-    and 1 (the default) keeps the scenes whole."""
+def _rows_sorted(points):
+    """``points`` with its rows in lexicographic order (a multiset compare: duplicates count)."""
+    import numpy as np
+
+    return points[np.lexsort(points.T[::-1])]
+
+
+#: which side of the sensor tile i of ``scene_tiles(scene, tiles)`` holds: (x >= 0, y >= 0), None: either
+TILE_SIDES = {2: [(False, None), (True, None)], 4: [(False, False), (False, True), (True, False), (True, True)]}
+
+
+@pytest.mark.parametrize("tiles", [2, 4])
+def test_curve_tiles_cut_every_scene_into_disjoint_pieces(host, tiles):
+    """``-o curve_tiles=2|4``: the task's ``split`` gives one batch per half / quadrant of every scene (RDOQ's
+    projected curves then draw their directions per tile); the tiles hold every point of the scene exactly once,
+    each in its own half / quadrant, and 1 (the default) keeps the scenes whole."""
     import numpy as np
 
     from qcore_detection.synthetic import SyntheticSplit
@@ -88,27 +100,113 @@ def test_curve_tiles_cut_every_scene_into_disjoint_pieces(host):
 
     scene = SyntheticSplit("train", 1, seed=0)[0]
     assert scene_tiles(scene, 1) == [scene]
-    for tiles in (2, 4):
-        parts = scene_tiles(scene, tiles)
-        assert len(parts) == tiles and all(len(p.points) > 0 for p in parts)
-        both = np.concatenate([p.points for p in parts])
-        assert len(both) == len(scene.points)
-        assert np.array_equal(np.unique(both, axis=0), np.unique(scene.points, axis=0))
-        assert all(np.array_equal(p.gt_boxes, scene.gt_boxes) for p in parts)
+    parts = scene_tiles(scene, tiles)
+    assert len(parts) == tiles and all(len(p.points) > 0 for p in parts)
+    assert np.array_equal(_rows_sorted(np.concatenate([p.points for p in parts])), _rows_sorted(scene.points))
+    for part, (east, north) in zip(parts, TILE_SIDES[tiles], strict=True):
+        assert bool((part.points[:, 0] >= 0).all()) if east else bool((part.points[:, 0] < 0).all())
+        if north is not None:
+            assert bool((part.points[:, 1] >= 0).all()) if north else bool((part.points[:, 1] < 0).all())
+        assert np.array_equal(part.gt_boxes, scene.gt_boxes)
     inst = host.get("task", "detection")().build(RunConfig(**{**SMALL, "eval_size": 1},
-                                                           options={"curve_tiles": 4}), host)
-    pieces = inst.split(inst.calibration[0])
-    assert len(pieces) == 4 * inst.calibration[0]["batch_size"] and all(p["batch_size"] == 1 for p in pieces)
-    assert sum(len(p["points"]) for p in pieces) == len(inst.calibration[0]["points"])
+                                                           options={"curve_tiles": str(tiles)}), host)
+    assert inst.split_unit == f"per tile ({tiles} per scene)"
+    batch = inst.calibration[0]
+    pieces = inst.split(batch)
+    assert len(pieces) == tiles * batch["batch_size"] and all(p["batch_size"] == 1 for p in pieces)
+    assert all(p["curve_tiles"] == tiles for p in pieces)
+    assert sum(len(p["points"]) for p in pieces) == len(batch["points"])
     with torch.no_grad():  # a tile's BEV target is scaled so that the mean square over the tiles is the scene's
-        whole = inst.forward(inst.model, inst.calibration[0]).pow(2).mean()
+        whole = inst.forward(inst.model, batch).pow(2).mean()
         tiled = torch.stack([inst.forward(inst.model, p).pow(2).mean() for p in pieces]).mean()
     assert 0.8 < float(tiled / whole) < 1.25
-    with pytest.raises(QcoreError, match="curve_tiles=3"):
-        host.get("task", "detection")().build(RunConfig(**SMALL, options={"curve_tiles": 3}), host)
+
+
+def test_empty_tiles_are_dropped_and_the_rest_scaled_by_the_tiles_kept(host, monkeypatch):
+    """A scene without points on one side of the sensor (a detector whose range starts at x = 0) has empty tiles:
+    they are left out (spconv cannot run an empty scene) and the kept tiles' targets are scaled by the square
+    root of their number, so that they still carry the scene's distortion."""
+    import numpy as np
+
+    import qcore_detection.zoo as zoo
+    from qcore_detection.synthetic import SyntheticSplit
+
+    class FrontOnly(SyntheticSplit):
+        def __getitem__(self, index):  # type: ignore[override]
+            scene = super().__getitem__(index)
+            return zoo.dataclasses.replace(scene, points=scene.points[scene.points[:, 0] >= 0])
+
+    monkeypatch.setattr(zoo, "SyntheticSplit", FrontOnly)
+    inst = host.get("task", "detection")().build(RunConfig(**{**SMALL, "eval_size": 1},
+                                                           options={"curve_tiles": 4}), host)
+    batch = inst.calibration[0]
+    pieces = inst.split(batch)
+    assert len(pieces) == 2 * batch["batch_size"] and all(p["curve_tiles"] == 2 for p in pieces)
+    assert sum(len(p["points"]) for p in pieces) == len(batch["points"])
+    with torch.no_grad():
+        whole = inst.forward(inst.model, batch).pow(2).mean()
+        tiled = torch.stack([inst.forward(inst.model, p).pow(2).mean() for p in pieces]).mean()
+    assert 0.8 < float(tiled / whole) < 1.25
+    empty = zoo.dataclasses.replace(FrontOnly("train", 1)[0], points=np.zeros((0, 4), np.float32))
+    with pytest.raises(QcoreError, match="has no points"):
+        zoo.scene_tiles(empty, 4)
+
+
+def test_curve_tiles_values_and_where_they_apply(host):
+    """One parser for ``-o curve_tiles``: the command line's ``"4"`` and the Python API's ``4`` and ``4.0`` are 4
+    in the options and in the task; ``abc``, ``04`` and 3 are refused, as is a model loader without tiles."""
+    from qcore_detection.task import DetectionOptions, parse_curve_tiles
+
+    assert parse_curve_tiles("4") == parse_curve_tiles(4) == parse_curve_tiles(4.0) == 4
+    assert DetectionOptions(curve_tiles=4.0).curve_tiles == 4  # type: ignore[arg-type]
+    assert isinstance(DetectionOptions(curve_tiles=4.0).curve_tiles, int)  # type: ignore[arg-type]
+    for bad in ("abc", "04", "3", 3, 4.5, " 4"):
+        with pytest.raises(QcoreError, match="is not supported; use one of 1, 2, 4"):
+            parse_curve_tiles(bad)
+        with pytest.raises(QcoreError, match="curve_tiles"):
+            host.get("task", "detection")().build(RunConfig(**SMALL, options={"curve_tiles": bad}), host)
     with pytest.raises(QcoreError, match="embedded detectors"):
         host.get("task", "detection")().build(RunConfig(**{**SMALL, "model": "pcdet:x.yaml"},
                                                         options={"curve_tiles": 4}), host)
+
+
+@pytest.mark.parametrize(("config", "unused"), [
+    ({"plugin": "uniform"}, "allocator"),
+    ({"method": "rdoq"}, "not second-order"),
+    ({"method": "rdoq", "options": {"engine": "second-order", "projections": 2}}, None),
+])
+def test_curve_tiles_without_effect_are_warned(host, caplog, config, unused):
+    """``-o curve_tiles`` only changes RDOQ's projected second-order curves: another allocator or engine gets one
+    warning saying so, that run none."""
+    import logging
+
+    options = {**config.get("options", {}), "curve_tiles": 2}
+    cfg = RunConfig(**{**SMALL, "eval_size": 1}, **{k: v for k, v in config.items() if k != "options"},
+                    options=options)
+    with caplog.at_level(logging.WARNING, logger="qcore_detection"):
+        host.get("task", "detection")().build(cfg, host)
+    warned = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(warned) == (0 if unused is None else 1)
+    if unused:
+        assert "curve_tiles=2" in warned[0] and unused in warned[0]
+
+
+def test_plan_records_directions_per_tile(host):
+    """With ``-o curve_tiles=2`` RDOQ's projected curves draw their directions per half scene, and plan.json's
+    ``meta.directions`` says so instead of ``per sample``."""
+    opts = {"include": "backbone.conv_input.*", "act_targets": "none", "first_last": "same", "engine": "second-order",
+            "projections": 2, "curve_samples": 2, "group": 16, "min_bits": 2, "max_bits": 4, "curve_tiles": 2}
+    out = run(RunConfig(method="rdoq", target_bits=3.0, **{**SMALL, "eval_size": 1}, options=opts), host)
+    assert out.plan.meta["directions"] == "per tile (2 per scene)"
+
+
+def test_forward_key_names_the_distortion_target(host):
+    """RDOQ's curve caches key on ``TaskInstance.forward_key``: the detection task's ``target`` is in it."""
+    build = host.get("task", "detection")().build
+    bev = build(RunConfig(**{**SMALL, "eval_size": 1}), host)
+    head = build(RunConfig(**{**SMALL, "eval_size": 1}, options={"target": "head"}), host)
+    assert bev.forward_key == {"target": "bev"} and head.forward_key == {"target": "head"}
+    assert bev.split_unit == "per sample"
 
 
 def test_aciq_is_task_agnostic(host):

@@ -27,8 +27,9 @@ class DetectionSetup:
     :param data: what the calibration and evaluation data are, in words (for result.json).
     :param last_layers: the layers ``-o first_last`` treats as last (every head output of a multi-head detector);
         empty: the last quantizable layer.
-    :param split: ``split(batch_dict) -> [batch_dict, ...]``, one batch per scene of a calibration batch (the
-        embedded detectors); None when the loader cannot split its batches.
+    :param split: ``split(batch_dict, tiles=1) -> [batch_dict, ...]``, one batch per scene of a calibration batch,
+        or per non-empty tile of each scene with ``tiles`` 2 or 4 (``-o curve_tiles``; the embedded detectors);
+        None when the loader cannot split its batches.
     """
 
     model: nn.Module

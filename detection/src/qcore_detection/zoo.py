@@ -54,7 +54,8 @@ def make_target(kind: str):  # type: ignore[no-untyped-def]
     """``target(model, batch_dict) -> Tensor``: the dense BEV features (``bev``) or the head outputs (``head``)
     of one forward pass, on the model's device.
 
-    A tile of a scene (a batch_dict with ``curve_tiles`` T, from the zoo loader's ``split``) has the whole scene's
+    A tile of a scene (a batch_dict with ``curve_tiles`` T, the number of non-empty tiles its scene was cut into
+    by the zoo loader's ``split``) has the whole scene's
     BEV grid, mostly empty: its BEV target is scaled by ``sqrt(T)``, so that a distortion averaged over all the
     outputs of the T tiles is on the scale of the scene's (the head target has one row per active position, which
     the tiles share out: unscaled)."""
@@ -74,7 +75,12 @@ def make_target(kind: str):  # type: ignore[no-untyped-def]
 
 def scene_tiles(scene: Scene, tiles: int) -> list[Scene]:
     """``scene`` cut into ``tiles`` scenes around the sensor by the points' x and y (1: the scene itself, 2: x < 0
-    and x >= 0, 4: the four quadrants), each keeping all the labels; every point lands in exactly one tile."""
+    and x >= 0, 4: the four quadrants), each keeping all the labels; every point lands in exactly one tile. Tiles
+    without points are left out (a detector whose range starts at x = 0 sees no x < 0 points; spconv cannot run an
+    empty scene), so fewer than ``tiles`` may come back; a scene without any point is refused."""
+    if len(scene.points) == 0:
+        raise QcoreError(f"calibration scene {scene.frame_id} has no points in the detector's range; "
+                         "use another --seed or --calib-size")
     if tiles == 1:
         return [scene]
     x, y = scene.points[:, 0], scene.points[:, 1]
@@ -85,7 +91,7 @@ def scene_tiles(scene: Scene, tiles: int) -> list[Scene]:
     else:
         raise QcoreError(f"curve_tiles={tiles} is not supported; use 1, 2 or 4")
     return [dataclasses.replace(scene, points=scene.points[m], frame_id=f"{scene.frame_id}/tile{i}")
-            for i, m in enumerate(masks)]
+            for i, m in enumerate(masks) if m.any()]
 
 
 def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSetup:
@@ -110,15 +116,19 @@ def load_zoo(name: str, weights: Path | None, config: RunConfig) -> DetectionSet
     calibration = [collate(scenes[i:i + bs], vcfg) for i in range(0, calib_n, bs)]
     by_frame = {s.frame_id: s for s in scenes}
 
-    from qcore_detection.task import curve_tiles
-
-    tiles = curve_tiles(config)
-
-    def split(batch: dict[str, Any]) -> list[dict[str, Any]]:
-        """One batch_dict per scene of a calibration batch (collated again from its scene), or per tile of each
-        scene with ``-o curve_tiles`` (:func:`scene_tiles`)."""
-        pieces = [collate([t], vcfg) for f in batch["frame_id"] for t in scene_tiles(by_frame[f], tiles)]
-        return [{**p, "curve_tiles": tiles} for p in pieces] if tiles != 1 else pieces
+    def split(batch: dict[str, Any], tiles: int = 1) -> list[dict[str, Any]]:
+        """One batch_dict per scene of a calibration batch (collated again from its scene), or per non-empty tile
+        of each scene with ``tiles`` > 1 (``-o curve_tiles``, :func:`scene_tiles`), each tile marked with the
+        number of tiles its scene kept (its target's scale, :func:`make_target`)."""
+        if tiles == 1:
+            return [collate([by_frame[f]], vcfg) for f in batch["frame_id"]]
+        pieces = []
+        for f in batch["frame_id"]:
+            parts = scene_tiles(by_frame[f], tiles)
+            if len(parts) < tiles:
+                log.debug("calibration scene %s: %d of %d tiles hold points", f, len(parts), tiles)
+            pieces += [{**collate([t], vcfg), "curve_tiles": len(parts)} for t in parts]
+        return pieces
 
     val = [s for s in SyntheticSplit("val", eval_n, seed=VAL_SEED, world=world)]
 
