@@ -523,3 +523,15 @@ def test_input_features_are_the_layers_inputs(host):
     feats = layer_features(model, names, batch, ctx.task.forward, layers=ctx.layers, inputs=True)
     for n in names:
         assert torch.equal(feats[n], seen[n])
+
+
+def test_plan_distortion_scores_per_layer_activation_bits(host):
+    out = run_tiny(host, allocator="ompq", target_bits=5.0, a_bits=6, calibrator="minmax",
+                   options={"first_last": "same", "ompq_beta": 0.0})
+    ctx, bits = out.ctx, out.result["measured"]["ompq"]["bits"]
+    batches = list(ctx.calibration_batches())[:1]
+    same = plan_distortion(ctx, [bits], batches, "run", act_plans=[{n: 6 for n in bits}])
+    assert same == plan_distortion(ctx, [bits], batches, "run")  # --a-bits everywhere: the default's score
+    wide, narrow = plan_distortion(ctx, [bits, bits], batches, "run",
+                                   act_plans=[{n: 8 for n in bits}, {n: 2 for n in bits}])
+    assert narrow > wide
