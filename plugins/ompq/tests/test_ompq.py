@@ -12,16 +12,19 @@ import pytest
 import torch
 from qcore_ompq import (
     brute_force,
+    brute_force_joint,
     cka_matrix,
     downstream_mean,
     expand_bits,
     importance,
+    layer_features,
     linear_cka,
     plan_distortion,
     plugin,
     seed_bops,
     seed_size_mib,
     solve_ilp,
+    solve_joint,
     solve_seed,
 )
 from qcore_ompq.allocator import block_outputs
@@ -413,3 +416,122 @@ def test_hessian_traces_through_attention_match_the_exact_trace():
             h = torch.autograd.functional.hessian(loss, w0)
         exact = float(h.reshape(w0.numel(), w0.numel()).trace())
         assert exact > 0 and traces[name] == pytest.approx(exact, rel=0.15)
+
+
+# -- the activation-bit search (-o act_bits=search) ----------------------------------------------------------------
+def _joint_case(seed, n=3):
+    rng = np.random.default_rng(seed)
+    w_choices, a_choices = [2, 4, 8], [4, 6, 8]
+    sizes = rng.integers(10, 300, n).tolist()
+    w_dist = np.sort(rng.random((n, 3)) * rng.random((n, 1)) * 10, axis=1)[:, ::-1]
+    a_dist = np.sort(rng.random((n, 3)) * rng.random((n, 1)) * 10, axis=1)[:, ::-1]
+    macs = (rng.integers(1, 100, n) * 4).astype(float).tolist()
+    size_budget = rng.uniform(2.5, 7.0) * sum(sizes)
+    bops_budget = rng.uniform(16.0, 50.0) * sum(macs)
+    return sizes, w_dist, a_dist, w_choices, a_choices, size_budget, macs, bops_budget
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_joint_ilp_equals_brute_force_and_never_exceeds_budgets(seed):
+    sizes, w_dist, a_dist, wc, ac, size_budget, macs, bops_budget = _joint_case(seed)
+    extra = storage = None
+    if seed % 3 == 2:  # a format's extra storage as well
+        extra = np.array([[2 ** b * 4 for b in wc]] * len(sizes))
+        storage = 4.0 * sum(sizes) + extra[:, 1].sum()
+    ilp = solve_joint(sizes, w_dist, a_dist, wc, ac, size_budget, macs, bops_budget, extra=extra,
+                      storage_budget=storage)
+    ref = brute_force_joint(sizes, w_dist, a_dist, wc, ac, size_budget, macs, bops_budget, extra=extra,
+                            storage_budget=storage)
+    assert ref is not None and ilp.a_bits is not None
+    assert ilp.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
+    assert ilp.size_bits == sum(s * b for s, b in zip(sizes, ilp.bits, strict=True)) <= size_budget
+    bops = sum(m * w * a for m, w, a in zip(macs, ilp.bits, ilp.a_bits, strict=True))
+    assert ilp.bops == bops <= bops_budget
+    if storage is not None:
+        assert sum(n * b + 2 ** b * 4 for n, b in zip(sizes, ilp.bits, strict=True)) <= storage
+
+
+def test_joint_ilp_refuses_an_impossible_bops_budget_and_reduces_to_the_weight_ilp():
+    sizes, w_dist, a_dist, wc, ac, size_budget, macs, _ = _joint_case(11)
+    with pytest.raises(qcore.QcoreError, match="BOPs"):
+        solve_joint(sizes, w_dist, a_dist, wc, ac, 8 * sum(sizes), macs, 2 * 4 * sum(macs) - 1)
+    # one activation choice: the weight-only ILP with MACs x those bits (same optimum, same budgets)
+    budget = 5 * 6 * sum(macs)
+    one = solve_joint(sizes, w_dist, a_dist[:, 1:2], wc, [6], size_budget, macs, budget)
+    ref = solve_ilp(sizes, w_dist, wc, size_budget, macs=[m * 6 for m in macs], bops_budget=budget)
+    assert one.bits == ref.bits and one.a_bits == [6] * len(sizes)
+    assert one.objective == pytest.approx(ref.objective + float(a_dist[:, 1].sum()))
+
+
+def _search_run(host, **options):
+    return run_tiny(host, allocator="ompq", target_bits=5.0, a_bits=6, calibrator="minmax",
+                    options={"first_last": "same", "act_bits": "search", **options})
+
+
+def test_activation_search_deploys_per_layer_bits_within_the_bops_budget(host):
+    out = _search_run(host)
+    r, m = out.result, out.result["measured"]["ompq"]
+    act = m["act_search"]
+    uniform = run_tiny(host, allocator="fixed", w_bits=5, a_bits=6, calibrator="minmax",
+                       options={"first_last": "same"}).result
+    # the derived budget is the uniform W5A6 plan's BOPs (every layer free here), never exceeded
+    assert act["bops_g_budget"] == pytest.approx(uniform["bops"] / 1e9)
+    assert r["bops"] <= uniform["bops"] * (1 + 1e-12) and m["bops_g"] == pytest.approx(r["bops"] / 1e9)
+    assert r["w_bits_avg"] <= 5.0 + 1e-9
+    assert set(act["bits"]) == set(m["bits"]) and set(act["bits"].values()) <= set(act["choices"])
+    # deployable: one per-tensor activation quantizer per layer, at the searched bits
+    for name, layer in qcore.quant_layers(out.model).items():
+        assert layer.act_quantizer.spec.granularity == "tensor"
+        assert layer.act_quantizer.spec.bits == act["bits"][name]
+    assert "a_bits" in m["beta_search"] and m["beta_search"]["activations"] == "run"
+    assert "input_orthogonality" in m
+    # an explicit budget holds too, and a tighter one lowers the BOPs
+    tight = uniform["bops"] / 1e9 * 0.8
+    r2 = _search_run(host, bops_g=tight, ompq_beta=0.0).result
+    assert r2["bops"] / 1e9 <= tight and r2["measured"]["ompq"]["act_search"]["budget_from"] == "-o bops_g"
+    with pytest.raises(qcore.QcoreError, match="BOPs"):
+        _search_run(host, bops_g=uniform["bops"] / 1e9 / 10)
+    with pytest.raises(qcore.QcoreError, match="act_bits=search is not implemented"):
+        _search_run(host, criterion="uniform")
+
+
+def test_default_activations_stay_uniform_and_one_act_choice_reproduces_the_default_plan(host):
+    common = dict(allocator="ompq", target_bits=5.0, a_bits=6, calibrator="minmax")
+    default = run_tiny(host, options={"first_last": "same", "ompq_beta": 1.0}, **common)
+    m = default.result["measured"]["ompq"]
+    assert "act_search" not in m and m["act_bits"] == "uniform"
+    assert {layer.act_quantizer.spec.bits for layer in qcore.quant_layers(default.model).values()} == {6}
+    # searching over the single choice --a-bits with a budget that does not bind is the default problem
+    one = run_tiny(host, options={"first_last": "same", "ompq_beta": 1.0, "act_bits": "search",
+                                  "act_choices": (6,), "bops_g": 1e3}, **common)
+    assert one.result["measured"]["ompq"]["bits"] == m["bits"]
+    assert one.result["measured"]["ompq"]["act_search"]["bits"] == {n: 6 for n in m["bits"]}
+
+
+def test_input_features_are_the_layers_inputs(host):
+    out = run_tiny(host, allocator="fixed", w_bits=8, a_bits=8, calibrator="minmax")
+    model, ctx = out.fp_model, out.ctx
+    batch = next(iter(ctx.calibration_batches()))
+    names = list(ctx.layers)
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, a, n=n: seen.__setitem__(n, a[0].detach().reshape(a[0].shape[0], -1).double())) for n in names]
+    with torch.no_grad():
+        ctx.task.forward(model, batch)
+    for h in hooks:
+        h.remove()
+    feats = layer_features(model, names, batch, ctx.task.forward, layers=ctx.layers, inputs=True)
+    for n in names:
+        assert torch.equal(feats[n], seen[n])
+
+
+def test_plan_distortion_scores_per_layer_activation_bits(host):
+    out = run_tiny(host, allocator="ompq", target_bits=5.0, a_bits=6, calibrator="minmax",
+                   options={"first_last": "same", "ompq_beta": 0.0})
+    ctx, bits = out.ctx, out.result["measured"]["ompq"]["bits"]
+    batches = list(ctx.calibration_batches())[:1]
+    same = plan_distortion(ctx, [bits], batches, "run", act_plans=[{n: 6 for n in bits}])
+    assert same == plan_distortion(ctx, [bits], batches, "run")  # --a-bits everywhere: the default's score
+    wide, narrow = plan_distortion(ctx, [bits, bits], batches, "run",
+                                   act_plans=[{n: 8 for n in bits}, {n: 2 for n in bits}])
+    assert narrow > wide

@@ -10,6 +10,7 @@ The pieces are usable on their own::
 
 from __future__ import annotations
 
+from qcore_ompq.activations import InputErrors, act_quantized, input_errors
 from qcore_ompq.allocator import OMPQAllocator, OMPQOptions
 from qcore_ompq.orthogonality import (
     Orthogonality,
@@ -31,7 +32,7 @@ from qcore_ompq.sensitivity import (
     range_calibrator,
     weight_errors,
 )
-from qcore_ompq.solve import Solution, brute_force, solve_ilp, solve_seed
+from qcore_ompq.solve import Solution, brute_force, brute_force_joint, solve_ilp, solve_joint, solve_seed
 
 __all__ = [
     "OMPQAllocator", "OMPQOptions",
@@ -39,6 +40,7 @@ __all__ = [
     "expand_bits", "seed_bops", "seed_macs", "seed_params", "seed_report", "seed_size_mib",
     "hessian_traces", "objective_matrix", "plan_distortion", "plan_of", "quantized_weight",
     "range_calibrator", "weight_errors",
-    "Solution", "brute_force", "solve_ilp", "solve_seed",
+    "Solution", "brute_force", "solve_ilp", "solve_seed", "solve_joint", "brute_force_joint",
+    "InputErrors", "act_quantized", "input_errors",
     "OMPQFinetune", "QATOptions", "distill_loss", "finetune",
 ]

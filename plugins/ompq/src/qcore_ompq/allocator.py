@@ -8,6 +8,10 @@ Budgets (all may be combined; the solve satisfies every one given):
 * ``-o size_mb=X``: the model size in MiB as result.json reports it (:func:`qcore.plan_cost`: weights at their
   bits, scales and zero points, biases and everything else at 32 bits);
 * ``-o bops_g=Y``: giga bit-operations per sample as result.json reports them (``sum MACs x w_bits x a_bits``).
+
+``-o act_bits=search`` also chooses one per-tensor input bit-width per free layer from ``-o act_choices``, in the
+same exact program (:func:`qcore_ompq.solve_joint`), under the BOPs budget: ``-o bops_g`` when given, else the BOPs
+of the uniform plan at ``--target-bits`` weight bits and ``--a-bits`` input bits on every free layer.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import numpy as np
 import torch
 
 import qcore
+from qcore_ompq.activations import InputErrors, input_errors
 from qcore_ompq.orthogonality import Orthogonality, downstream_mean, importance, orthogonality
 from qcore_ompq.seed import seed_report
 from qcore_ompq.sensitivity import hessian_traces, objective_matrix, plan_distortion, plan_of, weight_errors
-from qcore_ompq.solve import Solution, solve_ilp, solve_seed
+from qcore_ompq.solve import Solution, solve_ilp, solve_joint, solve_seed
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,12 @@ class OMPQOptions:
     convention: Literal["qcore", "seed"] = field(default="qcore", metadata={
         "help": "seed: also report the plan's size and BOPs in the seed's conventions (measured.ompq.seed)"})
     plots: bool = field(default=False, metadata={"help": "write plots/ompq_orm.png (needs matplotlib)"})
+    act_bits: Literal["uniform", "search"] = field(default="uniform", metadata={
+        "help": "uniform: every free layer's input at --a-bits; search: one per-tensor input bit-width per free "
+                "layer from -o act_choices, chosen jointly with the weight bits under the BOPs budget (-o bops_g, "
+                "else the BOPs of uniform --target-bits weights and --a-bits inputs)"})
+    act_choices: tuple[int, ...] = field(default=(4, 5, 6, 7, 8), metadata={
+        "help": "act_bits=search: input bit-widths a free layer may take (comma list)"})
 
     def __post_init__(self) -> None:
         if not self.bit_choices or any(not 1 <= b <= qcore.MAX_BITS for b in self.bit_choices):
@@ -102,6 +113,16 @@ class OMPQOptions:
             raise qcore.QcoreError(f"rdoq_samples={self.rdoq_samples} must be at least 1")
         if self.hawq_probes < 1 or self.hawq_batches < 1:
             raise qcore.QcoreError("hawq_probes and hawq_batches must be at least 1")
+        if not self.act_choices or any(not 1 <= b <= qcore.MAX_BITS for b in self.act_choices):
+            raise qcore.QcoreError(f"act_choices={self.act_choices} must be bit-widths in 1..{qcore.MAX_BITS}, "
+                                   "e.g. -o act_choices=4,5,6,7,8")
+        if self.act_bits == "search":
+            why = ("-o criterion=uniform" if self.criterion == "uniform" else "-o solver=seed" if self.solver == "seed"
+                   else "-o objective=linear" if self.objective == "linear" and self.criterion in ("orm", "size")
+                   else None)
+            if why is not None:
+                raise qcore.QcoreError(f"-o act_bits=search is not implemented with {why} (it prices activation "
+                                       "bits against the weight error terms of the exact ILP): drop one of them")
 
 
 def rdoq_curve_sums(ctx: qcore.RunContext, names: list[str], choices: list[int], samples: int = 64,
@@ -207,9 +228,26 @@ class OMPQAllocator(qcore.Allocator):
             extra = self._extra_bits(ctx, free, choices, extra_fn)
             storage_cap = math.floor((o.size_mb - base.size_mb) * 8 * MIB + low * sum(sizes)
                                      + float(extra[:, 0].sum()) + 1e-6)
-        macs = None
+        search = o.act_bits == "search"
+        a_choices = sorted(set(int(b) for b in o.act_choices))
+        raw_macs = [float(ctx.layers[n].macs) for n in free]
         bops_cap = None
-        if o.bops_g is not None:
+        bops_total: float | None = None  # the BOPs budget of the whole model (G x 1e9), when there is one
+        if search:
+            amin = min(a_choices)
+            fixed_bops = qcore.plan_cost(ctx.model, ctx.layers, plan_of(ctx, {n: low for n in free}, amin),
+                                         extra_fn).bops - sum(m * low * amin for m in raw_macs)
+            if o.bops_g is not None:
+                bops_total = o.bops_g * 1e9
+            elif target is not None and a_bits is not None:  # uniform --target-bits weights, --a-bits inputs
+                bops_total = fixed_bops + sum(m * target * a_bits for m in raw_macs)
+            else:
+                raise qcore.QcoreError("-o act_bits=search needs a BOPs budget: pass -o bops_g=Y, or --target-bits "
+                                       "and --a-bits (the budget is then their uniform plan's BOPs)")
+            bops_cap = bops_total - fixed_bops
+        macs = None
+        if o.bops_g is not None and not search:
+            bops_total = o.bops_g * 1e9
             act = float(a_bits) if a_bits is not None else 32.0
             macs = [ctx.layers[n].macs * act for n in free]
             fixed_bops = base.bops - sum(m * low for m in macs)
@@ -218,8 +256,26 @@ class OMPQAllocator(qcore.Allocator):
             cap = max(choices) * sum(sizes)
 
         orm: Orthogonality | None = None
+        orm_in: Orthogonality | None = None
+        act_err: InputErrors | None = None
         info: dict[str, Any] = {"criterion": o.criterion, "bit_choices": choices, "free_layers": len(free)}
         sol: Solution
+
+        def solve_dist(dist: np.ndarray, act_scale: np.ndarray | None = None) -> Solution:
+            """The exact solve of weight distortions ``dist``; with the activation search, jointly with each
+            layer's input bits at ``act_scale_i x`` (output error at each input bit-width / output error at the
+            fewest weight bits); ``act_scale`` defaults to the weight term at the fewest bits, ``dist[:, 0]``."""
+            if not search:
+                return solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
+                                 storage_budget=storage_cap)
+            assert act_err is not None and bops_cap is not None
+            scale = np.asarray(dist[:, 0] if act_scale is None else act_scale, dtype=np.float64)
+            return solve_joint(sizes, dist, scale[:, None] * act_err.ratio(), choices, a_choices, cap, raw_macs,
+                               bops_cap, extra=extra, storage_budget=storage_cap)
+
+        if search and free:
+            act_err = input_errors(ctx, free, a_choices, low, next(iter(ctx.calibration_batches())),
+                                   samples=o.orm_samples)
         if o.criterion == "uniform":
             sol = self._uniform(free, sizes, choices, cap, macs, bops_cap, extra, storage_cap)
         else:
@@ -230,11 +286,14 @@ class OMPQAllocator(qcore.Allocator):
                 outputs = block_outputs(ctx.model, free) if o.orm_features == "block" else None
                 orm = orthogonality(ctx.model, free, batch, ctx.task.forward, betas[0], layers=ctx.layers,
                                     samples=o.orm_samples, outputs=outputs)
+                if search:  # the inputs' own orthogonality prices the activation bits
+                    orm_in = orthogonality(ctx.model, free, batch, ctx.task.forward, betas[0], layers=ctx.layers,
+                                           samples=o.orm_samples, inputs=True)
             errors = None
             if o.solver != "seed" and (o.criterion == "hawq" or (o.objective == "error" and o.criterion != "rdoq")):
                 errors = weight_errors(ctx, free, choices)
 
-            def solve_with(weight: np.ndarray) -> Solution:
+            def solve_with(weight: np.ndarray, act_weight: np.ndarray | None = None) -> Solution:
                 if o.solver == "seed":
                     if o.bops_g is not None:
                         raise qcore.QcoreError("-o solver=seed handles the size budget only; drop -o bops_g or use "
@@ -249,8 +308,7 @@ class OMPQAllocator(qcore.Allocator):
                 else:
                     dist = objective_matrix("linear", np.zeros((len(free), len(choices))), sizes, choices,
                                             weight=weight)
-                return solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
-                                 storage_budget=storage_cap)
+                return solve_dist(dist, act_weight)
 
             if o.solver == "seed" and orm is None:  # the seed's solve on the criterion's weights (all ones)
                 sol = solve_with(weight)
@@ -258,8 +316,7 @@ class OMPQAllocator(qcore.Allocator):
                 dist = rdoq_curve_sums(ctx, free, choices, o.rdoq_samples, o.rdoq_cache)
                 info["rdoq_curve_sums"] = {n: dict(zip(map(str, choices), map(float, row), strict=True))
                                            for n, row in zip(free, dist, strict=True)}
-                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
-                                storage_budget=storage_cap)
+                sol = solve_dist(dist)
             elif o.criterion == "hawq":
                 assert errors is not None
                 batches = list(ctx.calibration_batches())[:o.hawq_batches]
@@ -267,16 +324,21 @@ class OMPQAllocator(qcore.Allocator):
                                         seed=ctx.config.seed)
                 info["hessian_trace"] = traces
                 dist = objective_matrix("hawq", errors, sizes, choices, traces=traces, names=free)
-                sol = solve_ilp(sizes, dist, choices, cap, macs=macs, bops_budget=bops_cap, extra=extra,
-                                storage_budget=storage_cap)
+                sol = solve_dist(dist)
             elif orm is not None:
                 sols = []
                 for beta in betas:
                     _, theta = importance(orm.matrix, beta)
-                    sols.append((beta, theta, solve_with(downstream_mean(theta))))
+                    act_weight = downstream_mean(importance(orm_in.matrix, beta)[1]) if orm_in is not None else None
+                    sols.append((beta, theta, solve_with(downstream_mean(theta), act_weight)))
                 k = 0
                 if len(sols) > 1:
-                    k, info["beta_search"] = self._choose_beta(ctx, free, sols, o.score_samples, o.score_acts)
+                    acts = o.score_acts
+                    if search and acts == "fp":
+                        log.info("ompq: act_bits=search: the beta search scores plans with their inputs quantized "
+                                 "(score_acts=run), since the plans differ in activation bits")
+                        acts = "run"
+                    k, info["beta_search"] = self._choose_beta(ctx, free, sols, o.score_samples, acts)
                 beta, theta, sol = sols[k]
                 orm = dataclasses.replace(orm, theta=theta, beta=beta)
                 weight = downstream_mean(theta)
@@ -286,24 +348,41 @@ class OMPQAllocator(qcore.Allocator):
                 info["beta"] = beta
                 info["orthogonality"] = orm.to_dict()
                 info["omega"] = {n: float(w) for n, w in zip(free, weight, strict=True)}
+                if orm_in is not None:
+                    _, theta_in = importance(orm_in.matrix, beta)
+                    info["input_orthogonality"] = dataclasses.replace(orm_in, theta=theta_in, beta=beta).to_dict()
             else:
                 sol = solve_with(weight)
         seconds = time.perf_counter() - t0
         bits = dict(zip(free, sol.bits, strict=True))
-        plan = plan_of(ctx, bits, a_bits)
+        act_plan = dict(zip(free, sol.a_bits, strict=True)) if search and sol.a_bits is not None else None
+        plan = plan_of(ctx, bits, act_plan if act_plan is not None else a_bits)
         cost = qcore.plan_cost(ctx.model, ctx.layers, plan, extra_fn)
         if o.size_mb is not None and cost.size_mb > o.size_mb * (1 + 1e-12):
             raise qcore.QcoreError(f"ompq: internal error, plan size {cost.size_mb:.6f} MiB over -o size_mb="
                                    f"{o.size_mb}; please report the command")
-        if o.bops_g is not None and cost.bops > o.bops_g * 1e9 * (1 + 1e-9):
-            raise qcore.QcoreError(f"ompq: internal error, plan BOPs {cost.bops / 1e9:.6f} G over -o bops_g="
-                                   f"{o.bops_g}; please report the command")
+        if bops_total is not None and cost.bops > bops_total * (1 + 1e-9):
+            raise qcore.QcoreError(f"ompq: internal error, plan BOPs {cost.bops / 1e9:.6f} G over the budget "
+                                   f"{bops_total / 1e9:.6f} G; please report the command")
+        if search:
+            assert act_err is not None or not free
+            info["act_search"] = {
+                "choices": a_choices, "bits": act_plan or {}, "a_bits_avg": cost.a_bits_avg,
+                "bops_g_budget": (bops_total or 0.0) / 1e9,
+                "budget_from": "-o bops_g" if o.bops_g is not None else
+                f"uniform plan: free layers at --target-bits {target} weight and --a-bits {a_bits} input bits",
+                "error_ratio": {n: dict(zip(map(str, a_choices), map(float, row), strict=True))
+                                for n, row in zip(free, act_err.ratio(), strict=True)} if act_err else {},
+                "ratio": "layer output squared error with the input at b bits (weights FP) / with the weights at "
+                         f"{low} bits (input FP), on {act_err.samples if act_err else 0} calibration samples"}
         info.update(bits=bits, solver=sol.solver, objective=o.objective if o.criterion in ("orm", "size") else
                     o.criterion, objective_value=sol.objective, search_seconds=round(seconds, 3),
                     target_bits=target, size_mb_budget=o.size_mb, bops_g_budget=o.bops_g,
                     size_mb=cost.size_mb, bops_g=cost.bops / 1e9, w_bits_avg=cost.w_bits_avg,
                     conventions="size_mb and bops_g as result.json counts them (qcore.plan_cost); pinned layers "
-                                "at their pins, activations at --a-bits")
+                                "at their pins, activations at --a-bits" + (" (free layers: measured.ompq."
+                                                                           "act_search.bits)" if search else ""),
+                    act_bits=o.act_bits)
         if o.convention == "seed":
             all_bits = {**{n: p.w_bits for n, p in pins.items() if p.w_bits is not None}, **bits}
             info["seed"] = seed_report(ctx.layers, all_bits, a_bits)
@@ -313,8 +392,11 @@ class OMPQAllocator(qcore.Allocator):
             ctx.artifacts["plots/ompq_orm.png"] = orm_png(orm, bits)
         log.info("ompq (%s, %s): %.3f mean weight bits, %.4f MiB, %.3f G BOPs, solved in %.2f s", o.criterion,
                  sol.solver, cost.w_bits_avg or 0.0, cost.size_mb, cost.bops / 1e9, seconds)
-        return dataclasses.replace(plan, meta={"allocator": self.name, "criterion": o.criterion, "bits": bits,
-                                               "solver": sol.solver, "target_bits": target})
+        meta = {"allocator": self.name, "criterion": o.criterion, "bits": bits, "solver": sol.solver,
+                "target_bits": target}
+        if act_plan is not None:
+            meta["a_bits"] = act_plan
+        return dataclasses.replace(plan, meta=meta)
 
     @staticmethod
     def _choose_beta(ctx: qcore.RunContext, free: list[str], sols: list[tuple[float, np.ndarray, Solution]],
@@ -328,13 +410,19 @@ class OMPQAllocator(qcore.Allocator):
         if not held:  # one calibration batch only: score on the ORM batch itself
             held = _take_samples(batches[:1], samples)
         plans: list[dict[str, int]] = []
+        act_plans: list[dict[str, int]] = []
         index: list[int] = []
+        joint = any(sol.a_bits is not None for _, _, sol in sols)
+        keys: list[tuple[dict[str, int], dict[str, int]]] = []
         for _, _, sol in sols:
             bits = dict(zip(free, (int(b) for b in sol.bits), strict=True))
-            if bits not in plans:
+            abits = dict(zip(free, (int(b) for b in sol.a_bits or []), strict=True)) if joint else {}
+            if (bits, abits) not in keys:
+                keys.append((bits, abits))
                 plans.append(bits)
-            index.append(plans.index(bits))
-        scores = plan_distortion(ctx, plans, held, activations=acts)
+                act_plans.append(abits)
+            index.append(keys.index((bits, abits)))
+        scores = plan_distortion(ctx, plans, held, activations=acts, act_plans=act_plans if joint else None)
         per_beta = [scores[i] for i in index]
         best = min(range(len(sols)), key=lambda j: (per_beta[j], sols[j][0]))
         n = sum(_batch_len(b) for b in held)
@@ -346,6 +434,7 @@ class OMPQAllocator(qcore.Allocator):
             "distinct_plans": len(plans), "samples": n, "held_out": held_out,
             "bits": {str(s[0]): plans[i] for s, i in zip(sols, index, strict=True)},
             "activations": acts,
+            **({"a_bits": {str(s[0]): act_plans[i] for s, i in zip(sols, index, strict=True)}} if joint else {}),
             "score": "KL(FP || simulated) of the outputs (batch mean; half squared error for non-logit outputs): "
                      "the plan applied and calibrated as qcore run does (qcore.apply_plan, -o equalize, the run's "
                      "range estimators on the scored samples) with nearest rounding and no reconstruction; "

@@ -29,25 +29,32 @@ log = logging.getLogger(__name__)
 
 def layer_features(model: nn.Module, names: Sequence[str], batch: Any, forward: Callable[[nn.Module, Any], Any],
                    layers: Mapping[str, qcore.LayerInfo] | None = None, samples: int | None = None,
-                   outputs: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+                   outputs: Mapping[str, str] | None = None, inputs: bool = False) -> dict[str, Tensor]:
     """The output of each layer in ``names`` for one ``batch``, as ``[N, p]`` float64 rows (one per sample).
 
     The model runs in eval mode (restored afterwards) under ``no_grad``. ``outputs`` maps a layer to another module
     whose output stands for it (the seed's block-output convention); ``samples`` keeps the first N samples.
+    ``inputs=True`` takes each layer's input instead (the tensor its activation quantizer sees; ``outputs`` is
+    then ignored).
     """
-    outputs = dict(outputs or {})
+    outputs = {} if inputs else dict(outputs or {})
     feats: dict[str, Tensor] = {}
     handles = []
 
     def hook_for(key: str) -> Callable[..., None]:
         info = layers.get(key) if layers is not None and key not in outputs else None
 
-        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        def hook(_m: nn.Module, inp: Any, out: Any) -> None:
             def keep(t: Tensor) -> Tensor:
                 x = t.detach()
                 feats[key] = x.reshape(x.shape[0], -1).to(torch.float64).cpu()
                 return t
-            if info is not None:
+            if inputs:
+                if info is not None:
+                    info.input_tensor(inp[0], keep)
+                else:
+                    keep(inp[0])
+            elif info is not None:
                 info.output_tensor(out, keep)
             else:
                 keep(out)
@@ -155,9 +162,11 @@ def importance(matrix: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]
 
 def orthogonality(model: nn.Module, names: Sequence[str], batch: Any, forward: Callable[[nn.Module, Any], Any],
                   beta: float, layers: Mapping[str, qcore.LayerInfo] | None = None, samples: int | None = None,
-                  outputs: Mapping[str, str] | None = None) -> Orthogonality:
-    """Features of ``names`` on one batch, their CKA matrix and the importance at ``beta``."""
-    feats = layer_features(model, names, batch, forward, layers=layers, samples=samples, outputs=outputs)
+                  outputs: Mapping[str, str] | None = None, inputs: bool = False) -> Orthogonality:
+    """Features of ``names`` on one batch (their outputs, or their inputs with ``inputs=True``), their CKA matrix
+    and the importance at ``beta``."""
+    feats = layer_features(model, names, batch, forward, layers=layers, samples=samples, outputs=outputs,
+                           inputs=inputs)
     mat = cka_matrix([feats[n] for n in names])
     gamma, theta = importance(mat, beta)
     n = next(iter(feats.values())).shape[0] if feats else 0

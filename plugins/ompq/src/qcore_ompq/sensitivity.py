@@ -76,11 +76,16 @@ def _distortion(out: Tensor, ref: Tensor) -> Tensor:
     return 0.5 * (out.float() - ref.float()).pow(2).sum() / max(out.shape[0], 1)
 
 
-def plan_of(ctx: qcore.RunContext, bits: Mapping[str, int], a_bits: int | None) -> qcore.Plan:
-    """The plan core will apply for free-layer weight ``bits``: those layers at ``a_bits`` inputs, every pinned
-    layer at its pin (``ctx.pinned``, as core's pins apply over any plan)."""
+def plan_of(ctx: qcore.RunContext, bits: Mapping[str, int], a_bits: int | Mapping[str, int] | None) -> qcore.Plan:
+    """The plan core will apply for free-layer weight ``bits``: those layers at ``a_bits`` inputs (one bit-width,
+    or one per layer: per-tensor activation quantizers with their own bits), every pinned layer at its pin
+    (``ctx.pinned``, as core's pins apply over any plan)."""
     name = ctx.quantizer.name
-    layers = {n: qcore.layer_spec(ctx.pipeline, int(b), a_bits, name) for n, b in bits.items()}
+
+    def act(n: str) -> int | None:
+        return int(a_bits[n]) if isinstance(a_bits, Mapping) else a_bits
+
+    layers = {n: qcore.layer_spec(ctx.pipeline, int(b), act(n), name) for n, b in bits.items()}
     for n, p in ctx.pinned.items():
         if n in ctx.layers:
             spec = qcore.layer_spec(ctx.pipeline, p.w_bits, p.a_bits, name)
@@ -90,7 +95,7 @@ def plan_of(ctx: qcore.RunContext, bits: Mapping[str, int], a_bits: int | None) 
 
 
 def plan_distortion(ctx: qcore.RunContext, plans: Sequence[Mapping[str, int]], batches: Sequence[Any],
-                    activations: str = "run") -> list[float]:
+                    activations: str = "run", act_plans: Sequence[Mapping[str, int]] | None = None) -> list[float]:
     """How far each weight plan's simulated model is from the FP model on ``batches``, no reconstruction.
 
     Each plan maps free layers to weight bits; it is applied as ``qcore run`` applies a plan
@@ -101,7 +106,10 @@ def plan_distortion(ctx: qcore.RunContext, plans: Sequence[Mapping[str, int]], b
     ``batches`` with the plan's weights upstream); ``"fp"``: every input left in floating point (weights-only: the
     activation noise, the same in every plan, does not mask the weight error). The distortion is
     ``KL(FP || simulated)`` of the softmax of 2-D outputs (logits; batch mean), half the squared error per sample
-    otherwise, averaged over ``batches``."""
+    otherwise, averaged over ``batches``. ``act_plans`` (one per plan): the free layers' activation bits per layer
+    instead of ``ctx.budget.a_bits`` (the activation-bit search's plans)."""
+    if act_plans is not None and len(act_plans) != len(plans):
+        raise ValueError(f"act_plans must have one entry per plan ({len(plans)}), got {len(act_plans)}")
     if activations not in ("run", "fp"):
         raise qcore.QcoreError(f"activations={activations!r} must be 'run' or 'fp'")
     forward = ctx.task.forward
@@ -113,8 +121,9 @@ def plan_distortion(ctx: qcore.RunContext, plans: Sequence[Mapping[str, int]], b
     with torch.no_grad():
         refs = [forward(ctx.model, b) for b in batches]
     scores = []
-    for bits in plans:
-        qmodel = qcore.apply_plan(ctx.model, plan_of(ctx, bits, ctx.budget.a_bits), sub)
+    for j, bits in enumerate(plans):
+        a_bits = act_plans[j] if act_plans is not None else ctx.budget.a_bits
+        qmodel = qcore.apply_plan(ctx.model, plan_of(ctx, bits, a_bits), sub)
         if equalize != "off":
             qcore.equalize_inputs(qmodel, ctx.model, forward, batches, equalize, ctx.pipeline.equalize_alpha)
         if activations == "fp":

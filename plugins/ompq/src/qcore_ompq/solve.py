@@ -3,7 +3,11 @@
 * :func:`solve_ilp`: the exact integer program with ``scipy.optimize.milp`` (HiGHS): binary ``x[i, k]`` (layer i
   takes ``bits[k]``), one choice per layer, ``sum n_i b x <= size_budget`` and ``sum m_i b x <= bops_budget``,
   minimising ``sum D[i, k] x[i, k]``. The answer is checked in exact integer arithmetic and never exceeds a budget.
-* :func:`brute_force`: every assignment (the reference for tests on small problems).
+* :func:`solve_joint`: the same program with a weight and an activation bit-width per layer (``-o act_bits=search``):
+  binary ``x[i, k, a]`` (layer i takes weight ``w_bits[k]`` and input ``a_bits[a]``), the size budget on the weight
+  bits and the BOPs budget on ``sum m_i w a x`` (BOPs are bilinear in the two bit-widths, so each pair is one
+  variable), minimising ``sum (Dw[i, k] + Da[i, a]) x[i, k, a]``; checked in exact arithmetic like the weight path.
+* :func:`brute_force` / :func:`brute_force_joint`: every assignment (the references for tests on small problems).
 * :func:`solve_seed`: the seed's path for comparison (spec section 4-5): SLSQP from ``x0 = 1`` on bit fractions in
   ``[min/8, max/8]`` with the linear objective, then a DFS over floor/ceil of each layer's continuous bits that
   stays within the continuous solution's bit budget and comes closest to it.
@@ -14,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +37,7 @@ class Solution:
     size_bits: int
     bops: float
     solver: str
+    a_bits: list[int] | None = None  # per layer, when activation bits were searched (solve_joint)
 
 
 def _totals(sizes: Sequence[int], macs: Sequence[float] | None, bits: Sequence[int]) -> tuple[int, float]:
@@ -92,8 +97,6 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
     bits) and ``sum sizes_i * bits + extra[i, choice_i] <= storage_budget`` (``extra``: ``[layers, choices]``
     integer bits a format stores beyond the elements, :meth:`qcore.Quantizer.extra_bits`; zeros when None).
     Raises :class:`qcore.QcoreError` when no assignment fits."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     d = _check_inputs(sizes, dist, choices)
     n, k = d.shape
     ex = _extra_matrix(extra, n, k)
@@ -107,9 +110,6 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
     if n == 0:
         return Solution([], 0.0, 0, 0.0, "milp")
     b = np.asarray(choices, dtype=np.float64)
-    one = np.zeros((n, n * k))
-    for i in range(n):
-        one[i, i * k:(i + 1) * k] = 1.0
     size_row = (np.asarray(sizes, dtype=np.float64)[:, None] * b[None, :]).reshape(1, -1)
     store_row = None
     if store_cap is not None:
@@ -119,6 +119,34 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
         if macs is None:
             raise ValueError("a BOPs budget needs macs")
         bops_row = (np.asarray(macs, dtype=np.float64)[:, None] * b[None, :]).reshape(1, -1)
+
+    def fits(pick: np.ndarray) -> bool:
+        bits = [int(choices[j]) for j in pick]
+        size, bops = _totals(sizes, macs, bits)
+        return size <= cap and (bops_budget is None or bops <= bops_budget * (1 + 1e-12)) and (
+            store_cap is None or _storage(sizes, ex, choices, list(pick)) <= store_cap)
+
+    pick = _milp_pick(d, size_row, cap, bops_row, bops_budget, store_row, store_cap, fits, float(min(sizes)))
+    if pick is None:
+        raise _infeasible(size_budget, bops_budget, sizes, macs, list(choices), storage_budget, ex)
+    bits = [int(choices[j]) for j in pick]
+    size, bops = _totals(sizes, macs, bits)
+    return Solution(bits, float(d[np.arange(n), pick].sum()), size, bops, "milp (HiGHS)")
+
+
+def _milp_pick(d: np.ndarray, size_row: np.ndarray, cap: int, bops_row: np.ndarray | None,
+               bops_budget: float | None, store_row: np.ndarray | None, store_cap: int | None,
+               fits: Callable[[np.ndarray], bool], step: float) -> np.ndarray | None:
+    """The MILP both solvers share: one option per row of ``d`` ([n, K]; rows of the constraint matrices are
+    flattened the same way), minimising the summed ``d``; returns each row's option index, None when infeasible.
+    ``fits`` checks an answer in exact arithmetic; an answer over budget by the solver's tolerance is retried with
+    the size (and storage) caps tightened by ``step``, doubling."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n, k = d.shape
+    one = np.zeros((n, n * k))
+    for i in range(n):
+        one[i, i * k:(i + 1) * k] = 1.0
     # centre each layer's row: same optimum (one choice per layer), better conditioned for HiGHS
     c = (d - d.min(axis=1, keepdims=True)).reshape(-1)
     scale = float(np.abs(c).max()) or 1.0
@@ -132,16 +160,106 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
         res = milp(c / scale, constraints=rows, integrality=np.ones(n * k), bounds=Bounds(0, 1),
                    options={"mip_rel_gap": 0.0})
         if res.x is None:
-            raise _infeasible(size_budget, bops_budget, sizes, macs, list(choices), storage_budget, ex)
+            return None
         pick = np.asarray(res.x).reshape(n, k).argmax(axis=1)
-        bits = [int(choices[j]) for j in pick]
-        size, bops = _totals(sizes, macs, bits)
-        if size <= cap and (bops_budget is None or bops <= bops_budget * (1 + 1e-12)) and (
-                store_cap is None or _storage(sizes, ex, choices, list(pick)) <= store_cap):
-            return Solution(bits, float(d[np.arange(n), pick].sum()), size, bops, "milp (HiGHS)")
-        shrink = max(shrink * 2, float(min(sizes)))  # the solver's tolerance let it over: tighten and retry
+        if fits(pick):
+            return pick
+        shrink = max(shrink * 2, step)  # the solver's tolerance let it over: tighten and retry
         log.debug("ompq: milp answer over budget by tolerance, retrying %d bits tighter", shrink)
     raise qcore.QcoreError("ompq: the MILP solver kept answering over budget; report this with the command")
+
+
+def _joint_totals(sizes: Sequence[int], macs: Sequence[float], w: Sequence[int], a: Sequence[int]) -> tuple[int, float]:
+    size = sum(int(n) * int(b) for n, b in zip(sizes, w, strict=True))
+    bops = sum(float(m) * int(b) * int(c) for m, b, c in zip(macs, w, a, strict=True))
+    return size, bops
+
+
+def solve_joint(sizes: Sequence[int], w_dist: np.ndarray, a_dist: np.ndarray, w_choices: Sequence[int],
+                a_choices: Sequence[int], size_budget: float, macs: Sequence[float], bops_budget: float,
+                extra: np.ndarray | None = None, storage_budget: float | None = None) -> Solution:
+    """Exact minimum of ``sum Dw[i, w_i] + Da[i, a_i]`` over a weight bit ``w_i`` (from ``w_choices``) and an
+    input bit ``a_i`` (from ``a_choices``) per layer, with ``sum sizes_i w_i <= size_budget``,
+    ``sum macs_i w_i a_i <= bops_budget`` (``macs_i``: the layer's MACs, not yet multiplied by any bits) and, when
+    given, ``sum sizes_i w_i + extra[i, w_i] <= storage_budget``. Raises :class:`qcore.QcoreError` when nothing
+    fits. The answer's ``a_bits`` holds the activation bits."""
+    wd = _check_inputs(sizes, w_dist, w_choices)
+    ad = np.asarray(a_dist, dtype=np.float64)
+    n, kw = wd.shape
+    ka = len(a_choices)
+    if ad.shape != (n, ka) or not np.isfinite(ad).all():
+        raise ValueError(f"a_dist must be finite [layers, act choices] = [{n}, {ka}], got {ad.shape}")
+    if len(macs) != n:
+        raise ValueError(f"macs must have one entry per layer ({n}), got {len(macs)}")
+    ex = _extra_matrix(extra, n, kw)
+    cap = math.floor(size_budget + 1e-9)
+    store_cap = math.floor(storage_budget + 1e-9) if storage_budget is not None else None
+    wl, al = list(w_choices).index(min(w_choices)), list(a_choices).index(min(a_choices))
+    low_size, low_bops = _joint_totals(sizes, macs, [w_choices[wl]] * n, [a_choices[al]] * n)
+    if low_size > cap or low_bops > bops_budget * (1 + 1e-12) or (
+            store_cap is not None and _storage(sizes, ex, w_choices, [wl] * n) > store_cap):
+        raise _infeasible(size_budget, bops_budget, sizes, [float(m) * a_choices[al] for m in macs],
+                          list(w_choices), storage_budget, ex)
+    if n == 0:
+        return Solution([], 0.0, 0, 0.0, "milp (HiGHS), joint weight/activation bits", [])
+    wb = np.asarray(w_choices, dtype=np.float64)
+    ab = np.asarray(a_choices, dtype=np.float64)
+    # option index o = k * ka + a (weight choice k, activation choice a)
+    d = (wd[:, :, None] + ad[:, None, :]).reshape(n, kw * ka)
+    size_row = np.repeat(np.asarray(sizes, dtype=np.float64)[:, None] * wb[None, :], ka, axis=1).reshape(1, -1)
+    bops_row = (np.asarray(macs, dtype=np.float64)[:, None, None] * wb[None, :, None] * ab[None, None, :]
+                ).reshape(1, -1)
+    store_row = None
+    if store_cap is not None:
+        store_row = size_row + (np.repeat(ex, ka, axis=1).reshape(1, -1).astype(np.float64) if ex is not None
+                                else 0.0)
+
+    def split(pick: np.ndarray) -> tuple[list[int], list[int]]:
+        return [int(p) // ka for p in pick], [int(p) % ka for p in pick]
+
+    def fits(pick: np.ndarray) -> bool:
+        kk, aa = split(pick)
+        size, bops = _joint_totals(sizes, macs, [w_choices[j] for j in kk], [a_choices[j] for j in aa])
+        return size <= cap and bops <= bops_budget * (1 + 1e-12) and (
+            store_cap is None or _storage(sizes, ex, w_choices, kk) <= store_cap)
+
+    pick = _milp_pick(d, size_row, cap, bops_row, bops_budget, store_row, store_cap, fits, float(min(sizes)))
+    if pick is None:
+        raise _infeasible(size_budget, bops_budget, sizes, [float(m) * a_choices[al] for m in macs],
+                          list(w_choices), storage_budget, ex)
+    kk, aa = split(pick)
+    w = [int(w_choices[j]) for j in kk]
+    a = [int(a_choices[j]) for j in aa]
+    size, bops = _joint_totals(sizes, macs, w, a)
+    return Solution(w, float(d[np.arange(n), pick].sum()), size, bops, "milp (HiGHS), joint weight/activation bits",
+                    a)
+
+
+def brute_force_joint(sizes: Sequence[int], w_dist: np.ndarray, a_dist: np.ndarray, w_choices: Sequence[int],
+                      a_choices: Sequence[int], size_budget: float, macs: Sequence[float], bops_budget: float,
+                      extra: np.ndarray | None = None, storage_budget: float | None = None) -> Solution | None:
+    """Every (weight, activation) assignment in turn: the reference :func:`solve_joint` is tested against (same
+    arguments); None when nothing fits."""
+    wd = _check_inputs(sizes, w_dist, w_choices)
+    ad = np.asarray(a_dist, dtype=np.float64)
+    ex = _extra_matrix(extra, *wd.shape)
+    best: Solution | None = None
+    n = len(sizes)
+    for kk in itertools.product(range(len(w_choices)), repeat=n):
+        if sum(int(s) * int(w_choices[j]) for s, j in zip(sizes, kk, strict=True)) > size_budget + 1e-9:
+            continue
+        if storage_budget is not None and _storage(sizes, ex, w_choices, kk) > storage_budget + 1e-9:
+            continue
+        for aa in itertools.product(range(len(a_choices)), repeat=n):
+            w = [int(w_choices[j]) for j in kk]
+            a = [int(a_choices[j]) for j in aa]
+            size, bops = _joint_totals(sizes, macs, w, a)
+            if bops > bops_budget * (1 + 1e-12):
+                continue
+            obj = float(sum(wd[i, kk[i]] + ad[i, aa[i]] for i in range(n)))
+            if best is None or obj < best.objective - 1e-12:
+                best = Solution(w, obj, size, bops, "brute force", a)
+    return best
 
 
 def brute_force(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], size_budget: float,
