@@ -11,7 +11,8 @@ from qcore_classification.task import evaluate
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,floor", [("fmnist_resnet", 92.0), ("fmnist_vit", 88.0)])
+@pytest.mark.parametrize("name,floor", [("fmnist_resnet", 92.0), ("fmnist_vit", 88.0),
+                                       ("fmnist_tv_resnet18", 85.0), ("fmnist_tv_mobilenetv2", 85.0)])
 def test_zoo_fp_accuracy(name, floor):
     loaded = load_zoo(name, None)
     data = load_data(None, loaded.input, calib_size=1, eval_size=None, batch=500, seed=0)
