@@ -125,6 +125,18 @@ def _curve_batches(batches: list[Any], samples: int) -> list[Any]:
     return out
 
 
+def _model_key(ctx: RunContext) -> dict[str, Any]:
+    """What both curve caches' keys need beyond the weights and the data: the run's model arguments (another
+    activation or pooling: the same weights, another model) and the task's ``forward_key`` (the detection task's
+    target: the same model and data, another distortion); empty when neither is set."""
+    key: dict[str, Any] = {}
+    if ctx.config.model_args:
+        key["model_args"] = ctx.config.model_args
+    if ctx.task.forward_key:
+        key["forward"] = dict(ctx.task.forward_key)
+    return key
+
+
 class RDOQAllocator(Allocator):
     """Rate-distortion optimal bits per output-channel group of every layer's weight."""
 
@@ -210,11 +222,7 @@ class RDOQAllocator(Allocator):
             settings |= {"projections": o.projections, "seed": ctx.config.seed}
             if ctx.task.split is not None:
                 settings["directions"] = ctx.task.split_unit
-        if ctx.config.model_args:  # e.g. another activation or pooling: the same weights, another model
-            settings["model_args"] = ctx.config.model_args
-        if ctx.task.forward_key:  # e.g. the detection task's target: the same model and data, another distortion
-            settings["forward"] = dict(ctx.task.forward_key)
-        return settings
+        return settings | _model_key(ctx)
 
     def _caches(self, ctx: RunContext, batches: list[Any], group: int, bits: list[int], corr: str,
                 deadzones: list[float], clip: Clip = WEIGHT_CLIP) -> list[CurveCache | None]:
@@ -252,11 +260,7 @@ class RDOQAllocator(Allocator):
         settings: dict[str, Any] = {"curves": "activations", "engine": "second-order", "bits": bits,
                                     "act_clip": clip.key(), "projections": self.options.projections,
                                     "seed": ctx.config.seed, "version": 1}
-        if ctx.config.model_args:
-            settings["model_args"] = ctx.config.model_args
-        if ctx.task.forward_key:
-            settings["forward"] = dict(ctx.task.forward_key)
-        return CurveCache(root, fingerprints(ctx.model, batches, [settings])[0])
+        return CurveCache(root, fingerprints(ctx.model, batches, [settings | _model_key(ctx)])[0])
 
     def _solve(self, sizes: np.ndarray, dists: np.ndarray, rates: np.ndarray, budget: float
                ) -> tuple[Allocation, float | None]:
