@@ -16,7 +16,9 @@ from qcore_ompq import (
     cka_matrix,
     downstream_mean,
     expand_bits,
+    flat_features,
     importance,
+    input_errors,
     layer_features,
     linear_cka,
     plan_distortion,
@@ -521,8 +523,15 @@ def test_input_features_are_the_layers_inputs(host):
     for h in hooks:
         h.remove()
     feats = layer_features(model, names, batch, ctx.task.forward, layers=ctx.layers, inputs=True)
+    raw = layer_features(model, names, batch, ctx.task.forward, layers=ctx.layers, inputs=True, flatten=False)
     for n in names:
         assert torch.equal(feats[n], seen[n])
+        assert torch.equal(flat_features(raw[n]), seen[n])
+    # the search captures the inputs once and hands them to input_errors: the same errors as its own forward pass
+    own = input_errors(ctx, names, [4, 8], 2, batch, samples=8)
+    given = input_errors(ctx, names, [4, 8], 2, batch, inputs={n: t[:8] for n, t in raw.items()})
+    assert given.samples == own.samples == 8
+    assert np.array_equal(given.act, own.act) and np.array_equal(given.ref, own.ref)
 
 
 def test_plan_distortion_scores_per_layer_activation_bits(host):

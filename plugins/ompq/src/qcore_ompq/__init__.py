@@ -16,6 +16,7 @@ from qcore_ompq.orthogonality import (
     Orthogonality,
     cka_matrix,
     downstream_mean,
+    flat_features,
     importance,
     layer_features,
     linear_cka,
@@ -36,7 +37,8 @@ from qcore_ompq.solve import Solution, brute_force, brute_force_joint, solve_ilp
 
 __all__ = [
     "OMPQAllocator", "OMPQOptions",
-    "Orthogonality", "cka_matrix", "downstream_mean", "importance", "layer_features", "linear_cka", "orthogonality",
+    "Orthogonality", "cka_matrix", "downstream_mean", "flat_features", "importance", "layer_features", "linear_cka",
+    "orthogonality",
     "expand_bits", "seed_bops", "seed_macs", "seed_params", "seed_report", "seed_size_mib",
     "hessian_traces", "objective_matrix", "plan_distortion", "plan_of", "quantized_weight",
     "range_calibrator", "weight_errors",

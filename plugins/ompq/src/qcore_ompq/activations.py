@@ -9,7 +9,7 @@ bits, so an activation term is priced in the units of the layer's weight term (s
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import qcore
+from qcore_ompq.orthogonality import layer_features
 from qcore_ompq.sensitivity import quantized_weight, range_calibrator
 
 log = logging.getLogger(__name__)
@@ -71,30 +72,21 @@ def act_quantized(ctx: qcore.RunContext, name: str, x: Tensor, bits: int, genera
 
 
 def input_errors(ctx: qcore.RunContext, names: Sequence[str], a_choices: Sequence[int], ref_bits: int,
-                 batch: Any, samples: int | None = None) -> InputErrors:
+                 batch: Any, samples: int | None = None, inputs: Mapping[str, Tensor] | None = None) -> InputErrors:
     """Each layer's output error from quantizing its input at each of ``a_choices`` and from quantizing its
     weight at ``ref_bits`` (the run's quantizer, weight and activation range estimators, nearest rounding), on
-    ``batch`` through the FP model (eval mode), first ``samples`` samples. Torch ``Linear``/``ConvNd`` layers
-    only (their weight is swapped by ``torch.func.functional_call``)."""
+    ``batch`` through the FP model (eval mode), first ``samples`` samples. ``inputs`` (each layer's input as it
+    saw it: :func:`qcore_ompq.layer_features` with ``inputs=True, flatten=False``) skips that forward pass. Torch
+    ``Linear``/``ConvNd`` layers only (their weight is swapped by ``torch.func.functional_call``)."""
     model = ctx.model
     for n in names:
         m = model.get_submodule(n)
         if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             raise qcore.QcoreError(f"-o act_bits=search is implemented for torch Linear/Conv layers; {n} is a "
                                    f"{type(m).__name__}: drop -o act_bits=search")
-    wanted = set(names)
-    inputs: dict[str, Tensor] = {}
-
-    def grab(name: str, t: Tensor) -> None:
-        if name in wanted and name not in inputs:
-            inputs[name] = t[:samples] if samples is not None else t
-
-    was_training = model.training
-    model.eval()
-    try:
-        qcore.watch_layers(model, ctx.task.forward, [batch], {n: ctx.layers[n] for n in names}, on_input=grab)
-    finally:
-        model.train(was_training)
+    if inputs is None:
+        inputs = layer_features(model, names, batch, ctx.task.forward, layers=ctx.layers, samples=samples,
+                                inputs=True, flatten=False)
     missing = [n for n in names if n not in inputs]
     if missing:
         raise qcore.QcoreError(f"ompq: layer(s) {', '.join(missing[:3])} saw no input on the calibration batch; "

@@ -28,7 +28,14 @@ import torch
 
 import qcore
 from qcore_ompq.activations import InputErrors, input_errors
-from qcore_ompq.orthogonality import Orthogonality, downstream_mean, importance, orthogonality
+from qcore_ompq.orthogonality import (
+    Orthogonality,
+    downstream_mean,
+    flat_features,
+    importance,
+    layer_features,
+    orthogonality,
+)
 from qcore_ompq.seed import seed_report
 from qcore_ompq.sensitivity import hessian_traces, objective_matrix, plan_distortion, plan_of, weight_errors
 from qcore_ompq.solve import Solution, solve_ilp, solve_joint, solve_seed
@@ -273,9 +280,12 @@ class OMPQAllocator(qcore.Allocator):
             return solve_joint(sizes, dist, scale[:, None] * act_err.ratio(), choices, a_choices, cap, raw_macs,
                                bops_cap, extra=extra, storage_budget=storage_cap)
 
-        if search and free:
-            act_err = input_errors(ctx, free, a_choices, low, next(iter(ctx.calibration_batches())),
-                                   samples=o.orm_samples)
+        raw_inputs: dict[str, torch.Tensor] | None = None
+        if search and free:  # each layer's input, captured once: its errors here, its orthogonality below
+            batch = next(iter(ctx.calibration_batches()))
+            raw_inputs = layer_features(ctx.model, free, batch, ctx.task.forward, layers=ctx.layers,
+                                        samples=o.orm_samples, inputs=True, flatten=False)
+            act_err = input_errors(ctx, free, a_choices, low, batch, inputs=raw_inputs)
         if o.criterion == "uniform":
             sol = self._uniform(free, sizes, choices, cap, macs, bops_cap, extra, storage_cap)
         else:
@@ -286,9 +296,9 @@ class OMPQAllocator(qcore.Allocator):
                 outputs = block_outputs(ctx.model, free) if o.orm_features == "block" else None
                 orm = orthogonality(ctx.model, free, batch, ctx.task.forward, betas[0], layers=ctx.layers,
                                     samples=o.orm_samples, outputs=outputs)
-                if search:  # the inputs' own orthogonality prices the activation bits
-                    orm_in = orthogonality(ctx.model, free, batch, ctx.task.forward, betas[0], layers=ctx.layers,
-                                           samples=o.orm_samples, inputs=True)
+                if raw_inputs is not None:  # the inputs' own orthogonality prices the activation bits
+                    orm_in = orthogonality(ctx.model, free, batch, ctx.task.forward, betas[0],
+                                           features={n: flat_features(t) for n, t in raw_inputs.items()})
             errors = None
             if o.solver != "seed" and (o.criterion == "hawq" or (o.objective == "error" and o.criterion != "rdoq")):
                 errors = weight_errors(ctx, free, choices)

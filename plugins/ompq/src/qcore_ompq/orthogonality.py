@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 def layer_features(model: nn.Module, names: Sequence[str], batch: Any, forward: Callable[[nn.Module, Any], Any],
                    layers: Mapping[str, qcore.LayerInfo] | None = None, samples: int | None = None,
-                   outputs: Mapping[str, str] | None = None, inputs: bool = False) -> dict[str, Tensor]:
+                   outputs: Mapping[str, str] | None = None, inputs: bool = False,
+                   flatten: bool = True) -> dict[str, Tensor]:
     """The output of each layer in ``names`` for one ``batch``, as ``[N, p]`` float64 rows (one per sample).
 
     The model runs in eval mode (restored afterwards) under ``no_grad``. ``outputs`` maps a layer to another module
     whose output stands for it (the seed's block-output convention); ``samples`` keeps the first N samples.
     ``inputs=True`` takes each layer's input instead (the tensor its activation quantizer sees; ``outputs`` is
-    then ignored).
+    then ignored). ``flatten=False`` keeps each tensor as the layer saw it (shape, dtype and device);
+    :func:`flat_features` turns such tensors into the ``[N, p]`` float64 rows.
     """
     outputs = {} if inputs else dict(outputs or {})
     feats: dict[str, Tensor] = {}
@@ -46,8 +48,7 @@ def layer_features(model: nn.Module, names: Sequence[str], batch: Any, forward: 
 
         def hook(_m: nn.Module, inp: Any, out: Any) -> None:
             def keep(t: Tensor) -> Tensor:
-                x = t.detach()
-                feats[key] = x.reshape(x.shape[0], -1).to(torch.float64).cpu()
+                feats[key] = flat_features(t.detach()) if flatten else t.detach()
                 return t
             if inputs:
                 if info is not None:
@@ -73,11 +74,16 @@ def layer_features(model: nn.Module, names: Sequence[str], batch: Any, forward: 
             h.remove()
     missing = [n for n in names if n not in feats]
     if missing:
-        raise qcore.QcoreError(f"ompq: layer(s) {', '.join(missing[:3])} produced no output on the calibration batch; "
+        raise qcore.QcoreError(f"ompq: layer(s) {', '.join(missing[:3])} did not run on the calibration batch; "
                                "the orthogonality needs every quantized layer to run in the forward pass")
     if samples is not None:
         feats = {k: v[:samples] for k, v in feats.items()}
     return feats
+
+
+def flat_features(t: Tensor) -> Tensor:
+    """``t`` (first dimension: samples) as ``[N, p]`` float64 rows on the CPU, the form the CKA works on."""
+    return t.reshape(t.shape[0], -1).to(torch.float64).cpu()
 
 
 def _centre(x: Tensor) -> Tensor:
@@ -162,11 +168,13 @@ def importance(matrix: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]
 
 def orthogonality(model: nn.Module, names: Sequence[str], batch: Any, forward: Callable[[nn.Module, Any], Any],
                   beta: float, layers: Mapping[str, qcore.LayerInfo] | None = None, samples: int | None = None,
-                  outputs: Mapping[str, str] | None = None, inputs: bool = False) -> Orthogonality:
+                  outputs: Mapping[str, str] | None = None, inputs: bool = False,
+                  features: Mapping[str, Tensor] | None = None) -> Orthogonality:
     """Features of ``names`` on one batch (their outputs, or their inputs with ``inputs=True``), their CKA matrix
-    and the importance at ``beta``."""
-    feats = layer_features(model, names, batch, forward, layers=layers, samples=samples, outputs=outputs,
-                           inputs=inputs)
+    and the importance at ``beta``. ``features`` (``[N, p]`` rows per name, as :func:`layer_features` gives them)
+    skips the forward pass: the caller captured them already."""
+    feats = dict(features) if features is not None else layer_features(
+        model, names, batch, forward, layers=layers, samples=samples, outputs=outputs, inputs=inputs)
     mat = cka_matrix([feats[n] for n in names])
     gamma, theta = importance(mat, beta)
     n = next(iter(feats.values())).shape[0] if feats else 0

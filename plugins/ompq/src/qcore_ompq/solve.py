@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -104,9 +105,11 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
     store_cap = math.floor(storage_budget + 1e-9) if storage_budget is not None else None
     lowest = _totals(sizes, macs, [min(choices)] * n)
     low_pick = [list(choices).index(min(choices))] * n
+    nothing_fits = functools.partial(_infeasible, size_budget, bops_budget, sizes, macs, list(choices),
+                                     storage_budget, ex)
     if lowest[0] > cap or (bops_budget is not None and lowest[1] > bops_budget * (1 + 1e-12)) or (
             store_cap is not None and _storage(sizes, ex, choices, low_pick) > store_cap):
-        raise _infeasible(size_budget, bops_budget, sizes, macs, list(choices), storage_budget, ex)
+        raise nothing_fits()
     if n == 0:
         return Solution([], 0.0, 0, 0.0, "milp")
     b = np.asarray(choices, dtype=np.float64)
@@ -128,7 +131,7 @@ def solve_ilp(sizes: Sequence[int], dist: np.ndarray, choices: Sequence[int], si
 
     pick = _milp_pick(d, size_row, cap, bops_row, bops_budget, store_row, store_cap, fits, float(min(sizes)))
     if pick is None:
-        raise _infeasible(size_budget, bops_budget, sizes, macs, list(choices), storage_budget, ex)
+        raise nothing_fits()
     bits = [int(choices[j]) for j in pick]
     size, bops = _totals(sizes, macs, bits)
     return Solution(bits, float(d[np.arange(n), pick].sum()), size, bops, "milp (HiGHS)")
@@ -196,10 +199,12 @@ def solve_joint(sizes: Sequence[int], w_dist: np.ndarray, a_dist: np.ndarray, w_
     store_cap = math.floor(storage_budget + 1e-9) if storage_budget is not None else None
     wl, al = list(w_choices).index(min(w_choices)), list(a_choices).index(min(a_choices))
     low_size, low_bops = _joint_totals(sizes, macs, [w_choices[wl]] * n, [a_choices[al]] * n)
+    # the error names the lowest plan's cost: every layer at the fewest weight and input bits
+    nothing_fits = functools.partial(_infeasible, size_budget, bops_budget, sizes,
+                                     [float(m) * a_choices[al] for m in macs], list(w_choices), storage_budget, ex)
     if low_size > cap or low_bops > bops_budget * (1 + 1e-12) or (
             store_cap is not None and _storage(sizes, ex, w_choices, [wl] * n) > store_cap):
-        raise _infeasible(size_budget, bops_budget, sizes, [float(m) * a_choices[al] for m in macs],
-                          list(w_choices), storage_budget, ex)
+        raise nothing_fits()
     if n == 0:
         return Solution([], 0.0, 0, 0.0, "milp (HiGHS), joint weight/activation bits", [])
     wb = np.asarray(w_choices, dtype=np.float64)
@@ -225,8 +230,7 @@ def solve_joint(sizes: Sequence[int], w_dist: np.ndarray, a_dist: np.ndarray, w_
 
     pick = _milp_pick(d, size_row, cap, bops_row, bops_budget, store_row, store_cap, fits, float(min(sizes)))
     if pick is None:
-        raise _infeasible(size_budget, bops_budget, sizes, [float(m) * a_choices[al] for m in macs],
-                          list(w_choices), storage_budget, ex)
+        raise nothing_fits()
     kk, aa = split(pick)
     w = [int(w_choices[j]) for j in kk]
     a = [int(a_choices[j]) for j in aa]
