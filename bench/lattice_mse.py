@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeOptions, LatticeQuantizer
+from qcore_latticeq.search import SearchSettings, search_bases
 
 from qcore import LayerInfo, QuantSpec, discover_layers, fold_batchnorm, torch_layer_info
 from qcore_classification.loaders import load_zoo
-from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeOptions, LatticeQuantizer
-from qcore_latticeq.search import SearchSettings, search_bases
 
 
 def measure(w: torch.Tensor, info: LayerInfo, bits: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def main() -> None:
             row = {"model": args.model, "method": args.method, "setting": setting, "bias": args.bias,
                    "int32_bias_layers": len(report.int32_biases), "fp_onnx_top1": fp_top1,
                    "fake_quant_top1": _top1_torch(q.model, test), "onnxruntime_top1": _top1_ort(_session(path), test),
-                   "max_abs_diff_first_batch": report.max_abs_diff, "int4_weight_tensors": len(report.int4_weights), "int4_inputs": report.int4_inputs,
+                   "max_abs_diff_first_batch": report.max_abs_diff, "int4_weight_tensors": len(report.int4_weights),
+                   "int4_inputs": report.int4_inputs,
                    "onnx_bytes": path.stat().st_size, "fp_onnx_bytes": fp_path.stat().st_size,
                    "calibration_s": round(seconds, 1)}
             x = test[0][0].numpy()

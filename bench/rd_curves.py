@@ -34,16 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 for src in ("core/src", "classification/src", "plugins/rdoq/src"):
     sys.path.insert(0, str(ROOT / src))
 
+# E402: the imports below need the src folders put on sys.path above (runs from a source checkout)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qcore import discover_layers, fold_batchnorm, measure_layers, torch_layer_info
+from qcore import discover_layers, fold_batchnorm, measure_layers, torch_layer_info  # noqa: E402
 from qcore_classification.data import load_data  # noqa: E402
 from qcore_classification.loaders import load_zoo  # noqa: E402
-from qcore_rdoq.curves import (
-    FastEngine,  # noqa: E402
-    first_order_curves,  # noqa: E402
-)
+from qcore_rdoq.curves import FastEngine, first_order_curves  # noqa: E402
 from qcore_rdoq.groups import weight_groups  # noqa: E402
 from qcore_rdoq.second_order import second_order_curve_set  # noqa: E402
 

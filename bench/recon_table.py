@@ -54,7 +54,7 @@ def rows(models: list[str]) -> list[dict[str, Any]]:
     """Every row, in the order they run: per model the W2A4 rows, the W4A4 compositions, the W3A3 rows."""
     out = []
     for m in models:
-        def bit_rows(label: str, w: int, a: int) -> list[dict[str, Any]]:
+        def bit_rows(label: str, w: int, a: int, m: str = m) -> list[dict[str, Any]]:
             res = []
             for name, args, deploy in METHODS:
                 budget = ["--target-bits", str(w)] if name.startswith("rdoq") else ["--w-bits", str(w)]

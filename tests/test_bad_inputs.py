@@ -65,7 +65,8 @@ def bad_runs(tmp_path_factory, qcore_runner) -> dict[str, tuple[Path, list[Path]
         tmp = tmp_path_factory.mktemp("bad")
         setup(tmp)
         before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
-        return tmp, before, qcore_runner("run", *args, "--out", out, cwd=tmp, env={"QCORE_CACHE_DIR": str(tmp / "cache")})
+        return tmp, before, qcore_runner("run", *args, "--out", out, cwd=tmp,
+                                         env={"QCORE_CACHE_DIR": str(tmp / "cache")})
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         return dict(zip([row[0] for row in BAD], pool.map(one, BAD), strict=True))

@@ -40,7 +40,7 @@ def test_export_matches_qcore_calibration_and_evaluation(tmp_path: Path) -> None
     # the same images, in the same order, as qcore's own pipeline picks for --calib-size 64 --seed 3
     ref = fashion_mnist_embedded(load_zoo("fmnist_resnet", None).input, 64, 100, 50, 3)
     assert torch.equal(data.calib, torch.cat(ref.calibration))
-    xs, ys = zip(*ref.evaluation())
+    xs, ys = zip(*ref.evaluation(), strict=True)
     assert torch.equal(data.test_x[:100], torch.cat(xs)) and torch.equal(data.test_y[:100], torch.cat(ys))
     # the shipped FP ResNet through the peers' loader and evaluation loop classifies these images
     data.test_x, data.test_y = data.test_x[:200], data.test_y[:200]

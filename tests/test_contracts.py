@@ -53,9 +53,9 @@ CALIBRATORS: dict[str, tuple[dict[str, Any], str]] = {
               "fast (what is learned still goes through the quantizer's protocol); no resume cache on disk")
        for name in ("adaround", "brecq", "qdrop")},
     "ptmq": ({"iters": 10, "cache": "off"},
-             "multi-bit block reconstruction: 10 steps per unit (each at three bit-widths) keeps the check fast; with a "
-             "quantizer that holds one bit-width it reconstructs that bit-width (what it learns goes through the "
-             "protocol); no resume cache on disk"),
+             "multi-bit block reconstruction: 10 steps per unit (each at three bit-widths) keeps the check fast; "
+             "with a quantizer that holds one bit-width it reconstructs that bit-width (what it learns goes through "
+             "the protocol); no resume cache on disk"),
 }
 
 #: allocator -> (check_allocator keywords, reason); "plan" also gets a plan file (see test_allocator)

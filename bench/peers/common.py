@@ -19,7 +19,6 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +60,7 @@ def export_data(path: Path, calib_size: int = CALIB_SIZE, seed: int = SEED, mode
     spec = load_zoo(model, None).input
     data = fashion_mnist_embedded(spec, calib_size, eval_size, 256, seed)
     calib = torch.cat(data.calibration).numpy().astype(np.float32)
-    xs, ys = zip(*data.evaluation())
+    xs, ys = zip(*data.evaluation(), strict=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, calib=calib, test_x=torch.cat(xs).numpy().astype(np.float32),
              test_y=torch.cat(ys).numpy().astype(np.int64), description=json.dumps(data.description))
@@ -118,7 +117,7 @@ def first_last(model: nn.Module) -> tuple[str, str]:
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], data: Data, batch: int = 500) -> float:
     """Top-1 in percent over all evaluation images."""
     correct = 0
-    for x, y in zip(data.test_x.split(batch), data.test_y.split(batch)):
+    for x, y in zip(data.test_x.split(batch), data.test_y.split(batch), strict=True):
         out = model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -192,7 +191,10 @@ def run_rows(toolkit: str, version: str, rows: Iterable[Row], argv: list[str] | 
     if args.limit:
         data.test_x, data.test_y = data.test_x[:args.limit], data.test_y[:args.limit]
         log.warning("evaluating on the first %d test images only (debugging)", args.limit)
-    fp_top1 = args.fp_top1 if args.fp_top1 is not None and not args.limit else round(evaluate(load_model(args.model), data), 2)
+    if args.fp_top1 is not None and not args.limit:
+        fp_top1 = args.fp_top1
+    else:
+        fp_top1 = round(evaluate(load_model(args.model), data), 2)
     results = []
     for row in rows:
         tag = f"{row.method}-W{row.w_bits}A{row.a_bits}"

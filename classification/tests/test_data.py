@@ -14,8 +14,9 @@ def test_adapt_grey_to_rgb_model_and_back():
     x = torch.rand(2, 1, 28, 28)
     y = adapt(x, RGB)
     assert y.shape == (2, 3, 32, 32)
-    assert torch.allclose((y[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]), (y[:, 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1]),
-                          atol=1e-5)  # the same grey image in each channel
+    # the same grey image in each channel
+    assert torch.allclose(y[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], y[:, 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1],
+                          atol=1e-5)
     z = adapt(torch.full((1, 3, 28, 28), 0.75), GREY)
     assert z.shape == (1, 1, 28, 28) and torch.allclose(z, torch.ones_like(z))
 
@@ -48,7 +49,7 @@ def test_image_folder(tmp_path):
                 Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.png")
     data = image_folder(tmp_path, RGB, calib_size=4, eval_size=None, batch=2, seed=0, workers=0)
     assert data.num_classes == 2 and sum(x.shape[0] for x in data.calibration) == 4
-    xs, ys = zip(*data.evaluation())
+    xs, ys = zip(*data.evaluation(), strict=True)
     assert torch.cat(xs).shape == (6, 3, 32, 32) and torch.cat(ys).tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "val").rename(tmp_path / "validation")
     with pytest.raises(QcoreError, match="no val/ folder"):

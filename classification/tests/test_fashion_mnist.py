@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from qcore import QcoreError
-
 from qcore_classification import fashion_mnist as fm
 
 
@@ -26,7 +25,7 @@ def test_idx_reader_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 28, 28))
     labels = rng.integers(0, 10, 5)
-    for split, (i, lbl) in fm._FILES.items():
+    for i, lbl in fm._FILES.values():
         _write_idx(tmp_path / f"{i}.gz", imgs)
         _write_idx(tmp_path / f"{lbl}.gz", labels)
     assert fm.has_idx_files(tmp_path)

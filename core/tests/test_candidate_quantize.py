@@ -50,4 +50,4 @@ def test_the_candidate_search_defaults_are_mse_ranges():
     from qcore.ops import CANDIDATE_LOWEST, CANDIDATE_STEPS
 
     params = inspect.signature(mse_range).parameters
-    assert (CANDIDATE_STEPS, CANDIDATE_LOWEST) == (params["steps"].default, params["lowest"].default)
+    assert (params["steps"].default, params["lowest"].default) == (CANDIDATE_STEPS, CANDIDATE_LOWEST)

@@ -75,7 +75,8 @@ def test_mean_correction_preserves_each_channel_mean_exactly():
     from qcore._bias_correction import correct_weight
 
     torch.manual_seed(0)
-    w = torch.randn(6, 3, 3, 3, dtype=torch.float64) + torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None, None, None]
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    w = w + torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None, None, None]
     q = UniformFakeQuant(QuantSpec(3, granularity="channel", group_size=1, group_bits=(3, 3, 2, 2, 0, 1)), 6, 0)
     rows = q.rows_of(w.float())
     q.set_range(rows.amin(1), rows.amax(1))

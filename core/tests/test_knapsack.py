@@ -12,7 +12,7 @@ from qcore.knapsack import lagrangian_for_budget, solve_dp, solve_lagrangian
 def brute(sizes, dists, rates, budget):
     best = (np.inf, None)
     for combo in itertools.product(range(len(rates)), repeat=len(sizes)):
-        bits = sum(s * rates[k] for s, k in zip(sizes, combo))
+        bits = sum(s * rates[k] for s, k in zip(sizes, combo, strict=True))
         if bits <= budget:
             d = sum(dists[i, k] for i, k in enumerate(combo))
             if d < best[0]:
@@ -79,7 +79,7 @@ def test_impossible_budget():
 def brute_matrix(sizes, dists, rate_matrix, budget):
     best = np.inf
     for combo in itertools.product(range(dists.shape[1]), repeat=len(sizes)):
-        if sum(s * rate_matrix[i, k] for i, (s, k) in enumerate(zip(sizes, combo))) <= budget:
+        if sum(s * rate_matrix[i, k] for i, (s, k) in enumerate(zip(sizes, combo, strict=True))) <= budget:
             best = min(best, sum(dists[i, k] for i, k in enumerate(combo)))
     return best
 

@@ -115,7 +115,8 @@ def test_check_allocator_fails_a_return_that_is_not_a_plan():
 
 def test_check_allocator_fails_an_allocator_whose_budget_ignores_the_pins():
     host = with_components(IgnoresPins)
-    with pytest.raises(AssertionError, match="went over the budget: its layers, pinned ones included, average 4.128 weight bits, more than --target-bits 4"):
+    with pytest.raises(AssertionError, match="went over the budget: its layers, pinned ones included, average 4.128 "
+                                             "weight bits, more than --target-bits 4"):
         check_allocator(host, "ignores-pins")
     check_allocator(host, "ignores-pins", pin=None)  # without a pin it is within budget
 

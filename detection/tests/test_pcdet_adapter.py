@@ -336,7 +336,7 @@ class DenseHead(nn.Module):
         for b in range(batch_size):
             rows = torch.nonzero(indices[:, 0] == b).squeeze(1)
             boxes, scores, labels = [], [], []
-            for group, pred in zip(self.groups, pred_dicts):
+            for group, pred in zip(self.groups, pred_dicts, strict=True):
                 hm = torch.sigmoid(pred["hm"][rows])
                 score, cls = hm.max(dim=1)
                 top = torch.topk(score, min(20, len(score))).indices

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-
 import aimet_torch  # noqa: E402
+import common  # noqa: E402
 from aimet_torch.adaround import Adaround, AdaroundParameters  # noqa: E402
 from aimet_torch.batch_norm_fold import fold_all_batch_norms  # noqa: E402
 from aimet_torch.common.defs import QuantScheme  # noqa: E402

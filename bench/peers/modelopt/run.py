@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-
 import modelopt  # noqa: E402
 import modelopt.torch.quantization as mtq  # noqa: E402
 

@@ -26,10 +26,8 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-
 import nncf  # noqa: E402
-from nncf.quantization.advanced_parameters import (  # noqa: E402
-    AdvancedQuantizationParameters, QuantizationParameters)
+from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters  # noqa: E402
 
 DESCRIBE = {
     "first_last": "same bits as the rest",

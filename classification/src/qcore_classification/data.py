@@ -111,7 +111,8 @@ def fashion_mnist_idx(directory: Path, spec: InputSpec, calib_size: int, eval_si
     """Fashion-MNIST from its IDX files (e.g. Debian's dataset-fashion-mnist)."""
     train, test = fm.read_idx_split(directory, "train"), fm.read_idx_split(directory, "test")
     return _from_splits(train, test, spec, calib_size, eval_size, batch, seed, {
-        "calibration": f"Fashion-MNIST train split ({directory})", "evaluation": f"Fashion-MNIST test split ({directory})"})
+        "calibration": f"Fashion-MNIST train split ({directory})",
+        "evaluation": f"Fashion-MNIST test split ({directory})"})
 
 
 def fashion_mnist_download(root: Path, spec: InputSpec, calib_size: int, eval_size: int | None, batch: int,
@@ -127,7 +128,8 @@ def fashion_mnist_download(root: Path, spec: InputSpec, calib_size: int, eval_si
                          "--data embedded or a folder with the IDX files") from None
     as_split = lambda d: fm.Split(d.data.numpy(), d.targets.numpy().astype(np.int64))  # noqa: E731
     return _from_splits(as_split(train), as_split(test), spec, calib_size, eval_size, batch, seed, {
-        "calibration": "Fashion-MNIST train split (torchvision)", "evaluation": "Fashion-MNIST test split (torchvision)"})
+        "calibration": "Fashion-MNIST train split (torchvision)",
+        "evaluation": "Fashion-MNIST test split (torchvision)"})
 
 
 def image_folder(directory: Path, spec: InputSpec, calib_size: int, eval_size: int | None, batch: int,
@@ -135,7 +137,7 @@ def image_folder(directory: Path, spec: InputSpec, calib_size: int, eval_size: i
     """ImageNet-style folders: ``train/`` (calibration) and ``val/`` (evaluation), standard preprocessing:
     resize to size / crop_pct, centre crop to the model's size, normalise with the model's mean/std."""
     from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     for split in ("train", "val"):
         if not (directory / split).is_dir():

@@ -49,8 +49,9 @@ def mse_range(x: Tensor, bits: Tensor, symmetric: bool, steps: int = 100, lowest
     default, is the unweighted search, arithmetic unchanged.
 
     ``steps`` candidate factors are tried for every row (a grid search, as in the common MSE observers), ``block``
-    factors per vectorised pass (0: as many as fit about 2M values); the bit-width of each row is respected; ties go to the smaller factor. Rows
-    are independent: a row's range does not depend on which other rows are passed with it.
+    factors per vectorised pass (0: as many as fit about 2M values); the bit-width of each row is respected; ties go
+    to the smaller factor. Rows are independent: a row's range does not depend on which other rows are passed with
+    it.
     """
     x = x.float()
     if weights is not None:

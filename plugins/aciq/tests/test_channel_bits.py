@@ -11,13 +11,13 @@ from qcore_aciq.channel_bits import allocate_channel_bits, minmax_distortion, pr
 
 def _brute(dist, bits, target):
     budget = int(np.floor(len(dist) * target + 1e-9))
-    best, best_d = None, np.inf
+    best_d = np.inf
     for combo in itertools.product(range(len(bits)), repeat=len(dist)):
         if sum(bits[k] for k in combo) > budget:
             continue
         d = sum(dist[i, k] for i, k in enumerate(combo))
         if d < best_d - 1e-15:
-            best, best_d = combo, d
+            best_d = d
     return best_d, budget
 
 

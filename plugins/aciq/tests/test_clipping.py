@@ -92,4 +92,4 @@ def test_optimal_mse_decreases_with_bits_and_is_the_variance_at_zero():
     assert optimal_mse(0, "laplace") == 2.0 and optimal_mse(0, "gauss") == 1.0
     for prior in ("laplace", "gauss"):
         vals = [optimal_mse(b, prior) for b in range(0, 9)]
-        assert all(a > b for a, b in zip(vals, vals[1:]))
+        assert all(a > b for a, b in zip(vals, vals[1:], strict=False))

@@ -56,7 +56,7 @@ def test_aciq_calibrator_composes_with_another_method(host):
     assert out.result["components"]["calibrator"] == "aciq"
     minmax = run_tiny(host, method="uniform", w_bits=2, a_bits=2, options=opts)
     clipped = [(a.act_quantizer.hi - a.act_quantizer.lo, b.act_quantizer.hi - b.act_quantizer.lo)
-               for a, b in zip(quant_layers(out.model).values(), quant_layers(minmax.model).values())]
+               for a, b in zip(quant_layers(out.model).values(), quant_layers(minmax.model).values(), strict=True)]
     assert all((c <= m + 1e-6).all() for c, m in clipped)  # ACIQ clips inside the observed range
     assert any((c < 0.9 * m).any() for c, m in clipped)
 

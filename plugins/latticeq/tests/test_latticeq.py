@@ -8,16 +8,16 @@ import math
 
 import pytest
 import torch
-
-import qcore
-from qcore import LayerInfo, QuantSpec, quant_layers
-from qcore.ops import fake_quantize, int_range
-from qcore.testing import check_calibrator, check_quantizer, make_host, run_tiny
 from qcore_latticeq import plugin
 from qcore_latticeq.activations import quantile, quantile_range
 from qcore_latticeq.cvp import babai_nearest_plane, brute_force_points, closest_points, decode
 from qcore_latticeq.quantizer import LatticeFakeQuant, LatticeQuantizer, lattice_dim, quantize_basis
 from qcore_latticeq.search import SearchSettings, row_loss, search_bases, select_rows
+
+import qcore
+from qcore import LayerInfo, QuantSpec, quant_layers
+from qcore.ops import fake_quantize, int_range
+from qcore.testing import check_calibrator, check_quantizer, make_host, run_tiny
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,8 @@ def test_switching_a_saved_model_changes_only_steps(tiny, host):
         assert saved[f"{name}.act_quantizer.lo_set"].shape[0] == len(BITS)
         assert set(saved[f"{name}.weight_quantizer.rounding"].unique().tolist()) <= {0.0, 1.0}  # one R, hard
     states = {b: qcore.load(path, tiny_resnet(), host=host, bits=(b, b)).state_dict() for b in (3, 8)}
-    differ = {k for k in states[3] if isinstance(states[3][k], torch.Tensor) and not torch.equal(states[3][k], states[8][k])}
+    differ = {k for k in states[3]
+              if isinstance(states[3][k], torch.Tensor) and not torch.equal(states[3][k], states[8][k])}
     assert differ and all(k.rsplit(".", 1)[1] in {"lo", "hi", "bits", "active"} for k in differ)
     for k in saved:  # weights, roundings and every step set are the file's, at any setting
         if k.rsplit(".", 1)[1] not in {"lo", "hi", "bits", "active", "_extra_state"}:

@@ -185,9 +185,8 @@ def test_unwritable_cache_folder_is_refused_even_for_root(host):
 def test_cache_lost_mid_run_costs_warnings_not_the_run(tmp_path, caplog):
     (tmp_path / "gone").write_text("the cache folder was replaced by a file")
     cache = CurveCache(tmp_path / "gone", "k" * 32)
-    with caplog.at_level(logging.WARNING, logger="qcore_rdoq"):
-        with cache.locked("fc"):
-            assert cache.load("fc", (2, 3)) is None
-            cache.save("fc", np.ones((2, 3)))
+    with caplog.at_level(logging.WARNING, logger="qcore_rdoq"), cache.locked("fc"):
+        assert cache.load("fc", (2, 3)) is None
+        cache.save("fc", np.ones((2, 3)))
     assert "cannot lock RD curve cache entry" in caplog.text and "could not write RD curve cache entry" in caplog.text
     assert cache.writes == 0

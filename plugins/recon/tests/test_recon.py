@@ -348,7 +348,7 @@ def test_shrink_search_gives_brecqs_lp_ranges(host):
         refs.append(ref)
     assert torch.allclose(q.lo, refs[0].lo) and torch.allclose(q.hi, refs[0].hi)
     assert not torch.allclose(q.hi, refs[1].hi)
-    facts = shrunk.report["config"] if "config" in shrunk.report else {}
+    facts = shrunk.report.get("config", {})
     assert facts.get("options", {}).get("act_range", "shrink") == "shrink"
 
 
